@@ -1,0 +1,26 @@
+#!/bin/sh
+# Runs quiesce's checks and tests the way CI does. Needs ci/setup-debian.sh first.
+# The end-to-end tests boot real guests (TCG where KVM does not work), so they need the
+# guest image: `quiesce doctor` builds it once into the cache and reports the accelerator.
+set -eu
+cd "$(dirname "$0")/.."
+
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+export INSTA_UPDATE=no
+
+echo "==> cargo fmt --check"
+cargo fmt --all -- --check
+echo "==> cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "==> quiesce doctor"
+cargo run --locked -q -p quiesce -- doctor
+echo "==> cargo test"
+cargo test --workspace --locked
+
+left=$(pgrep -a qemu-system || true)
+if [ -n "$left" ]; then
+    echo "QEMU processes were left behind by the tests:" >&2
+    echo "$left" >&2
+    exit 1
+fi
+echo "==> all checks passed"

@@ -1,0 +1,8 @@
+//! quiesce: reproduces VM backup scenarios on QEMU and proves that what it restores is right.
+//!
+//! Layers, lowest first: [`qemu`] (machines, QMP, the guest agent), [`image`] (guest images
+//! and disk formats), then [`testguest`], which puts the two together.
+
+pub mod image;
+pub mod qemu;
+pub mod testguest;

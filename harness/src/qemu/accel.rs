@@ -1,0 +1,206 @@
+//! Chooses the accelerator. `/dev/kvm` existing proves little: on a PVM host it opens fine
+//! and then a normal guest kernel hangs. So `auto` boots the guest kernel under KVM with a
+//! short deadline and takes KVM only if the kernel runs to its end (a deliberate "no root
+//! filesystem" panic, which `-no-reboot` turns into QEMU exiting). The verdict is cached per
+//! QEMU, host kernel and guest kernel.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::config::Accel;
+use super::process::QemuProcess;
+
+/// How long a KVM probe boot may take. A working KVM boots to the panic in about a second.
+pub const PROBE_DEADLINE: Duration = Duration::from_secs(6);
+/// What the guest kernel prints when it has run all the way to mounting root.
+const PROBE_MARK: &str = "Kernel panic";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccelChoice {
+    Auto,
+    Fixed(Accel),
+}
+
+impl std::str::FromStr for AccelChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(AccelChoice::Auto),
+            "kvm" => Ok(AccelChoice::Fixed(Accel::Kvm)),
+            "tcg" => Ok(AccelChoice::Fixed(Accel::Tcg)),
+            _ => Err(format!("unknown accelerator {s:?}: use auto, kvm or tcg")),
+        }
+    }
+}
+
+impl AccelChoice {
+    /// An explicit choice if given, else `$QUIESCE_ACCEL`, else auto.
+    pub fn from_env(explicit: Option<AccelChoice>) -> Result<Self, String> {
+        match explicit {
+            Some(c) => Ok(c),
+            None => match std::env::var("QUIESCE_ACCEL") {
+                Ok(v) if !v.is_empty() => v.parse().map_err(|e| format!("QUIESCE_ACCEL: {e}")),
+                _ => Ok(AccelChoice::Auto),
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Verdict {
+    pub accel: Accel,
+    pub reason: String,
+    /// True when this came from the cache rather than a probe just now.
+    #[serde(skip)]
+    pub cached: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+struct CacheEntry {
+    key: String,
+    verdict: Verdict,
+}
+
+/// Resolves a choice to an accelerator. `kernel` is the guest kernel used for the probe;
+/// `cache` is where the verdict is kept.
+pub fn resolve(choice: AccelChoice, qemu: &str, kernel: &Path, cache: &Path) -> Verdict {
+    match choice {
+        AccelChoice::Fixed(accel) => {
+            Verdict { accel, reason: "chosen explicitly (--accel or QUIESCE_ACCEL)".into(), cached: false }
+        }
+        AccelChoice::Auto => auto(qemu, kernel, cache),
+    }
+}
+
+fn tcg(reason: String) -> Verdict {
+    Verdict { accel: Accel::Tcg, reason, cached: false }
+}
+
+fn auto(qemu: &str, kernel: &Path, cache: &Path) -> Verdict {
+    if !Path::new("/dev/kvm").exists() {
+        return tcg("/dev/kvm does not exist".into());
+    }
+    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        return tcg(format!("/dev/kvm cannot be opened: {e}"));
+    }
+    let key = cache_key(qemu, kernel);
+    let path = cache.join("accel.json");
+    if let Some(mut v) = std::fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<CacheEntry>(&b).ok())
+        .filter(|e| e.key == key)
+        .map(|e| e.verdict)
+    {
+        v.cached = true;
+        return v;
+    }
+    let verdict = probe_kvm(qemu, kernel);
+    let entry = CacheEntry { key, verdict: verdict.clone() };
+    // A cache that cannot be written only costs a probe next time.
+    let _ = std::fs::create_dir_all(cache)
+        .and_then(|_| std::fs::write(&path, serde_json::to_vec_pretty(&entry).expect("plain data encodes")));
+    verdict
+}
+
+fn cache_key(qemu: &str, kernel: &Path) -> String {
+    let mut h = Sha256::new();
+    let version = std::process::Command::new(qemu).arg("--version").output().map(|o| o.stdout).unwrap_or_default();
+    h.update(&version);
+    h.update(nix::sys::utsname::uname().map(|u| u.release().as_encoded_bytes().to_vec()).unwrap_or_default());
+    h.update(kernel.as_os_str().as_encoded_bytes());
+    if let Ok(m) = std::fs::metadata(kernel) {
+        h.update(m.len().to_le_bytes());
+    }
+    hex::encode(&h.finalize()[..8])
+}
+
+/// Boots `kernel` under KVM with no root device and waits for its panic.
+pub fn probe_kvm(qemu: &str, kernel: &Path) -> Verdict {
+    let dir = match tempfile::Builder::new().prefix("quiesce-kvm-probe-").tempdir() {
+        Ok(d) => d,
+        Err(e) => return tcg(format!("KVM probe could not make a temp folder: {e}")),
+    };
+    let log: PathBuf = dir.path().join("serial.log");
+    let args: Vec<String> = [
+        "-M",
+        "q35",
+        "-accel",
+        "kvm",
+        "-cpu",
+        "host",
+        "-m",
+        "256",
+        "-smp",
+        "1",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-kernel",
+        &kernel.to_string_lossy(),
+        "-append",
+        "console=ttyS0 panic=-1 root=/dev/quiesce-probe-none",
+        "-serial",
+        &format!("file:{}", log.display()),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let started = Instant::now();
+    let mut proc = match QemuProcess::spawn(qemu, &args, &[], &dir.path().join("qemu.out")) {
+        Ok(p) => p,
+        Err(e) => return tcg(format!("KVM probe could not start {qemu}: {e}")),
+    };
+    let status = proc.wait_timeout(PROBE_DEADLINE);
+    let took = started.elapsed();
+    proc.terminate(Duration::from_millis(200));
+    let serial = std::fs::read_to_string(&log).unwrap_or_default();
+    match status {
+        Some(_) if serial.contains(PROBE_MARK) => Verdict {
+            accel: Accel::Kvm,
+            reason: format!(
+                "a probe boot of the guest kernel under KVM ran to completion in {:.1}s",
+                took.as_secs_f64()
+            ),
+            cached: false,
+        },
+        Some(status) => {
+            let out = std::fs::read_to_string(dir.path().join("qemu.out")).unwrap_or_default();
+            tcg(format!("/dev/kvm is present but a KVM probe boot failed ({status}): {}", out.trim()))
+        }
+        None => tcg(format!(
+            "/dev/kvm is present but a guest kernel under KVM did not finish booting within {}s \
+             (it printed {} bytes); this host's KVM cannot run normal guests (a PVM host does this)",
+            PROBE_DEADLINE.as_secs(),
+            serial.len()
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn choice_parses() {
+        assert_eq!("kvm".parse::<AccelChoice>().unwrap(), AccelChoice::Fixed(Accel::Kvm));
+        assert_eq!("auto".parse::<AccelChoice>().unwrap(), AccelChoice::Auto);
+        assert!("hvf".parse::<AccelChoice>().unwrap_err().contains("auto, kvm or tcg"));
+    }
+
+    #[test]
+    fn explicit_choice_wins() {
+        let v = resolve(
+            AccelChoice::Fixed(Accel::Tcg),
+            "qemu-system-x86_64",
+            Path::new("/nonexistent"),
+            Path::new("/nonexistent"),
+        );
+        assert_eq!(v.accel, Accel::Tcg);
+        assert!(v.reason.contains("explicitly"));
+    }
+}

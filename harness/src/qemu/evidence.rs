@@ -1,0 +1,37 @@
+//! What a failed machine leaves behind for the person reading the failure: the serial log,
+//! the QMP and agent transcript, QEMU's own output, the command line, and `qemu-img info`
+//! of each disk.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use super::config::MachineConfig;
+
+/// Copies the evidence of one machine into a fresh folder under the config's artifacts
+/// folder and returns that folder.
+pub fn keep(cfg: &MachineConfig, run_dir: &Path, cmdline: &str, why: &str) -> std::io::Result<PathBuf> {
+    std::fs::create_dir_all(&cfg.artifacts_dir)?;
+    let dir = tempfile::Builder::new().prefix(&format!("{}-", cfg.name)).tempdir_in(&cfg.artifacts_dir)?.keep();
+    for name in ["serial.log", "transcript.log", "qemu.out"] {
+        let from = run_dir.join(name);
+        if from.exists() {
+            std::fs::copy(&from, dir.join(name))?;
+        }
+    }
+    std::fs::write(dir.join("cmdline.sh"), format!("{cmdline}\n"))?;
+    std::fs::write(dir.join("why.txt"), format!("{why}\n"))?;
+    let mut info = String::new();
+    for d in &cfg.disks {
+        info.push_str(&format!("== {} ({})\n", d.node_name, d.path.display()));
+        // -U: QEMU may still hold its image lock if it could not be stopped.
+        match Command::new("qemu-img").args(["info", "-U", "--backing-chain"]).arg(&d.path).output() {
+            Ok(o) => {
+                info.push_str(&String::from_utf8_lossy(&o.stdout));
+                info.push_str(&String::from_utf8_lossy(&o.stderr));
+            }
+            Err(e) => info.push_str(&format!("qemu-img info could not run: {e}\n")),
+        }
+    }
+    std::fs::write(dir.join("qemu-img-info.txt"), info)?;
+    Ok(dir)
+}

@@ -1,0 +1,145 @@
+//! Turns a [`MachineConfig`] into QEMU's arguments. Pure, so it is unit tested.
+//!
+//! The sockets are bound by the harness and handed to QEMU as inherited file descriptors
+//! (`fd=N`): the harness connects before QEMU starts, so there is no polling for a socket
+//! file to appear and no window in which serial output is lost.
+
+use serde_json::json;
+
+use super::config::MachineConfig;
+
+/// Listening sockets QEMU inherits.
+#[derive(Debug, Clone, Copy)]
+pub struct Fds {
+    pub qmp: i32,
+    pub serial: i32,
+    pub agent: Option<i32>,
+}
+
+pub fn qemu_args(cfg: &MachineConfig, fds: Fds) -> Vec<String> {
+    let mut a: Vec<String> = Vec::new();
+    let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
+    push(&["-name", &format!("{},debug-threads=on", cfg.name.replace(',', "_"))]);
+    push(&["-M", &cfg.machine_type, "-accel", cfg.accel.as_str()]);
+    if cfg.accel == super::config::Accel::Kvm {
+        push(&["-cpu", "host"]);
+    }
+    push(&["-m", &format!("{}M", cfg.memory_mib), "-smp", &cfg.cpus.to_string()]);
+    // No default devices, no display, and a guest reboot ends QEMU instead of looping.
+    push(&["-nodefaults", "-display", "none", "-no-user-config", "-no-reboot"]);
+    push(&["-kernel", &cfg.boot.kernel.to_string_lossy(), "-initrd", &cfg.boot.initrd.to_string_lossy()]);
+    push(&["-append", &cfg.boot.append]);
+    push(&[
+        "-chardev",
+        &format!("socket,id=qmp,fd={},server=on,wait=off", fds.qmp),
+        "-mon",
+        "chardev=qmp,mode=control",
+    ]);
+    // wait=on: QEMU accepts the harness's already-queued connection before the guest runs.
+    push(&[
+        "-chardev",
+        &format!("socket,id=serial0,fd={},server=on,wait=on", fds.serial),
+        "-serial",
+        "chardev:serial0",
+    ]);
+    if let Some(fd) = fds.agent {
+        push(&["-chardev", &format!("socket,id=qga0,fd={fd},server=on,wait=off")]);
+        push(&["-device", "virtio-serial-pci,id=vser0"]);
+        push(&["-device", "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0"]);
+    }
+    for d in &cfg.disks {
+        // JSON syntax keeps paths with commas intact; the format is always explicit.
+        let node = json!({
+            "driver": d.format.driver(),
+            "node-name": d.node_name,
+            "read-only": d.read_only,
+            "file": {
+                "driver": "file",
+                "filename": d.path,
+                "node-name": format!("{}-file", d.node_name),
+                "read-only": d.read_only,
+            },
+        });
+        push(&["-blockdev", &node.to_string()]);
+        push(&["-device", &format!("virtio-blk-pci,drive={0},id={0}-dev,serial={0}", d.node_name)]);
+    }
+    if cfg.start_paused {
+        push(&["-S"]);
+    }
+    if cfg.incoming_defer {
+        push(&["-incoming", "defer"]);
+    }
+    a
+}
+
+/// The command line as a shell would need it, for evidence and error messages.
+pub fn shell_line(program: &str, args: &[String]) -> String {
+    std::iter::once(program).chain(args.iter().map(String::as_str)).map(shell_quote).collect::<Vec<_>>().join(" ")
+}
+
+fn shell_quote(s: &str) -> String {
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_=,.:/+@".contains(&b)) {
+        s.to_owned()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::qemu::config::{Accel, DiskConfig, DiskFormat, KernelBoot};
+
+    fn cfg() -> MachineConfig {
+        let mut c = MachineConfig::new(
+            "vm1",
+            Accel::Tcg,
+            KernelBoot { kernel: "/k".into(), initrd: "/i".into(), append: "console=ttyS0 root=/dev/vda".into() },
+        );
+        c.disks.push(DiskConfig {
+            node_name: "root".into(),
+            path: "/a,b/root.qcow2".into(),
+            format: DiskFormat::Qcow2,
+            read_only: false,
+        });
+        c
+    }
+
+    #[test]
+    fn disks_have_explicit_formats_and_serials() {
+        let args = qemu_args(&cfg(), Fds { qmp: 3, serial: 4, agent: Some(5) });
+        let i = args.iter().position(|a| a == "-blockdev").unwrap();
+        let node: serde_json::Value = serde_json::from_str(&args[i + 1]).unwrap();
+        assert_eq!(node["driver"], "qcow2");
+        assert_eq!(node["file"]["filename"], "/a,b/root.qcow2");
+        assert_eq!(args[i + 3], "virtio-blk-pci,drive=root,id=root-dev,serial=root");
+    }
+
+    #[test]
+    fn sockets_are_inherited_fds() {
+        let args = qemu_args(&cfg(), Fds { qmp: 3, serial: 4, agent: Some(5) }).join(" ");
+        assert!(args.contains("socket,id=qmp,fd=3,server=on,wait=off"));
+        assert!(args.contains("socket,id=serial0,fd=4,server=on,wait=on"));
+        assert!(args.contains("name=org.qemu.guest_agent.0"));
+        assert!(!args.contains("-cpu host"));
+    }
+
+    #[test]
+    fn no_agent_no_port() {
+        let mut c = cfg();
+        c.agent = false;
+        c.accel = Accel::Kvm;
+        c.start_paused = true;
+        c.incoming_defer = true;
+        let args = qemu_args(&c, Fds { qmp: 3, serial: 4, agent: None }).join(" ");
+        assert!(!args.contains("virtserialport"));
+        assert!(args.contains("-accel kvm -cpu host"));
+        assert!(args.ends_with("-S -incoming defer"));
+    }
+
+    #[test]
+    fn shell_line_quotes_what_needs_it() {
+        let line = shell_line("qemu", &["-append".into(), "a b".into(), "it's".into(), "x=1,y".into()]);
+        assert_eq!(line, r"qemu -append 'a b' 'it'\''s' x=1,y");
+    }
+}

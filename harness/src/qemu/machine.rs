@@ -1,0 +1,293 @@
+//! The machine guard. A [`Machine`] owns one QEMU process, its private run folder and its
+//! connections. Dropping it always stops QEMU (quit, then SIGTERM, then SIGKILL), reaps it
+//! and removes the folder; if the machine failed or the thread is panicking, the evidence
+//! is copied out first.
+
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream as StdUnixStream};
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::net::UnixStream;
+
+use super::config::MachineConfig;
+use super::launch::{self, Fds};
+use super::process::QemuProcess;
+use super::qga::{AgentError, GuestAgent};
+use super::qmp::{Qmp, QmpError};
+use super::serial::{tail_of, SerialConsole};
+use super::transcript::Transcript;
+
+/// How long Drop gives QEMU to honour `quit`, and then SIGTERM.
+const GRACE: Duration = Duration::from_secs(3);
+const QMP_CONNECT: Duration = Duration::from_secs(20);
+
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    #[error("could not start {program} for machine {name}: {source}")]
+    Spawn { name: String, program: String, source: std::io::Error },
+    #[error("machine {name}: could not set up its run folder or sockets: {source}")]
+    Setup { name: String, source: std::io::Error },
+    #[error("QEMU for machine {name} exited ({status}).\ncommand: {cmdline}\nQEMU said:\n{output}\nserial tail:\n{serial}\nevidence: {evidence}")]
+    Exited { name: String, status: String, cmdline: String, output: String, serial: String, evidence: String },
+    #[error("machine {name}: {source}")]
+    Qmp { name: String, source: QmpError },
+    #[error("machine {name}: {source}")]
+    Agent { name: String, source: AgentError },
+    #[error("machine {name}: the guest agent did not answer within {waited:?}.\nserial tail:\n{serial}")]
+    AgentNotReady { name: String, waited: Duration, serial: String },
+    #[error("machine {name} has no guest agent channel configured")]
+    NoAgent { name: String },
+    #[error("machine {name}: QEMU did not exit within {waited:?} after the guest was asked to power off")]
+    ShutdownTimeout { name: String, waited: Duration },
+}
+
+pub struct Machine {
+    // Field order is drop order: connections go before the process and the run folder.
+    qmp: Qmp,
+    agent: Option<GuestAgent>,
+    serial: SerialConsole,
+    /// A blocking handle on the QMP socket so Drop can send `quit` without a runtime.
+    qmp_sync: StdUnixStream,
+    process: QemuProcess,
+    cfg: MachineConfig,
+    cmdline: String,
+    failure: Mutex<Option<String>>,
+    run_dir: tempfile::TempDir,
+}
+
+struct Sockets {
+    listeners: Vec<UnixListener>,
+    qmp: StdUnixStream,
+    serial: StdUnixStream,
+    agent: Option<StdUnixStream>,
+    fds: Fds,
+}
+
+fn bind_and_connect(dir: &Path, name: &str) -> std::io::Result<(UnixListener, StdUnixStream)> {
+    let path = dir.join(name);
+    let listener = UnixListener::bind(&path)?;
+    // Queued in the backlog until QEMU accepts it: no wait for QEMU to create anything.
+    let stream = StdUnixStream::connect(&path)?;
+    Ok((listener, stream))
+}
+
+fn open_sockets(dir: &Path, agent: bool) -> std::io::Result<Sockets> {
+    let (ql, qmp) = bind_and_connect(dir, "qmp.sock")?;
+    let (sl, serial) = bind_and_connect(dir, "serial.sock")?;
+    let (al, agent) = if agent {
+        let (l, s) = bind_and_connect(dir, "qga.sock")?;
+        (Some(l), Some(s))
+    } else {
+        (None, None)
+    };
+    let fds = Fds { qmp: ql.as_raw_fd(), serial: sl.as_raw_fd(), agent: al.as_ref().map(|l| l.as_raw_fd()) };
+    let listeners = [Some(ql), Some(sl), al].into_iter().flatten().collect();
+    Ok(Sockets { listeners, qmp, serial, agent, fds })
+}
+
+fn to_tokio(s: StdUnixStream) -> std::io::Result<UnixStream> {
+    s.set_nonblocking(true)?;
+    UnixStream::from_std(s)
+}
+
+impl Machine {
+    /// Starts QEMU and connects QMP. The guest agent channel is opened but not awaited;
+    /// call [`Machine::wait_agent`] for that.
+    ///
+    /// QEMU is killed if the thread that launched it exits (PDEATHSIG), so launch from a
+    /// runtime worker or the main thread, never from `spawn_blocking`.
+    pub async fn launch(cfg: MachineConfig) -> Result<Machine, MachineError> {
+        let name = cfg.name.clone();
+        let setup = |source| MachineError::Setup { name: name.clone(), source };
+        let run_dir = tempfile::Builder::new().prefix(&format!("quiesce-{}-", cfg.name)).tempdir().map_err(setup)?;
+        // tempfile makes it 0700 already; say so explicitly, the sockets live here.
+        std::fs::set_permissions(run_dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o700)).map_err(setup)?;
+        let socks = open_sockets(run_dir.path(), cfg.agent).map_err(setup)?;
+        let args = launch::qemu_args(&cfg, socks.fds);
+        let program = cfg.qemu_binary.to_string_lossy().into_owned();
+        let cmdline = launch::shell_line(&program, &args);
+        let keep: Vec<i32> = socks.listeners.iter().map(|l| l.as_raw_fd()).collect();
+        let mut process = QemuProcess::spawn(&program, &args, &keep, &run_dir.path().join("qemu.out"))
+            .map_err(|source| MachineError::Spawn { name: name.clone(), program: program.clone(), source })?;
+        drop(socks.listeners);
+
+        let transcript = Transcript::create(&run_dir.path().join("transcript.log")).map_err(setup)?;
+        transcript.note("harness", &format!("pid {} {cmdline}", process.pid()));
+        let serial = SerialConsole::spawn(to_tokio(socks.serial).map_err(setup)?, &run_dir.path().join("serial.log"))
+            .map_err(setup)?;
+        let qmp_sync = socks.qmp.try_clone().map_err(setup)?;
+        qmp_sync.set_write_timeout(Some(Duration::from_secs(1))).map_err(setup)?;
+        let agent = match socks.agent {
+            Some(s) => Some(GuestAgent::new(to_tokio(s).map_err(setup)?, transcript.clone())),
+            None => None,
+        };
+        let qmp = match Qmp::connect(to_tokio(socks.qmp).map_err(setup)?, transcript, QMP_CONNECT).await {
+            Ok(q) => q,
+            Err(e) => {
+                // Most often QEMU refused its arguments and exited; say what it printed.
+                let status = process.wait_timeout(Duration::from_secs(2)).or_else(|| process.terminate(GRACE));
+                let output = std::fs::read_to_string(run_dir.path().join("qemu.out")).unwrap_or_default();
+                let evidence = super::evidence::keep(&cfg, run_dir.path(), &cmdline, &e.to_string())
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|e| format!("(could not be kept: {e})"));
+                return Err(MachineError::Exited {
+                    name,
+                    status: status.map(|s| s.to_string()).unwrap_or_else(|| format!("did not exit; {e}")),
+                    cmdline,
+                    output: tail_of(&output, 30),
+                    serial: serial.tail(20),
+                    evidence,
+                });
+            }
+        };
+        Ok(Machine { qmp, agent, serial, qmp_sync, process, cfg, cmdline, failure: Mutex::new(None), run_dir })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.cfg.name
+    }
+
+    pub fn config(&self) -> &MachineConfig {
+        &self.cfg
+    }
+
+    pub fn qmp(&self) -> &Qmp {
+        &self.qmp
+    }
+
+    pub fn agent(&self) -> Result<&GuestAgent, MachineError> {
+        self.agent.as_ref().ok_or_else(|| MachineError::NoAgent { name: self.cfg.name.clone() })
+    }
+
+    pub fn serial(&self) -> &SerialConsole {
+        &self.serial
+    }
+
+    pub fn run_dir(&self) -> &Path {
+        self.run_dir.path()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    pub fn cmdline(&self) -> &str {
+        &self.cmdline
+    }
+
+    /// Wraps a QMP error with this machine's name.
+    pub fn qmp_err(&self, source: QmpError) -> MachineError {
+        MachineError::Qmp { name: self.cfg.name.clone(), source }
+    }
+
+    pub fn agent_err(&self, source: AgentError) -> MachineError {
+        MachineError::Agent { name: self.cfg.name.clone(), source }
+    }
+
+    /// Waits until the guest agent answers, failing early if QEMU exits meanwhile.
+    pub async fn wait_agent(&mut self, timeout: Duration) -> Result<(), MachineError> {
+        let agent = self.agent.as_ref().ok_or_else(|| MachineError::NoAgent { name: self.cfg.name.clone() })?;
+        let exited = tokio::select! {
+            r = agent.wait_ready(timeout) => match r {
+                Ok(()) => return Ok(()),
+                Err(AgentError::NotResponding { .. }) => false,
+                Err(source) => return Err(MachineError::Agent { name: self.cfg.name.clone(), source }),
+            },
+            _ = self.process.wait_async(timeout) => true,
+        };
+        if exited || self.process.try_status().is_some() {
+            return Err(self.exited_error("QEMU exited while waiting for the guest agent"));
+        }
+        self.mark_failed("guest agent never answered");
+        Err(MachineError::AgentNotReady { name: self.cfg.name.clone(), waited: timeout, serial: self.serial.tail(20) })
+    }
+
+    /// Asks the guest to power off through the agent and waits for QEMU to exit.
+    pub async fn shutdown(&mut self, timeout: Duration) -> Result<ExitStatus, MachineError> {
+        let agent = self.agent()?;
+        agent
+            .execute_no_reply("guest-shutdown", json!({"mode": "powerdown"}), timeout)
+            .await
+            .map_err(|e| self.agent_err(e))?;
+        match self.process.wait_async(timeout).await {
+            Some(status) => Ok(status),
+            None => {
+                self.mark_failed("guest did not power off");
+                Err(MachineError::ShutdownTimeout { name: self.cfg.name.clone(), waited: timeout })
+            }
+        }
+    }
+
+    /// True while the QEMU process is alive.
+    pub fn is_running(&mut self) -> bool {
+        self.process.try_status().is_none()
+    }
+
+    /// Kills QEMU at once (SIGKILL), as a fault would. The guard still cleans up.
+    pub fn kill(&mut self) -> Option<ExitStatus> {
+        self.process.signal_group(nix::sys::signal::Signal::SIGKILL);
+        self.process.wait_timeout(GRACE)
+    }
+
+    /// Marks the machine as failed, so Drop keeps its evidence.
+    pub fn mark_failed(&self, why: &str) {
+        let mut f = self.failure.lock().unwrap_or_else(|e| e.into_inner());
+        f.get_or_insert_with(|| why.to_owned());
+    }
+
+    /// Copies the evidence out now and returns the folder.
+    pub fn keep_evidence(&self, why: &str) -> std::io::Result<PathBuf> {
+        super::evidence::keep(&self.cfg, self.run_dir.path(), &self.cmdline, why)
+    }
+
+    fn exited_error(&mut self, why: &str) -> MachineError {
+        self.mark_failed(why);
+        let status = self.process.try_status().map(|s| s.to_string()).unwrap_or_else(|| "still running".into());
+        let output = std::fs::read_to_string(self.run_dir.path().join("qemu.out")).unwrap_or_default();
+        MachineError::Exited {
+            name: self.cfg.name.clone(),
+            status,
+            cmdline: self.cmdline.clone(),
+            output: tail_of(&output, 30),
+            serial: self.serial.tail(20),
+            evidence: "kept when the machine is dropped".into(),
+        }
+    }
+
+    fn stop_qemu(&mut self) {
+        if self.process.try_status().is_some() {
+            return;
+        }
+        // A leading newline ends any half-written command a cancelled future left behind.
+        let _ = self.qmp_sync.write_all(b"\n{\"execute\":\"quit\"}\n");
+        if self.process.wait_timeout(GRACE).is_none() {
+            self.process.terminate(GRACE);
+        }
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        self.stop_qemu();
+        let why = if std::thread::panicking() {
+            Some("the thread holding the machine panicked".to_owned())
+        } else {
+            self.failure.lock().unwrap_or_else(|e| e.into_inner()).take()
+        };
+        if let Some(why) = why {
+            match self.keep_evidence(&why) {
+                Ok(dir) => {
+                    eprintln!("quiesce: machine {} failed ({why}); evidence kept in {}", self.cfg.name, dir.display())
+                }
+                Err(e) => {
+                    eprintln!("quiesce: machine {} failed ({why}); its evidence could not be kept: {e}", self.cfg.name)
+                }
+            }
+        }
+    }
+}

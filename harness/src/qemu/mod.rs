@@ -1,0 +1,27 @@
+//! Everything that talks to QEMU: the machine guard and its launch configuration, the
+//! accelerator and capability probes, and the QMP and guest-agent clients.
+
+pub mod accel;
+pub mod caps;
+pub mod config;
+pub mod events;
+pub mod evidence;
+pub mod framing;
+pub mod launch;
+pub mod machine;
+pub mod message;
+pub mod process;
+pub mod qga;
+pub mod qmp;
+pub mod serial;
+pub mod transcript;
+
+pub use config::{Accel, DiskConfig, DiskFormat, KernelBoot, MachineConfig};
+pub use events::{Event, EventQueue, WaitError};
+pub use machine::{Machine, MachineError};
+pub use qga::{AgentError, GuestAgent};
+pub use qmp::{Qmp, QmpError};
+pub use transcript::Transcript;
+
+#[cfg(test)]
+mod wire_tests;

@@ -1,0 +1,243 @@
+//! A qemu-guest-agent client. The agent answers one request at a time and has no ids, so
+//! after a timeout a late reply could be taken for the answer to the next request. The
+//! client therefore resynchronises with `guest-sync-delimited` (0xFF-framed, with a fresh
+//! id) before the first command and after any timeout or garbage. The guest is untrusted:
+//! lines are bounded and every reply is parsed without panics.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::io::AsyncWriteExt;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
+use tokio::time::Instant;
+
+use super::framing::{Frame, LineReader, DELIMITER};
+use super::message::{self, Message};
+use super::transcript::Transcript;
+
+/// Bound on one agent reply line; guest-exec output is capped well below this.
+pub const MAX_REPLY: usize = 4 << 20;
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("guest agent {command} failed: {class}: {desc}")]
+    Command { command: String, class: String, desc: String },
+    #[error("guest agent gave no reply to {command} within {waited:?}")]
+    Timeout { command: String, waited: Duration },
+    #[error("guest agent did not answer guest-sync-delimited within {waited:?} (is qemu-ga running in the guest?)")]
+    NotResponding { waited: Duration },
+    #[error("guest agent channel closed during {command}")]
+    Disconnected { command: String },
+    #[error("guest agent reply to {command} is longer than {max} bytes ({len}); discarded")]
+    ReplyTooLong { command: String, len: usize, max: usize },
+    #[error("guest agent reply to {command} is malformed ({why}): {text}")]
+    Malformed { command: String, why: &'static str, text: String },
+    #[error("guest agent reply to {command} does not fit the qapi types ({error}); raw reply: {raw}")]
+    UnexpectedReply { command: String, raw: Value, error: String },
+    #[error("could not encode the arguments of {command}: {error}")]
+    Encode { command: String, error: String },
+    #[error("guest agent channel: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl AgentError {
+    /// True when the agent's answer (or silence) may leave the stream out of step.
+    fn desyncs(&self) -> bool {
+        !matches!(self, AgentError::Command { .. } | AgentError::UnexpectedReply { .. } | AgentError::Encode { .. })
+    }
+}
+
+struct Channel {
+    lines: LineReader<OwnedReadHalf>,
+    writer: OwnedWriteHalf,
+    in_sync: bool,
+}
+
+pub struct GuestAgent {
+    chan: tokio::sync::Mutex<Channel>,
+    transcript: Transcript,
+    next_sync_id: AtomicU64,
+    max_reply: usize,
+}
+
+impl GuestAgent {
+    pub fn new(stream: UnixStream, transcript: Transcript) -> Self {
+        Self::with_max_reply(stream, transcript, MAX_REPLY)
+    }
+
+    pub fn with_max_reply(stream: UnixStream, transcript: Transcript, max_reply: usize) -> Self {
+        let (read, writer) = stream.into_split();
+        // Ids only need to differ from those of earlier clients of the same agent, whose
+        // late replies may still be queued in the channel.
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos() as u64 ^ (std::process::id() as u64) << 20)
+            .unwrap_or(1);
+        Self {
+            chan: tokio::sync::Mutex::new(Channel { lines: LineReader::new(read, max_reply), writer, in_sync: false }),
+            transcript,
+            next_sync_id: AtomicU64::new(seed % (1 << 40)),
+            max_reply,
+        }
+    }
+
+    /// Waits until the agent answers a sync, retrying while it is not yet up.
+    /// Each attempt is bounded, so a guest that boots late is found soon after it is ready.
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<(), AgentError> {
+        let deadline = Instant::now() + timeout;
+        let mut chan = self.chan.lock().await;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(AgentError::NotResponding { waited: timeout });
+            }
+            match self.sync(&mut chan, left.min(Duration::from_secs(1))).await {
+                Ok(()) => return Ok(()),
+                Err(AgentError::NotResponding { .. }) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Runs a typed command with the default deadline.
+    pub async fn execute<C: qapi::Command>(&self, cmd: C) -> Result<C::Ok, AgentError> {
+        self.execute_within(cmd, DEFAULT_TIMEOUT).await
+    }
+
+    pub async fn execute_within<C: qapi::Command>(&self, cmd: C, timeout: Duration) -> Result<C::Ok, AgentError> {
+        let args = serde_json::to_value(&cmd)
+            .map_err(|e| AgentError::Encode { command: C::NAME.to_owned(), error: e.to_string() })?;
+        let raw = self.execute_raw(C::NAME, args, timeout).await?;
+        serde_json::from_value(raw.clone()).map_err(|e| AgentError::UnexpectedReply {
+            command: C::NAME.to_owned(),
+            raw,
+            error: e.to_string(),
+        })
+    }
+
+    /// Runs any command by name; the deadline covers the resync (if needed) and the reply.
+    pub async fn execute_raw(&self, command: &str, arguments: Value, timeout: Duration) -> Result<Value, AgentError> {
+        let deadline = Instant::now() + timeout;
+        let mut chan = self.chan.lock().await;
+        let result = async {
+            if !chan.in_sync {
+                self.sync(&mut chan, timeout).await?;
+            }
+            self.send(&mut chan, command, &arguments).await?;
+            self.read_reply(&mut chan, command, deadline, timeout).await
+        }
+        .await;
+        if let Err(e) = &result {
+            if e.desyncs() {
+                chan.in_sync = false;
+            }
+        }
+        result
+    }
+
+    /// Sends a command that gives no reply when it succeeds (guest-shutdown, guest-suspend-*).
+    pub async fn execute_no_reply(&self, command: &str, arguments: Value, timeout: Duration) -> Result<(), AgentError> {
+        let mut chan = self.chan.lock().await;
+        if !chan.in_sync {
+            self.sync(&mut chan, timeout).await?;
+        }
+        // Any error reply would arrive unasked-for later, so resync before the next command.
+        chan.in_sync = false;
+        self.send(&mut chan, command, &arguments).await
+    }
+
+    async fn send(&self, chan: &mut Channel, command: &str, arguments: &Value) -> Result<(), AgentError> {
+        let mut msg = json!({ "execute": command });
+        if !arguments.is_null() && arguments != &json!({}) {
+            msg["arguments"] = arguments.clone();
+        }
+        let mut line = serde_json::to_vec(&msg).expect("a serde_json::Value always encodes");
+        self.transcript.record("qga", "->", &line);
+        line.push(b'\n');
+        chan.writer.write_all(&line).await?;
+        Ok(())
+    }
+
+    async fn read_reply(
+        &self,
+        chan: &mut Channel,
+        command: &str,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<Value, AgentError> {
+        let frame = match tokio::time::timeout_at(deadline, chan.lines.next_frame()).await {
+            Err(_) => return Err(AgentError::Timeout { command: command.to_owned(), waited: timeout }),
+            Ok(Err(e)) => return Err(e.into()),
+            Ok(Ok(None)) => return Err(AgentError::Disconnected { command: command.to_owned() }),
+            Ok(Ok(Some(f))) => f,
+        };
+        let line = match frame {
+            // A late sync reply's sentinel: the line after it is not ours either, and only a
+            // resync can tell what is, so the caller sees an error and the stream resyncs.
+            Frame::Delimiter => {
+                return Err(AgentError::Malformed {
+                    command: command.to_owned(),
+                    why: "unexpected 0xFF delimiter",
+                    text: String::new(),
+                })
+            }
+            Frame::TooLong { len } => {
+                return Err(AgentError::ReplyTooLong { command: command.to_owned(), len, max: self.max_reply })
+            }
+            Frame::Line(l) => l,
+        };
+        self.transcript.record("qga", "<-", &line);
+        match message::parse(&line) {
+            Message::Return { value, .. } => Ok(value),
+            Message::Error { class, desc, .. } => Err(AgentError::Command { command: command.to_owned(), class, desc }),
+            Message::Unknown { text, why } => Err(AgentError::Malformed { command: command.to_owned(), why, text }),
+            Message::Event { .. } | Message::Greeting(_) => Err(AgentError::Malformed {
+                command: command.to_owned(),
+                why: "an event or greeting where a reply belongs",
+                text: message::snippet(&line),
+            }),
+        }
+    }
+
+    /// One guest-sync-delimited exchange: a 0xFF to reset the agent's parser, the request,
+    /// then everything is discarded up to the reply's own 0xFF and a return of our id.
+    async fn sync(&self, chan: &mut Channel, timeout: Duration) -> Result<(), AgentError> {
+        let id = self.next_sync_id.fetch_add(1, Ordering::Relaxed);
+        let deadline = Instant::now() + timeout;
+        let mut line = vec![DELIMITER];
+        line.extend_from_slice(
+            format!("{{\"execute\":\"guest-sync-delimited\",\"arguments\":{{\"id\":{id}}}}}\n").as_bytes(),
+        );
+        self.transcript.record("qga", "->", &line[1..line.len() - 1]);
+        chan.writer.write_all(&line).await?;
+        let mut after_delimiter = false;
+        loop {
+            let frame = match tokio::time::timeout_at(deadline, chan.lines.next_frame()).await {
+                Err(_) => return Err(AgentError::NotResponding { waited: timeout }),
+                Ok(Err(e)) => return Err(e.into()),
+                Ok(Ok(None)) => return Err(AgentError::Disconnected { command: "guest-sync-delimited".into() }),
+                Ok(Ok(Some(f))) => f,
+            };
+            match frame {
+                Frame::Delimiter => after_delimiter = true,
+                Frame::TooLong { len } => {
+                    self.transcript.note("qga", &format!("discarded {len} bytes while resyncing"));
+                    after_delimiter = false;
+                }
+                Frame::Line(l) => {
+                    self.transcript.record("qga", "<-", &l);
+                    let ours = after_delimiter
+                        && matches!(message::parse(&l), Message::Return { value, .. } if value.as_u64() == Some(id));
+                    if ours {
+                        chan.in_sync = true;
+                        return Ok(());
+                    }
+                    after_delimiter = false;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,99 @@
+//! Boots quiesce's own Linux test guest: the cached image, a private qcow2 overlay over its
+//! root disk (the cached image is never written), the accelerator verdict, and a machine
+//! guard. Everything it creates is removed when the [`TestGuest`] is dropped.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use crate::image::qemu_img::{self, QemuImgError};
+use crate::image::{recipe, GuestImage, ImageError};
+use crate::qemu::accel::{self, AccelChoice, Verdict};
+use crate::qemu::{DiskConfig, DiskFormat, Machine, MachineConfig, MachineError};
+
+/// Under TCG the guest is ready in about 5 s; this leaves room for a loaded CI machine.
+pub const AGENT_DEADLINE: Duration = Duration::from_secs(90);
+
+#[derive(Debug, thiserror::Error)]
+pub enum GuestError {
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    Machine(#[from] MachineError),
+    #[error("creating the root overlay: {0}")]
+    Overlay(#[from] QemuImgError),
+    #[error("making a folder for the guest's disks: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Accel(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct GuestOptions {
+    pub name: String,
+    pub accel: Option<AccelChoice>,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    /// Extra disks after the root disk, which is always first and named `root`.
+    pub extra_disks: Vec<DiskConfig>,
+    pub artifacts_dir: Option<PathBuf>,
+}
+
+impl GuestOptions {
+    pub fn named(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            accel: None,
+            memory_mib: 512,
+            cpus: 1,
+            extra_disks: Vec::new(),
+            artifacts_dir: None,
+        }
+    }
+}
+
+pub struct TestGuest {
+    // Drop order: the machine (and QEMU) before the folder that holds its disks.
+    pub machine: Machine,
+    pub image: GuestImage,
+    pub accel: Verdict,
+    /// From launch until the agent answered.
+    pub boot_time: Duration,
+    disks: tempfile::TempDir,
+}
+
+impl TestGuest {
+    /// The folder holding this guest's overlay and any disks placed there by the caller.
+    pub fn disk_dir(&self) -> &std::path::Path {
+        self.disks.path()
+    }
+}
+
+/// Resolves the accelerator for the cached Linux image.
+pub fn accel_for(image: &GuestImage, choice: Option<AccelChoice>) -> Result<Verdict, GuestError> {
+    let choice = AccelChoice::from_env(choice).map_err(GuestError::Accel)?;
+    let qemu = crate::qemu::config::default_qemu_binary();
+    Ok(accel::resolve(choice, &qemu, &image.kernel, &crate::image::cache::cache_dir()))
+}
+
+/// Builds the image if needed, then boots it and waits for the agent.
+pub async fn boot(opts: GuestOptions, progress: &mut dyn FnMut(&str)) -> Result<TestGuest, GuestError> {
+    let image = recipe::ensure("linux", false, progress)?;
+    progress("choosing the accelerator");
+    let verdict = accel_for(&image, opts.accel)?;
+    let disks = tempfile::Builder::new().prefix(&format!("quiesce-{}-disks-", opts.name)).tempdir()?;
+    let root = disks.path().join("root.qcow2");
+    qemu_img::create_overlay(&image.root, DiskFormat::Raw, &root)?;
+    let mut cfg = MachineConfig::new(&opts.name, verdict.accel, image.kernel_boot());
+    cfg.memory_mib = opts.memory_mib;
+    cfg.cpus = opts.cpus;
+    if let Some(dir) = opts.artifacts_dir {
+        cfg.artifacts_dir = dir;
+    }
+    cfg.disks.push(DiskConfig { node_name: "root".into(), path: root, format: DiskFormat::Qcow2, read_only: false });
+    cfg.disks.extend(opts.extra_disks);
+    progress(&format!("booting {} under {}", opts.name, verdict.accel.as_str().to_uppercase()));
+    let started = Instant::now();
+    let mut machine = Machine::launch(cfg).await?;
+    machine.wait_agent(AGENT_DEADLINE).await?;
+    Ok(TestGuest { machine, image, accel: verdict, boot_time: started.elapsed(), disks })
+}
