@@ -170,7 +170,8 @@ pub fn probe_kvm(qemu: &str, kernel: &Path) -> Verdict {
         },
         Some(status) => {
             let out = std::fs::read_to_string(dir.path().join("qemu.out")).unwrap_or_default();
-            tcg(format!("/dev/kvm is present but a KVM probe boot failed ({status}): {}", out.trim()))
+            let first = out.lines().find(|l| !l.trim().is_empty()).unwrap_or("(no output)");
+            tcg(format!("/dev/kvm is present but a KVM probe boot failed ({status}): {}", first.trim()))
         }
         None => tcg(format!(
             "/dev/kvm is present but a guest kernel under KVM did not finish booting within {}s \

@@ -2,7 +2,9 @@
 //!
 //! The sockets are bound by the harness and handed to QEMU as inherited file descriptors
 //! (`fd=N`): the harness connects before QEMU starts, so there is no polling for a socket
-//! file to appear and no window in which serial output is lost.
+//! file to appear.
+
+use std::path::Path;
 
 use serde_json::json;
 
@@ -12,11 +14,11 @@ use super::config::MachineConfig;
 #[derive(Debug, Clone, Copy)]
 pub struct Fds {
     pub qmp: i32,
-    pub serial: i32,
     pub agent: Option<i32>,
 }
 
-pub fn qemu_args(cfg: &MachineConfig, fds: Fds) -> Vec<String> {
+/// QEMU's arguments; the serial console goes to `serial_log`, written by QEMU itself.
+pub fn qemu_args(cfg: &MachineConfig, fds: Fds, serial_log: &Path) -> Vec<String> {
     let mut a: Vec<String> = Vec::new();
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
     push(&["-name", &format!("{},debug-threads=on", cfg.name.replace(',', "_"))]);
@@ -35,13 +37,9 @@ pub fn qemu_args(cfg: &MachineConfig, fds: Fds) -> Vec<String> {
         "-mon",
         "chardev=qmp,mode=control",
     ]);
-    // wait=on: QEMU accepts the harness's already-queued connection before the guest runs.
-    push(&[
-        "-chardev",
-        &format!("socket,id=serial0,fd={},server=on,wait=on", fds.serial),
-        "-serial",
-        "chardev:serial0",
-    ]);
+    // Commas in option values are escaped by doubling them.
+    let serial_path = serial_log.to_string_lossy().replace(',', ",,");
+    push(&["-chardev", &format!("file,id=serial0,path={serial_path}"), "-serial", "chardev:serial0"]);
     if let Some(fd) = fds.agent {
         push(&["-chardev", &format!("socket,id=qga0,fd={fd},server=on,wait=off")]);
         push(&["-device", "virtio-serial-pci,id=vser0"]);
@@ -107,7 +105,7 @@ mod tests {
 
     #[test]
     fn disks_have_explicit_formats_and_serials() {
-        let args = qemu_args(&cfg(), Fds { qmp: 3, serial: 4, agent: Some(5) });
+        let args = qemu_args(&cfg(), Fds { qmp: 3, agent: Some(5) }, Path::new("/run/x,y/serial.log"));
         let i = args.iter().position(|a| a == "-blockdev").unwrap();
         let node: serde_json::Value = serde_json::from_str(&args[i + 1]).unwrap();
         assert_eq!(node["driver"], "qcow2");
@@ -117,9 +115,9 @@ mod tests {
 
     #[test]
     fn sockets_are_inherited_fds() {
-        let args = qemu_args(&cfg(), Fds { qmp: 3, serial: 4, agent: Some(5) }).join(" ");
+        let args = qemu_args(&cfg(), Fds { qmp: 3, agent: Some(5) }, Path::new("/run/x,y/serial.log")).join(" ");
         assert!(args.contains("socket,id=qmp,fd=3,server=on,wait=off"));
-        assert!(args.contains("socket,id=serial0,fd=4,server=on,wait=on"));
+        assert!(args.contains("file,id=serial0,path=/run/x,,y/serial.log -serial chardev:serial0"));
         assert!(args.contains("name=org.qemu.guest_agent.0"));
         assert!(!args.contains("-cpu host"));
     }
@@ -131,7 +129,7 @@ mod tests {
         c.accel = Accel::Kvm;
         c.start_paused = true;
         c.incoming_defer = true;
-        let args = qemu_args(&c, Fds { qmp: 3, serial: 4, agent: None }).join(" ");
+        let args = qemu_args(&c, Fds { qmp: 3, agent: None }, Path::new("/s.log")).join(" ");
         assert!(!args.contains("virtserialport"));
         assert!(args.contains("-accel kvm -cpu host"));
         assert!(args.ends_with("-S -incoming defer"));

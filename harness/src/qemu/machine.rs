@@ -19,7 +19,7 @@ use super::launch::{self, Fds};
 use super::process::QemuProcess;
 use super::qga::{AgentError, GuestAgent};
 use super::qmp::{Qmp, QmpError};
-use super::serial::{tail_of, SerialConsole};
+use super::serial::{tail_of, SerialLog};
 use super::transcript::Transcript;
 
 /// How long Drop gives QEMU to honour `quit`, and then SIGTERM.
@@ -50,7 +50,7 @@ pub struct Machine {
     // Field order is drop order: connections go before the process and the run folder.
     qmp: Qmp,
     agent: Option<GuestAgent>,
-    serial: SerialConsole,
+    serial: SerialLog,
     /// A blocking handle on the QMP socket so Drop can send `quit` without a runtime.
     qmp_sync: StdUnixStream,
     process: QemuProcess,
@@ -63,7 +63,6 @@ pub struct Machine {
 struct Sockets {
     listeners: Vec<UnixListener>,
     qmp: StdUnixStream,
-    serial: StdUnixStream,
     agent: Option<StdUnixStream>,
     fds: Fds,
 }
@@ -78,16 +77,15 @@ fn bind_and_connect(dir: &Path, name: &str) -> std::io::Result<(UnixListener, St
 
 fn open_sockets(dir: &Path, agent: bool) -> std::io::Result<Sockets> {
     let (ql, qmp) = bind_and_connect(dir, "qmp.sock")?;
-    let (sl, serial) = bind_and_connect(dir, "serial.sock")?;
     let (al, agent) = if agent {
         let (l, s) = bind_and_connect(dir, "qga.sock")?;
         (Some(l), Some(s))
     } else {
         (None, None)
     };
-    let fds = Fds { qmp: ql.as_raw_fd(), serial: sl.as_raw_fd(), agent: al.as_ref().map(|l| l.as_raw_fd()) };
-    let listeners = [Some(ql), Some(sl), al].into_iter().flatten().collect();
-    Ok(Sockets { listeners, qmp, serial, agent, fds })
+    let fds = Fds { qmp: ql.as_raw_fd(), agent: al.as_ref().map(|l| l.as_raw_fd()) };
+    let listeners = [Some(ql), al].into_iter().flatten().collect();
+    Ok(Sockets { listeners, qmp, agent, fds })
 }
 
 fn to_tokio(s: StdUnixStream) -> std::io::Result<UnixStream> {
@@ -108,7 +106,8 @@ impl Machine {
         // tempfile makes it 0700 already; say so explicitly, the sockets live here.
         std::fs::set_permissions(run_dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o700)).map_err(setup)?;
         let socks = open_sockets(run_dir.path(), cfg.agent).map_err(setup)?;
-        let args = launch::qemu_args(&cfg, socks.fds);
+        let serial = SerialLog::new(&run_dir.path().join("serial.log"));
+        let args = launch::qemu_args(&cfg, socks.fds, serial.path());
         let program = cfg.qemu_binary.to_string_lossy().into_owned();
         let cmdline = launch::shell_line(&program, &args);
         let keep: Vec<i32> = socks.listeners.iter().map(|l| l.as_raw_fd()).collect();
@@ -118,8 +117,6 @@ impl Machine {
 
         let transcript = Transcript::create(&run_dir.path().join("transcript.log")).map_err(setup)?;
         transcript.note("harness", &format!("pid {} {cmdline}", process.pid()));
-        let serial = SerialConsole::spawn(to_tokio(socks.serial).map_err(setup)?, &run_dir.path().join("serial.log"))
-            .map_err(setup)?;
         let qmp_sync = socks.qmp.try_clone().map_err(setup)?;
         qmp_sync.set_write_timeout(Some(Duration::from_secs(1))).map_err(setup)?;
         let agent = match socks.agent {
@@ -164,7 +161,7 @@ impl Machine {
         self.agent.as_ref().ok_or_else(|| MachineError::NoAgent { name: self.cfg.name.clone() })
     }
 
-    pub fn serial(&self) -> &SerialConsole {
+    pub fn serial(&self) -> &SerialLog {
         &self.serial
     }
 

@@ -6,6 +6,7 @@ pub mod caps;
 pub mod config;
 pub mod events;
 pub mod evidence;
+pub mod exec;
 pub mod framing;
 pub mod launch;
 pub mod machine;
