@@ -3,6 +3,10 @@
 //! Layers, lowest first: [`qemu`] (machines, QMP, the guest agent), [`image`] (guest images
 //! and disk formats), then [`testguest`], which puts the two together.
 
+pub mod backup;
 pub mod image;
 pub mod qemu;
 pub mod testguest;
+pub mod timeline;
+pub mod verify;
+pub mod workload;

@@ -50,3 +50,45 @@ pub fn info(path: &Path) -> Result<serde_json::Value, QemuImgError> {
     serde_json::from_slice(&out)
         .map_err(|e| QemuImgError::Json { args: format!("info {}", path.display()), error: e.to_string() })
 }
+
+/// Copies the guest-visible content of `src` (through its backing chain) into a standalone
+/// image `dst` of `dst_format`. Sparse regions stay sparse.
+pub fn convert(src: &Path, src_format: DiskFormat, dst: &Path, dst_format: DiskFormat) -> Result<(), QemuImgError> {
+    run(&[
+        "convert".as_ref(),
+        "-f".as_ref(),
+        src_format.driver().as_ref(),
+        "-O".as_ref(),
+        dst_format.driver().as_ref(),
+        src.as_os_str(),
+        dst.as_os_str(),
+    ])?;
+    Ok(())
+}
+
+/// True if the two images hold the same guest-visible content.
+pub fn identical(a: &Path, a_format: DiskFormat, b: &Path, b_format: DiskFormat) -> Result<bool, QemuImgError> {
+    let out = Command::new("qemu-img")
+        .args(["compare", "-U", "-q", "-f", a_format.driver(), "-F", b_format.driver()])
+        .arg(a)
+        .arg(b)
+        .output()
+        .map_err(QemuImgError::Spawn)?;
+    match out.status.code() {
+        Some(0) => Ok(true),
+        Some(1) => Ok(false),
+        _ => Err(QemuImgError::Failed {
+            args: format!("compare {} {}", a.display(), b.display()),
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        }),
+    }
+}
+
+/// The virtual size of an image in bytes.
+pub fn virtual_size(path: &Path) -> Result<u64, QemuImgError> {
+    let v = info(path)?;
+    v["virtual-size"]
+        .as_u64()
+        .ok_or_else(|| QemuImgError::Json { args: format!("info {}", path.display()), error: "no virtual-size".into() })
+}

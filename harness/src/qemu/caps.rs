@@ -24,6 +24,8 @@ pub struct Capabilities {
     pub blockdev_snapshot: bool,
     pub block_commit: bool,
     pub transaction: bool,
+    /// `blockdev-set-active` (QEMU 10.0+): reactivates disks after a save without running the VM.
+    pub blockdev_set_active: bool,
     pub migrate_capabilities: Vec<String>,
 }
 
@@ -105,6 +107,7 @@ pub fn from_replies(version: &Value, schema: &Value, migrate: &Value) -> Capabil
         blockdev_snapshot: has_command("blockdev-snapshot"),
         block_commit: has_command("block-commit"),
         transaction: has_command("transaction"),
+        blockdev_set_active: has_command("blockdev-set-active"),
         migrate_capabilities,
     }
 }

@@ -1,0 +1,95 @@
+//! The backup manifest: everything needed to check a backup and restore it later, on
+//! another day, without the harness run that made it.
+
+use serde::{Deserialize, Serialize};
+
+use crate::qemu::DiskFormat;
+
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    pub format_version: u32,
+    pub quiesce_version: String,
+    pub qemu_version: String,
+    pub created_unix: u64,
+    pub vms: Vec<VmBackup>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    SavedState,
+    ChildSnapshot,
+}
+
+impl Method {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::SavedState => "saved-state",
+            Method::ChildSnapshot => "child-snapshot",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VmBackup {
+    pub name: String,
+    pub method: Method,
+    /// Why this method was used, in words a person understands.
+    pub method_reason: String,
+    /// "running" or "paused": what the VM was doing when the backup began.
+    pub run_state_before: String,
+    pub machine: MachineSpec,
+    pub disks: Vec<DiskEntry>,
+    /// The RAM and device state (Saved State only).
+    pub state: Option<StateEntry>,
+    pub timings: Timings,
+}
+
+/// The machine and device configuration a restore must reproduce.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MachineSpec {
+    pub machine_type: String,
+    /// A saved state restores only under the accelerator (and CPU model) that made it.
+    pub accel: crate::qemu::Accel,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    pub agent: bool,
+    /// Kernel and initrd are kept in the backup (files relative to the VM's folder).
+    pub kernel: String,
+    pub initrd: String,
+    pub append: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DiskEntry {
+    pub node_name: String,
+    pub format: DiskFormat,
+    pub virtual_size: u64,
+    /// Relative to the VM's folder in the backup.
+    pub file: String,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StateEntry {
+    pub file: String,
+    pub bytes: u64,
+    pub sha256: String,
+    /// Migration capabilities the restore must set the same way.
+    pub mapped_ram: bool,
+    pub multifd_channels: Option<u8>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Timings {
+    /// How long the VM was not running because of the backup (none if it was paused).
+    pub downtime_ms: Option<f64>,
+    pub save_ms: Option<f64>,
+    pub save_mb_per_s: Option<f64>,
+    pub capture_ms: f64,
+    /// Child VM Snapshot: from sending the freeze until the thaw returned.
+    pub freeze_window_ms: Option<f64>,
+}

@@ -1,0 +1,5 @@
+//! Restoring backups and checking what was restored.
+
+pub mod restore;
+
+pub use restore::{RestoreError, RestoreOptions, Restored};

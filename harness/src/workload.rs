@@ -1,0 +1,98 @@
+//! Small guest workloads that make a backup's correctness visible.
+//!
+//! - The **counter** lives in RAM (`/run`, a tmpfs): a restored Saved State continues it.
+//! - The **journal writer** appends sequence numbers to a file on a data disk: after a
+//!   backup every number is there exactly once, so nothing was lost or replayed.
+//!
+//! Both are started detached (`setsid`) through guest-exec and write their first value
+//! before guest-exec returns, so a read right after the start never races them.
+
+use std::time::Duration;
+
+use crate::qemu::exec::{self, ExecError};
+use crate::qemu::GuestAgent;
+
+const T: Duration = Duration::from_secs(30);
+
+/// Starts the RAM counter, ticking about every 20 ms.
+pub async fn start_counter(agent: &GuestAgent) -> Result<(), ExecError> {
+    exec::sh(
+        agent,
+        "echo 0 > /run/counter && setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i > /run/c.tmp; \
+         mv /run/c.tmp /run/counter; usleep 20000; done' </dev/null >/dev/null 2>&1 &",
+        T,
+    )
+    .await
+    .map(drop)
+}
+
+pub async fn read_counter(agent: &GuestAgent) -> Result<u64, ExecError> {
+    let out = exec::sh(agent, "cat /run/counter", T).await?;
+    Ok(out.trim().parse().unwrap_or(0))
+}
+
+/// The guest's boot id: the same value proves a restore continued the same boot.
+pub async fn boot_id(agent: &GuestAgent) -> Result<String, ExecError> {
+    Ok(exec::sh(agent, "cat /proc/sys/kernel/random/boot_id", T).await?.trim().to_owned())
+}
+
+/// Starts appending 1, 2, 3, ... (one per line) to `path`, syncing every 20 lines.
+pub async fn start_journal(agent: &GuestAgent, path: &str) -> Result<(), ExecError> {
+    let script = format!(
+        "echo 1 > {path} && sync && setsid sh -c 'i=1; while :; do i=$((i+1)); echo $i >> {path}; \
+         [ $((i % 20)) -eq 0 ] && sync; usleep 5000; done' </dev/null >/dev/null 2>&1 & \
+         echo $! > /run/journal.pid"
+    );
+    exec::sh(agent, &script, T).await.map(drop)
+}
+
+/// Stops the journal writer, leaving its file complete up to its last line.
+pub async fn stop_journal(agent: &GuestAgent) -> Result<(), ExecError> {
+    exec::sh(agent, "kill $(cat /run/journal.pid) && sync", T).await.map(drop)
+}
+
+/// Checks a journal: every number from 1 to its last, once each, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JournalCheck {
+    pub lines: u64,
+    /// The first line that breaks the sequence, and what it held.
+    pub first_break: Option<(u64, String)>,
+}
+
+impl JournalCheck {
+    pub fn intact(&self) -> bool {
+        self.first_break.is_none() && self.lines > 0
+    }
+}
+
+pub async fn check_journal(agent: &GuestAgent, path: &str) -> Result<JournalCheck, ExecError> {
+    // The check runs in the guest: only its verdict crosses the agent, not the file.
+    let script = format!(
+        "awk 'BEGIN{{b=\"\"}} {{ if (b == \"\" && $0 != NR) b = NR \" \" $0 }} END {{ print NR; print b }}' {path}"
+    );
+    let out = exec::sh(agent, &script, T).await?;
+    Ok(parse_journal_verdict(&out))
+}
+
+fn parse_journal_verdict(out: &str) -> JournalCheck {
+    let mut lines = out.lines();
+    let n = lines.next().and_then(|l| l.trim().parse().ok()).unwrap_or(0);
+    let first_break = lines.next().filter(|l| !l.trim().is_empty()).map(|l| {
+        let (at, held) = l.split_once(' ').unwrap_or((l, ""));
+        (at.parse().unwrap_or(0), held.to_owned())
+    });
+    JournalCheck { lines: n, first_break }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn journal_verdicts() {
+        assert_eq!(parse_journal_verdict("120\n\n"), JournalCheck { lines: 120, first_break: None });
+        assert!(parse_journal_verdict("120\n").intact());
+        assert_eq!(parse_journal_verdict("9\n5 7\n").first_break, Some((5, "7".into())));
+        assert!(!parse_journal_verdict("").intact());
+    }
+}
