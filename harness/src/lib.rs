@@ -6,6 +6,7 @@
 pub mod backup;
 pub mod image;
 pub mod qemu;
+pub mod scenario;
 pub mod testguest;
 pub mod timeline;
 pub mod verify;

@@ -31,6 +31,14 @@ pub async fn read_counter(agent: &GuestAgent) -> Result<u64, ExecError> {
     Ok(out.trim().parse().unwrap_or(0))
 }
 
+/// Waits (in the guest, under `timeout`) until the counter is above `value`; returns it.
+/// A counter that never moves means the guest is not running.
+pub async fn wait_counter_above(agent: &GuestAgent, value: u64, timeout: Duration) -> Result<u64, ExecError> {
+    let script = format!("while [ \"$(cat /run/counter)\" -le {value} ]; do usleep 10000; done; cat /run/counter");
+    let out = exec::sh(agent, &script, timeout).await?;
+    Ok(out.trim().parse().unwrap_or(0))
+}
+
 /// The guest's boot id: the same value proves a restore continued the same boot.
 pub async fn boot_id(agent: &GuestAgent) -> Result<String, ExecError> {
     Ok(exec::sh(agent, "cat /proc/sys/kernel/random/boot_id", T).await?.trim().to_owned())

@@ -116,6 +116,8 @@ pub async fn save(
     match (result, back) {
         (Ok(mut saved), Ok(())) => {
             saved.timings.downtime_ms = downtime;
+            // Hashing needs only the copies, so it runs after the VM is back, not in its downtime.
+            tl.step(vm, "hash the backup files", hash_files(m.name(), dir, &mut saved)).await?;
             Ok(saved)
         }
         (Ok(_), Err(e)) => Err(e),
@@ -160,11 +162,11 @@ async fn save_while_stopped(
     let t = Instant::now();
     let disks = tl.step(vm, "capture disks", capture_disks(m, dir, settings.verify_capture)).await?;
     let capture_ms = t.elapsed().as_secs_f64() * 1000.0;
-    let (sha256, bytes) = sha256_file(&state_path).map_err(|e| BackupError::io(m.name(), "hash the state file", e))?;
+    let bytes = std::fs::metadata(&state_path).map_err(|e| BackupError::io(m.name(), "stat the state file", e))?.len();
     let state = StateEntry {
         file: "state.bin".into(),
         bytes,
-        sha256,
+        sha256: String::new(),
         mapped_ram: plan.mapped_ram,
         multifd_channels: plan.multifd_channels,
     };
@@ -176,6 +178,25 @@ async fn save_while_stopped(
         freeze_window_ms: None,
     };
     Ok(Saved { before: before.clone(), state, disks, timings })
+}
+
+/// Fills in the sizes and sha256 of the state file and the captured disks.
+async fn hash_files(vm: &str, dir: &Path, saved: &mut Saved) -> Result<(), BackupError> {
+    let mut files: Vec<String> = saved.disks.iter().map(|d| d.file.clone()).collect();
+    files.push(saved.state.file.clone());
+    let dir = dir.to_owned();
+    let hashes = tokio::task::spawn_blocking(move || {
+        files.iter().map(|f| sha256_file(&dir.join(f))).collect::<Result<Vec<_>, _>>()
+    })
+    .await
+    .map_err(|e| BackupError::io(vm, "hash the backup files", std::io::Error::other(e)))?
+    .map_err(|e| BackupError::io(vm, "hash the backup files", e))?;
+    let mut it = hashes.into_iter();
+    for d in saved.disks.iter_mut() {
+        (d.sha256, d.bytes) = it.next().expect("one hash per file");
+    }
+    (saved.state.sha256, saved.state.bytes) = it.next().expect("one hash per file");
+    Ok(())
 }
 
 /// RAM bytes the last migration moved, as QEMU counts them.
@@ -225,8 +246,14 @@ async fn capture_disks(m: &Machine, dir: &Path, verify: bool) -> Result<Vec<Disk
                 return Err(BackupError::CaptureMismatch { vm: vm2.clone(), disk: d.node_name.clone() });
             }
             let virtual_size = qemu_img::virtual_size(&dst).map_err(img)?;
-            let (sha256, bytes) = sha256_file(&dst).map_err(|e| BackupError::io(&vm2, "hash a captured disk", e))?;
-            Ok(DiskEntry { node_name: d.node_name.clone(), format: d.format, virtual_size, file, bytes, sha256 })
+            Ok(DiskEntry {
+                node_name: d.node_name.clone(),
+                format: d.format,
+                virtual_size,
+                file,
+                bytes: 0,
+                sha256: String::new(),
+            })
         })
         .await
         .map_err(|e| BackupError::io(&vm, "capture a disk", std::io::Error::other(e)))??;

@@ -1,0 +1,400 @@
+//! The scenario file format (`scenarios/*.toml`): plain structs, deserialized with serde,
+//! then checked. Every mistake, whether TOML syntax, an unknown key, a wrong type or an
+//! impossible value, is reported as `file:line:column: what is wrong, what was expected`,
+//! before anything is booted.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::qemu::DiskFormat;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScenarioFile {
+    pub description: String,
+    #[serde(rename = "vm")]
+    pub vms: Vec<Spanned<VmSpec>>,
+    pub backup: BackupSpec,
+    #[serde(default)]
+    pub restore: Option<RestoreSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmSpec {
+    pub name: Spanned<String>,
+    /// A guest image recipe under guest-images/.
+    #[serde(default = "default_image")]
+    pub image: Spanned<String>,
+    #[serde(default = "default_memory")]
+    pub memory_mib: Spanned<u32>,
+    /// What the VM is doing when the backup begins.
+    #[serde(default)]
+    pub state: VmState,
+    #[serde(default)]
+    pub workload: WorkloadSpec,
+    #[serde(default, rename = "disk")]
+    pub disks: Vec<Spanned<DiskSpec>>,
+}
+
+fn default_image() -> Spanned<String> {
+    Spanned::new(0..0, "linux".to_owned())
+}
+
+fn default_memory() -> Spanned<u32> {
+    Spanned::new(0..0, 256)
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum VmState {
+    #[default]
+    Running,
+    Paused,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadSpec {
+    /// A counter in guest RAM; a restored saved state continues it.
+    #[serde(default)]
+    pub counter: bool,
+    /// The name of a data disk to append a sequence-number journal to, throughout.
+    #[serde(default)]
+    pub journal: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskSpec {
+    pub name: Spanned<String>,
+    pub format: DiskFormatSpec,
+    /// With a unit: "64M", "1G", "512K", or plain bytes.
+    pub size: Spanned<String>,
+    #[serde(default)]
+    pub filesystem: Filesystem,
+    /// Files to seed (path inside the filesystem = content).
+    #[serde(default)]
+    pub files: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormatSpec {
+    Qcow2,
+    Raw,
+    Vhd,
+    Vhdx,
+}
+
+impl From<DiskFormatSpec> for DiskFormat {
+    fn from(f: DiskFormatSpec) -> Self {
+        match f {
+            DiskFormatSpec::Qcow2 => DiskFormat::Qcow2,
+            DiskFormatSpec::Raw => DiskFormat::Raw,
+            DiskFormatSpec::Vhd => DiskFormat::Vpc,
+            DiskFormatSpec::Vhdx => DiskFormat::Vhdx,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Filesystem {
+    #[default]
+    None,
+    Ext4,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupSpec {
+    #[serde(default)]
+    pub method: MethodChoice,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum MethodChoice {
+    /// Child VM Snapshot when all its conditions hold, else Saved State.
+    #[default]
+    Auto,
+    ChildSnapshot,
+    SavedState,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreSpec {
+    pub checks: Vec<Check>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Check {
+    /// The restored guest continues the boot that was saved (same boot_id).
+    SameBoot,
+    /// The RAM counter continues from where it was.
+    CounterContinues,
+    /// Each restored disk holds exactly the backup's content before the guest resumes.
+    DisksMatchBackup,
+    /// The seeded files read back the same inside the restored guest.
+    FilesMatchSeed,
+    /// The journal in the restored guest is intact and grows on.
+    JournalIntact,
+}
+
+/// A scenario that parsed and passed every check.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    pub name: String,
+    pub path: PathBuf,
+    pub file: ScenarioFile,
+}
+
+impl Scenario {
+    pub fn vms(&self) -> impl Iterator<Item = &VmSpec> {
+        self.file.vms.iter().map(|v| v.get_ref())
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+#[error("{}:{line}:{column}: {message}", file.display())]
+pub struct ScenarioError {
+    pub file: PathBuf,
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+pub fn load(path: &Path) -> Result<Scenario, ScenarioError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ScenarioError {
+        file: path.to_owned(),
+        line: 0,
+        column: 0,
+        message: format!("cannot read the scenario: {e}"),
+    })?;
+    parse(path, &text)
+}
+
+pub fn parse(path: &Path, text: &str) -> Result<Scenario, ScenarioError> {
+    let at = |span: Option<Range<usize>>, message: String| {
+        let (line, column) = span.map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+        ScenarioError { file: path.to_owned(), line, column, message }
+    };
+    let file: ScenarioFile = toml::from_str(text).map_err(|e| at(e.span(), e.message().to_owned()))?;
+    let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    check(&file).map_err(|(span, msg)| at(Some(span), msg))?;
+    Ok(Scenario { name, path: path.to_owned(), file })
+}
+
+/// 1-based line and column of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) + 1;
+    (line, column)
+}
+
+/// The bytes a size string means, or what is wrong with it.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("size {s:?} is not a number with an optional unit (K, M, G, T)"))?;
+    let mult: u64 = match unit.trim() {
+        "" => 1,
+        "K" | "k" | "KiB" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        "T" | "TiB" => 1 << 40,
+        u => return Err(format!("size {s:?} has an unknown unit {u:?}; expected K, M, G or T")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+/// Sizes a scenario disk may have: big enough for a filesystem, small enough for a test.
+pub const MIN_DISK: u64 = 4 << 20;
+pub const MAX_DISK: u64 = 64 << 30;
+
+fn check(f: &ScenarioFile) -> Result<(), (Range<usize>, String)> {
+    let known: Vec<&str> = crate::image::recipe::RECIPES.iter().map(|(n, _)| *n).collect();
+    if f.vms.is_empty() {
+        return Err((0..0, "a scenario needs at least one [[vm]]".into()));
+    }
+    let mut vm_names = Vec::new();
+    for vm in &f.vms {
+        let vm = vm.get_ref();
+        let name = vm.name.get_ref();
+        if !valid_name(name) {
+            return Err((vm.name.span(), format!("VM name {name:?}: use letters, digits and '-' only")));
+        }
+        if vm_names.contains(name) {
+            return Err((vm.name.span(), format!("VM name {name:?} is used twice")));
+        }
+        vm_names.push(name.clone());
+        if !known.contains(&vm.image.get_ref().as_str()) {
+            return Err((
+                vm.image.span(),
+                format!("no guest image recipe {:?}; expected one of {known:?}", vm.image.get_ref()),
+            ));
+        }
+        let mem = *vm.memory_mib.get_ref();
+        if !(128..=16384).contains(&mem) {
+            return Err((vm.memory_mib.span(), format!("memory_mib = {mem}: expected 128 to 16384")));
+        }
+        let mut disk_names = vec!["root".to_owned()];
+        for spanned in &vm.disks {
+            let d = spanned.get_ref();
+            let dn = d.name.get_ref();
+            if !valid_name(dn) {
+                return Err((d.name.span(), format!("disk name {dn:?}: use letters, digits and '-' only")));
+            }
+            if disk_names.contains(dn) {
+                return Err((
+                    d.name.span(),
+                    format!("disk name {dn:?} is used twice in VM {name} (\"root\" is the boot disk)"),
+                ));
+            }
+            disk_names.push(dn.clone());
+            let size = parse_size(d.size.get_ref()).map_err(|m| (d.size.span(), m))?;
+            if !(MIN_DISK..=MAX_DISK).contains(&size) {
+                return Err((
+                    d.size.span(),
+                    format!("size {:?} is impossible here: expected 4M to 64G", d.size.get_ref()),
+                ));
+            }
+            if !d.files.is_empty() && d.filesystem == Filesystem::None {
+                let msg = format!("disk {dn} seeds files but has no filesystem; set filesystem = \"ext4\"");
+                return Err((spanned.span(), msg));
+            }
+            for path in d.files.keys() {
+                if path.starts_with('/') || path.split('/').any(|c| c == ".." || c.is_empty()) {
+                    return Err((spanned.span(), format!("seed path {path:?}: expected a relative path without '..'")));
+                }
+            }
+        }
+        if let Some(j) = &vm.workload.journal {
+            let target = vm.disks.iter().map(|d| d.get_ref()).find(|d| d.name.get_ref() == j.get_ref());
+            match target {
+                None => return Err((j.span(), format!("journal disk {:?} is not a disk of VM {name}", j.get_ref()))),
+                Some(d) if d.filesystem == Filesystem::None => {
+                    return Err((j.span(), format!("journal disk {:?} has no filesystem", j.get_ref())))
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    Ok(())
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 32 && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+description = "a running VM with a data disk"
+
+[[vm]]
+name = "vm1"
+memory_mib = 256
+workload = { counter = true, journal = "data" }
+
+[[vm.disk]]
+name = "data"
+format = "qcow2"
+size = "64M"
+filesystem = "ext4"
+files = { "hello.txt" = "hello\n" }
+
+[backup]
+method = "saved-state"
+
+[restore]
+checks = ["same-boot", "files-match-seed"]
+"#;
+
+    fn err(text: &str) -> ScenarioError {
+        parse(Path::new("scenarios/x.toml"), text).unwrap_err()
+    }
+
+    #[test]
+    fn a_good_scenario_parses() {
+        let s = parse(Path::new("scenarios/good.toml"), GOOD).unwrap();
+        assert_eq!(s.name, "good");
+        let vm = s.vms().next().unwrap();
+        assert_eq!(vm.disks[0].get_ref().files["hello.txt"], "hello\n");
+        assert_eq!(s.file.backup.method, MethodChoice::SavedState);
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_expected_keys() {
+        let e = err(&GOOD.replace("memory_mib = 256", "memory_mb = 256"));
+        assert_eq!((e.file.to_str(), e.line), (Some("scenarios/x.toml"), 6), "{e}");
+        assert!(e.message.contains("unknown field `memory_mb`") && e.message.contains("memory_mib"), "{e}");
+        assert!(e.to_string().starts_with("scenarios/x.toml:6:"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_points_at_the_value() {
+        let e = err(&GOOD.replace("memory_mib = 256", "memory_mib = \"lots\""));
+        assert_eq!(e.line, 6, "{e}");
+        assert!(e.message.contains("u32") || e.message.contains("integer"), "{e}");
+    }
+
+    #[test]
+    fn unknown_enum_value_lists_the_choices() {
+        let e = err(&GOOD.replace("format = \"qcow2\"", "format = \"vmdk\""));
+        assert_eq!(e.line, 11, "{e}");
+        assert!(e.message.contains("qcow2") && e.message.contains("vhdx"), "{e}");
+    }
+
+    #[test]
+    fn missing_image_is_reported_at_its_line() {
+        let e = err(&GOOD.replace("memory_mib = 256", "memory_mib = 256\nimage = \"windows-2000\""));
+        assert_eq!(e.line, 7, "{e}");
+        assert!(e.message.contains("no guest image recipe \"windows-2000\""), "{e}");
+    }
+
+    #[test]
+    fn impossible_sizes_are_reported_at_their_line() {
+        for bad in ["\"0\"", "\"64Q\"", "\"huge\"", "\"999T\"", "\"99999999999999999999G\""] {
+            let e = err(&GOOD.replace("size = \"64M\"", &format!("size = {bad}")));
+            assert_eq!(e.line, 12, "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn missing_required_key_is_named() {
+        let e = err(&GOOD.replace("format = \"qcow2\"\n", ""));
+        assert!(e.message.contains("missing field `format`"), "{e}");
+    }
+
+    #[test]
+    fn cross_references_are_checked() {
+        let e = err(&GOOD.replace("journal = \"data\"", "journal = \"logs\""));
+        assert!(e.message.contains("journal disk \"logs\""), "{e}");
+        assert_eq!(e.line, 7);
+        let e = err(&GOOD.replace("filesystem = \"ext4\"\n", ""));
+        assert!(e.message.contains("no filesystem"), "{e}");
+        let e = err(&GOOD.replace("name = \"data\"", "name = \"root\""));
+        assert!(e.message.contains("used twice"), "{e}");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("-1M").is_err());
+        assert!(parse_size("1.5G").is_err());
+    }
+}
