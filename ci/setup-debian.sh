@@ -38,7 +38,7 @@ apt-get install -y -q cpio e2fsprogs xz-utils kmod gzip ca-certificates >/dev/nu
 if ! command -v cargo >/dev/null 2>&1; then
     # Debian 12 ships a current Rust as cargo-web/rustc-web (bookworm's plain cargo is too old).
     echo "==> installing Rust (cargo-web, rustc-web)"
-    apt-get install -y -q cargo-web rustc-web gcc libc6-dev >/dev/null
+    apt-get install -y -q cargo-web rustc-web rust-web-clippy rustfmt-web gcc libc6-dev >/dev/null
 fi
 
 qemu-system-x86_64 --version | head -1

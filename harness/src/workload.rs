@@ -14,6 +14,24 @@ use crate::qemu::GuestAgent;
 
 const T: Duration = Duration::from_secs(30);
 
+/// Mounts the disk whose serial (the host's node name) is `serial` at `/mnt/<serial>`.
+/// Without udev in the guest, the disk is found through sysfs.
+pub async fn mount_disk(agent: &GuestAgent, serial: &str, fstype: &str) -> Result<String, ExecError> {
+    let mnt = format!("/mnt/{serial}");
+    let script = format!(
+        "dev=; for b in /sys/block/vd*; do [ \"$(cat $b/serial 2>/dev/null)\" = '{serial}' ] && dev=/dev/${{b##*/}}; done; \
+         [ -n \"$dev\" ] || {{ echo 'no disk with serial {serial}' >&2; exit 1; }}; \
+         mkdir -p {mnt} && mount -t {fstype} $dev {mnt}"
+    );
+    exec::sh(agent, &script, T).await?;
+    Ok(mnt)
+}
+
+/// Reads a file in the guest (bounded by guest-exec's output limit).
+pub async fn read_file(agent: &GuestAgent, path: &str) -> Result<String, ExecError> {
+    exec::sh(agent, &format!("cat '{}'", path.replace('\'', "'\\''")), T).await
+}
+
 /// Starts the RAM counter, ticking about every 20 ms.
 pub async fn start_counter(agent: &GuestAgent) -> Result<(), ExecError> {
     exec::sh(

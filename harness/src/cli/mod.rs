@@ -3,6 +3,7 @@
 mod doctor;
 mod image;
 mod progress;
+mod run;
 mod vm;
 
 use clap::{Parser, Subcommand};
@@ -31,6 +32,19 @@ enum Command {
         #[command(subcommand)]
         command: vm::VmCommand,
     },
+    /// Run scenario files (a file, or every *.toml in a folder).
+    Run {
+        #[arg(required = true)]
+        paths: Vec<std::path::PathBuf>,
+        /// Where reports, evidence of failures and (with --keep-backups) backups go.
+        #[arg(long, default_value = "quiesce-reports")]
+        report_dir: std::path::PathBuf,
+        /// Keep each scenario's backup in the report folder.
+        #[arg(long)]
+        keep_backups: bool,
+    },
+    /// Re-check a backup's files against the checksums in its manifest.
+    Verify { backup: std::path::PathBuf },
     /// Build or locate guest images.
     Image {
         #[command(subcommand)]
@@ -47,6 +61,8 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Doctor { no_build } => doctor::run(cli.accel, no_build).await,
         Command::Vm { command } => vm::run(command, cli.accel).await,
         Command::Image { command } => image::run(command).await,
+        Command::Run { paths, report_dir, keep_backups } => run::run(paths, report_dir, keep_backups, cli.accel).await,
+        Command::Verify { backup } => run::verify(backup).await,
     };
     match result {
         Ok(code) => code,

@@ -3,5 +3,6 @@
 pub mod cache;
 pub mod qemu_img;
 pub mod recipe;
+pub mod seed;
 
 pub use recipe::{GuestImage, ImageError};

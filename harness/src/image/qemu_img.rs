@@ -92,3 +92,16 @@ pub fn virtual_size(path: &Path) -> Result<u64, QemuImgError> {
         .as_u64()
         .ok_or_else(|| QemuImgError::Json { args: format!("info {}", path.display()), error: "no virtual-size".into() })
 }
+
+/// A new, empty image.
+pub fn create(path: &Path, format: DiskFormat, size: u64) -> Result<(), QemuImgError> {
+    run(&[
+        "create".as_ref(),
+        "-q".as_ref(),
+        "-f".as_ref(),
+        format.driver().as_ref(),
+        path.as_os_str(),
+        size.to_string().as_ref(),
+    ])?;
+    Ok(())
+}

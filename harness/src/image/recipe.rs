@@ -79,6 +79,21 @@ fn cache_err(path: &Path) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
     move |source| ImageError::Cache { path: path.to_owned(), source }
 }
 
+/// Removes builds of this recipe under other keys: a changed recipe makes them dead weight
+/// (about 170 MiB each). Best effort; runs under the build lock.
+fn prune_stale(images: &Path, name: &str, key: &str) {
+    let Ok(entries) = std::fs::read_dir(images) else { return };
+    for e in entries.flatten() {
+        let file = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = file.strip_prefix(&format!("{name}-")) else { continue };
+        let other = rest.trim_end_matches(".build.log");
+        if other != key && other.len() == key.len() && other.chars().all(|c| c.is_ascii_hexdigit()) {
+            let p = e.path();
+            let _ = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+        }
+    }
+}
+
 /// The cached image if it is there, without building it.
 pub fn cached(name: &str) -> Result<Option<GuestImage>, ImageError> {
     let key = recipe_key(name)?;
@@ -172,5 +187,6 @@ pub fn ensure(name: &str, rebuild: bool, progress: &mut dyn FnMut(&str)) -> Resu
         std::fs::remove_dir_all(&dest).map_err(cache_err(&dest))?;
     }
     std::fs::rename(&out, &dest).map_err(cache_err(&dest))?;
+    prune_stale(&images, name, &key);
     Ok(cached(name)?.expect("the image was just put in place"))
 }

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use toml::Spanned;
 
+pub use crate::image::seed::Filesystem;
 use crate::qemu::DiskFormat;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -100,14 +101,6 @@ impl From<DiskFormatSpec> for DiskFormat {
             DiskFormatSpec::Vhdx => DiskFormat::Vhdx,
         }
     }
-}
-
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum Filesystem {
-    #[default]
-    None,
-    Ext4,
 }
 
 #[derive(Debug, Clone, Deserialize)]

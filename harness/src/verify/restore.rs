@@ -37,12 +37,23 @@ pub struct RestoreOptions {
     pub name: String,
     pub artifacts_dir: Option<PathBuf>,
     pub incoming_deadline: Duration,
+    /// Resume a VM that was running at backup time. Off, the caller inspects the restored
+    /// VM first and resumes it with [`resume`].
+    pub resume: bool,
 }
 
 impl RestoreOptions {
     pub fn named(name: &str) -> Self {
-        Self { name: name.to_owned(), artifacts_dir: None, incoming_deadline: Duration::from_secs(300) }
+        Self { name: name.to_owned(), artifacts_dir: None, incoming_deadline: Duration::from_secs(300), resume: true }
     }
+}
+
+/// Continues a restored VM and waits for it to run.
+pub async fn resume(m: &Machine) -> Result<(), RestoreError> {
+    let merr = |step: &str, error| RestoreError::Machine { vm: m.name().to_owned(), step: step.to_owned(), error };
+    m.qmp().execute_raw("cont", Value::Null, T).await.map_err(|e| merr("cont", m.qmp_err(e)))?;
+    m.qmp().wait_event("RESUME", |_| true, T).await.map_err(|e| merr("wait for RESUME", m.qmp_err(e)))?;
+    Ok(())
 }
 
 pub struct Restored {
@@ -155,13 +166,8 @@ pub async fn saved_state(
         Ok(())
     })
     .await?;
-    if vm.run_state_before == "running" {
-        tl.step(Some(&opts.name), "resume", async {
-            m.qmp().execute_raw("cont", Value::Null, T).await.map_err(|e| merr("cont", m.qmp_err(e)))?;
-            m.qmp().wait_event("RESUME", |_| true, T).await.map_err(|e| merr("wait for RESUME", m.qmp_err(e)))?;
-            Ok::<_, RestoreError>(())
-        })
-        .await?;
+    if opts.resume && vm.run_state_before == "running" {
+        tl.step(Some(&opts.name), "resume", resume(&m)).await?;
     }
     Ok(Restored { machine: m, restore_ms: started.elapsed().as_secs_f64() * 1000.0, disks, _disk_dir: disk_dir })
 }

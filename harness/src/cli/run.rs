@@ -1,0 +1,122 @@
+//! `quiesce run`: runs scenario files, shows progress, prints a summary table, and writes a
+//! JSON report per scenario.
+
+use std::path::PathBuf;
+
+use super::progress::Progress;
+use super::{CliResult, EXIT_FAILED, EXIT_INTERRUPTED};
+use quiesce::qemu::accel::AccelChoice;
+use quiesce::scenario::{self, Report, RunOptions};
+
+/// Exit code for scenario files with mistakes (nothing was booted).
+const EXIT_BAD_SCENARIO: i32 = 2;
+
+pub async fn run(
+    paths: Vec<PathBuf>,
+    report_dir: PathBuf,
+    keep_backups: bool,
+    accel: Option<AccelChoice>,
+) -> CliResult {
+    let mut files = Vec::new();
+    for p in &paths {
+        files.extend(scenario::discover(p).map_err(|e| format!("{}: {e}", p.display()))?);
+    }
+    // Every file is checked before anything boots.
+    let mut scenarios = Vec::new();
+    let mut bad = 0;
+    for f in &files {
+        match scenario::load(f) {
+            Ok(s) => scenarios.push(s),
+            Err(e) => {
+                eprintln!("quiesce: error: {e}");
+                bad += 1;
+            }
+        }
+    }
+    if bad > 0 {
+        eprintln!("quiesce: {bad} scenario file(s) have mistakes; nothing was run");
+        return Ok(EXIT_BAD_SCENARIO);
+    }
+    if scenarios.is_empty() {
+        eprintln!("quiesce: no scenario files found in {paths:?}");
+        return Ok(EXIT_FAILED);
+    }
+    std::fs::create_dir_all(&report_dir).map_err(|e| format!("{}: {e}", report_dir.display()))?;
+    let opts = RunOptions {
+        accel,
+        artifacts_dir: Some(report_dir.join("artifacts")),
+        work_dir: report_dir.join("work"),
+        keep_backup: keep_backups,
+    };
+    let mut reports = Vec::new();
+    let mut p = Progress::new();
+    for s in &scenarios {
+        let mut step = |m: &str| p.step(m);
+        let outcome = tokio::select! {
+            r = scenario::run(s, &opts, &mut step) => Some(r),
+            _ = tokio::signal::ctrl_c() => None,
+        };
+        let Some(report) = outcome else {
+            p.finish();
+            eprintln!("quiesce: interrupted during {}; its VMs were stopped and their files removed", s.name);
+            return Ok(EXIT_INTERRUPTED);
+        };
+        let path = report_dir.join(format!("{}.json", s.name));
+        std::fs::write(&path, serde_json::to_vec_pretty(&report)?).map_err(|e| format!("{}: {e}", path.display()))?;
+        p.step(&format!("{}: {}", s.name, if report.passed { "passed" } else { "FAILED" }));
+        reports.push(report);
+    }
+    p.finish();
+    print_summary(&reports);
+    println!("reports: {}", report_dir.display());
+    Ok(if reports.iter().all(|r| r.passed) { 0 } else { EXIT_FAILED })
+}
+
+fn ms(v: Option<f64>) -> String {
+    v.map(|v| format!("{:.0} ms", v)).unwrap_or_else(|| "-".into())
+}
+
+fn print_summary(reports: &[Report]) {
+    println!(
+        "{:<28} {:<7} {:<12} {:>10} {:>10} {:>10} {:>8}",
+        "SCENARIO", "RESULT", "METHOD", "DOWNTIME", "SAVE MB/s", "RESTORE", "TIME"
+    );
+    for r in reports {
+        let vm = r.vms.first();
+        let t = vm.and_then(|v| v.timings.as_ref());
+        println!(
+            "{:<28} {:<7} {:<12} {:>10} {:>10} {:>10} {:>7.1}s",
+            r.scenario,
+            if r.passed { "pass" } else { "FAIL" },
+            vm.and_then(|v| v.method.as_deref()).unwrap_or("-"),
+            ms(t.and_then(|t| t.downtime_ms)),
+            t.and_then(|t| t.save_mb_per_s).map(|v| format!("{v:.0}")).unwrap_or_else(|| "-".into()),
+            ms(r.restores.first().map(|x| x.restore_ms)),
+            r.duration_ms / 1000.0
+        );
+    }
+    for r in reports.iter().filter(|r| !r.passed) {
+        println!("\n{} failed:", r.scenario);
+        if let Some(e) = &r.error {
+            println!("  error: {e}");
+        }
+        for c in r.checks.iter().filter(|c| !c.passed) {
+            println!("  check {} on {}: {}", c.check, c.vm, c.detail);
+        }
+    }
+}
+
+pub async fn verify(path: PathBuf) -> CliResult {
+    let backup = quiesce::backup::Backup::open(&path)?;
+    let bad = tokio::task::block_in_place(|| backup.verify())?;
+    let files: usize = backup.manifest.vms.iter().map(|v| v.disks.len() + usize::from(v.state.is_some())).sum();
+    if bad.is_empty() {
+        println!("{}: {} VMs, {files} files, all checksums match", path.display(), backup.manifest.vms.len());
+        return Ok(0);
+    }
+    for m in &bad {
+        println!("MISMATCH {}: expected sha256 {}, found {}", m.file.display(), m.expected, m.found);
+    }
+    println!("{}: {} of {files} files differ from the manifest", path.display(), bad.len());
+    Ok(EXIT_FAILED)
+}

@@ -1,0 +1,64 @@
+//! The fixture of a scenario: the stable part of its report (steps taken, VM states before
+//! and after, the method and why, the restored disks, the checks). Times, paths and
+//! run-specific numbers are left out, so a fixture changes only when behaviour does.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use super::report::Report;
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct Fixture {
+    pub scenario: String,
+    pub passed: bool,
+    pub error: Option<String>,
+    pub vms: Vec<VmFixture>,
+    /// Per VM, the steps in order, with their outcome when it was not ok.
+    pub steps: BTreeMap<String, Vec<String>>,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct VmFixture {
+    pub name: String,
+    pub state_before: String,
+    pub state_after_backup: Option<String>,
+    pub method: Option<String>,
+    pub method_reason: Option<String>,
+    pub disks: Vec<String>,
+    pub state_after_restore: Option<String>,
+    pub checks: BTreeMap<String, bool>,
+}
+
+pub fn of(report: &Report) -> Fixture {
+    let vms = report
+        .vms
+        .iter()
+        .map(|v| VmFixture {
+            name: v.name.clone(),
+            state_before: v.state_before.clone(),
+            state_after_backup: v.state_after_backup.clone(),
+            method: v.method.clone(),
+            method_reason: v.method_reason.clone(),
+            disks: v.disks.iter().map(|d| format!("{} {} {}", d.name, d.format, d.virtual_size)).collect(),
+            state_after_restore: report.restores.iter().find(|r| r.vm == v.name).map(|r| r.state_after_restore.clone()),
+            checks: report
+                .checks
+                .iter()
+                .filter(|c| c.vm == v.name || c.vm == "*")
+                .map(|c| (c.check.clone(), c.passed))
+                .collect(),
+        })
+        .collect();
+    let mut steps: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for s in &report.steps {
+        let vm = s.vm.clone().unwrap_or_else(|| "(job)".into());
+        let text = match &s.outcome {
+            crate::timeline::Outcome::Ok => s.name.clone(),
+            crate::timeline::Outcome::Failed { .. } => format!("{} (failed)", s.name),
+            crate::timeline::Outcome::Interrupted => format!("{} (interrupted)", s.name),
+        };
+        steps.entry(vm).or_default().push(text);
+    }
+    Fixture { scenario: report.scenario.clone(), passed: report.passed, error: report.error.clone(), vms, steps }
+}

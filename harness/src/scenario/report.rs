@@ -1,0 +1,68 @@
+//! What a scenario run produced: a plain value, written as JSON for people and tools, and
+//! the source of the scenario's fixture.
+
+use serde::Serialize;
+
+use crate::backup::manifest::Timings;
+use crate::timeline::Step;
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Report {
+    pub scenario: String,
+    pub description: String,
+    pub passed: bool,
+    pub error: Option<String>,
+    pub accel: String,
+    pub qemu_version: String,
+    pub vms: Vec<VmReport>,
+    pub restores: Vec<RestoreReport>,
+    pub checks: Vec<CheckResult>,
+    /// Where the backup was kept, if it was.
+    pub backup_path: Option<String>,
+    pub steps: Vec<Step>,
+    pub duration_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct VmReport {
+    pub name: String,
+    pub state_before: String,
+    pub state_after_backup: Option<String>,
+    pub method: Option<String>,
+    pub method_reason: Option<String>,
+    pub disks: Vec<DiskReport>,
+    pub timings: Option<Timings>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DiskReport {
+    pub name: String,
+    pub format: String,
+    pub virtual_size: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RestoreReport {
+    pub vm: String,
+    pub state_after_restore: String,
+    pub restore_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct CheckResult {
+    pub vm: String,
+    pub check: String,
+    pub passed: bool,
+    /// What was seen, for a person; may hold run-specific numbers.
+    pub detail: String,
+}
+
+impl Report {
+    pub fn check(&mut self, vm: &str, check: &str, passed: bool, detail: impl Into<String>) {
+        self.checks.push(CheckResult { vm: vm.to_owned(), check: check.to_owned(), passed, detail: detail.into() });
+    }
+
+    pub fn vm_mut(&mut self, name: &str) -> Option<&mut VmReport> {
+        self.vms.iter_mut().find(|v| v.name == name)
+    }
+}

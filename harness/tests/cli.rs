@@ -1,0 +1,46 @@
+//! The `quiesce` binary as a user meets it: mistakes in scenario files, bad backups.
+
+use std::process::Command;
+
+fn quiesce() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_quiesce"))
+}
+
+#[test]
+fn a_scenario_with_a_mistake_names_file_and_line_and_boots_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "description = \"x\"\n\n[[vm]]\nname = \"vm1\"\n\n[[vm.disk]]\nname = \"d\"\nformat = \"qcow2\"\nsize = \"12 parsecs\"\n\n[backup]\n",
+    )
+    .unwrap();
+    let reports = dir.path().join("reports");
+    let out = quiesce().arg("run").arg(&bad).arg("--report-dir").arg(&reports).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains(&format!("{}:9:8: size \"12 parsecs\"", bad.display())), "{stderr}");
+    assert!(stderr.contains("nothing was run"), "{stderr}");
+    assert!(!reports.exists(), "a report folder means something ran");
+}
+
+#[test]
+fn every_bad_file_is_reported_before_any_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a.toml"), "description = \"a\"\nvm = 3\n[backup]\n").unwrap();
+    std::fs::write(dir.path().join("b.toml"), "descripton = \"typo\"\n").unwrap();
+    let out = quiesce().arg("run").arg(dir.path()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("a.toml:2:"), "{stderr}");
+    assert!(stderr.contains("b.toml:1:1: unknown field `descripton`"), "{stderr}");
+}
+
+#[test]
+fn verify_refuses_a_folder_that_is_not_a_backup() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = quiesce().arg("verify").arg(dir.path()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("is not a quiesce backup"), "{stderr}");
+}

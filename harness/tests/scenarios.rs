@@ -1,0 +1,87 @@
+//! Runs every `scenarios/*.toml` as its own test, on real guests, and compares its outcome
+//! with the insta fixture kept beside it (`scenarios/snapshots/NAME.snap`). Review changed
+//! fixtures with `cargo insta review`. One more test fails on fixtures without a scenario
+//! and on pending ones, so CI never carries stale or unreviewed fixtures.
+
+use std::path::{Path, PathBuf};
+
+use libtest_mimic::{Arguments, Failed, Trial};
+use quiesce::scenario::{self, fixture, RunOptions};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn scenarios_dir() -> PathBuf {
+    root().join("scenarios")
+}
+
+fn snapshots_dir() -> PathBuf {
+    scenarios_dir().join("snapshots")
+}
+
+fn run_scenario(path: &Path) -> Result<(), Failed> {
+    let s = scenario::load(path).map_err(|e| e.to_string())?;
+    let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let opts = RunOptions {
+        accel: None,
+        artifacts_dir: Some(tmp.join("quiesce-artifacts")),
+        work_dir: tmp.join("scenario-work"),
+        keep_backup: false,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let report = rt.block_on(scenario::run(&s, &opts, &mut |m| eprintln!("  {m}")));
+    let fx = fixture::of(&report);
+    let mut settings = insta::Settings::clone_current();
+    settings.set_snapshot_path(snapshots_dir());
+    settings.set_prepend_module_to_snapshot(false);
+    settings.set_omit_expression(true);
+    settings.set_description(s.file.description.clone());
+    // Error texts may quote temp paths and times; fixtures hold neither.
+    settings.add_filter(r"/tmp/[^\s\x22']+", "[path]");
+    settings.add_filter(r"\b\d+(\.\d+)?\s?(ms|s|µs)\b", "[duration]");
+    settings.bind(|| insta::assert_yaml_snapshot!(s.name.as_str(), fx));
+    if !report.passed {
+        // The fixture matched, but a scenario that does not pass must say why in the log.
+        let json = serde_json::to_string_pretty(&report).unwrap_or_default();
+        return Err(format!("scenario {} did not pass: {:?}\n{json}", s.name, report.error).into());
+    }
+    Ok(())
+}
+
+/// Every fixture belongs to a scenario, and none is pending review.
+fn fixtures_are_referenced() -> Result<(), Failed> {
+    let names: Vec<String> = scenario::discover(&scenarios_dir())?
+        .iter()
+        .filter_map(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .collect();
+    let mut problems = Vec::new();
+    for e in std::fs::read_dir(snapshots_dir())?.flatten() {
+        let file = e.file_name().to_string_lossy().into_owned();
+        match file.strip_suffix(".snap") {
+            Some(stem) if names.iter().any(|n| n == stem) => {}
+            Some(stem) => problems.push(format!("{file}: no scenario {stem}.toml uses it (remove it)")),
+            None => problems.push(format!("{file}: pending or unknown file (run `cargo insta review`)")),
+        }
+    }
+    for n in &names {
+        if !snapshots_dir().join(format!("{n}.snap")).exists() {
+            problems.push(format!("scenario {n} has no fixture (run it with INSTA_UPDATE=always, then review)"));
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("\n").into())
+    }
+}
+
+fn main() {
+    let args = Arguments::from_args();
+    let mut trials = vec![Trial::test("fixtures_are_referenced", fixtures_are_referenced)];
+    for path in scenario::discover(&scenarios_dir()).expect("the scenarios folder") {
+        let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+        trials.push(Trial::test(format!("scenario::{name}"), move || run_scenario(&path)));
+    }
+    libtest_mimic::run(&args, trials).exit();
+}
