@@ -4,6 +4,7 @@
 //! and disk formats), then [`testguest`], which puts the two together.
 
 pub mod backup;
+pub mod bench;
 pub mod image;
 pub mod qemu;
 pub mod scenario;

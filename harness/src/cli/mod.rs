@@ -1,5 +1,6 @@
 //! The `quiesce` command line.
 
+mod bench;
 mod doctor;
 mod image;
 mod progress;
@@ -45,6 +46,11 @@ enum Command {
     },
     /// Re-check a backup's files against the checksums in its manifest.
     Verify { backup: std::path::PathBuf },
+    /// Benchmarks that print ratios against baselines from the same run.
+    Bench {
+        #[command(subcommand)]
+        command: bench::BenchCommand,
+    },
     /// Build or locate guest images.
     Image {
         #[command(subcommand)]
@@ -63,6 +69,7 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Image { command } => image::run(command).await,
         Command::Run { paths, report_dir, keep_backups } => run::run(paths, report_dir, keep_backups, cli.accel).await,
         Command::Verify { backup } => run::verify(backup).await,
+        Command::Bench { command } => bench::run(command, cli.accel).await,
     };
     match result {
         Ok(code) => code,
