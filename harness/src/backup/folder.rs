@@ -174,6 +174,7 @@ mod tests {
             name: "vm1".into(),
             method: Method::SavedState,
             method_reason: "test".into(),
+            conditions: vec![],
             run_state_before: "running".into(),
             machine: MachineSpec {
                 machine_type: "q35".into(),

@@ -1,15 +1,76 @@
-//! Backing up one VM into a backup folder by a chosen method, and recording it in the
-//! manifest. (Sets of VMs and the writer phases build on this.)
+//! Backing up one VM into a backup folder: choosing its method from the six conditions,
+//! running that method, and recording the result in the manifest. (Sets of VMs and the
+//! writer phases build on this.)
 
 use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
 
+use serde::Deserialize;
+
+use super::child_snapshot::{self, SnapshotSettings, Undo};
+use super::conditions::{self, Verdict};
 use super::folder::BackupWriter;
 use super::manifest::{MachineSpec, Method, VmBackup};
+use super::runstate;
 use super::saved_state::{self, SaveSettings};
 use super::BackupError;
 use crate::qemu::caps::Capabilities;
 use crate::qemu::Machine;
 use crate::timeline::Timeline;
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum MethodChoice {
+    /// Child VM Snapshot when all six conditions hold, else Saved State.
+    #[default]
+    Auto,
+    /// Child VM Snapshot or nothing: refused, touching nothing, if a condition fails.
+    ChildSnapshot,
+    SavedState,
+}
+
+/// The method a VM gets, why, and the conditions as evaluated.
+#[derive(Debug, Clone)]
+pub struct Choice {
+    pub method: Method,
+    pub reason: String,
+    pub conditions: Vec<Verdict>,
+}
+
+/// How long the agent has to answer while the conditions are checked.
+pub const CONDITION_AGENT_DEADLINE: Duration = Duration::from_secs(3);
+
+pub async fn choose(
+    m: &Machine,
+    choice: MethodChoice,
+    snapshot_dir: &Path,
+    tl: &Timeline,
+) -> Result<Choice, BackupError> {
+    if choice == MethodChoice::SavedState {
+        return Ok(Choice { method: Method::SavedState, reason: "saved-state was chosen".into(), conditions: vec![] });
+    }
+    let verdicts = tl
+        .step(Some(m.name()), "check the six conditions", async {
+            Ok::<_, BackupError>(conditions::evaluate(m, snapshot_dir, CONDITION_AGENT_DEADLINE).await)
+        })
+        .await?;
+    match (conditions::failures(&verdicts), choice) {
+        (None, _) => Ok(Choice {
+            method: Method::ChildSnapshot,
+            reason: "all six Child VM Snapshot conditions hold".into(),
+            conditions: verdicts,
+        }),
+        (Some(failed), MethodChoice::ChildSnapshot) => {
+            Err(BackupError::Refused { vm: m.name().to_owned(), reasons: failed })
+        }
+        (Some(failed), _) => Ok(Choice {
+            method: Method::SavedState,
+            reason: format!("fell back to Saved State: {failed}"),
+            conditions: verdicts,
+        }),
+    }
+}
 
 /// The machine configuration a restore needs, with kernel and initrd copied into `dir/boot`
 /// so the backup restores without the image cache that booted the VM.
@@ -32,7 +93,52 @@ pub fn machine_spec(m: &Machine, dir: &Path) -> Result<MachineSpec, BackupError>
     })
 }
 
-/// Backs `m` up with the Saved State method into `writer`.
+/// Everything a backup of one VM needs besides the VM.
+pub struct JobSettings<'a> {
+    pub caps: &'a Capabilities,
+    pub save: SaveSettings,
+    pub snapshot: SnapshotSettings,
+}
+
+/// Backs `m` up by `choice.method` into `writer`. For Child VM Snapshot, `undo` records
+/// what was done, so an interrupted backup can be put right with [`child_snapshot::recover`].
+pub async fn backup(
+    m: &Machine,
+    choice: &Choice,
+    settings: &JobSettings<'_>,
+    writer: &mut BackupWriter,
+    tl: &Timeline,
+    undo: &Mutex<Undo>,
+) -> Result<VmBackup, BackupError> {
+    let dir = writer.vm_dir(m.name())?;
+    let machine = machine_spec(m, &dir)?;
+    let (before, disks, state, timings) = match choice.method {
+        Method::SavedState => {
+            let saved = saved_state::save(m, settings.caps, &settings.save, &dir, tl).await?;
+            (saved.before, saved.disks, Some(saved.state), saved.timings)
+        }
+        Method::ChildSnapshot => {
+            let before = runstate::query(m).await.map_err(|e| BackupError::step(m.name(), "query-status", e))?;
+            let snap = child_snapshot::snapshot(m, &settings.snapshot, &dir, tl, undo).await?;
+            (before, snap.disks, None, snap.timings)
+        }
+    };
+    let vm = VmBackup {
+        name: m.name().to_owned(),
+        method: choice.method,
+        method_reason: choice.reason.clone(),
+        conditions: choice.conditions.clone(),
+        run_state_before: before.label().to_owned(),
+        machine,
+        disks,
+        state,
+        timings,
+    };
+    writer.add(vm.clone());
+    Ok(vm)
+}
+
+/// Backs `m` up with the Saved State method into `writer` (no condition checks).
 pub async fn saved_state(
     m: &Machine,
     caps: &Capabilities,
@@ -41,19 +147,7 @@ pub async fn saved_state(
     writer: &mut BackupWriter,
     tl: &Timeline,
 ) -> Result<VmBackup, BackupError> {
-    let dir = writer.vm_dir(m.name())?;
-    let machine = machine_spec(m, &dir)?;
-    let saved = saved_state::save(m, caps, settings, &dir, tl).await?;
-    let vm = VmBackup {
-        name: m.name().to_owned(),
-        method: Method::SavedState,
-        method_reason: reason.to_owned(),
-        run_state_before: saved.before.label().to_owned(),
-        machine,
-        disks: saved.disks,
-        state: Some(saved.state),
-        timings: saved.timings,
-    };
-    writer.add(vm.clone());
-    Ok(vm)
+    let choice = Choice { method: Method::SavedState, reason: reason.to_owned(), conditions: vec![] };
+    let js = JobSettings { caps, save: settings.clone(), snapshot: SnapshotSettings::new(Path::new(".")) };
+    backup(m, &choice, &js, writer, tl, &Mutex::new(Undo::default())).await
 }

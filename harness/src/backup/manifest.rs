@@ -38,6 +38,9 @@ pub struct VmBackup {
     pub method: Method,
     /// Why this method was used, in words a person understands.
     pub method_reason: String,
+    /// The Child VM Snapshot conditions, as evaluated (empty when Saved State was forced).
+    #[serde(default)]
+    pub conditions: Vec<super::conditions::Verdict>,
     /// "running" or "paused": what the VM was doing when the backup began.
     pub run_state_before: String,
     pub machine: MachineSpec,
@@ -92,4 +95,10 @@ pub struct Timings {
     pub capture_ms: f64,
     /// Child VM Snapshot: from sending the freeze until the thaw returned.
     pub freeze_window_ms: Option<f64>,
+    /// The host's share of that window: from the freeze returning until the thaw was sent.
+    #[serde(default)]
+    pub freeze_host_ms: Option<f64>,
+    /// Child VM Snapshot: merging the overlay back into the live image.
+    #[serde(default)]
+    pub merge_ms: Option<f64>,
 }

@@ -1,5 +1,7 @@
 //! Backups: the two methods, the backup folder and its manifest.
 
+pub mod child_snapshot;
+pub mod conditions;
 pub mod folder;
 pub mod job;
 pub mod manifest;
@@ -26,6 +28,12 @@ pub enum BackupError {
     Io { vm: String, what: String, error: std::io::Error },
     #[error("VM {vm}: {what}")]
     Unsupported { vm: String, what: String },
+    #[error("VM {vm}: {step}: {error}")]
+    Agent { vm: String, step: String, error: crate::qemu::AgentError },
+    #[error("VM {vm}, disk {disk}: merging the overlay back failed: {error}")]
+    Merge { vm: String, disk: String, error: String },
+    #[error("VM {vm}: Child VM Snapshot was required, but: {reasons}")]
+    Refused { vm: String, reasons: String },
     #[error("VM {vm}: block nodes still inactive after returning to the prior state: {nodes:?}")]
     StillInactive { vm: String, nodes: Vec<String> },
     #[error("{error}\n  and then returning VM {vm} to its prior state failed too: {undo}")]

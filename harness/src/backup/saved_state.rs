@@ -175,13 +175,13 @@ async fn save_while_stopped(
         save_ms: Some(save_secs * 1000.0),
         save_mb_per_s: Some(migrated_bytes(m).await.unwrap_or(bytes) as f64 / 1e6 / save_secs.max(1e-6)),
         capture_ms,
-        freeze_window_ms: None,
+        ..Default::default()
     };
     Ok(Saved { before: before.clone(), state, disks, timings })
 }
 
 /// Fills in the sizes and sha256 of the state file and the captured disks.
-async fn hash_files(vm: &str, dir: &Path, saved: &mut Saved) -> Result<(), BackupError> {
+pub(super) async fn hash_files(vm: &str, dir: &Path, saved: &mut Saved) -> Result<(), BackupError> {
     let mut files: Vec<String> = saved.disks.iter().map(|d| d.file.clone()).collect();
     files.push(saved.state.file.clone());
     let dir = dir.to_owned();

@@ -105,3 +105,22 @@ pub fn create(path: &Path, format: DiskFormat, size: u64) -> Result<(), QemuImgE
     ])?;
     Ok(())
 }
+
+/// A qcow2 overlay over an image that a running QEMU holds open: `-u` keeps qemu-img from
+/// opening the backing file, so the size must be given.
+pub fn create_overlay_unsafe(base: &Path, base_format: DiskFormat, size: u64, path: &Path) -> Result<(), QemuImgError> {
+    run(&[
+        "create".as_ref(),
+        "-q".as_ref(),
+        "-u".as_ref(),
+        "-f".as_ref(),
+        "qcow2".as_ref(),
+        "-F".as_ref(),
+        base_format.driver().as_ref(),
+        "-b".as_ref(),
+        base.as_os_str(),
+        path.as_os_str(),
+        size.to_string().as_ref(),
+    ])?;
+    Ok(())
+}

@@ -87,7 +87,8 @@ async fn launch_like(
     cfg.cpus = spec.cpus;
     cfg.agent = spec.agent;
     cfg.incoming_defer = incoming;
-    cfg.start_paused = true;
+    // A saved state is loaded into stopped vCPUs; a disk-only backup boots straight away.
+    cfg.start_paused = incoming;
     if let Some(d) = &opts.artifacts_dir {
         cfg.artifacts_dir = d.clone();
     }
@@ -113,6 +114,30 @@ async fn launch_like(
         error,
     })?;
     Ok((m, disks, disk_dir))
+}
+
+/// How long a restored VM booting from its backup has to bring its agent up.
+pub const BOOT_DEADLINE: Duration = Duration::from_secs(90);
+
+/// Restores a disk-only (Child VM Snapshot) backup: boots a new VM from the backed-up disks,
+/// the backed-up root disk itself included, and waits for its agent. Nothing from the
+/// guest that made the backup helps: this is the auto-recoverable test.
+pub async fn boot(
+    backup: &Backup,
+    vm_name: &str,
+    opts: &RestoreOptions,
+    tl: &Timeline,
+) -> Result<Restored, RestoreError> {
+    let vm = backup
+        .vm(vm_name)
+        .ok_or_else(|| RestoreError::NoSuchVm { backup: backup.path.clone(), vm: vm_name.to_owned() })?;
+    let started = Instant::now();
+    let (mut m, disks, disk_dir) =
+        tl.step(Some(&opts.name), "launch from the backup's disks", launch_like(backup, vm, opts, false)).await?;
+    tl.step(Some(&opts.name), "boot until the agent answers", m.wait_agent(BOOT_DEADLINE))
+        .await
+        .map_err(|error| RestoreError::Machine { vm: vm.name.clone(), step: "boot".into(), error })?;
+    Ok(Restored { machine: m, restore_ms: started.elapsed().as_secs_f64() * 1000.0, disks, _disk_dir: disk_dir })
 }
 
 /// Restores a Saved State backup: same machine, the saved RAM and device state, and the

@@ -1,0 +1,78 @@
+//! Child VM Snapshot on a real guest: freeze, one transaction, thaw, copy out, merge back.
+
+mod common;
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use quiesce::backup::child_snapshot::{SnapshotSettings, Undo};
+use quiesce::backup::job::{self, JobSettings, MethodChoice};
+use quiesce::backup::saved_state::SaveSettings;
+use quiesce::backup::{BackupWriter, Method};
+use quiesce::image::seed::{self, DiskSeed, Filesystem};
+use quiesce::qemu::{caps, DiskConfig, DiskFormat};
+use quiesce::timeline::Timeline;
+use quiesce::verify::{restore, RestoreOptions};
+use quiesce::workload;
+
+#[tokio::test]
+async fn snapshot_keeps_writes_made_during_the_backup_and_restores_bootable() {
+    let disks = tempfile::tempdir().unwrap();
+    let seed = DiskSeed {
+        name: "data".into(),
+        format: DiskFormat::Qcow2,
+        size: 64 << 20,
+        filesystem: Filesystem::Ext4,
+        files: Default::default(),
+    };
+    let path = seed::create(disks.path(), &seed).unwrap();
+    let mut opts = common::options("cs");
+    opts.memory_mib = 256;
+    opts.extra_disks.push(DiskConfig {
+        node_name: "data".into(),
+        path: path.clone(),
+        format: DiskFormat::Qcow2,
+        read_only: false,
+    });
+    let guest = common::boot_with(opts).await;
+    let m = &guest.machine;
+    let agent = m.agent().unwrap();
+    workload::mount_disk(agent, "data", "ext4").await.unwrap();
+    workload::start_journal(agent, "/mnt/data/journal").await.unwrap();
+
+    let caps = caps::probe("qemu-system-x86_64").await.unwrap();
+    let tl = Timeline::new();
+    let snapdir = disks.path();
+    let choice = job::choose(m, MethodChoice::Auto, snapdir, &tl).await.unwrap();
+    assert_eq!(choice.method, Method::ChildSnapshot, "{}: {:?}", choice.reason, choice.conditions);
+    let out = tempfile::tempdir().unwrap();
+    let mut w = BackupWriter::create(&out.path().join("b"), &caps.version).unwrap();
+    let js = JobSettings { caps: &caps, save: SaveSettings::default(), snapshot: SnapshotSettings::new(snapdir) };
+    let undo = Mutex::new(Undo::default());
+    let vm = job::backup(m, &choice, &js, &mut w, &tl, &undo).await.unwrap();
+    let backup = w.commit().unwrap();
+    assert!(undo.lock().unwrap().is_clean());
+    eprintln!("timings {:?}", vm.timings);
+
+    // The VM runs on its own images again, with nothing left in the snapshot location.
+    let blocks = m.qmp().execute_raw("query-block", serde_json::Value::Null, Duration::from_secs(10)).await.unwrap();
+    for b in blocks.as_array().unwrap() {
+        let file = b["inserted"]["image"]["filename"].as_str().unwrap_or("");
+        assert!(!file.contains("-overlay.qcow2"), "still on an overlay: {file}");
+    }
+    assert!(std::fs::read_dir(snapdir)
+        .unwrap()
+        .flatten()
+        .all(|e| !e.file_name().to_string_lossy().contains("overlay")));
+    let j = workload::check_journal(agent, "/mnt/data/journal").await.unwrap();
+    assert!(j.intact(), "{j:?}");
+
+    let mut ro = RestoreOptions::named("cs-restored");
+    ro.artifacts_dir = Some(common::artifacts());
+    let restored = restore::boot(&backup, "cs", &ro, &tl).await.unwrap();
+    let ragent = restored.machine.agent().unwrap();
+    quiesce::qemu::exec::sh(ragent, "e2fsck -fn /dev/vdb", Duration::from_secs(60)).await.unwrap();
+    workload::mount_disk(ragent, "data", "ext4").await.unwrap();
+    let rj = workload::check_journal(ragent, "/mnt/data/journal").await.unwrap();
+    assert!(rj.intact() && rj.lines <= j.lines, "{rj:?} vs live {j:?}");
+}
