@@ -6,16 +6,18 @@
 #   initrd.img     gzip'ed newc cpio: static busybox + the modules needed to
 #                  mount the root disk; /init mounts root= and switch_roots
 #   root.img       raw ext4 image (256 MiB, sparse): busybox, qemu-guest-agent
-#                  + libs, e2fsprogs + libs, all kernel modules, /sbin/init
+#                  + libs, e2fsprogs + libs, sqlite3 + libs, all kernel modules,
+#                  /sbin/init, /usr/bin/quiesce-app (+ its fsfreeze hook)
 #   cmdline        recommended kernel command line
 #   packages.lock  "name version" of every Debian package used (sorted), plus
 #                  "@kernel-release <uname -r>" as the first line
 #   kernel-release uname -r of the kernel
 #
-# This script is self-contained: the guest's /init, /sbin/init and shutdown
-# wrappers are written from here-documents below.  It needs no root privileges
-# (no loop mounts, no mknod, no chroot) and produces the same bytes for the
-# same package versions (see README.md, "Reproducibility").
+# This script is self-contained: the guest's /init, /sbin/init, shutdown
+# wrappers, fsfreeze hook and quiesce-app are written from here-documents
+# below.  It needs no root privileges (no loop mounts, no mknod, no chroot)
+# and produces the same bytes for the same package versions (see README.md,
+# "Reproducibility").
 #
 # Host packages needed (Debian 12 / bookworm):
 #   apt dpkg coreutils findutils sed grep gzip e2fsprogs (mkfs.ext4, debugfs)
@@ -90,8 +92,11 @@ CMDLINE="console=ttyS0 root=/dev/vda rootfstype=ext4 rw panic=-1 quiet"
 INITRD_MODULES="virtio_pci virtio_blk virtio_console crc32c_generic libcrc32c ext4"
 # Debian packages installed into root.img, besides busybox-static and the
 # kernel.  The library set is checked after extraction: every ELF file in
-# /sbin /usr/sbin must resolve all its libraries inside the image.
+# /bin /sbin /usr/bin /usr/sbin must resolve all its libraries inside the image.
 ROOT_PKGS="libc6 libgcc-s1 libglib2.0-0 libpcre2-8-0 libnuma1 libudev1 liburing2 e2fsprogs libext2fs2 libcom-err2 libss2 libblkid1 libuuid1"
+# sqlite3 CLI for /usr/bin/quiesce-app (readline-common, a Depends of
+# libreadline8, is only data the CLI does not need in batch mode)
+ROOT_PKGS="$ROOT_PKGS sqlite3 libsqlite3-0 libreadline8 libtinfo6 zlib1g"
 
 mkdir -p "$1"
 OUT=$(cd "$1" && pwd)
@@ -464,6 +469,419 @@ exit 0
 EOF
 chmod 0755 "$R/etc/qemu/fsfreeze-hook"
 
+# quiesce-app: the guest's "VSS writer" (a sqlite3 bank with a writer that commits
+# transfers continuously, and a consistency check for restored copies), plus the
+# fsfreeze-hook.d script that pauses its writers around guest-fsfreeze-freeze/-thaw.
+put "$R/usr/bin/quiesce-app" <<'QUIESCE_APP_EOF'
+#!/bin/sh
+# quiesce-app -- the test guest's "VSS writer": a tiny bank in SQLite (WAL mode)
+# with a writer that commits one transfer after another, and a consistency
+# check for databases restored from a backup.  See README.md of the guest image.
+#
+#   quiesce-app start DIR     create DIR/app.db if missing, start a writer on it,
+#                             return after its first commit; prints the writer's pid
+#   quiesce-app stop DIR      stop that writer (bounded wait); prints "stopped transfers=N"
+#   quiesce-app status DIR    "running pid=P transfers=N" or "stopped transfers=N"
+#   quiesce-app check DIR     "consistent transfers=N total=T" (exit 0) or
+#                             "inconsistent: REASON" (exit 1); never writes to DIR
+#   quiesce-app freeze|thaw   pause every running writer at a transaction boundary
+#                             (checkpointed, acknowledged) / resume them; this is
+#                             what /etc/qemu/fsfreeze-hook.d/quiesce-app runs
+#
+# Data model (the seed and the transfer rule are fixed, so the output only
+# depends on N):
+#   accounts(id 1..10, balance 1000 each at seed time)
+#   transfer i (i = 1, 2, ...) moves amount(i) from src(i) to dst(i):
+#     src    = (i*7919) % 10 + 1
+#     dst    = ((i*7919) % 10 + 1 + i % 9) % 10 + 1      (never equal to src)
+#     amount = (i*7919) % 97 + 1                          (1..97; balances may go negative)
+#   one transaction = BEGIN IMMEDIATE; 2 x UPDATE accounts; INSERT INTO transfers(seq=i,...); COMMIT
+# Environment: QUIESCE_APP_DELAY (seconds between transactions, default 0),
+#   QUIESCE_APP_PAUSE_WAIT (seconds freeze waits for all writers to
+#   acknowledge, default 2).
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin LC_ALL=C
+umask 022
+
+RUNDIR=${QUIESCE_APP_RUNDIR:-/run/quiesce-app}
+ACCOUNTS=10
+SEED_BALANCE=1000
+TOTAL=$((ACCOUNTS * SEED_BALANCE))
+DELAY=${QUIESCE_APP_DELAY:-0}
+PAUSE_WAIT=${QUIESCE_APP_PAUSE_WAIT:-2}
+case $PAUSE_WAIT in '' | *[!0-9]*) PAUSE_WAIT=2 ;; esac
+# the transfer rule, as SQL over the column seq (must match cmd_writer's loop)
+R_SRC="((seq*7919)%$ACCOUNTS+1)"
+R_DST="(((seq*7919)%$ACCOUNTS+1+seq%$((ACCOUNTS - 1)))%$ACCOUNTS+1)"
+R_AMT="((seq*7919)%97+1)"
+case $0 in
+    */*) SELF=$0 ;;
+    *) SELF=$(command -v "$0" 2>/dev/null || echo /usr/bin/quiesce-app) ;;
+esac
+
+die() { printf 'quiesce-app: %s\n' "$*" >&2; exit 2; }
+usage() {
+    echo "usage: quiesce-app start|stop|status|check DIR   or   quiesce-app freeze|thaw" >&2
+    exit 2
+}
+# TICKS = uptime in 1/100 s (no fork)
+ticks() { read -r _u _rest < /proc/uptime; TICKS=$((${_u%.*} * 100 + 1${_u#*.} - 100)); }
+secs() { printf '%d.%02d' $(($1 / 100)) $(($1 % 100)); }
+
+# set the per-writer file names for NAME
+set_name() {
+    NAME=$1
+    PIDF=$RUNDIR/$NAME.pid      # writer pid; written after its first commit
+    SEQF=$RUNDIR/$NAME.seq      # last committed transfer (written after each commit)
+    PAUSEF=$RUNDIR/$NAME.pause  # freeze request: contains a token
+    ACKF=$RUNDIR/$NAME.paused   # writer's answer: "TOKEN N", idle and checkpointed
+    STOPF=$RUNDIR/$NAME.stop    # stop request
+    LOGF=$RUNDIR/$NAME.log      # writer log (tmpfs: never blocks on a frozen fs)
+    INF=$RUNDIR/$NAME.in        # fifos to the writer's sqlite3
+    OUTF=$RUNDIR/$NAME.out
+}
+# DIR -> DIR (canonical), DB, NAME (DIR with '/' and odd characters as '_')
+resolve_dir() {
+    [ -n "$1" ] || usage
+    [ -d "$1" ] || die "no such directory: $1"
+    DIR=$(cd "$1" && pwd -P) || die "cannot enter $1"
+    DB=$DIR/app.db
+    n=$(printf '%s' "$DIR" | sed 's|^/*||; s|[^A-Za-z0-9._-]|_|g; s|^\.|_|')
+    set_name "${n:-_root}"
+}
+# is WPID (from the pid file) a live writer?
+writer_pid() {
+    WPID=
+    read -r _p 2>/dev/null < "$PIDF" || return 1
+    case $_p in '' | *[!0-9]*) return 1 ;; esac
+    case $(tr '\0' ' ' 2>/dev/null < "/proc/$_p/cmdline") in
+        *"${SELF##*/} _writer "*) WPID=$_p ;;
+        *) return 1 ;;   # gone, a zombie, or a recycled pid
+    esac
+}
+# copy DB (+ -wal / -journal, never -shm) to a private folder in /tmp, so that
+# reading it (WAL recovery included) never writes to DIR
+snapshot() {
+    SNAP=$(mktemp -d /tmp/quiesce-app.XXXXXX) || return 1
+    trap 'rm -rf "$SNAP"' EXIT
+    cp "$DB" "$SNAP/app.db" || return 1
+    for _x in -wal -journal; do
+        if [ -f "$DB$_x" ]; then cp "$DB$_x" "$SNAP/app.db$_x" || return 1; fi
+    done
+}
+# number of transfers in a database no writer is using
+stopped_count() {
+    [ -f "$DB" ] || die "no database $DB"
+    snapshot || die "cannot copy $DB to /tmp"
+    _n=$(sqlite3 -batch -cmd '.timeout 5000' "$SNAP/app.db" 'SELECT count(*) FROM transfers;' 2>&1) \
+        || die "cannot read $DB: $_n"
+    rm -rf "$SNAP"
+    echo "$_n"
+}
+
+seed_db() {
+    _tmp=$DIR/.app.db.seed.$$
+    rm -f "$_tmp" "$_tmp-journal" "$_tmp-wal" "$_tmp-shm"
+    sqlite3 -bail -batch "$_tmp" >/dev/null <<EOF || { rm -f "$_tmp" "$_tmp-journal"; die "cannot create $DB"; }
+PRAGMA journal_mode=DELETE;
+BEGIN;
+CREATE TABLE meta(key TEXT PRIMARY KEY, value NOT NULL);
+INSERT INTO meta VALUES ('accounts', $ACCOUNTS), ('seed_balance', $SEED_BALANCE),
+  ('rule', 'src=$R_SRC dst=$R_DST amount=$R_AMT');
+CREATE TABLE accounts(id INTEGER PRIMARY KEY, balance INTEGER NOT NULL);
+WITH RECURSIVE a(id) AS (SELECT 1 UNION ALL SELECT id + 1 FROM a WHERE id < $ACCOUNTS)
+  INSERT INTO accounts SELECT id, $SEED_BALANCE FROM a;
+CREATE TABLE transfers(seq INTEGER PRIMARY KEY, src INTEGER NOT NULL, dst INTEGER NOT NULL,
+  amount INTEGER NOT NULL);
+COMMIT;
+PRAGMA journal_mode=WAL;
+EOF
+    mv -f "$_tmp" "$DB" || die "cannot rename $_tmp"
+    sync
+}
+
+cmd_start() {
+    [ $# -eq 1 ] || usage
+    mkdir -p "$1" || die "cannot create $1"
+    resolve_dir "$1"
+    case $DELAY in '' | *[!0-9.]*) die "QUIESCE_APP_DELAY must be a number of seconds" ;; esac
+    mkdir -p "$RUNDIR" || die "cannot create $RUNDIR"
+    if writer_pid; then die "a writer already runs on $DIR (pid $WPID)"; fi
+    rm -f "$PIDF" "$SEQF" "$PAUSEF" "$ACKF" "$STOPF" "$INF" "$OUTF"
+    [ -e "$DB" ] || seed_db
+    setsid "$SELF" _writer "$DIR" </dev/null >>"$LOGF" 2>&1 &
+    _spawned=$!
+    ticks; _end=$((TICKS + 3000))
+    until writer_pid; do
+        if ! kill -0 "$_spawned" 2>/dev/null && ! writer_pid; then
+            die "writer failed to start: $(tail -n 3 "$LOGF" 2>/dev/null | tr '\n' ' ')"
+        fi
+        ticks
+        if [ "$TICKS" -gt "$_end" ]; then
+            kill -KILL "$_spawned" 2>/dev/null
+            die "writer made no commit within 30s: $(tail -n 3 "$LOGF" 2>/dev/null | tr '\n' ' ')"
+        fi
+        sleep 0.02
+    done
+    echo "$WPID"
+}
+
+# ---- the writer (runs detached: setsid, stdio on the log)
+wlog() { read -r _u _rest < /proc/uptime; printf '[%s] writer %s: %s\n' "$_u" "$$" "$*"; }
+wfail() {
+    wlog "error: $*"
+    rm -f "$PIDF" "$ACKF" "$STOPF" "$INF" "$OUTF"
+    exit 1
+}
+# send SQL to sqlite3 and read one line of output
+ask() {
+    printf '%s\n' "$1" >&3 || wfail "sqlite3 is gone (write failed)"
+    read -r REPLY <&4 || wfail "sqlite3 exited (see the errors above)"
+}
+# idle at a transaction boundary until the pause file goes away
+pause_loop() {
+    read -r _tok 2>/dev/null < "$PAUSEF" || return 0   # gone, or being written
+    [ -n "$_tok" ] || return 0
+    # the last commit is on disk (synchronous=FULL); also move the WAL into
+    # app.db and truncate it, so the frozen image needs no WAL replay.  A
+    # reader (a live "check") can make the checkpoint busy: wait for it at most
+    # 0.3 s, then go on (busy=1 in the log; the data is still safe in the WAL).
+    printf '%s\n' ".timeout 300" >&3
+    ask "PRAGMA wal_checkpoint(TRUNCATE);"
+    _ck=$REPLY
+    printf '%s\n' ".timeout 10000" >&3
+    echo "$_tok $i" > "$ACKF"
+    wlog "paused at transfers=$i (checkpoint busy|log|done=$_ck)"
+    while [ -e "$PAUSEF" ] && [ ! -e "$STOPF" ]; do
+        sleep 0.02
+        read -r _t2 2>/dev/null < "$PAUSEF" || break
+        # a new freeze request while still paused: acknowledge it too
+        if [ -n "$_t2" ] && [ "$_t2" != "$_tok" ]; then
+            _tok=$_t2
+            echo "$_tok $i" > "$ACKF"
+        fi
+    done
+    rm -f "$ACKF"
+    wlog "resumed at transfers=$i"
+}
+cmd_writer() {
+    resolve_dir "$1"
+    trap '' PIPE HUP INT
+    rm -f "$INF" "$OUTF"
+    mkfifo "$INF" "$OUTF" || wfail "mkfifo failed"
+    sqlite3 -bail -batch -noheader -list "$DB" <"$INF" >"$OUTF" &
+    _sq=$!
+    exec 3>"$INF" 4<"$OUTF"
+    rm -f "$INF" "$OUTF"
+    ask "PRAGMA journal_mode=WAL;"
+    [ "$REPLY" = wal ] || wfail "cannot switch $DB to WAL (got '$REPLY')"
+    printf '%s\n' ".timeout 10000" "PRAGMA synchronous=FULL;" >&3
+    ask "SELECT coalesce(max(seq), 0) FROM transfers;"
+    case $REPLY in '' | *[!0-9]*) wfail "unexpected reply '$REPLY'" ;; esac
+    i=$REPLY
+    wlog "started on $DB at transfers=$i (sqlite3 pid $_sq, WAL, synchronous=FULL, delay ${DELAY}s)"
+    while [ ! -e "$STOPF" ]; do
+        if [ -e "$PAUSEF" ]; then
+            pause_loop
+            continue
+        fi
+        _n=$((i + 1))
+        _s=$((_n * 7919 % ACCOUNTS))
+        _d=$(((_s + 1 + _n % (ACCOUNTS - 1)) % ACCOUNTS + 1))
+        _s=$((_s + 1))
+        _a=$((_n * 7919 % 97 + 1))
+        ask "BEGIN IMMEDIATE; UPDATE accounts SET balance = balance - $_a WHERE id = $_s; UPDATE accounts SET balance = balance + $_a WHERE id = $_d; INSERT INTO transfers(seq, src, dst, amount) VALUES ($_n, $_s, $_d, $_a); COMMIT; SELECT $_n;"
+        [ "$REPLY" = "$_n" ] || wfail "unexpected reply '$REPLY' to transfer $_n"
+        i=$_n
+        echo "$i" > "$SEQF"
+        [ -e "$PIDF" ] || echo "$$" > "$PIDF"
+        [ "$DELAY" = 0 ] || sleep "$DELAY"
+    done
+    exec 3>&-        # EOF: sqlite3 checkpoints, removes the WAL and exits
+    wait "$_sq"
+    wlog "stopped at transfers=$i (sqlite3 exit status $?)"
+    rm -f "$PIDF" "$ACKF"
+}
+
+cmd_stop() {
+    [ $# -eq 1 ] || usage
+    resolve_dir "$1"
+    if writer_pid; then
+        _pid=$WPID
+        : > "$STOPF"
+        ticks; _end=$((TICKS + 1000))
+        while writer_pid; do
+            ticks
+            if [ "$TICKS" -gt "$_end" ]; then
+                echo "quiesce-app: writer $_pid did not stop within 10s; killing it" >&2
+                kill -KILL "-$_pid" "$_pid" 2>/dev/null
+                sleep 1
+                if writer_pid; then die "cannot stop writer $_pid"; fi
+                break
+            fi
+            sleep 0.02
+        done
+    fi
+    rm -f "$PIDF" "$SEQF" "$ACKF" "$STOPF" "$INF" "$OUTF"
+    echo "stopped transfers=$(stopped_count)"
+}
+
+cmd_status() {
+    [ $# -eq 1 ] || usage
+    resolve_dir "$1"
+    if writer_pid; then
+        _k=0
+        until read -r _n 2>/dev/null < "$SEQF" && [ -n "$_n" ]; do
+            _k=$((_k + 1))
+            [ "$_k" -lt 50 ] || die "writer $WPID has no $SEQF"
+            sleep 0.01
+        done
+        echo "running pid=$WPID transfers=$_n"
+    else
+        echo "stopped transfers=$(stopped_count)"
+    fi
+}
+
+inconsistent() { printf 'inconsistent: %s\n' "$*"; exit 1; }
+cmd_check() {
+    [ $# -eq 1 ] || usage
+    [ -d "$1" ] || inconsistent "no such directory: $1"
+    resolve_dir "$1"
+    [ -f "$DB" ] || inconsistent "no database $DB"
+    if writer_pid; then
+        # live database: one read transaction in place sees a committed snapshot
+        _db=$DB _ro=-readonly
+    else
+        snapshot || inconsistent "cannot copy $DB to /tmp"
+        _db=$SNAP/app.db _ro=
+    fi
+    _ic=$(sqlite3 -batch $_ro -cmd '.timeout 5000' "$_db" 'PRAGMA integrity_check;' 2>&1) \
+        || inconsistent "cannot read database: $(printf '%s\n' "$_ic" | head -n 1)"
+    [ "$_ic" = ok ] || inconsistent "integrity_check: $(printf '%s\n' "$_ic" | head -n 1)"
+    _res=$(sqlite3 -batch $_ro -cmd '.timeout 5000' "$_db" 2>&1 <<EOF
+WITH
+ t(n, lo, hi) AS (SELECT count(*), coalesce(min(seq), 0), coalesce(max(seq), 0) FROM transfers),
+ bad(s) AS (SELECT min(seq) FROM transfers
+            WHERE src IS NOT $R_SRC OR dst IS NOT $R_DST OR amount IS NOT $R_AMT),
+ a(n, lo, hi, total) AS (SELECT count(*), coalesce(min(id), 0), coalesce(max(id), 0),
+                         coalesce(sum(balance), 0) FROM accounts),
+ flow(id, d) AS (SELECT id, sum(d) FROM (SELECT src AS id, -amount AS d FROM transfers
+                 UNION ALL SELECT dst, amount FROM transfers) GROUP BY id),
+ diff(id, have, want) AS (SELECT x.id, x.balance, $SEED_BALANCE + coalesce(f.d, 0)
+                          FROM accounts x LEFT JOIN flow f ON f.id = x.id
+                          WHERE x.balance IS NOT $SEED_BALANCE + coalesce(f.d, 0)
+                          ORDER BY x.id LIMIT 1)
+SELECT CASE
+ WHEN a.n != $ACCOUNTS OR a.lo != 1 OR a.hi != $ACCOUNTS
+  THEN 'accounts has ' || a.n || ' rows with ids ' || a.lo || '..' || a.hi || ', expected ids 1..$ACCOUNTS'
+ WHEN t.n > 0 AND (t.lo != 1 OR t.hi != t.n)
+  THEN 'transfers.seq is not 1..N without gaps (' || t.n || ' rows, seq ' || t.lo || '..' || t.hi || ')'
+ WHEN bad.s IS NOT NULL
+  THEN 'transfer seq=' || bad.s || ' does not follow the transfer rule'
+ WHEN a.total != $TOTAL
+  THEN 'sum of balances is ' || a.total || ', expected $TOTAL'
+ WHEN EXISTS (SELECT 1 FROM diff)
+  THEN (SELECT 'account ' || id || ' has balance ' || have || ', replaying transfers 1..' || t.n
+        || ' from the seed gives ' || want FROM diff)
+ ELSE 'ok ' || t.n || ' ' || a.total
+END FROM t, bad, a;
+EOF
+) || inconsistent "query failed: $(printf '%s\n' "$_res" | head -n 1)"
+    case $_res in
+        "ok "*)
+            set -- $_res
+            echo "consistent transfers=$2 total=$3"
+            exit 0 ;;
+        *) inconsistent "$_res" ;;
+    esac
+}
+
+# ---- fsfreeze hook side: pause / resume every running writer
+hlog() { echo "quiesce-app $*"; }
+cmd_freeze() {
+    ticks; _t0=$TICKS
+    _pending=
+    for _f in "$RUNDIR"/*.pid; do
+        [ -f "$_f" ] || continue
+        _n=${_f##*/}
+        set_name "${_n%.pid}"
+        writer_pid || continue
+        read -r _tok < /proc/sys/kernel/random/uuid
+        echo "$_tok" > "$PAUSEF"
+        _pending="$_pending $NAME:$WPID:$_tok"
+    done
+    if [ -z "$_pending" ]; then
+        hlog "freeze: no writer running"
+        return 0
+    fi
+    _end=$((_t0 + PAUSE_WAIT * 100))
+    while [ -n "$_pending" ]; do
+        _left=
+        for _e in $_pending; do
+            set_name "${_e%%:*}"
+            _r=${_e#*:}; _pid=${_r%%:*}; _tok=${_r#*:}
+            _t= _seq=
+            read -r _t _seq 2>/dev/null < "$ACKF"
+            ticks
+            if [ "$_t" = "$_tok" ]; then
+                hlog "freeze: writer $NAME (pid $_pid) paused at transfers=$_seq after $(secs $((TICKS - _t0)))s"
+            elif ! writer_pid; then
+                hlog "freeze: writer $NAME (pid $_pid) exited"
+            else
+                _left="$_left $_e"
+            fi
+        done
+        _pending=$_left
+        [ -n "$_pending" ] || break
+        if [ "$TICKS" -ge "$_end" ]; then
+            for _e in $_pending; do
+                _r=${_e#*:}
+                hlog "freeze: WARNING: writer ${_e%%:*} (pid ${_r%%:*}) did not acknowledge the pause within ${PAUSE_WAIT}s; freezing anyway"
+            done
+            break
+        fi
+        sleep 0.01
+    done
+    return 0
+}
+cmd_thaw() {
+    for _f in "$RUNDIR"/*.pause; do
+        [ -f "$_f" ] || continue
+        _n=${_f##*/}
+        set_name "${_n%.pause}"
+        rm -f "$PAUSEF"
+        if writer_pid; then
+            hlog "thaw: writer $NAME (pid $WPID) resumed"
+        fi
+    done
+    return 0
+}
+
+cmd=${1:-}
+[ $# -gt 0 ] && shift
+case $cmd in
+    start) cmd_start "$@" ;;
+    stop) cmd_stop "$@" ;;
+    status) cmd_status "$@" ;;
+    check) cmd_check "$@" ;;
+    freeze) cmd_freeze ;;
+    thaw) cmd_thaw ;;
+    _writer) cmd_writer "$@" ;;
+    *) usage ;;
+esac
+QUIESCE_APP_EOF
+put "$R/etc/qemu/fsfreeze-hook.d/quiesce-app" <<'EOF'
+#!/bin/sh
+# Called by /etc/qemu/fsfreeze-hook with "freeze" (before the filesystems are
+# frozen) or "thaw" (after they are thawed): pause every running quiesce-app
+# writer at a transaction boundary (checkpointed, acknowledged; waits at most
+# ~2 s in all) or resume them.  Output goes to the hook's log.  Exits 0.
+case ${1:-} in
+    freeze|thaw) /usr/bin/quiesce-app "$1" ;;
+esac
+exit 0
+EOF
+chmod 0755 "$R/usr/bin/quiesce-app" "$R/etc/qemu/fsfreeze-hook.d/quiesce-app"
+
 put "$R/sbin/init" <<'EOF'
 #!/bin/sh
 # /sbin/init of the quiesce test guest (PID 1): mount the API filesystems,
@@ -656,19 +1074,31 @@ LDSO=$R/lib64/ld-linux-x86-64.so.2
 LIBPATH=$R/lib/x86_64-linux-gnu:$R/usr/lib/x86_64-linux-gnu
 ldso_real=$R/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2
 [ -f "$ldso_real" ] || die "libc6 has no dynamic loader"
-for f in "$R"/usr/sbin/* "$R"/sbin/*; do
+for f in "$R"/usr/sbin/* "$R"/sbin/* "$R"/usr/bin/* "$R"/bin/*; do
     [ -f "$f" ] && [ ! -L "$f" ] || continue
     case $(head -c 4 "$f" | od -An -c | tr -d ' ') in
         177ELF) ;;
         *) continue ;;
     esac
-    if ! out=$("$ldso_real" --library-path "$LIBPATH" --list "$f" 2>&1); then
-        case $out in *"not a dynamic executable"*) continue ;; esac
+    # ld.so --verify: 0 = dynamically linked, 1 = static (busybox: --list would crash)
+    rc=0
+    "$ldso_real" --verify "$f" >/dev/null 2>&1 || rc=$?
+    case $rc in
+        0) ;;
+        1) continue ;;
+        *) die "${f#"$R"} is an ELF file the image's ld.so cannot handle (--verify status $rc)" ;;
+    esac
+    if ! out=$("$ldso_real" --inhibit-cache --library-path "$LIBPATH" --list "$f" 2>&1); then
         die "cannot resolve libraries of ${f#"$R"}: $out"
     fi
     case $out in
         *"not found"*) die "missing library for ${f#"$R"}: $(printf '%s\n' "$out" | grep 'not found')" ;;
     esac
+    # ld.so still falls back to the host's /lib/x86_64-linux-gnu after
+    # --library-path: every library must come from the image
+    outside=$(printf '%s\n' "$out" | sed -n 's/^[[:space:]]*\([^ ]*\) => \(\/[^ ]*\) (.*$/\1 => \2/p' \
+        | grep -vF " => $R/" || true)
+    [ -z "$outside" ] || die "${f#"$R"} needs a library that is not in the image (add its package to ROOT_PKGS): $outside"
 done
 [ -L "$LDSO" ] || [ -f "$LDSO" ] || die "no /lib64/ld-linux-x86-64.so.2"
 

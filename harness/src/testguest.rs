@@ -36,6 +36,8 @@ pub struct GuestOptions {
     /// Extra disks after the root disk, which is always first and named `root`.
     pub extra_disks: Vec<DiskConfig>,
     pub artifacts_dir: Option<PathBuf>,
+    /// Where the root overlay goes; by default a folder of its own, removed with the guest.
+    pub disk_dir: Option<PathBuf>,
 }
 
 impl GuestOptions {
@@ -46,7 +48,7 @@ impl GuestOptions {
             memory_mib: 512,
             cpus: 1,
             extra_disks: Vec::new(),
-            artifacts_dir: None,
+            artifacts_dir: None, disk_dir: None,
         }
     }
 }
@@ -80,7 +82,13 @@ pub async fn boot(opts: GuestOptions, progress: &mut dyn FnMut(&str)) -> Result<
     let image = recipe::ensure("linux", false, progress)?;
     progress("choosing the accelerator");
     let verdict = accel_for(&image, opts.accel)?;
-    let disks = tempfile::Builder::new().prefix(&format!("quiesce-{}-disks-", opts.name)).tempdir()?;
+    let prefix = format!("quiesce-{}-disks-", opts.name);
+    let mut b = tempfile::Builder::new();
+    b.prefix(&prefix);
+    let disks = match &opts.disk_dir {
+        Some(d) => b.tempdir_in(d)?,
+        None => b.tempdir()?,
+    };
     let root = disks.path().join("root.qcow2");
     qemu_img::create_overlay(&image.root, DiskFormat::Raw, &root)?;
     let mut cfg = MachineConfig::new(&opts.name, verdict.accel, image.kernel_boot());

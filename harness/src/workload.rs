@@ -32,6 +32,38 @@ pub async fn read_file(agent: &GuestAgent, path: &str) -> Result<String, ExecErr
     exec::sh(agent, &format!("cat '{}'", path.replace('\'', "'\\''")), T).await
 }
 
+/// Stops qemu-ga in the guest with SIGSTOP: installed but not answering, like a hung
+/// integration service. Confirmed from the host: returns once a ping goes unanswered.
+pub async fn stop_agent(agent: &GuestAgent, deadline: Duration) -> Result<(), crate::qemu::AgentError> {
+    use serde_json::json;
+    // The shell's parent is qemu-ga itself; the reply to guest-exec may or may not get out.
+    let _ = agent
+        .execute_raw("guest-exec", json!({"path": "/bin/sh", "arg": ["-c", "kill -STOP $PPID"]}), Duration::from_secs(2))
+        .await;
+    let until = tokio::time::Instant::now() + deadline;
+    loop {
+        match agent.execute_raw("guest-ping", serde_json::Value::Null, Duration::from_secs(1)).await {
+            Err(crate::qemu::AgentError::Timeout { .. } | crate::qemu::AgentError::NotResponding { .. }) => return Ok(()),
+            _ if tokio::time::Instant::now() >= until => {
+                return Err(crate::qemu::AgentError::Timeout { command: "guest-ping (expected no answer)".into(), waited: deadline })
+            }
+            _ => continue,
+        }
+    }
+}
+
+/// Starts the guest's transactional app (a VSS-writer analogue) on a mounted data folder.
+pub async fn start_app(agent: &GuestAgent, dir: &str) -> Result<(), ExecError> {
+    exec::sh(agent, &format!("quiesce-app start {dir}"), T).await.map(drop)
+}
+
+/// The app's own consistency check on `dir`: Ok(line) when consistent, Err(line) if not.
+pub async fn check_app(agent: &GuestAgent, dir: &str) -> Result<Result<String, String>, ExecError> {
+    let out = exec::run(agent, &["/bin/sh", "-c", &format!("quiesce-app check {dir} 2>&1")], Duration::from_secs(120)).await?;
+    let line = out.stdout.lines().last().unwrap_or("").trim().to_owned();
+    Ok(if out.success() && line.starts_with("consistent") { Ok(line) } else { Err(line) })
+}
+
 /// Starts the RAM counter, ticking about every 20 ms.
 pub async fn start_counter(agent: &GuestAgent) -> Result<(), ExecError> {
     exec::sh(

@@ -38,7 +38,7 @@ fn run_scenario(path: &Path) -> Result<(), Failed> {
     settings.set_omit_expression(true);
     settings.set_description(s.file.description.clone());
     // Error texts may quote temp paths and times; fixtures hold neither.
-    settings.add_filter(r"/tmp/[^\s\x22']+", "[path]");
+    settings.add_filter(r"/[^\s\x22'(),;]*(/tmp/|scenario-work|quiesce-)[^\s\x22'(),;]*", "[path]");
     settings.add_filter(r"\b\d+(\.\d+)?\s?(ms|s|µs)\b", "[duration]");
     settings.bind(|| insta::assert_yaml_snapshot!(s.name.as_str(), fx));
     if !report.passed {

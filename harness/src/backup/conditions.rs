@@ -50,25 +50,48 @@ impl Condition {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    Held,
+    Failed,
+    /// Could not be evaluated because another condition failed first (no agent to ask).
+    NotChecked,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Verdict {
     pub condition: Condition,
-    pub passed: bool,
+    pub outcome: Outcome,
     pub reason: String,
 }
 
-fn verdict(condition: Condition, r: Result<String, String>) -> Verdict {
-    match r {
-        Ok(reason) => Verdict { condition, passed: true, reason },
-        Err(reason) => Verdict { condition, passed: false, reason },
+impl Verdict {
+    pub fn held(&self) -> bool {
+        self.outcome == Outcome::Held
     }
 }
 
-/// The failed conditions, as one sentence for a report.
+/// Why a guest-side condition could not be checked.
+const NO_AGENT: &str = "not checked: the guest agent is not answering";
+
+fn verdict(condition: Condition, r: Result<String, String>) -> Verdict {
+    match r {
+        Ok(reason) => Verdict { condition, outcome: Outcome::Held, reason },
+        Err(reason) if reason.starts_with("not checked") => Verdict { condition, outcome: Outcome::NotChecked, reason },
+        Err(reason) => Verdict { condition, outcome: Outcome::Failed, reason },
+    }
+}
+
+/// The failed conditions, as one sentence for a report (None when all hold). Conditions
+/// that could not be checked are named only if none failed outright.
 pub fn failures(vs: &[Verdict]) -> Option<String> {
-    let failed: Vec<String> =
-        vs.iter().filter(|v| !v.passed).map(|v| format!("{}: {}", v.condition.name(), v.reason)).collect();
-    (!failed.is_empty()).then(|| failed.join("; "))
+    let line = |v: &Verdict| format!("{}: {}", v.condition.name(), v.reason);
+    let failed: Vec<String> = vs.iter().filter(|v| v.outcome == Outcome::Failed).map(line).collect();
+    if !failed.is_empty() {
+        return Some(failed.join("; "));
+    }
+    vs.iter().find(|v| !v.held()).map(line)
 }
 
 /// Evaluates all six conditions for `m`, whose snapshot overlays would go in `snapshot_dir`.
@@ -83,6 +106,8 @@ pub async fn evaluate(m: &Machine, snapshot_dir: &Path, agent_deadline: Duration
         Condition::AgentCanFreeze,
         guest.as_ref().map_err(Clone::clone).and_then(|g| agent_can_freeze(&g.info)),
     ));
+    // Without the agent the guest-side conditions cannot be evaluated: say so, not "failed".
+    let guest = guest.map_err(|_| NO_AGENT.to_owned());
     out.push(verdict(
         Condition::VmRunning,
         match running {
@@ -97,7 +122,7 @@ pub async fn evaluate(m: &Machine, snapshot_dir: &Path, agent_deadline: Duration
         Condition::BasicDisksOnly,
         host_disks_basic(cfg).and_then(|host| match &guest {
             Ok(g) => guest_disks_basic(&g.disks, &serials).map(|guest| format!("{host}; {guest}")),
-            Err(e) => Err(format!("{host}, but the guest side cannot be checked: {e}")),
+            Err(e) => Err(format!("{e} (host side: {host})")),
         }),
     ));
     out.push(verdict(

@@ -62,7 +62,7 @@ pub async fn choose(
             conditions: verdicts,
         }),
         (Some(failed), MethodChoice::ChildSnapshot) => {
-            Err(BackupError::Refused { vm: m.name().to_owned(), reasons: failed })
+            Err(BackupError::Refused { vm: m.name().to_owned(), reasons: failed, conditions: verdicts })
         }
         (Some(failed), _) => Ok(Choice {
             method: Method::SavedState,

@@ -33,7 +33,7 @@ pub enum BackupError {
     #[error("VM {vm}, disk {disk}: merging the overlay back failed: {error}")]
     Merge { vm: String, disk: String, error: String },
     #[error("VM {vm}: Child VM Snapshot was required, but: {reasons}")]
-    Refused { vm: String, reasons: String },
+    Refused { vm: String, reasons: String, conditions: Vec<conditions::Verdict> },
     #[error("VM {vm}: block nodes still inactive after returning to the prior state: {nodes:?}")]
     StillInactive { vm: String, nodes: Vec<String> },
     #[error("{error}\n  and then returning VM {vm} to its prior state failed too: {undo}")]

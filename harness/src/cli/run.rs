@@ -78,14 +78,14 @@ fn ms(v: Option<f64>) -> String {
 
 fn print_summary(reports: &[Report]) {
     println!(
-        "{:<28} {:<7} {:<12} {:>10} {:>10} {:>10} {:>8}",
+        "{:<36} {:<7} {:<15} {:>10} {:>10} {:>10} {:>8}",
         "SCENARIO", "RESULT", "METHOD", "DOWNTIME", "SAVE MB/s", "RESTORE", "TIME"
     );
     for r in reports {
         let vm = r.vms.first();
         let t = vm.and_then(|v| v.timings.as_ref());
         println!(
-            "{:<28} {:<7} {:<12} {:>10} {:>10} {:>10} {:>7.1}s",
+            "{:<36} {:<7} {:<15} {:>10} {:>10} {:>10} {:>7.1}s",
             r.scenario,
             if r.passed { "pass" } else { "FAIL" },
             vm.and_then(|v| v.method.as_deref()).unwrap_or("-"),

@@ -18,6 +18,18 @@ pub enum Filesystem {
     #[default]
     None,
     Ext4,
+    /// FAT32 (no seeded files): a filesystem that cannot be snapshotted consistently.
+    Vfat,
+}
+
+/// A partition table written on an otherwise blank disk.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Partitioning {
+    #[default]
+    None,
+    /// One MBR partition of type 0x42: a Windows dynamic (LDM) disk.
+    MbrDynamic,
 }
 
 #[derive(Debug, Clone)]
@@ -27,14 +39,15 @@ pub struct DiskSeed {
     pub size: u64,
     pub filesystem: Filesystem,
     pub files: BTreeMap<String, String>,
+    pub partitioning: Partitioning,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum SeedError {
     #[error("disk {disk}: {error}")]
     Io { disk: String, error: std::io::Error },
-    #[error("disk {disk}: mkfs.ext4 failed: {stderr}")]
-    Mkfs { disk: String, stderr: String },
+    #[error("disk {disk}: {tool} failed: {stderr}")]
+    Mkfs { disk: String, tool: &'static str, stderr: String },
     #[error("disk {disk}: {error}")]
     Image { disk: String, error: QemuImgError },
 }
@@ -53,41 +66,63 @@ pub fn create(dir: &Path, seed: &DiskSeed) -> Result<PathBuf, SeedError> {
         DiskFormat::Vhdx => "vhdx",
     };
     let path = dir.join(format!("{}.{ext}", seed.name));
-    if seed.filesystem == Filesystem::None {
-        qemu_img::create(&path, seed.format, seed.size).map_err(img)?;
-        return Ok(path);
-    }
     let staging = tempfile::Builder::new().prefix("seed-").tempdir_in(dir).map_err(io)?;
-    let root = staging.path().join("root");
+    let raw = if seed.format == DiskFormat::Raw { path.clone() } else { staging.path().join("disk.raw") };
+    std::fs::File::create(&raw).and_then(|f| f.set_len(seed.size)).map_err(io)?;
+    match seed.filesystem {
+        Filesystem::None => {
+            if seed.partitioning == Partitioning::MbrDynamic {
+                use std::io::Write;
+                let mbr = crate::image::partition::mbr_with(0x42, seed.size);
+                std::fs::OpenOptions::new().write(true).open(&raw).and_then(|mut f| f.write_all(&mbr)).map_err(io)?;
+            }
+        }
+        Filesystem::Ext4 => mkfs_ext4(seed, staging.path(), &raw)?,
+        Filesystem::Vfat => {
+            let volid = &fixed_uuid(&seed.name)[..8];
+            let out = Command::new("mkfs.vfat")
+                .args(["-F", "32", "-i", volid, "-n", &seed.name.to_uppercase().chars().take(11).collect::<String>()])
+                .arg(&raw)
+                .env("SOURCE_DATE_EPOCH", SEED_TIME)
+                .output()
+                .map_err(|e| SeedError::Mkfs { disk: seed.name.clone(), tool: "mkfs.vfat (dosfstools)", stderr: e.to_string() })?;
+            if !out.status.success() {
+                let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+                return Err(SeedError::Mkfs { disk: seed.name.clone(), tool: "mkfs.vfat", stderr });
+            }
+        }
+    }
+    if seed.format != DiskFormat::Raw {
+        qemu_img::convert(&raw, DiskFormat::Raw, &path, seed.format).map_err(img)?;
+    }
+    Ok(path)
+}
+
+fn mkfs_ext4(seed: &DiskSeed, staging: &Path, raw: &Path) -> Result<(), SeedError> {
+    let io = |error| SeedError::Io { disk: seed.name.clone(), error };
+    let root = staging.join("root");
     std::fs::create_dir(&root).map_err(io)?;
     for (rel, content) in &seed.files {
         let p = root.join(rel);
         std::fs::create_dir_all(p.parent().unwrap_or(&root)).map_err(io)?;
         std::fs::write(&p, content).map_err(io)?;
     }
-    let raw = if seed.format == DiskFormat::Raw { path.clone() } else { staging.path().join("disk.raw") };
-    std::fs::File::create(&raw).and_then(|f| f.set_len(seed.size)).map_err(io)?;
     let uuid = fixed_uuid(&seed.name);
     let out = Command::new("mkfs.ext4")
         .args(["-q", "-F", "-L", &seed.name, "-U", &uuid, "-E"])
         .arg(format!("root_owner=0:0,hash_seed={uuid}"))
         .arg("-d")
         .arg(&root)
-        .arg(&raw)
+        .arg(raw)
         .env("E2FSPROGS_FAKE_TIME", SEED_TIME)
         .env("MKE2FS_CONFIG", "/dev/null")
         .output()
         .map_err(io)?;
     if !out.status.success() {
-        return Err(SeedError::Mkfs {
-            disk: seed.name.clone(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        });
+        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        return Err(SeedError::Mkfs { disk: seed.name.clone(), tool: "mkfs.ext4", stderr });
     }
-    if seed.format != DiskFormat::Raw {
-        qemu_img::convert(&raw, DiskFormat::Raw, &path, seed.format).map_err(img)?;
-    }
-    Ok(path)
+    Ok(())
 }
 
 /// A UUID derived from the disk's name.
@@ -100,6 +135,29 @@ fn fixed_uuid(name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dynamic_and_vfat_disks() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut seed = DiskSeed {
+            name: "ldm".into(),
+            format: DiskFormat::Qcow2,
+            size: 8 << 20,
+            filesystem: Filesystem::None,
+            files: Default::default(),
+            partitioning: Partitioning::MbrDynamic,
+        };
+        let p = create(dir.path(), &seed).unwrap();
+        let head = crate::image::partition::read_head(&p, DiskFormat::Qcow2).unwrap();
+        assert!(crate::image::partition::parse(&head).dynamic_reason().is_some());
+        seed.name = "usb".into();
+        seed.partitioning = Partitioning::None;
+        seed.filesystem = Filesystem::Vfat;
+        seed.size = 40 << 20;
+        let p = create(dir.path(), &seed).unwrap();
+        let head = crate::image::partition::read_head(&p, DiskFormat::Qcow2).unwrap();
+        assert_eq!(&head[82..87], b"FAT32");
+    }
 
     #[test]
     fn uuid_is_stable_and_well_formed() {
@@ -120,6 +178,7 @@ mod tests {
                 size: 16 << 20,
                 filesystem: Filesystem::Ext4,
                 files: [("a/b.txt".to_owned(), "hello\n".to_owned())].into(),
+                partitioning: Partitioning::None,
             };
             let a = dir.path().join("a");
             let b = dir.path().join("b");

@@ -195,7 +195,8 @@ impl Machine {
                 Err(AgentError::NotResponding { .. }) => false,
                 Err(source) => return Err(MachineError::Agent { name: self.cfg.name.clone(), source }),
             },
-            _ = self.process.wait_async(timeout) => true,
+            // None is the timeout: QEMU is still running, the agent just never answered.
+            status = self.process.wait_async(timeout) => status.is_some(),
         };
         if exited || self.process.try_status().is_some() {
             return Err(self.exited_error("QEMU exited while waiting for the guest agent"));

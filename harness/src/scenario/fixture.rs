@@ -25,7 +25,9 @@ pub struct VmFixture {
     pub state_after_backup: Option<String>,
     pub method: Option<String>,
     pub method_reason: Option<String>,
+    pub conditions: BTreeMap<String, crate::backup::conditions::Outcome>,
     pub disks: Vec<String>,
+    pub backup_disks: Vec<String>,
     pub state_after_restore: Option<String>,
     pub checks: BTreeMap<String, bool>,
 }
@@ -40,7 +42,9 @@ pub fn of(report: &Report) -> Fixture {
             state_after_backup: v.state_after_backup.clone(),
             method: v.method.clone(),
             method_reason: v.method_reason.clone(),
+            conditions: v.conditions.iter().cloned().collect(),
             disks: v.disks.iter().map(|d| format!("{} {} {}", d.name, d.format, d.virtual_size)).collect(),
+            backup_disks: v.backup_disks.iter().map(|d| format!("{} {} {}", d.name, d.format, d.virtual_size)).collect(),
             state_after_restore: report.restores.iter().find(|r| r.vm == v.name).map(|r| r.state_after_restore.clone()),
             checks: report
                 .checks

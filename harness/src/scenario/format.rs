@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use toml::Spanned;
 
-pub use crate::image::seed::Filesystem;
+pub use crate::backup::job::MethodChoice;
+pub use crate::image::seed::{Filesystem, Partitioning};
 use crate::qemu::DiskFormat;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -38,6 +39,10 @@ pub struct VmSpec {
     pub state: VmState,
     #[serde(default)]
     pub workload: WorkloadSpec,
+    /// The guest agent: "running", or "stopped" (SIGSTOP before the backup: installed but
+    /// not answering, as a hung integration service).
+    #[serde(default)]
+    pub agent: AgentState,
     #[serde(default, rename = "disk")]
     pub disks: Vec<Spanned<DiskSpec>>,
 }
@@ -58,6 +63,14 @@ pub enum VmState {
     Paused,
 }
 
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentState {
+    #[default]
+    Running,
+    Stopped,
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WorkloadSpec {
@@ -67,6 +80,10 @@ pub struct WorkloadSpec {
     /// The name of a data disk to append a sequence-number journal to, throughout.
     #[serde(default)]
     pub journal: Option<Spanned<String>>,
+    /// The name of a disk to run the guest's transactional app (`quiesce-app`) on: an ext4
+    /// data disk, or "root" for the root filesystem.
+    #[serde(default)]
+    pub app: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -81,6 +98,9 @@ pub struct DiskSpec {
     /// Files to seed (path inside the filesystem = content).
     #[serde(default)]
     pub files: BTreeMap<String, String>,
+    /// A partition table on an otherwise blank disk ("mbr-dynamic": a Windows dynamic disk).
+    #[serde(default)]
+    pub partition: Partitioning,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -108,16 +128,21 @@ impl From<DiskFormatSpec> for DiskFormat {
 pub struct BackupSpec {
     #[serde(default)]
     pub method: MethodChoice,
+    /// Where Child VM Snapshot overlays go (an absolute path); by default beside the disks.
+    #[serde(default)]
+    pub snapshot_dir: Option<Spanned<String>>,
+    /// What the scenario expects of the backup: it succeeds, or it is refused.
+    #[serde(default)]
+    pub expect: Expect,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "kebab-case")]
-pub enum MethodChoice {
-    /// Child VM Snapshot when all its conditions hold, else Saved State.
+#[serde(rename_all = "lowercase")]
+pub enum Expect {
     #[default]
-    Auto,
-    ChildSnapshot,
-    SavedState,
+    Success,
+    /// The backup must be refused (a forced method whose conditions fail) and change nothing.
+    Refused,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -139,6 +164,10 @@ pub enum Check {
     FilesMatchSeed,
     /// The journal in the restored guest is intact and grows on.
     JournalIntact,
+    /// Every ext4 disk in the backup passes `e2fsck -fn` (read on the host).
+    FsckClean,
+    /// The guest app's own consistency check passes on the restored disk.
+    AppConsistent,
 }
 
 /// A scenario that parsed and passed every check.
@@ -216,6 +245,11 @@ pub const MAX_DISK: u64 = 64 << 30;
 
 fn check(f: &ScenarioFile) -> Result<(), (Range<usize>, String)> {
     let known: Vec<&str> = crate::image::recipe::RECIPES.iter().map(|(n, _)| *n).collect();
+    if let Some(d) = &f.backup.snapshot_dir {
+        if !d.get_ref().starts_with('/') {
+            return Err((d.span(), format!("snapshot_dir {:?}: expected an absolute path", d.get_ref())));
+        }
+    }
     if f.vms.is_empty() {
         return Err((0..0, "a scenario needs at least one [[vm]]".into()));
     }
@@ -261,6 +295,12 @@ fn check(f: &ScenarioFile) -> Result<(), (Range<usize>, String)> {
                     format!("size {:?} is impossible here: expected 4M to 64G", d.size.get_ref()),
                 ));
             }
+            if d.partition != Partitioning::None && d.filesystem != Filesystem::None {
+                return Err((spanned.span(), format!("disk {dn}: a partition table goes on a disk without a filesystem")));
+            }
+            if !d.files.is_empty() && d.filesystem == Filesystem::Vfat {
+                return Err((spanned.span(), format!("disk {dn}: seeding files is supported on ext4 only")));
+            }
             if !d.files.is_empty() && d.filesystem == Filesystem::None {
                 let msg = format!("disk {dn} seeds files but has no filesystem; set filesystem = \"ext4\"");
                 return Err((spanned.span(), msg));
@@ -271,14 +311,25 @@ fn check(f: &ScenarioFile) -> Result<(), (Range<usize>, String)> {
                 }
             }
         }
-        if let Some(j) = &vm.workload.journal {
-            let target = vm.disks.iter().map(|d| d.get_ref()).find(|d| d.name.get_ref() == j.get_ref());
-            match target {
-                None => return Err((j.span(), format!("journal disk {:?} is not a disk of VM {name}", j.get_ref()))),
-                Some(d) if d.filesystem == Filesystem::None => {
-                    return Err((j.span(), format!("journal disk {:?} has no filesystem", j.get_ref())))
+        for (what, target) in [("journal", &vm.workload.journal), ("app", &vm.workload.app)] {
+            let Some(j) = target else { continue };
+            if what == "app" && j.get_ref() == "root" {
+                continue;
+            }
+            let disk = vm.disks.iter().map(|d| d.get_ref()).find(|d| d.name.get_ref() == j.get_ref());
+            match disk {
+                None => return Err((j.span(), format!("{what} disk {:?} is not a disk of VM {name}", j.get_ref()))),
+                Some(d) if d.filesystem != Filesystem::Ext4 => {
+                    return Err((j.span(), format!("{what} disk {:?} has no ext4 filesystem", j.get_ref())))
                 }
                 Some(_) => {}
+            }
+        }
+        if vm.agent == AgentState::Stopped {
+            let guest_side = vm.workload.counter || vm.workload.journal.is_some() || vm.workload.app.is_some();
+            let guest_checks = f.restore.as_ref().is_some_and(|r| r.checks.iter().any(|c| *c != Check::DisksMatchBackup && *c != Check::FsckClean));
+            if guest_side || guest_checks {
+                return Err((vm.name.span(), format!("VM {name} has agent = \"stopped\", so it can have no workload and only disks-match-backup and fsck-clean checks")));
             }
         }
     }
@@ -377,7 +428,7 @@ checks = ["same-boot", "files-match-seed"]
         assert!(e.message.contains("journal disk \"logs\""), "{e}");
         assert_eq!(e.line, 7);
         let e = err(&GOOD.replace("filesystem = \"ext4\"\n", ""));
-        assert!(e.message.contains("no filesystem"), "{e}");
+        assert!(e.message.contains("has no filesystem"), "{e}");
         let e = err(&GOOD.replace("name = \"data\"", "name = \"root\""));
         assert!(e.message.contains("used twice"), "{e}");
     }

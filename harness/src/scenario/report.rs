@@ -30,7 +30,11 @@ pub struct VmReport {
     pub state_after_backup: Option<String>,
     pub method: Option<String>,
     pub method_reason: Option<String>,
+    /// The six conditions as evaluated.
+    pub conditions: Vec<(String, crate::backup::conditions::Outcome)>,
     pub disks: Vec<DiskReport>,
+    /// The disks as the backup holds them (format as stored: qcow2, raw, vpc, vhdx).
+    pub backup_disks: Vec<DiskReport>,
     pub timings: Option<Timings>,
 }
 

@@ -1,19 +1,24 @@
-//! Runs one scenario: makes its disks, boots its VMs and starts their workloads, takes the
-//! backup, checks the VMs came back as they were, restores, and runs the checks. It turns
-//! the scenario's data into library calls; all the work is done by the layers below.
+//! Runs one scenario: makes its disks, boots its VMs and starts their workloads, chooses each
+//! VM's method from the six conditions, takes the backup, checks the VMs came back as they
+//! were, restores (loading the saved state, or booting from the backed-up disks), and runs
+//! the checks. It turns the scenario's data into library calls; the work is done below.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::format::{Check, Filesystem, MethodChoice, Scenario, VmSpec, VmState};
+use super::format::{AgentState, Check, Expect, Filesystem, Scenario, VmSpec, VmState};
 use super::report::{DiskReport, Report, RestoreReport, VmReport};
+use crate::backup::child_snapshot::{SnapshotSettings, Undo};
+use crate::backup::job::{self, Choice, JobSettings};
 use crate::backup::saved_state::SaveSettings;
-use crate::backup::{job, runstate, Backup, BackupWriter};
-use crate::image::qemu_img;
+use crate::backup::{runstate, Backup, BackupError, BackupWriter, Method};
 use crate::image::seed::{self, DiskSeed};
+use crate::image::{fsck, qemu_img};
 use crate::qemu::accel::AccelChoice;
-use crate::qemu::caps::{self, Capabilities};
-use crate::qemu::{config::default_qemu_binary, DiskConfig, GuestAgent, Machine};
+use crate::qemu::caps;
+use crate::qemu::exec::ExecError;
+use crate::qemu::{config::default_qemu_binary, DiskConfig, DiskFormat, GuestAgent, Machine};
 use crate::testguest::{self, GuestOptions, TestGuest};
 use crate::timeline::Timeline;
 use crate::verify::{restore, RestoreOptions};
@@ -35,9 +40,18 @@ pub struct RunOptions {
 struct Vm {
     spec: VmSpec,
     guest: TestGuest,
+    /// The folder of its disks, and the default snapshot location.
+    dir: PathBuf,
     boot_id: Option<String>,
     counter_before: Option<u64>,
     journal: Option<String>,
+    app: Option<String>,
+}
+
+impl Vm {
+    fn name(&self) -> &str {
+        self.spec.name.get_ref()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +60,10 @@ pub struct RunError(String);
 
 fn fail<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> RunError + '_ {
     move |e| RunError(format!("{what}: {e}"))
+}
+
+fn gfail(what: &str) -> impl FnOnce(ExecError) -> RunError + '_ {
+    fail::<ExecError>(what)
 }
 
 /// Runs `s` and reports what happened; a failure is in the report, not a panic.
@@ -79,19 +97,15 @@ async fn run_inner(
     let mut vms = Vec::new();
     for spec in s.vms() {
         progress(&format!("{}: booting {}", s.name, spec.name.get_ref()));
-        let vm = tl
-            .step(Some(spec.name.get_ref()), "boot and prepare", prepare_vm(spec, opts, work.path(), progress))
-            .await?;
+        let vm = tl.step(Some(spec.name.get_ref()), "boot and prepare", prepare_vm(spec, opts, work.path(), progress)).await?;
         report.accel = vm.guest.accel.accel.as_str().to_owned();
-        vms.push(vm);
-    }
-    for vm in &vms {
         report.vms.push(VmReport {
-            name: vm.spec.name.get_ref().clone(),
-            state_before: label(vm.spec.state).into(),
+            name: vm.name().to_owned(),
+            state_before: label(spec.state).into(),
             state_after_backup: None,
             method: None,
             method_reason: None,
+            conditions: vec![],
             disks: vm
                 .guest
                 .machine
@@ -104,8 +118,10 @@ async fn run_inner(
                     virtual_size: qemu_img::virtual_size(&d.path).unwrap_or(0),
                 })
                 .collect(),
+            backup_disks: vec![],
             timings: None,
         });
+        vms.push(vm);
     }
 
     progress(&format!("{}: backing up", s.name));
@@ -113,21 +129,42 @@ async fn run_inner(
     let mut writer = BackupWriter::create(&backup_path, &caps.version).map_err(fail("creating the backup"))?;
     for vm in &vms {
         let m = &vm.guest.machine;
-        let (reason, allowed) = choose_method(s.file.backup.method);
-        allowed.map_err(RunError)?;
-        let b = job::saved_state(m, &caps, &SaveSettings::default(), &reason, &mut writer, tl)
-            .await
-            .map_err(fail("backup"))?;
+        let snapdir = s.file.backup.snapshot_dir.as_ref().map(|d| PathBuf::from(d.get_ref())).unwrap_or_else(|| vm.dir.clone());
+        let settings = JobSettings { caps: &caps, save: SaveSettings::default(), snapshot: SnapshotSettings::new(&snapdir) };
+        let choice = match job::choose(m, s.file.backup.method, &snapdir, tl).await {
+            Ok(c) => c,
+            Err(BackupError::Refused { reasons, conditions, .. }) if s.file.backup.expect == Expect::Refused => {
+                let refusal = Choice { method: Method::ChildSnapshot, reason: format!("refused: {reasons}"), conditions };
+                record_choice(report, vm.name(), &refusal);
+                if let Some(r) = report.vm_mut(vm.name()) {
+                    r.method = None;
+                }
+                report.check(vm.name(), "backup-refused", true, reasons);
+                return refused_changed_nothing(&vms, &backup_path, &snapdir, report).await;
+            }
+            Err(e) => return Err(fail("choosing the method")(e)),
+        };
+        record_choice(report, vm.name(), &choice);
+        let undo = Mutex::new(Undo::default());
+        let b = job::backup(m, &choice, &settings, &mut writer, tl, &undo).await.map_err(fail("backup"))?;
         if let Some(r) = report.vm_mut(m.name()) {
             r.method = Some(b.method.as_str().into());
-            r.method_reason = Some(reason);
             r.timings = Some(b.timings.clone());
+            r.backup_disks = b
+                .disks
+                .iter()
+                .map(|d| DiskReport { name: d.node_name.clone(), format: d.format.driver().into(), virtual_size: d.virtual_size })
+                .collect();
         }
+    }
+    if s.file.backup.expect == Expect::Refused {
+        report.check("*", "backup-refused", false, "the backup was expected to be refused, but it was taken");
     }
     let backup = writer.commit().map_err(fail("finishing the backup"))?;
 
     for vm in &vms {
-        after_backup_checks(vm, report).await?;
+        let method = backup.vm(vm.name()).map(|b| b.method).unwrap_or(Method::SavedState);
+        after_backup_checks(vm, method, report).await?;
     }
 
     if let Some(rspec) = &s.file.restore {
@@ -135,7 +172,7 @@ async fn run_inner(
         let bad = reopened.verify().map_err(fail("verifying the backup"))?;
         report.check("*", "backup-checksums", bad.is_empty(), format!("{} files differ", bad.len()));
         for vm in &vms {
-            progress(&format!("{}: restoring {}", s.name, vm.spec.name.get_ref()));
+            progress(&format!("{}: restoring {}", s.name, vm.name()));
             restore_and_check(vm, &reopened, &rspec.checks, opts, tl, report).await?;
         }
     }
@@ -148,6 +185,15 @@ async fn run_inner(
     Ok(())
 }
 
+/// Where the app keeps its store: on the root filesystem, or on a mounted data disk.
+fn app_dir(disk: &str) -> String {
+    if disk == "root" {
+        "/var/lib/quiesce-app".into()
+    } else {
+        format!("/mnt/{disk}")
+    }
+}
+
 fn label(s: VmState) -> &'static str {
     match s {
         VmState::Running => "running",
@@ -155,25 +201,33 @@ fn label(s: VmState) -> &'static str {
     }
 }
 
-/// Which method a VM gets, and why. (Child VM Snapshot is not built yet: `auto` says so.)
-fn choose_method(choice: MethodChoice) -> (String, Result<(), String>) {
-    match choice {
-        MethodChoice::SavedState => ("saved-state was chosen in the scenario".into(), Ok(())),
-        MethodChoice::Auto => ("auto: Child VM Snapshot is not available in this version of quiesce".into(), Ok(())),
-        MethodChoice::ChildSnapshot => (
-            String::new(),
-            Err("method child-snapshot was forced, but Child VM Snapshot is not available in this version of quiesce"
-                .into()),
-        ),
+fn record_choice(report: &mut Report, vm: &str, choice: &Choice) {
+    if let Some(r) = report.vm_mut(vm) {
+        r.method = Some(choice.method.as_str().into());
+        r.method_reason = Some(choice.reason.clone());
+        r.conditions = choice.conditions.iter().map(|v| (v.condition.name().to_owned(), v.outcome)).collect();
     }
 }
 
-async fn prepare_vm(
-    spec: &VmSpec,
-    opts: &RunOptions,
-    work: &std::path::Path,
-    progress: &mut dyn FnMut(&str),
-) -> Result<Vm, RunError> {
+/// A refused backup must leave everything as it was: no backup, no overlays, VMs as before.
+async fn refused_changed_nothing(vms: &[Vm], backup_path: &Path, snapdir: &Path, report: &mut Report) -> Result<(), RunError> {
+    report.check("*", "no-backup-written", !backup_path.exists(), format!("{} exists: {}", backup_path.display(), backup_path.exists()));
+    let overlays: Vec<String> = std::fs::read_dir(snapdir)
+        .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.ends_with("-overlay.qcow2")).collect())
+        .unwrap_or_default();
+    report.check("*", "no-overlays-left", overlays.is_empty(), format!("{overlays:?}"));
+    for vm in vms {
+        let st = runstate::query(&vm.guest.machine).await.map_err(fail("query-status"))?;
+        let want = label(vm.spec.state);
+        report.check(vm.name(), "state-unchanged", st.label() == want, format!("{want} before, {} after", st.label()));
+        if let Some(r) = report.vm_mut(vm.name()) {
+            r.state_after_backup = Some(st.label().into());
+        }
+    }
+    Ok(())
+}
+
+async fn prepare_vm(spec: &VmSpec, opts: &RunOptions, work: &Path, progress: &mut dyn FnMut(&str)) -> Result<Vm, RunError> {
     let name = spec.name.get_ref();
     let dir = work.join(name);
     std::fs::create_dir_all(&dir).map_err(fail("creating a VM folder"))?;
@@ -186,6 +240,7 @@ async fn prepare_vm(
             size: super::format::parse_size(d.size.get_ref()).map_err(RunError)?,
             filesystem: d.filesystem,
             files: d.files.clone(),
+            partitioning: d.partition,
         };
         let path = seed::create(&dir, &seed).map_err(fail(&format!("VM {name}")))?;
         extra.push(DiskConfig { node_name: seed.name, path, format: seed.format, read_only: false });
@@ -195,37 +250,39 @@ async fn prepare_vm(
     gopts.memory_mib = *spec.memory_mib.get_ref();
     gopts.extra_disks = extra;
     gopts.artifacts_dir = opts.artifacts_dir.clone();
+    gopts.disk_dir = Some(dir.clone());
     let guest = testguest::boot(gopts, progress).await.map_err(fail(&format!("booting VM {name}")))?;
     let agent = guest.machine.agent().map_err(fail(name))?;
     for d in &spec.disks {
         let d = d.get_ref();
-        if d.filesystem == Filesystem::Ext4 {
-            workload::mount_disk(agent, d.name.get_ref(), "ext4")
-                .await
-                .map_err(fail::<crate::qemu::exec::ExecError>("mounting a data disk"))?;
-        }
+        let fstype = match d.filesystem {
+            Filesystem::Ext4 => "ext4",
+            Filesystem::Vfat => "vfat",
+            Filesystem::None => continue,
+        };
+        workload::mount_disk(agent, d.name.get_ref(), fstype).await.map_err(gfail("mounting a data disk"))?;
     }
-    let boot_id =
-        Some(workload::boot_id(agent).await.map_err(fail::<crate::qemu::exec::ExecError>("reading boot_id"))?);
+    let boot_id = Some(workload::boot_id(agent).await.map_err(gfail("reading boot_id"))?);
     let mut counter_before = None;
     if spec.workload.counter {
-        workload::start_counter(agent).await.map_err(fail::<crate::qemu::exec::ExecError>("starting the counter"))?;
-        counter_before = Some(workload::wait_counter_above(agent, 0, T).await.map_err(fail::<
-            crate::qemu::exec::ExecError,
-        >(
-            "reading the counter"
-        ))?);
+        workload::start_counter(agent).await.map_err(gfail("starting the counter"))?;
+        counter_before = Some(workload::wait_counter_above(agent, 0, T).await.map_err(gfail("reading the counter"))?);
     }
     let journal = spec.workload.journal.as_ref().map(|j| format!("/mnt/{}/journal", j.get_ref()));
     if let Some(path) = &journal {
-        workload::start_journal(agent, path)
-            .await
-            .map_err(fail::<crate::qemu::exec::ExecError>("starting the journal"))?;
+        workload::start_journal(agent, path).await.map_err(gfail("starting the journal"))?;
+    }
+    let app = spec.workload.app.as_ref().map(|a| app_dir(a.get_ref()));
+    if let Some(dir) = &app {
+        workload::start_app(agent, dir).await.map_err(gfail("starting the app"))?;
+    }
+    if spec.agent == AgentState::Stopped {
+        workload::stop_agent(agent, T).await.map_err(fail("stopping the guest agent"))?;
     }
     if spec.state == VmState::Paused {
         pause(&guest.machine).await?;
     }
-    Ok(Vm { spec: spec.clone(), guest, boot_id, counter_before, journal })
+    Ok(Vm { spec: spec.clone(), guest, dir, boot_id, counter_before, journal, app })
 }
 
 async fn pause(m: &Machine) -> Result<(), RunError> {
@@ -234,47 +291,55 @@ async fn pause(m: &Machine) -> Result<(), RunError> {
     Ok(())
 }
 
-/// The VM is back as it was: same run state, disks active, workloads running on.
-async fn after_backup_checks(vm: &Vm, report: &mut Report) -> Result<(), RunError> {
+/// The VM is back as it was: same run state, disks active and its own (no overlay left),
+/// workloads running on with nothing lost.
+async fn after_backup_checks(vm: &Vm, method: Method, report: &mut Report) -> Result<(), RunError> {
     let m = &vm.guest.machine;
-    let name = m.name().to_owned();
+    let name = vm.name().to_owned();
     let st = runstate::query(m).await.map_err(fail("query-status"))?;
     if let Some(r) = report.vm_mut(&name) {
         r.state_after_backup = Some(st.label().into());
     }
     let want = label(vm.spec.state);
-    report.check(
-        &name,
-        "state-restored-after-backup",
-        st.label() == want,
-        format!("{want} before, {} after ({})", st.label(), st.status),
-    );
+    report.check(&name, "state-restored-after-backup", st.label() == want, format!("{want} before, {} after ({})", st.label(), st.status));
     let inactive = runstate::inactive_nodes(m).await.map_err(fail("query block nodes"))?;
     report.check(&name, "disks-active-after-backup", inactive.is_empty(), format!("inactive: {inactive:?}"));
-    if !st.running {
+    if method == Method::ChildSnapshot {
+        let (ok, detail) = own_images(m).await?;
+        report.check(&name, "overlays-merged", ok, detail);
+    }
+    if !st.running || vm.spec.agent == AgentState::Stopped {
         return Ok(());
     }
     let agent = m.agent().map_err(fail(&name))?;
     if vm.counter_before.is_some() {
-        let now = workload::read_counter(agent).await.map_err(fail("reading the counter"))?;
+        let now = workload::read_counter(agent).await.map_err(gfail("reading the counter"))?;
         let moved = workload::wait_counter_above(agent, now, T).await;
-        report.check(
-            &name,
-            "runs-on-after-backup",
-            moved.is_ok(),
-            format!("counter moved on from {now}: {}", moved.is_ok()),
-        );
+        report.check(&name, "runs-on-after-backup", moved.is_ok(), format!("counter moved on from {now}: {}", moved.is_ok()));
     }
     if let Some(path) = &vm.journal {
-        let j = workload::check_journal(agent, path).await.map_err(fail("checking the journal"))?;
-        report.check(
-            &name,
-            "nothing-lost-after-backup",
-            j.intact(),
-            format!("{} lines, first break {:?}", j.lines, j.first_break),
-        );
+        let j = workload::check_journal(agent, path).await.map_err(gfail("checking the journal"))?;
+        report.check(&name, "nothing-lost-after-backup", j.intact(), format!("{} lines, first break {:?}", j.lines, j.first_break));
     }
     Ok(())
+}
+
+/// True if every disk is back on its own image file and no overlay file is left beside it.
+async fn own_images(m: &Machine) -> Result<(bool, String), RunError> {
+    let blocks = m.qmp().execute_raw("query-block", serde_json::Value::Null, T).await.map_err(fail("query-block"))?;
+    let mut wrong = Vec::new();
+    for d in &m.config().disks {
+        let dev = format!("{}-dev", d.node_name);
+        let file = blocks
+            .as_array()
+            .and_then(|a| a.iter().find(|b| b["qdev"].as_str().is_some_and(|q| q.contains(&dev))))
+            .and_then(|b| b["inserted"]["file"].as_str())
+            .unwrap_or("?");
+        if Path::new(file) != d.path {
+            wrong.push(format!("{} on {file}", d.node_name));
+        }
+    }
+    Ok((wrong.is_empty(), if wrong.is_empty() { "every disk is on its own image".into() } else { wrong.join(", ") }))
 }
 
 async fn restore_and_check(
@@ -285,80 +350,111 @@ async fn restore_and_check(
     tl: &Timeline,
     report: &mut Report,
 ) -> Result<(), RunError> {
-    let name = vm.spec.name.get_ref().clone();
+    let name = vm.name().to_owned();
+    let vb = backup.vm(&name).ok_or_else(|| RunError(format!("the backup has no VM {name}")))?.clone();
     let mut ro = RestoreOptions::named(&format!("{name}-restored"));
     ro.artifacts_dir = opts.artifacts_dir.clone();
     ro.resume = false;
-    let restored = restore::saved_state(backup, &name, &ro, tl).await.map_err(fail("restore"))?;
-    let m = &restored.machine;
+    if checks.contains(&Check::FsckClean) {
+        // The root disk is ext4, and so are data disks seeded as ext4.
+        let mut ext4 = vec!["root".to_owned()];
+        ext4.extend(vm.spec.disks.iter().map(|d| d.get_ref()).filter(|d| d.filesystem == Filesystem::Ext4).map(|d| d.name.get_ref().clone()));
+        fsck_backup(backup, &vb, &ext4, report)?;
+    }
+    let mut restored = match vb.method {
+        Method::SavedState => restore::saved_state(backup, &name, &ro, tl).await,
+        Method::ChildSnapshot => restore::boot(backup, &name, &ro, tl).await,
+    }
+    .map_err(fail("restore"))?;
     if checks.contains(&Check::DisksMatchBackup) {
-        let vb = backup.vm(&name).expect("restored from it");
         let mut all = true;
         for d in &vb.disks {
             let overlay = &restored.disks.iter().find(|(n, _)| n == &d.node_name).expect("one overlay per disk").1;
-            let same = qemu_img::identical(
-                overlay,
-                crate::qemu::DiskFormat::Qcow2,
-                &backup.vm_dir(&name).join(&d.file),
-                d.format,
-            )
-            .map_err(fail("comparing a restored disk"))?;
+            let same = qemu_img::identical(overlay, DiskFormat::Qcow2, &backup.vm_dir(&name).join(&d.file), d.format)
+                .map_err(fail("comparing a restored disk"))?;
             all &= same;
         }
-        report.check(&name, "disks-match-backup", all, format!("{} disks compared", vb.disks.len()));
+        report.check(&name, "disks-match-backup", all, format!("{} disks compared before the guest ran", vb.disks.len()));
     }
-    let before = runstate::query(m).await.map_err(fail("query-status"))?;
-    let state_after_restore = if vm.spec.state == VmState::Running {
-        tl.step(Some(m.name()), "resume", restore::resume(m)).await.map_err(fail("resume"))?;
-        runstate::query(m).await.map_err(fail("query-status"))?.label().to_owned()
-    } else {
-        // A paused VM stays paused; it is continued only to look inside it.
-        let label = before.label().to_owned();
-        restore::resume(m).await.map_err(fail("resume for checks"))?;
-        label
+    let m = &mut restored.machine;
+    let state_after_restore = match vb.method {
+        Method::SavedState if vm.spec.state == VmState::Running => {
+            tl.step(Some(m.name()), "resume", restore::resume(m)).await.map_err(fail("resume"))?;
+            runstate::query(m).await.map_err(fail("query-status"))?.label().to_owned()
+        }
+        Method::SavedState => {
+            // A paused VM stays paused; it is continued only to look inside it.
+            let label = runstate::query(m).await.map_err(fail("query-status"))?.label().to_owned();
+            restore::resume(m).await.map_err(fail("resume for checks"))?;
+            label
+        }
+        Method::ChildSnapshot => {
+            let restored_name = m.name().to_owned();
+            tl.step(Some(&restored_name), "boot", async {
+                restore::resume(m).await?;
+                m.wait_agent(restore::BOOT_DEADLINE)
+                    .await
+                    .map_err(|e| crate::verify::RestoreError::Machine { vm: name.clone(), step: "boot".into(), error: e })
+            })
+            .await
+            .map_err(fail("booting the restored VM"))?;
+            "booted".to_owned()
+        }
     };
-    report.check(
-        &name,
-        "state-after-restore",
-        state_after_restore == label(vm.spec.state),
-        format!("{} after restore", state_after_restore),
-    );
+    let want = match vb.method {
+        Method::SavedState => label(vm.spec.state),
+        Method::ChildSnapshot => "booted",
+    };
+    report.check(&name, "state-after-restore", state_after_restore == want, format!("{state_after_restore} after restore"));
     report.restores.push(RestoreReport { vm: name.clone(), state_after_restore, restore_ms: restored.restore_ms });
+    if vm.spec.agent == AgentState::Stopped {
+        return Ok(());
+    }
+    let m = &restored.machine;
     let agent = m.agent().map_err(fail(&name))?;
     agent.wait_ready(T).await.map_err(fail("waiting for the restored guest's agent"))?;
+    if vb.method == Method::ChildSnapshot {
+        // A fresh boot: the data disks are not mounted yet.
+        for d in &vm.spec.disks {
+            if d.get_ref().filesystem == Filesystem::Ext4 {
+                workload::mount_disk(agent, d.get_ref().name.get_ref(), "ext4").await.map_err(gfail("mounting a restored disk"))?;
+            }
+        }
+    }
     for check in checks {
-        guest_check(*check, vm, agent, report).await?;
+        guest_check(*check, vm, vb.method, agent, report).await?;
     }
     Ok(())
 }
 
-async fn guest_check(check: Check, vm: &Vm, agent: &GuestAgent, report: &mut Report) -> Result<(), RunError> {
-    let name = vm.spec.name.get_ref().clone();
+/// `e2fsck -fn` of the backup's ext4 disks, read on the host.
+fn fsck_backup(backup: &Backup, vb: &crate::backup::VmBackup, ext4: &[String], report: &mut Report) -> Result<(), RunError> {
+    let mut bad = Vec::new();
+    for d in vb.disks.iter().filter(|d| ext4.contains(&d.node_name)) {
+        let r = fsck::ext4(&backup.vm_dir(&vb.name).join(&d.file), d.format).map_err(fail("e2fsck"))?;
+        if !r.clean {
+            bad.push(format!("{} (exit {}): {}", d.node_name, r.exit_code, r.tail));
+        }
+    }
+    let detail = if bad.is_empty() { format!("{} ext4 disks clean", ext4.len()) } else { bad.join("; ") };
+    report.check(&vb.name, "fsck-clean", bad.is_empty(), detail);
+    Ok(())
+}
+
+async fn guest_check(check: Check, vm: &Vm, method: Method, agent: &GuestAgent, report: &mut Report) -> Result<(), RunError> {
+    let name = vm.name().to_owned();
     match check {
-        Check::DisksMatchBackup => {}
+        Check::DisksMatchBackup | Check::FsckClean => {}
         Check::SameBoot => {
-            let now =
-                workload::boot_id(agent).await.map_err(fail::<crate::qemu::exec::ExecError>("reading boot_id"))?;
+            let now = workload::boot_id(agent).await.map_err(gfail("reading boot_id"))?;
             let same = Some(&now) == vm.boot_id.as_ref();
-            report.check(
-                &name,
-                "same-boot",
-                same,
-                if same { "boot_id unchanged".into() } else { format!("boot_id {now}") },
-            );
+            report.check(&name, "same-boot", same, if same { "boot_id unchanged".into() } else { format!("boot_id {now}") });
         }
         Check::CounterContinues => {
             let before = vm.counter_before.unwrap_or(0);
-            let c = workload::read_counter(agent)
-                .await
-                .map_err(fail::<crate::qemu::exec::ExecError>("reading the counter"))?;
+            let c = workload::read_counter(agent).await.map_err(gfail("reading the counter"))?;
             let moves = workload::wait_counter_above(agent, c, T).await.is_ok();
-            report.check(
-                &name,
-                "counter-continues",
-                c >= before && moves,
-                format!("{c} >= {before} read before the backup, and moving: {moves}"),
-            );
+            report.check(&name, "counter-continues", c >= before && moves, format!("{c} >= {before} read before the backup, and moving: {moves}"));
         }
         Check::FilesMatchSeed => {
             let mut bad = Vec::new();
@@ -378,22 +474,21 @@ async fn guest_check(check: Check, vm: &Vm, agent: &GuestAgent, report: &mut Rep
         Check::JournalIntact => match &vm.journal {
             None => report.check(&name, "journal-intact", false, "the VM has no journal workload"),
             Some(path) => {
-                let j = workload::check_journal(agent, path)
-                    .await
-                    .map_err(fail::<crate::qemu::exec::ExecError>("checking the journal"))?;
-                report.check(
-                    &name,
-                    "journal-intact",
-                    j.intact(),
-                    format!("{} lines, first break {:?}", j.lines, j.first_break),
-                );
+                let j = workload::check_journal(agent, path).await.map_err(gfail("checking the journal"))?;
+                report.check(&name, "journal-intact", j.intact(), format!("{} lines, first break {:?}", j.lines, j.first_break));
+            }
+        },
+        Check::AppConsistent => match &vm.app {
+            None => report.check(&name, "app-consistent", false, "the VM has no app workload"),
+            Some(dir) => {
+                if method == Method::SavedState {
+                    // Same boot: the writer runs on; stop it so the check sees a settled store.
+                    crate::qemu::exec::sh(agent, &format!("quiesce-app stop {dir}"), T).await.map_err(gfail("stopping the app"))?;
+                }
+                let r = workload::check_app(agent, dir).await.map_err(gfail("checking the app"))?;
+                report.check(&name, "app-consistent", r.is_ok(), r.unwrap_or_else(|e| e));
             }
         },
     }
     Ok(())
-}
-
-/// Probes QEMU once for a set of scenarios.
-pub async fn capabilities() -> Result<Capabilities, caps::CapsError> {
-    caps::probe(&default_qemu_binary()).await
 }

@@ -87,8 +87,9 @@ async fn launch_like(
     cfg.cpus = spec.cpus;
     cfg.agent = spec.agent;
     cfg.incoming_defer = incoming;
-    // A saved state is loaded into stopped vCPUs; a disk-only backup boots straight away.
-    cfg.start_paused = incoming;
+    // Stopped vCPUs: a saved state is loaded into them, and a disk-only restore can be
+    // inspected before the guest writes anything.
+    cfg.start_paused = true;
     if let Some(d) = &opts.artifacts_dir {
         cfg.artifacts_dir = d.clone();
     }
@@ -119,9 +120,10 @@ async fn launch_like(
 /// How long a restored VM booting from its backup has to bring its agent up.
 pub const BOOT_DEADLINE: Duration = Duration::from_secs(90);
 
-/// Restores a disk-only (Child VM Snapshot) backup: boots a new VM from the backed-up disks,
-/// the backed-up root disk itself included, and waits for its agent. Nothing from the
-/// guest that made the backup helps: this is the auto-recoverable test.
+/// Restores a disk-only (Child VM Snapshot) backup: a new VM on the backed-up disks, the
+/// backed-up root disk itself included. With `opts.resume` it boots and its agent is
+/// awaited; without, it is left before its first instruction. Nothing from the guest that
+/// made the backup helps: this is the auto-recoverable test.
 pub async fn boot(
     backup: &Backup,
     vm_name: &str,
@@ -134,9 +136,15 @@ pub async fn boot(
     let started = Instant::now();
     let (mut m, disks, disk_dir) =
         tl.step(Some(&opts.name), "launch from the backup's disks", launch_like(backup, vm, opts, false)).await?;
-    tl.step(Some(&opts.name), "boot until the agent answers", m.wait_agent(BOOT_DEADLINE))
-        .await
-        .map_err(|error| RestoreError::Machine { vm: vm.name.clone(), step: "boot".into(), error })?;
+    if opts.resume {
+        tl.step(Some(&opts.name), "boot until the agent answers", async {
+            resume(&m).await?;
+            m.wait_agent(BOOT_DEADLINE)
+                .await
+                .map_err(|error| RestoreError::Machine { vm: vm.name.clone(), step: "boot".into(), error })
+        })
+        .await?;
+    }
     Ok(Restored { machine: m, restore_ms: started.elapsed().as_secs_f64() * 1000.0, disks, _disk_dir: disk_dir })
 }
 
