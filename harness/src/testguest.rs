@@ -48,7 +48,8 @@ impl GuestOptions {
             memory_mib: 512,
             cpus: 1,
             extra_disks: Vec::new(),
-            artifacts_dir: None, disk_dir: None,
+            artifacts_dir: None,
+            disk_dir: None,
         }
     }
 }

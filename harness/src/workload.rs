@@ -38,14 +38,23 @@ pub async fn stop_agent(agent: &GuestAgent, deadline: Duration) -> Result<(), cr
     use serde_json::json;
     // The shell's parent is qemu-ga itself; the reply to guest-exec may or may not get out.
     let _ = agent
-        .execute_raw("guest-exec", json!({"path": "/bin/sh", "arg": ["-c", "kill -STOP $PPID"]}), Duration::from_secs(2))
+        .execute_raw(
+            "guest-exec",
+            json!({"path": "/bin/sh", "arg": ["-c", "kill -STOP $PPID"]}),
+            Duration::from_secs(2),
+        )
         .await;
     let until = tokio::time::Instant::now() + deadline;
     loop {
         match agent.execute_raw("guest-ping", serde_json::Value::Null, Duration::from_secs(1)).await {
-            Err(crate::qemu::AgentError::Timeout { .. } | crate::qemu::AgentError::NotResponding { .. }) => return Ok(()),
+            Err(crate::qemu::AgentError::Timeout { .. } | crate::qemu::AgentError::NotResponding { .. }) => {
+                return Ok(())
+            }
             _ if tokio::time::Instant::now() >= until => {
-                return Err(crate::qemu::AgentError::Timeout { command: "guest-ping (expected no answer)".into(), waited: deadline })
+                return Err(crate::qemu::AgentError::Timeout {
+                    command: "guest-ping (expected no answer)".into(),
+                    waited: deadline,
+                })
             }
             _ => continue,
         }
@@ -59,7 +68,8 @@ pub async fn start_app(agent: &GuestAgent, dir: &str) -> Result<(), ExecError> {
 
 /// The app's own consistency check on `dir`: Ok(line) when consistent, Err(line) if not.
 pub async fn check_app(agent: &GuestAgent, dir: &str) -> Result<Result<String, String>, ExecError> {
-    let out = exec::run(agent, &["/bin/sh", "-c", &format!("quiesce-app check {dir} 2>&1")], Duration::from_secs(120)).await?;
+    let out = exec::run(agent, &["/bin/sh", "-c", &format!("quiesce-app check {dir} 2>&1")], Duration::from_secs(120))
+        .await?;
     let line = out.stdout.lines().last().unwrap_or("").trim().to_owned();
     Ok(if out.success() && line.starts_with("consistent") { Ok(line) } else { Err(line) })
 }

@@ -9,7 +9,7 @@ use quiesce::backup::child_snapshot::{SnapshotSettings, Undo};
 use quiesce::backup::job::{self, JobSettings, MethodChoice};
 use quiesce::backup::saved_state::SaveSettings;
 use quiesce::backup::{BackupWriter, Method};
-use quiesce::image::seed::{self, DiskSeed, Filesystem};
+use quiesce::image::seed::{self, DiskSeed, Filesystem, Partitioning};
 use quiesce::qemu::{caps, DiskConfig, DiskFormat};
 use quiesce::timeline::Timeline;
 use quiesce::verify::{restore, RestoreOptions};
@@ -24,6 +24,7 @@ async fn snapshot_keeps_writes_made_during_the_backup_and_restores_bootable() {
         size: 64 << 20,
         filesystem: Filesystem::Ext4,
         files: Default::default(),
+        partitioning: Partitioning::None,
     };
     let path = seed::create(disks.path(), &seed).unwrap();
     let mut opts = common::options("cs");

@@ -85,7 +85,11 @@ pub fn create(dir: &Path, seed: &DiskSeed) -> Result<PathBuf, SeedError> {
                 .arg(&raw)
                 .env("SOURCE_DATE_EPOCH", SEED_TIME)
                 .output()
-                .map_err(|e| SeedError::Mkfs { disk: seed.name.clone(), tool: "mkfs.vfat (dosfstools)", stderr: e.to_string() })?;
+                .map_err(|e| SeedError::Mkfs {
+                    disk: seed.name.clone(),
+                    tool: "mkfs.vfat (dosfstools)",
+                    stderr: e.to_string(),
+                })?;
             if !out.status.success() {
                 let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
                 return Err(SeedError::Mkfs { disk: seed.name.clone(), tool: "mkfs.vfat", stderr });

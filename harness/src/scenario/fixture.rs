@@ -44,7 +44,11 @@ pub fn of(report: &Report) -> Fixture {
             method_reason: v.method_reason.clone(),
             conditions: v.conditions.iter().cloned().collect(),
             disks: v.disks.iter().map(|d| format!("{} {} {}", d.name, d.format, d.virtual_size)).collect(),
-            backup_disks: v.backup_disks.iter().map(|d| format!("{} {} {}", d.name, d.format, d.virtual_size)).collect(),
+            backup_disks: v
+                .backup_disks
+                .iter()
+                .map(|d| format!("{} {} {}", d.name, d.format, d.virtual_size))
+                .collect(),
             state_after_restore: report.restores.iter().find(|r| r.vm == v.name).map(|r| r.state_after_restore.clone()),
             checks: report
                 .checks

@@ -296,7 +296,10 @@ fn check(f: &ScenarioFile) -> Result<(), (Range<usize>, String)> {
                 ));
             }
             if d.partition != Partitioning::None && d.filesystem != Filesystem::None {
-                return Err((spanned.span(), format!("disk {dn}: a partition table goes on a disk without a filesystem")));
+                return Err((
+                    spanned.span(),
+                    format!("disk {dn}: a partition table goes on a disk without a filesystem"),
+                ));
             }
             if !d.files.is_empty() && d.filesystem == Filesystem::Vfat {
                 return Err((spanned.span(), format!("disk {dn}: seeding files is supported on ext4 only")));
@@ -327,7 +330,10 @@ fn check(f: &ScenarioFile) -> Result<(), (Range<usize>, String)> {
         }
         if vm.agent == AgentState::Stopped {
             let guest_side = vm.workload.counter || vm.workload.journal.is_some() || vm.workload.app.is_some();
-            let guest_checks = f.restore.as_ref().is_some_and(|r| r.checks.iter().any(|c| *c != Check::DisksMatchBackup && *c != Check::FsckClean));
+            let guest_checks = f
+                .restore
+                .as_ref()
+                .is_some_and(|r| r.checks.iter().any(|c| *c != Check::DisksMatchBackup && *c != Check::FsckClean));
             if guest_side || guest_checks {
                 return Err((vm.name.span(), format!("VM {name} has agent = \"stopped\", so it can have no workload and only disks-match-backup and fsck-clean checks")));
             }

@@ -97,7 +97,9 @@ async fn run_inner(
     let mut vms = Vec::new();
     for spec in s.vms() {
         progress(&format!("{}: booting {}", s.name, spec.name.get_ref()));
-        let vm = tl.step(Some(spec.name.get_ref()), "boot and prepare", prepare_vm(spec, opts, work.path(), progress)).await?;
+        let vm = tl
+            .step(Some(spec.name.get_ref()), "boot and prepare", prepare_vm(spec, opts, work.path(), progress))
+            .await?;
         report.accel = vm.guest.accel.accel.as_str().to_owned();
         report.vms.push(VmReport {
             name: vm.name().to_owned(),
@@ -129,12 +131,15 @@ async fn run_inner(
     let mut writer = BackupWriter::create(&backup_path, &caps.version).map_err(fail("creating the backup"))?;
     for vm in &vms {
         let m = &vm.guest.machine;
-        let snapdir = s.file.backup.snapshot_dir.as_ref().map(|d| PathBuf::from(d.get_ref())).unwrap_or_else(|| vm.dir.clone());
-        let settings = JobSettings { caps: &caps, save: SaveSettings::default(), snapshot: SnapshotSettings::new(&snapdir) };
+        let snapdir =
+            s.file.backup.snapshot_dir.as_ref().map(|d| PathBuf::from(d.get_ref())).unwrap_or_else(|| vm.dir.clone());
+        let settings =
+            JobSettings { caps: &caps, save: SaveSettings::default(), snapshot: SnapshotSettings::new(&snapdir) };
         let choice = match job::choose(m, s.file.backup.method, &snapdir, tl).await {
             Ok(c) => c,
             Err(BackupError::Refused { reasons, conditions, .. }) if s.file.backup.expect == Expect::Refused => {
-                let refusal = Choice { method: Method::ChildSnapshot, reason: format!("refused: {reasons}"), conditions };
+                let refusal =
+                    Choice { method: Method::ChildSnapshot, reason: format!("refused: {reasons}"), conditions };
                 record_choice(report, vm.name(), &refusal);
                 if let Some(r) = report.vm_mut(vm.name()) {
                     r.method = None;
@@ -153,7 +158,11 @@ async fn run_inner(
             r.backup_disks = b
                 .disks
                 .iter()
-                .map(|d| DiskReport { name: d.node_name.clone(), format: d.format.driver().into(), virtual_size: d.virtual_size })
+                .map(|d| DiskReport {
+                    name: d.node_name.clone(),
+                    format: d.format.driver().into(),
+                    virtual_size: d.virtual_size,
+                })
                 .collect();
         }
     }
@@ -210,10 +219,25 @@ fn record_choice(report: &mut Report, vm: &str, choice: &Choice) {
 }
 
 /// A refused backup must leave everything as it was: no backup, no overlays, VMs as before.
-async fn refused_changed_nothing(vms: &[Vm], backup_path: &Path, snapdir: &Path, report: &mut Report) -> Result<(), RunError> {
-    report.check("*", "no-backup-written", !backup_path.exists(), format!("{} exists: {}", backup_path.display(), backup_path.exists()));
+async fn refused_changed_nothing(
+    vms: &[Vm],
+    backup_path: &Path,
+    snapdir: &Path,
+    report: &mut Report,
+) -> Result<(), RunError> {
+    report.check(
+        "*",
+        "no-backup-written",
+        !backup_path.exists(),
+        format!("{} exists: {}", backup_path.display(), backup_path.exists()),
+    );
     let overlays: Vec<String> = std::fs::read_dir(snapdir)
-        .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.ends_with("-overlay.qcow2")).collect())
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with("-overlay.qcow2"))
+                .collect()
+        })
         .unwrap_or_default();
     report.check("*", "no-overlays-left", overlays.is_empty(), format!("{overlays:?}"));
     for vm in vms {
@@ -227,7 +251,12 @@ async fn refused_changed_nothing(vms: &[Vm], backup_path: &Path, snapdir: &Path,
     Ok(())
 }
 
-async fn prepare_vm(spec: &VmSpec, opts: &RunOptions, work: &Path, progress: &mut dyn FnMut(&str)) -> Result<Vm, RunError> {
+async fn prepare_vm(
+    spec: &VmSpec,
+    opts: &RunOptions,
+    work: &Path,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Vm, RunError> {
     let name = spec.name.get_ref();
     let dir = work.join(name);
     std::fs::create_dir_all(&dir).map_err(fail("creating a VM folder"))?;
@@ -301,7 +330,12 @@ async fn after_backup_checks(vm: &Vm, method: Method, report: &mut Report) -> Re
         r.state_after_backup = Some(st.label().into());
     }
     let want = label(vm.spec.state);
-    report.check(&name, "state-restored-after-backup", st.label() == want, format!("{want} before, {} after ({})", st.label(), st.status));
+    report.check(
+        &name,
+        "state-restored-after-backup",
+        st.label() == want,
+        format!("{want} before, {} after ({})", st.label(), st.status),
+    );
     let inactive = runstate::inactive_nodes(m).await.map_err(fail("query block nodes"))?;
     report.check(&name, "disks-active-after-backup", inactive.is_empty(), format!("inactive: {inactive:?}"));
     if method == Method::ChildSnapshot {
@@ -315,11 +349,21 @@ async fn after_backup_checks(vm: &Vm, method: Method, report: &mut Report) -> Re
     if vm.counter_before.is_some() {
         let now = workload::read_counter(agent).await.map_err(gfail("reading the counter"))?;
         let moved = workload::wait_counter_above(agent, now, T).await;
-        report.check(&name, "runs-on-after-backup", moved.is_ok(), format!("counter moved on from {now}: {}", moved.is_ok()));
+        report.check(
+            &name,
+            "runs-on-after-backup",
+            moved.is_ok(),
+            format!("counter moved on from {now}: {}", moved.is_ok()),
+        );
     }
     if let Some(path) = &vm.journal {
         let j = workload::check_journal(agent, path).await.map_err(gfail("checking the journal"))?;
-        report.check(&name, "nothing-lost-after-backup", j.intact(), format!("{} lines, first break {:?}", j.lines, j.first_break));
+        report.check(
+            &name,
+            "nothing-lost-after-backup",
+            j.intact(),
+            format!("{} lines, first break {:?}", j.lines, j.first_break),
+        );
     }
     Ok(())
 }
@@ -358,7 +402,14 @@ async fn restore_and_check(
     if checks.contains(&Check::FsckClean) {
         // The root disk is ext4, and so are data disks seeded as ext4.
         let mut ext4 = vec!["root".to_owned()];
-        ext4.extend(vm.spec.disks.iter().map(|d| d.get_ref()).filter(|d| d.filesystem == Filesystem::Ext4).map(|d| d.name.get_ref().clone()));
+        ext4.extend(
+            vm.spec
+                .disks
+                .iter()
+                .map(|d| d.get_ref())
+                .filter(|d| d.filesystem == Filesystem::Ext4)
+                .map(|d| d.name.get_ref().clone()),
+        );
         fsck_backup(backup, &vb, &ext4, report)?;
     }
     let mut restored = match vb.method {
@@ -374,7 +425,12 @@ async fn restore_and_check(
                 .map_err(fail("comparing a restored disk"))?;
             all &= same;
         }
-        report.check(&name, "disks-match-backup", all, format!("{} disks compared before the guest ran", vb.disks.len()));
+        report.check(
+            &name,
+            "disks-match-backup",
+            all,
+            format!("{} disks compared before the guest ran", vb.disks.len()),
+        );
     }
     let m = &mut restored.machine;
     let state_after_restore = match vb.method {
@@ -392,9 +448,11 @@ async fn restore_and_check(
             let restored_name = m.name().to_owned();
             tl.step(Some(&restored_name), "boot", async {
                 restore::resume(m).await?;
-                m.wait_agent(restore::BOOT_DEADLINE)
-                    .await
-                    .map_err(|e| crate::verify::RestoreError::Machine { vm: name.clone(), step: "boot".into(), error: e })
+                m.wait_agent(restore::BOOT_DEADLINE).await.map_err(|e| crate::verify::RestoreError::Machine {
+                    vm: name.clone(),
+                    step: "boot".into(),
+                    error: e,
+                })
             })
             .await
             .map_err(fail("booting the restored VM"))?;
@@ -405,7 +463,12 @@ async fn restore_and_check(
         Method::SavedState => label(vm.spec.state),
         Method::ChildSnapshot => "booted",
     };
-    report.check(&name, "state-after-restore", state_after_restore == want, format!("{state_after_restore} after restore"));
+    report.check(
+        &name,
+        "state-after-restore",
+        state_after_restore == want,
+        format!("{state_after_restore} after restore"),
+    );
     report.restores.push(RestoreReport { vm: name.clone(), state_after_restore, restore_ms: restored.restore_ms });
     if vm.spec.agent == AgentState::Stopped {
         return Ok(());
@@ -417,7 +480,9 @@ async fn restore_and_check(
         // A fresh boot: the data disks are not mounted yet.
         for d in &vm.spec.disks {
             if d.get_ref().filesystem == Filesystem::Ext4 {
-                workload::mount_disk(agent, d.get_ref().name.get_ref(), "ext4").await.map_err(gfail("mounting a restored disk"))?;
+                workload::mount_disk(agent, d.get_ref().name.get_ref(), "ext4")
+                    .await
+                    .map_err(gfail("mounting a restored disk"))?;
             }
         }
     }
@@ -428,7 +493,12 @@ async fn restore_and_check(
 }
 
 /// `e2fsck -fn` of the backup's ext4 disks, read on the host.
-fn fsck_backup(backup: &Backup, vb: &crate::backup::VmBackup, ext4: &[String], report: &mut Report) -> Result<(), RunError> {
+fn fsck_backup(
+    backup: &Backup,
+    vb: &crate::backup::VmBackup,
+    ext4: &[String],
+    report: &mut Report,
+) -> Result<(), RunError> {
     let mut bad = Vec::new();
     for d in vb.disks.iter().filter(|d| ext4.contains(&d.node_name)) {
         let r = fsck::ext4(&backup.vm_dir(&vb.name).join(&d.file), d.format).map_err(fail("e2fsck"))?;
@@ -441,20 +511,36 @@ fn fsck_backup(backup: &Backup, vb: &crate::backup::VmBackup, ext4: &[String], r
     Ok(())
 }
 
-async fn guest_check(check: Check, vm: &Vm, method: Method, agent: &GuestAgent, report: &mut Report) -> Result<(), RunError> {
+async fn guest_check(
+    check: Check,
+    vm: &Vm,
+    method: Method,
+    agent: &GuestAgent,
+    report: &mut Report,
+) -> Result<(), RunError> {
     let name = vm.name().to_owned();
     match check {
         Check::DisksMatchBackup | Check::FsckClean => {}
         Check::SameBoot => {
             let now = workload::boot_id(agent).await.map_err(gfail("reading boot_id"))?;
             let same = Some(&now) == vm.boot_id.as_ref();
-            report.check(&name, "same-boot", same, if same { "boot_id unchanged".into() } else { format!("boot_id {now}") });
+            report.check(
+                &name,
+                "same-boot",
+                same,
+                if same { "boot_id unchanged".into() } else { format!("boot_id {now}") },
+            );
         }
         Check::CounterContinues => {
             let before = vm.counter_before.unwrap_or(0);
             let c = workload::read_counter(agent).await.map_err(gfail("reading the counter"))?;
             let moves = workload::wait_counter_above(agent, c, T).await.is_ok();
-            report.check(&name, "counter-continues", c >= before && moves, format!("{c} >= {before} read before the backup, and moving: {moves}"));
+            report.check(
+                &name,
+                "counter-continues",
+                c >= before && moves,
+                format!("{c} >= {before} read before the backup, and moving: {moves}"),
+            );
         }
         Check::FilesMatchSeed => {
             let mut bad = Vec::new();
@@ -475,7 +561,12 @@ async fn guest_check(check: Check, vm: &Vm, method: Method, agent: &GuestAgent, 
             None => report.check(&name, "journal-intact", false, "the VM has no journal workload"),
             Some(path) => {
                 let j = workload::check_journal(agent, path).await.map_err(gfail("checking the journal"))?;
-                report.check(&name, "journal-intact", j.intact(), format!("{} lines, first break {:?}", j.lines, j.first_break));
+                report.check(
+                    &name,
+                    "journal-intact",
+                    j.intact(),
+                    format!("{} lines, first break {:?}", j.lines, j.first_break),
+                );
             }
         },
         Check::AppConsistent => match &vm.app {
@@ -483,7 +574,9 @@ async fn guest_check(check: Check, vm: &Vm, method: Method, agent: &GuestAgent, 
             Some(dir) => {
                 if method == Method::SavedState {
                     // Same boot: the writer runs on; stop it so the check sees a settled store.
-                    crate::qemu::exec::sh(agent, &format!("quiesce-app stop {dir}"), T).await.map_err(gfail("stopping the app"))?;
+                    crate::qemu::exec::sh(agent, &format!("quiesce-app stop {dir}"), T)
+                        .await
+                        .map_err(gfail("stopping the app"))?;
                 }
                 let r = workload::check_app(agent, dir).await.map_err(gfail("checking the app"))?;
                 report.check(&name, "app-consistent", r.is_ok(), r.unwrap_or_else(|e| e));

@@ -139,9 +139,11 @@ pub async fn boot(
     if opts.resume {
         tl.step(Some(&opts.name), "boot until the agent answers", async {
             resume(&m).await?;
-            m.wait_agent(BOOT_DEADLINE)
-                .await
-                .map_err(|error| RestoreError::Machine { vm: vm.name.clone(), step: "boot".into(), error })
+            m.wait_agent(BOOT_DEADLINE).await.map_err(|error| RestoreError::Machine {
+                vm: vm.name.clone(),
+                step: "boot".into(),
+                error,
+            })
         })
         .await?;
     }
