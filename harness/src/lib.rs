@@ -6,6 +6,7 @@
 pub mod backup;
 pub mod bench;
 pub mod image;
+pub mod interrupt;
 pub mod qemu;
 pub mod scenario;
 pub mod testguest;

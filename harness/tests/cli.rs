@@ -44,3 +44,38 @@ fn verify_refuses_a_folder_that_is_not_a_backup() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("is not a quiesce backup"), "{stderr}");
 }
+
+/// A real SIGINT to the harness between the freeze and the thaw: the guest is thawed, the
+/// overlay merged, the VM running as before, no backup, and the exit code says interrupted.
+#[test]
+fn sigint_between_freeze_and_thaw_puts_everything_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("sigint.toml");
+    std::fs::write(
+        &file,
+        "description = \"real SIGINT after the freeze\"\n\n[[vm]]\nname = \"vm1\"\nworkload = { journal = \"data\" }\n\n\
+         [[vm.disk]]\nname = \"data\"\nformat = \"qcow2\"\nsize = \"32M\"\nfilesystem = \"ext4\"\n\n\
+         [[fault]]\nvm = \"vm1\"\nkind = \"sigint-after-freeze\"\n\n[backup]\nmethod = \"auto\"\nexpect = \"interrupted\"\n",
+    )
+    .unwrap();
+    let reports = dir.path().join("reports");
+    let out = quiesce().arg("run").arg(&file).arg("--report-dir").arg(&reports).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(reports.join("sigint.json")).unwrap()).unwrap();
+    let checks = report["checks"].as_array().unwrap();
+    let passed = |name: &str| checks.iter().any(|c| c["check"] == name && c["passed"] == true);
+    for c in [
+        "backup-failed-as-expected",
+        "every-vm-put-back",
+        "no-backup-written",
+        "guest-thawed",
+        "no-overlays-left",
+        "state-unchanged",
+        "nothing-lost",
+    ] {
+        assert!(passed(c), "{c} did not pass: {report:#}");
+    }
+    assert_eq!(report["failure"], "interrupted in PrepareForSnapshot");
+}

@@ -28,6 +28,7 @@ fn run_scenario(path: &Path) -> Result<(), Failed> {
         artifacts_dir: Some(tmp.join("quiesce-artifacts")),
         work_dir: tmp.join("scenario-work"),
         keep_backup: false,
+        interrupt: None,
     };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let report = rt.block_on(scenario::run(&s, &opts, &mut |m| eprintln!("  {m}")));

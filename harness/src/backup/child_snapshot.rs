@@ -32,6 +32,15 @@ pub struct SnapshotSettings {
     pub merge_deadline: Duration,
     /// Re-read each copied image against the frozen one (`qemu-img compare`).
     pub verify_capture: bool,
+    /// Disks (node names) the host cannot back up (pass-through, iSCSI): left out.
+    pub exclude: Vec<String>,
+    /// Fault injection: this disk's snapshot asks QEMU for an overlay at a path that cannot
+    /// be created, so the whole transaction fails (and, being atomic, changes nothing).
+    pub uncreatable_overlay_for: Option<String>,
+    /// Fault injection: fire this interruption as soon as the guest is frozen.
+    pub after_freeze: Option<crate::interrupt::Interrupt>,
+    /// Fault injection: send this process SIGINT as soon as the guest is frozen.
+    pub sigint_after_freeze: bool,
 }
 
 impl SnapshotSettings {
@@ -42,6 +51,10 @@ impl SnapshotSettings {
             thaw_deadline: Duration::from_secs(10),
             merge_deadline: Duration::from_secs(300),
             verify_capture: true,
+            exclude: vec![],
+            uncreatable_overlay_for: None,
+            after_freeze: None,
+            sigint_after_freeze: false,
         }
     }
 }
@@ -81,6 +94,14 @@ fn lock(u: &Mutex<Undo>) -> std::sync::MutexGuard<'_, Undo> {
     u.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// A VM after PrepareForSnapshot: one overlay per disk took its writes from the snapshot
+/// point on, and the guest is thawed. The images under the overlays are the backup.
+#[derive(Debug, Clone, Copy)]
+pub struct Frozen {
+    window_ms: f64,
+    host_ms: f64,
+}
+
 /// Backs up `m`'s disks into `dir`. On error the VM is put back (thawed, merged, overlays
 /// removed) before returning; if that fails too, the error says so.
 pub async fn snapshot(
@@ -90,24 +111,58 @@ pub async fn snapshot(
     tl: &Timeline,
     undo: &Mutex<Undo>,
 ) -> Result<Snapshotted, BackupError> {
-    match snapshot_inner(m, settings, dir, tl, undo).await {
-        Ok(s) => Ok(s),
-        Err(e) => match tl.step(Some(m.name()), "undo", recover(m, settings, undo)).await {
-            Ok(()) => Err(e),
-            Err(undo_err) => {
-                Err(BackupError::UndoFailed { vm: m.name().to_owned(), error: Box::new(e), undo: Box::new(undo_err) })
-            }
-        },
+    let frozen = prepare(m, settings, tl, undo).await?;
+    post(m, settings, dir, tl, undo, frozen).await
+}
+
+async fn undo_after(
+    m: &Machine,
+    settings: &SnapshotSettings,
+    undo: &Mutex<Undo>,
+    tl: &Timeline,
+    e: BackupError,
+) -> BackupError {
+    match tl.step(Some(m.name()), "undo", recover(m, settings, undo)).await {
+        Ok(()) => e,
+        Err(u) => BackupError::UndoFailed { vm: m.name().to_owned(), error: Box::new(e), undo: Box::new(u) },
     }
 }
 
-async fn snapshot_inner(
+/// PrepareForSnapshot: overlays made and added, the guest frozen, every disk snapshotted
+/// in one transaction, the guest thawed. On an error everything is undone first.
+pub async fn prepare(
+    m: &Machine,
+    settings: &SnapshotSettings,
+    tl: &Timeline,
+    undo: &Mutex<Undo>,
+) -> Result<Frozen, BackupError> {
+    match prepare_inner(m, settings, tl, undo).await {
+        Ok(f) => Ok(f),
+        Err(e) => Err(undo_after(m, settings, undo, tl, e).await),
+    }
+}
+
+/// PostSnapshot: the frozen images are copied out, and the overlays merged back.
+pub async fn post(
     m: &Machine,
     settings: &SnapshotSettings,
     dir: &Path,
     tl: &Timeline,
     undo: &Mutex<Undo>,
+    frozen: Frozen,
 ) -> Result<Snapshotted, BackupError> {
+    match post_inner(m, settings, dir, tl, undo, frozen).await {
+        Ok(s) => Ok(s),
+        Err(e) => Err(undo_after(m, settings, undo, tl, e).await),
+    }
+}
+
+async fn prepare_inner(
+    m: &Machine,
+    settings: &SnapshotSettings,
+    tl: &Timeline,
+    undo: &Mutex<Undo>,
+) -> Result<Frozen, BackupError> {
     let vm = Some(m.name());
     tl.step(vm, "prepare overlays", prepare_overlays(m, settings, undo)).await?;
     let agent = m.agent().map_err(|e| BackupError::step(m.name(), "guest agent", e))?;
@@ -122,17 +177,38 @@ async fn snapshot_inner(
         })
         .await;
     let t_frozen = Instant::now();
+    if frozen.is_ok() {
+        if let Some(i) = &settings.after_freeze {
+            i.trigger();
+        }
+        if settings.sigint_after_freeze {
+            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGINT);
+        }
+        // Let an interruption be seen here, between the freeze and the thaw.
+        tokio::task::yield_now().await;
+    }
     let snap = match frozen {
-        Ok(_) => tl.step(vm, "snapshot all disks (transaction)", transaction(m, undo)).await,
+        Ok(_) => tl.step(vm, "snapshot all disks (transaction)", transaction(m, settings, undo)).await,
         Err(e) => Err(e),
     };
     let t_thaw = Instant::now();
     // Thaw whatever happened above; a failure here is reported, and recover() tries again.
-    tl.step(vm, "thaw", thaw(m, settings, undo)).await?;
+    let thawed = tl.step(vm, "thaw", thaw(m, settings, undo)).await;
     let window = t_freeze.elapsed();
     snap?;
-    let host_ms = (t_thaw - t_frozen).as_secs_f64() * 1000.0;
+    thawed?;
+    Ok(Frozen { window_ms: window.as_secs_f64() * 1000.0, host_ms: (t_thaw - t_frozen).as_secs_f64() * 1000.0 })
+}
 
+async fn post_inner(
+    m: &Machine,
+    settings: &SnapshotSettings,
+    dir: &Path,
+    tl: &Timeline,
+    undo: &Mutex<Undo>,
+    frozen: Frozen,
+) -> Result<Snapshotted, BackupError> {
+    let vm = Some(m.name());
     let t = Instant::now();
     let mut disks = tl.step(vm, "copy frozen images", copy_out(m, settings, dir, undo)).await?;
     let capture_ms = t.elapsed().as_secs_f64() * 1000.0;
@@ -144,8 +220,8 @@ async fn snapshot_inner(
         disks,
         timings: Timings {
             capture_ms,
-            freeze_window_ms: Some(window.as_secs_f64() * 1000.0),
-            freeze_host_ms: Some(host_ms),
+            freeze_window_ms: Some(frozen.window_ms),
+            freeze_host_ms: Some(frozen.host_ms),
             merge_ms: Some(merge_ms),
             ..Default::default()
         },
@@ -153,7 +229,12 @@ async fn snapshot_inner(
 }
 
 async fn prepare_overlays(m: &Machine, settings: &SnapshotSettings, undo: &Mutex<Undo>) -> Result<(), BackupError> {
-    for d in m.config().disks.clone() {
+    let disks: Vec<DiskConfig> =
+        m.config().disks.iter().filter(|d| !settings.exclude.contains(&d.node_name)).cloned().collect();
+    for d in disks {
+        if settings.uncreatable_overlay_for.as_ref() == Some(&d.node_name) {
+            continue;
+        }
         let node = format!("{}-snap", d.node_name);
         let path = settings.snapshot_dir.join(format!("{}-{}-overlay.qcow2", m.name(), d.node_name));
         let img = |error| BackupError::Image { vm: m.name().to_owned(), disk: d.node_name.clone(), error };
@@ -175,14 +256,20 @@ async fn prepare_overlays(m: &Machine, settings: &SnapshotSettings, undo: &Mutex
     Ok(())
 }
 
-async fn transaction(m: &Machine, undo: &Mutex<Undo>) -> Result<(), BackupError> {
-    let actions: Vec<Value> = lock(undo)
+async fn transaction(m: &Machine, settings: &SnapshotSettings, undo: &Mutex<Undo>) -> Result<(), BackupError> {
+    let mut actions: Vec<Value> = lock(undo)
         .overlays
         .iter()
         .map(|o| json!({"type": "blockdev-snapshot", "data": {"node": o.disk.node_name, "overlay": o.node}}))
         .collect();
-    qmp(m, "transaction", json!({ "actions": actions })).await?;
+    if let Some(disk) = &settings.uncreatable_overlay_for {
+        actions.push(json!({"type": "blockdev-snapshot-sync", "data": {
+            "node-name": disk, "snapshot-node-name": format!("{disk}-snap"), "format": "qcow2",
+            "snapshot-file": "/nonexistent-quiesce-fault/overlay.qcow2"}}));
+    }
+    // Logged before it is sent: if this future is dropped mid-way, recovery must look.
     lock(undo).snapshotted = true;
+    qmp(m, "transaction", json!({ "actions": actions })).await?;
     Ok(())
 }
 
@@ -249,17 +336,35 @@ async fn hash(vm: &str, dir: &Path, disks: &mut [DiskEntry]) -> Result<(), Backu
     Ok(())
 }
 
-/// Commits every overlay back into its disk (active commit, then pivot), then removes the
-/// overlay nodes and files. Afterwards the VM runs on its original images.
+/// Commits every overlay that is active back into its disk (active commit, then pivot),
+/// then removes the overlay nodes and files. Afterwards the VM runs on its original images.
+///
+/// What is active is asked of QEMU, not taken from the log: an interruption can land after
+/// QEMU ran the transaction but before the log recorded it.
 async fn merge(m: &Machine, settings: &SnapshotSettings, undo: &Mutex<Undo>) -> Result<(), BackupError> {
     let overlays = lock(undo).overlays.clone();
-    if lock(undo).snapshotted {
-        for o in &overlays {
-            commit_one(m, o, settings.merge_deadline).await?;
-        }
+    if overlays.is_empty() {
         lock(undo).snapshotted = false;
+        return Ok(());
     }
+    let active = active_roots(m).await?;
+    for o in overlays.iter().filter(|o| active.contains(&o.node)) {
+        commit_one(m, o, settings.merge_deadline).await?;
+    }
+    lock(undo).snapshotted = false;
     remove_overlays(m, undo).await
+}
+
+/// The node names attached to the VM's devices right now.
+async fn active_roots(m: &Machine) -> Result<Vec<String>, BackupError> {
+    let blocks = qmp(m, "query-block", Value::Null).await?;
+    Ok(blocks
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or(&[])
+        .iter()
+        .filter_map(|b| b["inserted"]["node-name"].as_str().map(str::to_owned))
+        .collect())
 }
 
 async fn commit_one(m: &Machine, o: &Overlay, deadline: Duration) -> Result<(), BackupError> {
@@ -286,13 +391,18 @@ async fn commit_one(m: &Machine, o: &Overlay, deadline: Duration) -> Result<(), 
     Ok(())
 }
 
+/// Deletes the overlay nodes, then their files. A file is deleted only once QEMU no longer
+/// holds its node; one that is still in use stays in the log, for a later attempt.
 async fn remove_overlays(m: &Machine, undo: &Mutex<Undo>) -> Result<(), BackupError> {
-    let overlays = std::mem::take(&mut lock(undo).overlays);
+    let overlays = lock(undo).overlays.clone();
     let mut first_err = None;
-    for o in &overlays {
+    let mut kept = Vec::new();
+    for o in overlays {
         if o.added {
             if let Err(e) = qmp(m, "blockdev-del", json!({"node-name": o.node})).await {
                 first_err.get_or_insert(e);
+                kept.push(o);
+                continue;
             }
         }
         if let Err(e) = std::fs::remove_file(&o.path) {
@@ -301,6 +411,7 @@ async fn remove_overlays(m: &Machine, undo: &Mutex<Undo>) -> Result<(), BackupEr
             }
         }
     }
+    lock(undo).overlays = kept;
     first_err.map_or(Ok(()), Err)
 }
 

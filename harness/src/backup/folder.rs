@@ -185,6 +185,7 @@ mod tests {
                 kernel: "boot/vmlinuz".into(),
                 initrd: "boot/initrd.img".into(),
                 append: "".into(),
+                disk_order: vec!["d".into()],
             },
             disks: vec![DiskEntry {
                 node_name: "d".into(),
@@ -195,6 +196,7 @@ mod tests {
                 sha256,
             }],
             state: None,
+            excluded: vec![],
             timings: Timings::default(),
         }
     }

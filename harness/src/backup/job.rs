@@ -90,6 +90,7 @@ pub fn machine_spec(m: &Machine, dir: &Path) -> Result<MachineSpec, BackupError>
         kernel: "boot/vmlinuz".into(),
         initrd: "boot/initrd.img".into(),
         append: cfg.boot.append.clone(),
+        disk_order: cfg.disks.iter().map(|d| d.node_name.clone()).collect(),
     })
 }
 
@@ -132,6 +133,7 @@ pub async fn backup(
         machine,
         disks,
         state,
+        excluded: vec![],
         timings,
     };
     writer.add(vm.clone());

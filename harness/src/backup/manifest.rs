@@ -47,6 +47,10 @@ pub struct VmBackup {
     pub disks: Vec<DiskEntry>,
     /// The RAM and device state (Saved State only).
     pub state: Option<StateEntry>,
+    /// Disks the host could not back up (pass-through, iSCSI). A restore attaches blank
+    /// disks in their place, so the machine has the same devices.
+    #[serde(default)]
+    pub excluded: Vec<ExcludedDisk>,
     pub timings: Timings,
 }
 
@@ -63,6 +67,16 @@ pub struct MachineSpec {
     pub kernel: String,
     pub initrd: String,
     pub append: String,
+    /// Every disk's node name, in device order (backed up or not).
+    #[serde(default)]
+    pub disk_order: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ExcludedDisk {
+    pub node_name: String,
+    pub virtual_size: u64,
+    pub why: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

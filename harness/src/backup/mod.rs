@@ -5,8 +5,10 @@ pub mod conditions;
 pub mod folder;
 pub mod job;
 pub mod manifest;
+pub mod passthrough;
 pub mod runstate;
 pub mod saved_state;
+pub mod set;
 
 pub use folder::{Backup, BackupWriter, FolderError};
 pub use manifest::{Manifest, Method, VmBackup};

@@ -28,6 +28,11 @@ pub struct SaveSettings {
     pub migrate_deadline: Duration,
     /// Re-read each captured disk against the VM's own image (`qemu-img compare`).
     pub verify_capture: bool,
+    /// Disks (node names) the host cannot back up (pass-through, iSCSI): left out.
+    pub exclude: Vec<String>,
+    /// Where the state is written, if not `state.bin` in the backup (fault injection uses
+    /// a target that cannot be written).
+    pub state_path: Option<std::path::PathBuf>,
 }
 
 impl Default for SaveSettings {
@@ -37,6 +42,8 @@ impl Default for SaveSettings {
             multifd_channels: 2,
             migrate_deadline: Duration::from_secs(300),
             verify_capture: true,
+            exclude: vec![],
+            state_path: None,
         }
     }
 }
@@ -94,8 +101,18 @@ pub struct Saved {
     pub timings: Timings,
 }
 
-/// Saves `m` into `dir` (state file and disks). Whatever happens, the VM is returned to the
-/// run state it had before; an error says what failed and whether the return worked.
+/// A VM after PrepareForSnapshot: its RAM and device state are in the file, and it is held
+/// saved (not running, disks inactive) until [`post`] or [`undo`].
+#[derive(Debug)]
+pub struct Prepared {
+    pub before: RunState,
+    plan: Plan,
+    stopped_at: Instant,
+    save_secs: f64,
+    mb_per_s: f64,
+}
+
+/// Saves `m` into `dir` (state file and disks) and returns it to its prior run state.
 pub async fn save(
     m: &Machine,
     caps: &Capabilities,
@@ -103,6 +120,19 @@ pub async fn save(
     dir: &Path,
     tl: &Timeline,
 ) -> Result<Saved, BackupError> {
+    let prepared = prepare(m, caps, settings, dir, tl).await?;
+    post(m, caps, settings, dir, tl, prepared).await
+}
+
+/// PrepareForSnapshot: records the run state, stops the VM and saves its state to
+/// `dir/state.bin`. On an error the VM is returned to its prior state before returning.
+pub async fn prepare(
+    m: &Machine,
+    caps: &Capabilities,
+    settings: &SaveSettings,
+    dir: &Path,
+    tl: &Timeline,
+) -> Result<Prepared, BackupError> {
     let vm = Some(m.name());
     let before = tl
         .step(vm, "record run state", async {
@@ -110,32 +140,80 @@ pub async fn save(
         })
         .await?;
     let stopped_at = Instant::now();
-    let result = save_while_stopped(m, caps, settings, dir, tl, &before).await;
-    let back = tl.step(vm, "return to prior state", return_to(m, &before, caps)).await;
-    let downtime = before.running.then(|| stopped_at.elapsed().as_secs_f64() * 1000.0);
-    match (result, back) {
-        (Ok(mut saved), Ok(())) => {
-            saved.timings.downtime_ms = downtime;
-            // Hashing needs only the copies, so it runs after the VM is back, not in its downtime.
-            tl.step(vm, "hash the backup files", hash_files(m.name(), dir, &mut saved)).await?;
-            Ok(saved)
-        }
-        (Ok(_), Err(e)) => Err(e),
-        (Err(e), Ok(())) => Err(e),
-        (Err(e), Err(undo)) => {
-            Err(BackupError::UndoFailed { vm: m.name().to_owned(), error: Box::new(e), undo: Box::new(undo) })
-        }
+    match save_state(m, caps, settings, dir, tl, &before).await {
+        Ok((plan, save_secs, mb_per_s)) => Ok(Prepared { before, plan, stopped_at, save_secs, mb_per_s }),
+        Err(e) => Err(with_undo(m, e, undo(m, caps, &before, tl).await)),
     }
 }
 
-async fn save_while_stopped(
+/// PostSnapshot: captures the disks as they stand at the save point, returns the VM to its
+/// prior state, then hashes the files.
+pub async fn post(
+    m: &Machine,
+    caps: &Capabilities,
+    settings: &SaveSettings,
+    dir: &Path,
+    tl: &Timeline,
+    p: Prepared,
+) -> Result<Saved, BackupError> {
+    let vm = Some(m.name());
+    let t = Instant::now();
+    let captured = tl.step(vm, "capture disks", capture_disks(m, dir, settings)).await;
+    let capture_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let back = tl.step(vm, "return to prior state", return_to(m, &p.before, caps)).await;
+    let downtime_ms = p.before.running.then(|| p.stopped_at.elapsed().as_secs_f64() * 1000.0);
+    let disks = match (captured, back) {
+        (Ok(d), Ok(())) => d,
+        (Err(e), Ok(())) | (Ok(_), Err(e)) => return Err(e),
+        (Err(e), Err(u)) => return Err(with_undo(m, e, Err(u))),
+    };
+    let state_path = dir.join("state.bin");
+    let bytes = std::fs::metadata(&state_path).map_err(|e| BackupError::io(m.name(), "stat the state file", e))?.len();
+    let mut saved = Saved {
+        before: p.before,
+        state: StateEntry {
+            file: "state.bin".into(),
+            bytes,
+            sha256: String::new(),
+            mapped_ram: p.plan.mapped_ram,
+            multifd_channels: p.plan.multifd_channels,
+        },
+        disks,
+        timings: Timings {
+            downtime_ms,
+            save_ms: Some(p.save_secs * 1000.0),
+            save_mb_per_s: Some(p.mb_per_s),
+            capture_ms,
+            ..Default::default()
+        },
+    };
+    // Hashing needs only the copies, so it runs after the VM is back, not in its downtime.
+    tl.step(vm, "hash the backup files", hash_files(m.name(), dir, &mut saved)).await?;
+    Ok(saved)
+}
+
+/// Undoes a prepared (or half-prepared) save: the VM goes back to `before`.
+pub async fn undo(m: &Machine, caps: &Capabilities, before: &RunState, tl: &Timeline) -> Result<(), BackupError> {
+    tl.step(Some(m.name()), "undo: return to prior state", return_to(m, before, caps)).await
+}
+
+fn with_undo(m: &Machine, e: BackupError, undone: Result<(), BackupError>) -> BackupError {
+    match undone {
+        Ok(()) => e,
+        Err(u) => BackupError::UndoFailed { vm: m.name().to_owned(), error: Box::new(e), undo: Box::new(u) },
+    }
+}
+
+/// Stops the VM if it runs and saves its state; returns the plan, the seconds the save
+/// took and its throughput in MB/s.
+async fn save_state(
     m: &Machine,
     caps: &Capabilities,
     settings: &SaveSettings,
     dir: &Path,
     tl: &Timeline,
     before: &RunState,
-) -> Result<Saved, BackupError> {
+) -> Result<(Plan, f64, f64), BackupError> {
     let vm = Some(m.name());
     if !caps.file_migration {
         return Err(BackupError::Unsupported {
@@ -155,29 +233,12 @@ async fn save_while_stopped(
     }
     let plan = Plan::for_qemu(caps, settings);
     plan.apply(m, Some(settings.max_bandwidth)).await?;
-    let state_path = dir.join("state.bin");
+    let state_path = settings.state_path.clone().unwrap_or_else(|| dir.join("state.bin"));
     let t = Instant::now();
     tl.step(vm, "save state (migrate to file)", migrate_to_file(m, &state_path, settings.migrate_deadline)).await?;
-    let save_secs = t.elapsed().as_secs_f64();
-    let t = Instant::now();
-    let disks = tl.step(vm, "capture disks", capture_disks(m, dir, settings.verify_capture)).await?;
-    let capture_ms = t.elapsed().as_secs_f64() * 1000.0;
-    let bytes = std::fs::metadata(&state_path).map_err(|e| BackupError::io(m.name(), "stat the state file", e))?.len();
-    let state = StateEntry {
-        file: "state.bin".into(),
-        bytes,
-        sha256: String::new(),
-        mapped_ram: plan.mapped_ram,
-        multifd_channels: plan.multifd_channels,
-    };
-    let timings = Timings {
-        downtime_ms: None,
-        save_ms: Some(save_secs * 1000.0),
-        save_mb_per_s: Some(migrated_bytes(m).await.unwrap_or(bytes) as f64 / 1e6 / save_secs.max(1e-6)),
-        capture_ms,
-        ..Default::default()
-    };
-    Ok(Saved { before: before.clone(), state, disks, timings })
+    let secs = t.elapsed().as_secs_f64();
+    let bytes = migrated_bytes(m).await.unwrap_or(0);
+    Ok((plan, secs, bytes as f64 / 1e6 / secs.max(1e-6)))
 }
 
 /// Fills in the sizes and sha256 of the state file and the captured disks.
@@ -230,9 +291,10 @@ async fn migrate_to_file(m: &Machine, path: &Path, deadline: Duration) -> Result
 
 /// Copies each disk as it stands at the save point. QEMU has flushed and inactivated them,
 /// so reading the image files now sees exactly what the saved guest saw.
-async fn capture_disks(m: &Machine, dir: &Path, verify: bool) -> Result<Vec<DiskEntry>, BackupError> {
+async fn capture_disks(m: &Machine, dir: &Path, settings: &SaveSettings) -> Result<Vec<DiskEntry>, BackupError> {
     let mut out = Vec::new();
-    let disks = m.config().disks.clone();
+    let verify = settings.verify_capture;
+    let disks: Vec<_> = m.config().disks.iter().filter(|d| !settings.exclude.contains(&d.node_name)).cloned().collect();
     let vm = m.name().to_owned();
     for d in disks {
         let file = format!("{}.{}", d.node_name, extension(d.format));

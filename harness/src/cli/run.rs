@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use super::progress::Progress;
 use super::{CliResult, EXIT_FAILED, EXIT_INTERRUPTED};
+use quiesce::interrupt::Interrupt;
 use quiesce::qemu::accel::AccelChoice;
 use quiesce::scenario::{self, Report, RunOptions};
 
@@ -42,33 +43,47 @@ pub async fn run(
         return Ok(EXIT_FAILED);
     }
     std::fs::create_dir_all(&report_dir).map_err(|e| format!("{}: {e}", report_dir.display()))?;
+    // SIGINT and SIGTERM fire the run's interruption: a backup under way puts every VM back
+    // (thawed, resumed, overlays merged) before the run stops.
+    let interrupt = Interrupt::new();
+    let signals = {
+        let interrupt = interrupt.clone();
+        tokio::spawn(async move {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+            }
+            interrupt.trigger();
+        })
+    };
     let opts = RunOptions {
         accel,
         artifacts_dir: Some(report_dir.join("artifacts")),
         work_dir: report_dir.join("work"),
         keep_backup: keep_backups,
+        interrupt: Some(interrupt.clone()),
     };
     let mut reports = Vec::new();
     let mut p = Progress::new();
     for s in &scenarios {
-        let mut step = |m: &str| p.step(m);
-        let outcome = tokio::select! {
-            r = scenario::run(s, &opts, &mut step) => Some(r),
-            _ = tokio::signal::ctrl_c() => None,
-        };
-        let Some(report) = outcome else {
-            p.finish();
-            eprintln!("quiesce: interrupted during {}; its VMs were stopped and their files removed", s.name);
-            return Ok(EXIT_INTERRUPTED);
-        };
+        let report = scenario::run(s, &opts, &mut |m: &str| p.step(m)).await;
         let path = report_dir.join(format!("{}.json", s.name));
         std::fs::write(&path, serde_json::to_vec_pretty(&report)?).map_err(|e| format!("{}: {e}", path.display()))?;
         p.step(&format!("{}: {}", s.name, if report.passed { "passed" } else { "FAILED" }));
         reports.push(report);
+        if interrupt.is_triggered() {
+            break;
+        }
     }
+    signals.abort();
     p.finish();
     print_summary(&reports);
     println!("reports: {}", report_dir.display());
+    if interrupt.is_triggered() {
+        eprintln!("quiesce: interrupted; every VM was put back before its machine was stopped (see the report)");
+        return Ok(EXIT_INTERRUPTED);
+    }
     Ok(if reports.iter().all(|r| r.passed) { 0 } else { EXIT_FAILED })
 }
 

@@ -13,7 +13,11 @@ pub struct Fixture {
     pub scenario: String,
     pub passed: bool,
     pub error: Option<String>,
+    /// Which VM failed in which phase, for a backup expected to fail.
+    pub failure: Option<String>,
     pub vms: Vec<VmFixture>,
+    /// Disks left out of the backup: "vm/disk kind (found by)".
+    pub excluded: Vec<String>,
     /// Per VM, the steps in order, with their outcome when it was not ok.
     pub steps: BTreeMap<String, Vec<String>>,
 }
@@ -68,5 +72,18 @@ pub fn of(report: &Report) -> Fixture {
         };
         steps.entry(vm).or_default().push(text);
     }
-    Fixture { scenario: report.scenario.clone(), passed: report.passed, error: report.error.clone(), vms, steps }
+    let excluded = report
+        .excluded
+        .iter()
+        .map(|e| format!("{}/{} {:?}: {} ({})", e.vm, e.disk, e.kind, e.advice, e.found_by))
+        .collect();
+    Fixture {
+        scenario: report.scenario.clone(),
+        passed: report.passed,
+        error: report.error.clone(),
+        failure: report.failure.clone(),
+        vms,
+        excluded,
+        steps,
+    }
 }

@@ -23,6 +23,33 @@ pub struct ScenarioFile {
     pub backup: BackupSpec,
     #[serde(default)]
     pub restore: Option<RestoreSpec>,
+    /// Faults to inject, by real mechanisms, at named points.
+    #[serde(default, rename = "fault")]
+    pub faults: Vec<Spanned<FaultSpec>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultSpec {
+    pub vm: Spanned<String>,
+    pub kind: FaultKind,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum FaultKind {
+    /// The snapshot transaction asks QEMU for an overlay at a path that cannot be created.
+    TransactionFails,
+    /// The saved state goes to a target folder that does not exist, so `migrate` fails.
+    SaveFails,
+    /// A freeze hook in the guest outlasts the freeze deadline (the agent hangs in freeze).
+    AgentHangsInFreeze,
+    /// The run is interrupted right after the guest is frozen (as SIGINT would).
+    InterruptAfterFreeze,
+    /// The harness process gets a real SIGINT right after the guest is frozen (CLI only).
+    SigintAfterFreeze,
+    /// QEMU is killed between PrepareForSnapshot and PostSnapshot.
+    QemuKilledAfterPrepare,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -101,6 +128,18 @@ pub struct DiskSpec {
     /// A partition table on an otherwise blank disk ("mbr-dynamic": a Windows dynamic disk).
     #[serde(default)]
     pub partition: Partitioning,
+    /// How the disk reaches the VM: "local" (an image file), or "iscsi" (declared an iSCSI
+    /// LUN: the host's writer cannot see it, so it is excluded from the backup).
+    #[serde(default)]
+    pub attach: Attach,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Attach {
+    #[default]
+    Local,
+    Iscsi,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -143,6 +182,10 @@ pub enum Expect {
     Success,
     /// The backup must be refused (a forced method whose conditions fail) and change nothing.
     Refused,
+    /// The backup must fail (an injected fault): no backup, every VM as it was.
+    Failed,
+    /// The run must be interrupted: no backup, every VM as it was.
+    Interrupted,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -248,6 +291,15 @@ fn check(f: &ScenarioFile) -> Result<(), (Range<usize>, String)> {
     if let Some(d) = &f.backup.snapshot_dir {
         if !d.get_ref().starts_with('/') {
             return Err((d.span(), format!("snapshot_dir {:?}: expected an absolute path", d.get_ref())));
+        }
+    }
+    for fault in &f.faults {
+        let vm = fault.get_ref().vm.get_ref();
+        if !f.vms.iter().any(|v| v.get_ref().name.get_ref() == vm) {
+            return Err((
+                fault.get_ref().vm.span(),
+                format!("fault on VM {vm:?}, which the scenario does not declare"),
+            ));
         }
     }
     if f.vms.is_empty() {

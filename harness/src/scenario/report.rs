@@ -17,6 +17,10 @@ pub struct Report {
     pub vms: Vec<VmReport>,
     pub restores: Vec<RestoreReport>,
     pub checks: Vec<CheckResult>,
+    /// Disks left out of the backup because the host cannot see them.
+    pub excluded: Vec<crate::backup::passthrough::Excluded>,
+    /// For a backup expected to fail: which VM failed in which phase.
+    pub failure: Option<String>,
     /// Where the backup was kept, if it was.
     pub backup_path: Option<String>,
     pub steps: Vec<Step>,

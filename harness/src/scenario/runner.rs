@@ -4,17 +4,18 @@
 //! the checks. It turns the scenario's data into library calls; the work is done below.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::format::{AgentState, Check, Expect, Filesystem, Scenario, VmSpec, VmState};
+use super::format::{AgentState, Attach, Check, Expect, FaultKind, Filesystem, Scenario, VmSpec, VmState};
 use super::report::{DiskReport, Report, RestoreReport, VmReport};
-use crate::backup::child_snapshot::{SnapshotSettings, Undo};
-use crate::backup::job::{self, Choice, JobSettings};
+use crate::backup::child_snapshot::SnapshotSettings;
+use crate::backup::job::Choice;
 use crate::backup::saved_state::SaveSettings;
-use crate::backup::{runstate, Backup, BackupError, BackupWriter, Method};
+use crate::backup::set::{self, Member, SetError};
+use crate::backup::{runstate, Backup, Method};
 use crate::image::seed::{self, DiskSeed};
 use crate::image::{fsck, qemu_img};
+use crate::interrupt::Interrupt;
 use crate::qemu::accel::AccelChoice;
 use crate::qemu::caps;
 use crate::qemu::exec::ExecError;
@@ -34,6 +35,8 @@ pub struct RunOptions {
     pub work_dir: PathBuf,
     /// Keep the backup (in `work_dir`) instead of removing it at the end.
     pub keep_backup: bool,
+    /// The run's interruption (the CLI fires it on SIGINT/SIGTERM).
+    pub interrupt: Option<Interrupt>,
 }
 
 /// Everything known about one VM of the scenario while it runs.
@@ -94,8 +97,12 @@ async fn run_inner(
         .tempdir_in(&opts.work_dir)
         .map_err(fail("creating the work folder"))?;
 
+    let interrupted = || opts.interrupt.as_ref().is_some_and(|i| i.is_triggered());
     let mut vms = Vec::new();
     for spec in s.vms() {
+        if interrupted() {
+            return Err(RunError("interrupted while booting; no backup was started".into()));
+        }
         progress(&format!("{}: booting {}", s.name, spec.name.get_ref()));
         let vm = tl
             .step(Some(spec.name.get_ref()), "boot and prepare", prepare_vm(spec, opts, work.path(), progress))
@@ -128,54 +135,100 @@ async fn run_inner(
 
     progress(&format!("{}: backing up", s.name));
     let backup_path = work.path().join("backup");
-    let mut writer = BackupWriter::create(&backup_path, &caps.version).map_err(fail("creating the backup"))?;
+    // A scenario-local interruption: the CLI's (SIGINT) is forwarded to it, and a fault can
+    // fire it without ending the whole run.
+    let local = Interrupt::new();
+    let forward = opts.interrupt.clone().map(|outer| {
+        let local = local.clone();
+        tokio::spawn(async move {
+            outer.fired().await;
+            local.trigger();
+        })
+    });
+    let members: Vec<Member> = vms.iter().map(|vm| member(s, vm, &local)).collect::<Result<_, _>>()?;
     for vm in &vms {
-        let m = &vm.guest.machine;
-        let snapdir =
-            s.file.backup.snapshot_dir.as_ref().map(|d| PathBuf::from(d.get_ref())).unwrap_or_else(|| vm.dir.clone());
-        let settings =
-            JobSettings { caps: &caps, save: SaveSettings::default(), snapshot: SnapshotSettings::new(&snapdir) };
-        let choice = match job::choose(m, s.file.backup.method, &snapdir, tl).await {
-            Ok(c) => c,
-            Err(BackupError::Refused { reasons, conditions, .. }) if s.file.backup.expect == Expect::Refused => {
-                let refusal =
-                    Choice { method: Method::ChildSnapshot, reason: format!("refused: {reasons}"), conditions };
-                record_choice(report, vm.name(), &refusal);
-                if let Some(r) = report.vm_mut(vm.name()) {
-                    r.method = None;
-                }
-                report.check(vm.name(), "backup-refused", true, reasons);
-                return refused_changed_nothing(&vms, &backup_path, &snapdir, report).await;
-            }
-            Err(e) => return Err(fail("choosing the method")(e)),
-        };
-        record_choice(report, vm.name(), &choice);
-        let undo = Mutex::new(Undo::default());
-        let b = job::backup(m, &choice, &settings, &mut writer, tl, &undo).await.map_err(fail("backup"))?;
-        if let Some(r) = report.vm_mut(m.name()) {
-            r.method = Some(b.method.as_str().into());
-            r.timings = Some(b.timings.clone());
-            r.backup_disks = b
-                .disks
-                .iter()
-                .map(|d| DiskReport {
-                    name: d.node_name.clone(),
-                    format: d.format.driver().into(),
-                    virtual_size: d.virtual_size,
-                })
-                .collect();
+        if has_fault(s, vm.name(), FaultKind::AgentHangsInFreeze) {
+            install_hanging_hook(vm).await?;
         }
     }
-    if s.file.backup.expect == Expect::Refused {
-        report.check("*", "backup-refused", false, "the backup was expected to be refused, but it was taken");
+    let outcome = set::run(&members, &caps, &backup_path, tl, &local).await;
+    if let Some(f) = forward {
+        f.abort();
     }
-    let backup = writer.commit().map_err(fail("finishing the backup"))?;
+    report.excluded = match &outcome {
+        Ok(o) => o.excluded.clone(),
+        Err(_) => vec![],
+    };
+    let backup = match (outcome, s.file.backup.expect) {
+        (Ok(o), Expect::Success) => {
+            for (vm, choice) in &o.choices {
+                record_choice(report, vm, choice);
+            }
+            for vb in &o.backup.manifest.vms {
+                if let Some(r) = report.vm_mut(&vb.name) {
+                    r.timings = Some(vb.timings.clone());
+                    r.backup_disks = vb
+                        .disks
+                        .iter()
+                        .map(|d| DiskReport {
+                            name: d.node_name.clone(),
+                            format: d.format.driver().into(),
+                            virtual_size: d.virtual_size,
+                        })
+                        .collect();
+                }
+            }
+            for v in &o.skipped {
+                report.check(
+                    v,
+                    "skipped-nothing-the-host-can-back-up",
+                    true,
+                    "all its disks are pass-through or iSCSI",
+                );
+            }
+            o.backup
+        }
+        (Ok(_), expect) => {
+            report.check(
+                "*",
+                "backup-outcome",
+                false,
+                format!("the backup succeeded, but the scenario expects it {expect:?}"),
+            );
+            return Ok(());
+        }
+        (Err(SetError::Refused { reasons, choices, .. }), Expect::Refused) => {
+            for (vm, choice) in &choices {
+                record_choice(report, vm, choice);
+            }
+            report.check("*", "backup-refused", true, reasons);
+            return nothing_changed(s, &vms, &backup_path, report).await;
+        }
+        (Err(e @ SetError::Failed { .. }), Expect::Failed)
+        | (Err(e @ SetError::Interrupted { .. }), Expect::Interrupted) => {
+            let text = e.to_string();
+            let all_undone = !text.contains("COULD NOT BE PUT BACK");
+            report.check("*", "backup-failed-as-expected", true, text);
+            report.check("*", "every-vm-put-back", all_undone, "see backup-failed-as-expected");
+            if let SetError::Failed { vm, phase, .. } = &e {
+                report.failure = Some(format!("{vm} in {phase}"));
+            }
+            if let SetError::Interrupted { phase, .. } = &e {
+                report.failure = Some(format!("interrupted in {phase}"));
+            }
+            return nothing_changed(s, &vms, &backup_path, report).await;
+        }
+        (Err(e), _) => return Err(fail("backup")(e)),
+    };
 
     for vm in &vms {
         let method = backup.vm(vm.name()).map(|b| b.method).unwrap_or(Method::SavedState);
         after_backup_checks(vm, method, report).await?;
     }
 
+    if interrupted() {
+        return Err(RunError("interrupted after the backup; the restore was not started".into()));
+    }
     if let Some(rspec) = &s.file.restore {
         let reopened = Backup::open(&backup.path).map_err(fail("reopening the backup"))?;
         let bad = reopened.verify().map_err(fail("verifying the backup"))?;
@@ -218,34 +271,116 @@ fn record_choice(report: &mut Report, vm: &str, choice: &Choice) {
     }
 }
 
-/// A refused backup must leave everything as it was: no backup, no overlays, VMs as before.
-async fn refused_changed_nothing(
-    vms: &[Vm],
-    backup_path: &Path,
-    snapdir: &Path,
-    report: &mut Report,
-) -> Result<(), RunError> {
-    report.check(
-        "*",
-        "no-backup-written",
-        !backup_path.exists(),
-        format!("{} exists: {}", backup_path.display(), backup_path.exists()),
-    );
-    let overlays: Vec<String> = std::fs::read_dir(snapdir)
+fn has_fault(s: &Scenario, vm: &str, kind: FaultKind) -> bool {
+    s.file.faults.iter().any(|f| f.get_ref().vm.get_ref() == vm && f.get_ref().kind == kind)
+}
+
+/// The set member for one VM: its method, where its overlays go, and its faults.
+fn member<'a>(s: &Scenario, vm: &'a Vm, local: &Interrupt) -> Result<Member<'a>, RunError> {
+    let name = vm.name();
+    let snapdir =
+        s.file.backup.snapshot_dir.as_ref().map(|d| PathBuf::from(d.get_ref())).unwrap_or_else(|| vm.dir.clone());
+    let mut snapshot = SnapshotSettings::new(&snapdir);
+    let mut save = SaveSettings::default();
+    if has_fault(s, name, FaultKind::TransactionFails) {
+        // The last disk: with several, the others' snapshots must be rolled back with it.
+        snapshot.uncreatable_overlay_for = vm.guest.machine.config().disks.last().map(|d| d.node_name.clone());
+    }
+    if has_fault(s, name, FaultKind::SaveFails) {
+        save.state_path = Some(PathBuf::from("/nonexistent-quiesce-fault/state.bin"));
+    }
+    let _ = local;
+    Ok(Member {
+        machine: &vm.guest.machine,
+        method: s.file.backup.method,
+        snapshot,
+        save,
+        declared_iscsi: vm
+            .spec
+            .disks
+            .iter()
+            .map(|d| d.get_ref())
+            .filter(|d| d.attach == Attach::Iscsi)
+            .map(|d| d.name.get_ref().clone())
+            .collect(),
+        interrupt_after_freeze: has_fault(s, name, FaultKind::InterruptAfterFreeze),
+        sigint_after_freeze: has_fault(s, name, FaultKind::SigintAfterFreeze),
+        kill_after_prepare: has_fault(s, name, FaultKind::QemuKilledAfterPrepare),
+    })
+}
+
+/// A freeze hook that outlasts the freeze deadline: the agent hangs inside guest-fsfreeze-freeze.
+async fn install_hanging_hook(vm: &Vm) -> Result<(), RunError> {
+    let agent = vm.guest.machine.agent().map_err(fail(vm.name()))?;
+    let script =
+        "printf '#!/bin/sh\\n[ \"$1\" = freeze ] && sleep 11\\nexit 0\\n' > /etc/qemu/fsfreeze-hook.d/zz-quiesce-hang \
+                  && chmod 755 /etc/qemu/fsfreeze-hook.d/zz-quiesce-hang";
+    crate::qemu::exec::sh(agent, script, T).await.map_err(gfail("installing the hanging freeze hook"))?;
+    Ok(())
+}
+
+/// A refused or failed backup must leave everything as it was: no backup (not even a
+/// partial folder), no overlays, every VM in its run state, thawed, nothing lost.
+async fn nothing_changed(s: &Scenario, vms: &[Vm], backup_path: &Path, report: &mut Report) -> Result<(), RunError> {
+    let parent = backup_path.parent().unwrap_or(Path::new("."));
+    let partial: Vec<String> = std::fs::read_dir(parent)
         .map(|rd| {
             rd.flatten()
                 .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.ends_with("-overlay.qcow2"))
+                .filter(|n| n.contains("backup"))
                 .collect()
         })
         .unwrap_or_default();
-    report.check("*", "no-overlays-left", overlays.is_empty(), format!("{overlays:?}"));
+    report.check("*", "no-backup-written", partial.is_empty(), format!("{partial:?}"));
     for vm in vms {
-        let st = runstate::query(&vm.guest.machine).await.map_err(fail("query-status"))?;
+        let m = &vm.guest.machine;
+        let name = vm.name();
+        if has_fault(s, name, FaultKind::QemuKilledAfterPrepare) {
+            let mut dead = m.qmp().is_closed();
+            if !dead {
+                dead = m.qmp().execute_raw("query-status", serde_json::Value::Null, T).await.is_err();
+            }
+            report.check(name, "killed-vm-reported", dead, "its QEMU was killed by the fault; it cannot be put back");
+            continue;
+        }
+        let snapdir =
+            s.file.backup.snapshot_dir.as_ref().map(|d| PathBuf::from(d.get_ref())).unwrap_or_else(|| vm.dir.clone());
+        let overlays: Vec<String> = std::fs::read_dir(&snapdir)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.ends_with("-overlay.qcow2"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        report.check(name, "no-overlays-left", overlays.is_empty(), format!("{overlays:?}"));
+        let (own, detail) = own_images(m).await?;
+        report.check(name, "on-its-own-images", own, detail);
+        let st = runstate::query(m).await.map_err(fail("query-status"))?;
         let want = label(vm.spec.state);
-        report.check(vm.name(), "state-unchanged", st.label() == want, format!("{want} before, {} after", st.label()));
-        if let Some(r) = report.vm_mut(vm.name()) {
+        report.check(name, "state-unchanged", st.label() == want, format!("{want} before, {} after", st.label()));
+        let inactive = runstate::inactive_nodes(m).await.map_err(fail("query block nodes"))?;
+        report.check(name, "disks-active", inactive.is_empty(), format!("inactive: {inactive:?}"));
+        if let Some(r) = report.vm_mut(name) {
             r.state_after_backup = Some(st.label().into());
+        }
+        if !st.running || vm.spec.agent == AgentState::Stopped {
+            continue;
+        }
+        let agent = m.agent().map_err(fail(name))?;
+        let status = agent
+            .execute_raw("guest-fsfreeze-status", serde_json::Value::Null, T)
+            .await
+            .map_err(fail("guest-fsfreeze-status"))?;
+        report.check(name, "guest-thawed", status == "thawed", format!("guest-fsfreeze-status: {status}"));
+        if let Some(path) = &vm.journal {
+            let j = workload::check_journal(agent, path).await.map_err(gfail("checking the journal"))?;
+            report.check(
+                name,
+                "nothing-lost",
+                j.intact(),
+                format!("{} journal lines, all in sequence: {}", j.lines, j.intact()),
+            );
         }
     }
     Ok(())
@@ -399,7 +534,8 @@ async fn restore_and_check(
     let mut ro = RestoreOptions::named(&format!("{name}-restored"));
     ro.artifacts_dir = opts.artifacts_dir.clone();
     ro.resume = false;
-    if checks.contains(&Check::FsckClean) {
+    // A saved state's disks are crash-consistent by design; fsck is the proof for frozen ones.
+    if checks.contains(&Check::FsckClean) && vb.method == Method::ChildSnapshot {
         // The root disk is ext4, and so are data disks seeded as ext4.
         let mut ext4 = vec!["root".to_owned()];
         ext4.extend(
@@ -521,6 +657,9 @@ async fn guest_check(
     let name = vm.name().to_owned();
     match check {
         Check::DisksMatchBackup | Check::FsckClean => {}
+        // A disk-only backup boots afresh: there is no boot or counter to continue.
+        Check::SameBoot | Check::CounterContinues if method == Method::ChildSnapshot => {}
+        Check::CounterContinues if vm.counter_before.is_none() => {}
         Check::SameBoot => {
             let now = workload::boot_id(agent).await.map_err(gfail("reading boot_id"))?;
             let same = Some(&now) == vm.boot_id.as_ref();
@@ -535,12 +674,8 @@ async fn guest_check(
             let before = vm.counter_before.unwrap_or(0);
             let c = workload::read_counter(agent).await.map_err(gfail("reading the counter"))?;
             let moves = workload::wait_counter_above(agent, c, T).await.is_ok();
-            report.check(
-                &name,
-                "counter-continues",
-                c >= before && moves,
-                format!("{c} >= {before} read before the backup, and moving: {moves}"),
-            );
+            let detail = format!("{c} >= {before} read before the backup, and moving: {moves}");
+            report.check(&name, "counter-continues", c >= before && moves, detail);
         }
         Check::FilesMatchSeed => {
             let mut bad = Vec::new();
@@ -558,7 +693,8 @@ async fn guest_check(
             report.check(&name, "files-match-seed", bad.is_empty(), format!("{n} files, differing: {bad:?}"));
         }
         Check::JournalIntact => match &vm.journal {
-            None => report.check(&name, "journal-intact", false, "the VM has no journal workload"),
+            // In a set, a check applies to the VMs that run its workload.
+            None => {}
             Some(path) => {
                 let j = workload::check_journal(agent, path).await.map_err(gfail("checking the journal"))?;
                 report.check(
@@ -570,7 +706,7 @@ async fn guest_check(
             }
         },
         Check::AppConsistent => match &vm.app {
-            None => report.check(&name, "app-consistent", false, "the VM has no app workload"),
+            None => {}
             Some(dir) => {
                 if method == Method::SavedState {
                     // Same boot: the writer runs on; stop it so the check sees a settled store.

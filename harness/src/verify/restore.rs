@@ -109,6 +109,23 @@ async fn launch_like(
         });
         disks.push((d.node_name.clone(), overlay));
     }
+    // The disks the host could not back up come back blank, so the devices match.
+    for x in &vm.excluded {
+        let blank = disk_dir.path().join(format!("{}.blank.qcow2", x.node_name));
+        qemu_img::create(&blank, DiskFormat::Qcow2, x.virtual_size).map_err(|error| RestoreError::Image {
+            vm: vm.name.clone(),
+            disk: x.node_name.clone(),
+            error,
+        })?;
+        cfg.disks.push(DiskConfig {
+            node_name: x.node_name.clone(),
+            path: blank,
+            format: DiskFormat::Qcow2,
+            read_only: false,
+        });
+    }
+    let order = &spec.disk_order;
+    cfg.disks.sort_by_key(|d| order.iter().position(|n| n == &d.node_name).unwrap_or(usize::MAX));
     let m = Machine::launch(cfg).await.map_err(|error| RestoreError::Machine {
         vm: vm.name.clone(),
         step: "launch".into(),

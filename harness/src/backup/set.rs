@@ -1,0 +1,340 @@
+//! A backup of a set of VMs, as Hyper-V's VSS writer runs it: PrepareForSnapshot (every VM
+//! is saved, or frozen, snapshotted and thawed), Freeze and Thaw (nothing, but recorded), and
+//! PostSnapshot (saved VMs back to their prior state; snapshot images copied out and
+//! overlays merged). VMs are worked on concurrently. It is all or nothing: if any VM fails
+//! in any phase, or the run is interrupted, no backup is produced and every VM is put back
+//! as it was.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use futures::future::join_all;
+
+use super::child_snapshot::{self, Frozen, SnapshotSettings, Undo};
+use super::folder::{Backup, BackupWriter};
+use super::job::{self, Choice, MethodChoice};
+use super::manifest::{Method, VmBackup};
+use super::passthrough::{self, Excluded};
+use super::runstate::{self, RunState};
+use super::saved_state::{self, SaveSettings};
+use super::BackupError;
+use crate::interrupt::Interrupt;
+use crate::qemu::caps::Capabilities;
+use crate::qemu::Machine;
+use crate::timeline::Timeline;
+
+pub struct Member<'a> {
+    pub machine: &'a Machine,
+    pub method: MethodChoice,
+    pub snapshot: SnapshotSettings,
+    pub save: SaveSettings,
+    /// Disks declared to be iSCSI LUNs (in addition to those QEMU's graph shows).
+    pub declared_iscsi: Vec<String>,
+    /// Fault injection: fire the interruption right after this VM's guest is frozen.
+    pub interrupt_after_freeze: bool,
+    /// Fault injection: send this process a real SIGINT right after the freeze (for the CLI,
+    /// whose handler turns it into the interruption).
+    pub sigint_after_freeze: bool,
+    /// Fault injection: kill this VM's QEMU between PrepareForSnapshot and PostSnapshot.
+    pub kill_after_prepare: bool,
+}
+
+/// What the job did with each VM.
+#[derive(Debug, Clone)]
+pub struct SetOutcome {
+    pub backup: Backup,
+    pub choices: Vec<(String, Choice)>,
+    pub excluded: Vec<Excluded>,
+    /// VMs with no disk the host can back up: reported, not failed.
+    pub skipped: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SetError {
+    #[error("VM {vm} failed in {phase}: {error}\nno VM was backed up; {}", undone_text(.undone))]
+    Failed { vm: String, phase: &'static str, error: Box<BackupError>, undone: Vec<(String, String)> },
+    #[error("interrupted in {phase}; no VM was backed up; {}", undone_text(.undone))]
+    Interrupted { phase: &'static str, undone: Vec<(String, String)> },
+    #[error("VM {vm}: Child VM Snapshot was required, but: {reasons}")]
+    Refused { vm: String, reasons: String, choices: Vec<(String, Choice)> },
+    #[error(transparent)]
+    Backup(#[from] BackupError),
+}
+
+fn undone_text(undone: &[(String, String)]) -> String {
+    if undone.is_empty() {
+        return "nothing needed undoing".into();
+    }
+    let parts: Vec<String> = undone.iter().map(|(vm, what)| format!("{vm}: {what}")).collect();
+    format!("undone: {}", parts.join("; "))
+}
+
+/// The first VM to fail in a phase.
+#[derive(Debug, thiserror::Error)]
+#[error("VM {vm}: {error}")]
+struct VmFailure {
+    vm: String,
+    error: BackupError,
+}
+
+/// Per VM, what PrepareForSnapshot left to finish or undo.
+enum Prepared {
+    Saved(saved_state::Prepared),
+    Snap(Frozen),
+    /// Nothing to back up (all disks excluded).
+    Skip,
+}
+
+struct Slot<'a> {
+    member: &'a Member<'a>,
+    before: RunState,
+    choice: Choice,
+    undo: Mutex<Undo>,
+    dir: PathBuf,
+    /// Its disks the host cannot back up.
+    exclude: Vec<String>,
+    prepared: Mutex<Option<Prepared>>,
+}
+
+pub async fn run(
+    members: &[Member<'_>],
+    caps: &Capabilities,
+    path: &Path,
+    tl: &Timeline,
+    interrupt: &Interrupt,
+) -> Result<SetOutcome, SetError> {
+    let mut writer = BackupWriter::create(path, &caps.version).map_err(BackupError::from)?;
+    // What each VM is doing, and which disks the host cannot see, before anything changes.
+    let mut excluded = Vec::new();
+    let mut slots = Vec::new();
+    let mut choices = Vec::new();
+    for m in members {
+        let vm = m.machine.name();
+        let before = runstate::query(m.machine).await.map_err(|e| BackupError::step(vm, "query-status", e))?;
+        let ex = passthrough::find(m.machine, &m.declared_iscsi)
+            .await
+            .map_err(|e| BackupError::step(vm, "find pass-through disks", e))?;
+        excluded.extend(ex.iter().cloned());
+        let choice = match job::choose(m.machine, m.method, &m.snapshot.snapshot_dir, tl).await {
+            Ok(c) => c,
+            Err(BackupError::Refused { reasons, conditions, .. }) => {
+                let refused =
+                    Choice { method: Method::ChildSnapshot, reason: format!("refused: {reasons}"), conditions };
+                choices.push((vm.to_owned(), refused));
+                return Err(SetError::Refused { vm: vm.to_owned(), reasons, choices });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        choices.push((vm.to_owned(), choice.clone()));
+        slots.push(Slot {
+            member: m,
+            before,
+            choice,
+            undo: Mutex::new(Undo::default()),
+            dir: writer.vm_dir(vm).map_err(BackupError::from)?,
+            exclude: ex.iter().map(|e| e.disk.clone()).collect(),
+            prepared: Mutex::new(None),
+        });
+    }
+    let skipped: Vec<String> = slots
+        .iter()
+        .filter(|s| s.member.machine.config().disks.iter().all(|d| s.exclude.contains(&d.node_name)))
+        .map(|s| s.member.machine.name().to_owned())
+        .collect();
+
+    // PrepareForSnapshot, all VMs at once; the phase ends when every VM is done.
+    let prepare = tl.step(None, "PrepareForSnapshot", async {
+        let results = join_all(slots.iter().map(|s| prepare_one(s, caps, &s.exclude, &skipped, tl, interrupt))).await;
+        match results
+            .into_iter()
+            .zip(&slots)
+            .find_map(|(r, s)| r.err().map(|e| (s.member.machine.name().to_owned(), e)))
+        {
+            None => Ok(()),
+            Some((vm, error)) => Err(VmFailure { vm, error }),
+        }
+    });
+    let prepared = tokio::select! {
+        r = prepare => Some(r),
+        _ = interrupt.fired() => None,
+    };
+    match prepared {
+        None => {
+            return Err(SetError::Interrupted { phase: "PrepareForSnapshot", undone: undo_all(&slots, caps, tl).await })
+        }
+        Some(Err(VmFailure { vm, error })) => {
+            let undone = undo_all(&slots, caps, tl).await;
+            return Err(SetError::Failed { vm, phase: "PrepareForSnapshot", error: Box::new(error), undone });
+        }
+        Some(Ok(())) => {}
+    }
+    // As in Hyper-V, the writer does nothing in these two; they are recorded all the same.
+    tl.step(None, "Freeze", async { Ok::<_, SetError>(()) }).await?;
+    tl.step(None, "Thaw", async { Ok::<_, SetError>(()) }).await?;
+    for s in &slots {
+        if s.member.kill_after_prepare {
+            tl.mark(Some(s.member.machine.name()), "fault: QEMU killed");
+            // Killing through the process group, as a crash would.
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(s.member.machine.pid() as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+
+    // PostSnapshot: every VM back to what it was doing, the images copied out.
+    let post = tl.step(None, "PostSnapshot", async {
+        let results = join_all(slots.iter().map(|s| post_one(s, caps, &s.exclude, tl))).await;
+        let mut out = Vec::new();
+        let mut first_err = None;
+        for (r, s) in results.into_iter().zip(&slots) {
+            match r {
+                Ok(Some(vb)) => out.push(vb),
+                Ok(None) => {}
+                Err(error) => {
+                    first_err.get_or_insert(VmFailure { vm: s.member.machine.name().to_owned(), error });
+                }
+            }
+        }
+        match first_err {
+            None => Ok(out),
+            Some(e) => Err(e),
+        }
+    });
+    let done = tokio::select! {
+        r = post => Some(r),
+        _ = interrupt.fired() => None,
+    };
+    let vms = match done {
+        None => return Err(SetError::Interrupted { phase: "PostSnapshot", undone: undo_all(&slots, caps, tl).await }),
+        Some(Err(VmFailure { vm, error })) => {
+            // The others finished their PostSnapshot (back as before); the backup is dropped.
+            let undone = undo_all(&slots, caps, tl).await;
+            return Err(SetError::Failed { vm, phase: "PostSnapshot", error: Box::new(error), undone });
+        }
+        Some(Ok(v)) => v,
+    };
+    for vb in vms {
+        writer.add(vb);
+    }
+    let backup = writer.commit().map_err(BackupError::from)?;
+    Ok(SetOutcome { backup, choices, excluded, skipped })
+}
+
+async fn prepare_one(
+    s: &Slot<'_>,
+    caps: &Capabilities,
+    exclude: &[String],
+    skipped: &[String],
+    tl: &Timeline,
+    interrupt: &Interrupt,
+) -> Result<(), BackupError> {
+    let m = s.member.machine;
+    if skipped.iter().any(|v| v == m.name()) {
+        *s.prepared.lock().unwrap_or_else(|e| e.into_inner()) = Some(Prepared::Skip);
+        return Ok(());
+    }
+    let p = match s.choice.method {
+        Method::SavedState => {
+            let mut settings = s.member.save.clone();
+            settings.exclude = exclude.to_vec();
+            Prepared::Saved(saved_state::prepare(m, caps, &settings, &s.dir, tl).await?)
+        }
+        Method::ChildSnapshot => {
+            let mut settings = s.member.snapshot.clone();
+            settings.exclude = exclude.to_vec();
+            if s.member.interrupt_after_freeze {
+                settings.after_freeze = Some(interrupt.clone());
+            }
+            settings.sigint_after_freeze = s.member.sigint_after_freeze;
+            Prepared::Snap(child_snapshot::prepare(m, &settings, tl, &s.undo).await?)
+        }
+    };
+    *s.prepared.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
+    Ok(())
+}
+
+async fn post_one(
+    s: &Slot<'_>,
+    caps: &Capabilities,
+    exclude: &[String],
+    tl: &Timeline,
+) -> Result<Option<VmBackup>, BackupError> {
+    let m = s.member.machine;
+    let prepared = s.prepared.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let machine = job::machine_spec(m, &s.dir)?;
+    let (disks, state, timings) = match prepared {
+        None | Some(Prepared::Skip) => return Ok(None),
+        Some(Prepared::Saved(p)) => {
+            let mut settings = s.member.save.clone();
+            settings.exclude = exclude.to_vec();
+            let saved = saved_state::post(m, caps, &settings, &s.dir, tl, p).await?;
+            (saved.disks, Some(saved.state), saved.timings)
+        }
+        Some(Prepared::Snap(f)) => {
+            let mut settings = s.member.snapshot.clone();
+            settings.exclude = exclude.to_vec();
+            let snap = child_snapshot::post(m, &settings, &s.dir, tl, &s.undo, f).await?;
+            (snap.disks, None, snap.timings)
+        }
+    };
+    Ok(Some(VmBackup {
+        name: m.name().to_owned(),
+        method: s.choice.method,
+        method_reason: s.choice.reason.clone(),
+        conditions: s.choice.conditions.clone(),
+        run_state_before: s.before.label().to_owned(),
+        machine,
+        disks,
+        state,
+        excluded: m
+            .config()
+            .disks
+            .iter()
+            .filter(|d| exclude.contains(&d.node_name))
+            .map(|d| super::manifest::ExcludedDisk {
+                node_name: d.node_name.clone(),
+                virtual_size: crate::image::qemu_img::virtual_size(&d.path).unwrap_or(0),
+                why: format!("pass-through or iSCSI: {}", super::passthrough::ADVICE),
+            })
+            .collect(),
+        timings,
+    }))
+}
+
+/// Puts every VM back as it was before the job: thawed, overlays merged and removed, run
+/// state as before. Returns what was done (or why it could not be) per VM.
+async fn undo_all(slots: &[Slot<'_>], caps: &Capabilities, tl: &Timeline) -> Vec<(String, String)> {
+    let results = join_all(slots.iter().map(|s| async move {
+        let m = s.member.machine;
+        let name = m.name().to_owned();
+        let had_snapshot = !s.undo.lock().unwrap_or_else(|e| e.into_inner()).is_clean();
+        let r = async {
+            if had_snapshot {
+                tl.step(
+                    Some(m.name()),
+                    "undo: thaw and merge",
+                    child_snapshot::recover(m, &s.member.snapshot, &s.undo),
+                )
+                .await?;
+            }
+            let now = runstate::query(m).await.map_err(|e| BackupError::step(m.name(), "query-status", e))?;
+            if now.running != s.before.running
+                || !runstate::inactive_nodes(m).await.map(|v| v.is_empty()).unwrap_or(true)
+            {
+                saved_state::undo(m, caps, &s.before, tl).await?;
+            }
+            Ok::<_, BackupError>(if had_snapshot { "thawed, merged and overlays removed" } else { "as before" })
+        }
+        .await;
+        (
+            name,
+            match r {
+                Ok(what) => format!("{what} ({})", s.before.label()),
+                Err(e) => format!("COULD NOT BE PUT BACK: {e}"),
+            },
+        )
+    }))
+    .await;
+    results
+}
