@@ -50,6 +50,9 @@ pub enum FaultKind {
     SigintAfterFreeze,
     /// QEMU is killed between PrepareForSnapshot and PostSnapshot.
     QemuKilledAfterPrepare,
+    /// The backup is written to a small tmpfs that fills up during the copy (needs root
+    /// to mount it).
+    BackupTargetFull,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -134,7 +134,9 @@ async fn run_inner(
     }
 
     progress(&format!("{}: backing up", s.name));
-    let backup_path = work.path().join("backup");
+    let full_target = s.file.faults.iter().any(|f| f.get_ref().kind == FaultKind::BackupTargetFull);
+    let _small = if full_target { Some(SmallTmpfs::mount(&work.path().join("target"))?) } else { None };
+    let backup_path = if full_target { work.path().join("target").join("backup") } else { work.path().join("backup") };
     // A scenario-local interruption: the CLI's (SIGINT) is forwarded to it, and a fault can
     // fire it without ending the whole run.
     let local = Interrupt::new();
@@ -268,6 +270,34 @@ fn record_choice(report: &mut Report, vm: &str, choice: &Choice) {
         r.method = Some(choice.method.as_str().into());
         r.method_reason = Some(choice.reason.clone());
         r.conditions = choice.conditions.iter().map(|v| (v.condition.name().to_owned(), v.outcome)).collect();
+    }
+}
+
+/// A 48 MiB tmpfs: big enough to start a backup, too small to finish one. Unmounted on drop.
+struct SmallTmpfs(PathBuf);
+
+impl SmallTmpfs {
+    fn mount(at: &Path) -> Result<Self, RunError> {
+        std::fs::create_dir_all(at).map_err(fail("creating the small backup target"))?;
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=48m,mode=0700", "quiesce-full-target"])
+            .arg(at)
+            .output()
+            .map_err(fail("mounting a small tmpfs"))?;
+        if !out.status.success() {
+            return Err(RunError(format!(
+                "the backup-target-full fault mounts a small tmpfs and needs root: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(SmallTmpfs(at.to_owned()))
+    }
+}
+
+impl Drop for SmallTmpfs {
+    fn drop(&mut self) {
+        // Lazy, so a file still open somewhere cannot keep the mount alive.
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
 
