@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use super::manifest::{DiskEntry, Timings};
-use super::saved_state::{extension, qmp};
+use super::saved_state::qmp;
 use super::BackupError;
 use crate::image::qemu_img;
 use crate::qemu::{DiskConfig, Machine};
@@ -294,34 +294,7 @@ async fn copy_out(
     undo: &Mutex<Undo>,
 ) -> Result<Vec<DiskEntry>, BackupError> {
     let disks: Vec<DiskConfig> = lock(undo).overlays.iter().map(|o| o.disk.clone()).collect();
-    let vm = m.name().to_owned();
-    let dir = dir.to_owned();
-    let verify = settings.verify_capture;
-    tokio::task::spawn_blocking(move || {
-        disks
-            .iter()
-            .map(|d| {
-                let img = |error| BackupError::Image { vm: vm.clone(), disk: d.node_name.clone(), error };
-                let file = format!("{}.{}", d.node_name, extension(d.format));
-                let dst = dir.join(&file);
-                qemu_img::convert(&d.path, d.format, &dst, d.format).map_err(img)?;
-                if verify && !qemu_img::identical(&d.path, d.format, &dst, d.format).map_err(img)? {
-                    return Err(BackupError::CaptureMismatch { vm: vm.clone(), disk: d.node_name.clone() });
-                }
-                let virtual_size = qemu_img::virtual_size(&dst).map_err(img)?;
-                Ok(DiskEntry {
-                    node_name: d.node_name.clone(),
-                    format: d.format,
-                    virtual_size,
-                    file,
-                    bytes: 0,
-                    sha256: String::new(),
-                })
-            })
-            .collect()
-    })
-    .await
-    .map_err(|e| BackupError::io(m.name(), "copy the frozen images", std::io::Error::other(e)))?
+    super::capture::copy_disks(m.name(), disks, dir, settings.verify_capture).await
 }
 
 async fn hash(vm: &str, dir: &Path, disks: &mut [DiskEntry]) -> Result<(), BackupError> {

@@ -11,7 +11,6 @@ use super::folder::sha256_file;
 use super::manifest::{DiskEntry, StateEntry, Timings};
 use super::runstate::{self, RunState};
 use super::BackupError;
-use crate::image::qemu_img;
 use crate::qemu::caps::Capabilities;
 use crate::qemu::Machine;
 use crate::timeline::Timeline;
@@ -292,46 +291,8 @@ async fn migrate_to_file(m: &Machine, path: &Path, deadline: Duration) -> Result
 /// Copies each disk as it stands at the save point. QEMU has flushed and inactivated them,
 /// so reading the image files now sees exactly what the saved guest saw.
 async fn capture_disks(m: &Machine, dir: &Path, settings: &SaveSettings) -> Result<Vec<DiskEntry>, BackupError> {
-    let mut out = Vec::new();
-    let verify = settings.verify_capture;
-    let disks: Vec<_> = m.config().disks.iter().filter(|d| !settings.exclude.contains(&d.node_name)).cloned().collect();
-    let vm = m.name().to_owned();
-    for d in disks {
-        let file = format!("{}.{}", d.node_name, extension(d.format));
-        let dst = dir.join(&file);
-        let src = d.path.clone();
-        let vm2 = vm.clone();
-        let entry = tokio::task::spawn_blocking(move || -> Result<DiskEntry, BackupError> {
-            let img = |e| BackupError::Image { vm: vm2.clone(), disk: d.node_name.clone(), error: e };
-            qemu_img::convert(&src, d.format, &dst, d.format).map_err(img)?;
-            if verify && !qemu_img::identical(&src, d.format, &dst, d.format).map_err(img)? {
-                return Err(BackupError::CaptureMismatch { vm: vm2.clone(), disk: d.node_name.clone() });
-            }
-            let virtual_size = qemu_img::virtual_size(&dst).map_err(img)?;
-            Ok(DiskEntry {
-                node_name: d.node_name.clone(),
-                format: d.format,
-                virtual_size,
-                file,
-                bytes: 0,
-                sha256: String::new(),
-            })
-        })
-        .await
-        .map_err(|e| BackupError::io(&vm, "capture a disk", std::io::Error::other(e)))??;
-        out.push(entry);
-    }
-    Ok(out)
-}
-
-pub fn extension(f: crate::qemu::DiskFormat) -> &'static str {
-    use crate::qemu::DiskFormat::*;
-    match f {
-        Qcow2 => "qcow2",
-        Raw => "raw",
-        Vpc => "vhd",
-        Vhdx => "vhdx",
-    }
+    let disks = m.config().disks.iter().filter(|d| !settings.exclude.contains(&d.node_name)).cloned().collect();
+    super::capture::copy_disks(m.name(), disks, dir, settings.verify_capture).await
 }
 
 /// Puts the VM back in `before`: cancels a save still under way, reactivates the disks,

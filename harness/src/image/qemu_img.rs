@@ -30,17 +30,34 @@ fn run(args: &[&std::ffi::OsStr]) -> Result<Vec<u8>, QemuImgError> {
 
 /// Creates a qcow2 overlay at `path` over `base`, whose format is given explicitly.
 pub fn create_overlay(base: &Path, base_format: DiskFormat, path: &Path) -> Result<(), QemuImgError> {
-    run(&[
-        "create".as_ref(),
-        "-q".as_ref(),
+    overlay(base, base_format, None, path)
+}
+
+/// The same, over an image that a running QEMU holds open: `-u` keeps qemu-img from
+/// opening the backing file, so the size must be given.
+pub fn create_overlay_unsafe(base: &Path, base_format: DiskFormat, size: u64, path: &Path) -> Result<(), QemuImgError> {
+    overlay(base, base_format, Some(size), path)
+}
+
+fn overlay(base: &Path, base_format: DiskFormat, size: Option<u64>, path: &Path) -> Result<(), QemuImgError> {
+    let size = size.map(|s| s.to_string());
+    let mut args: Vec<&std::ffi::OsStr> = vec!["create".as_ref(), "-q".as_ref()];
+    if size.is_some() {
+        args.push("-u".as_ref());
+    }
+    args.extend::<[&std::ffi::OsStr; 6]>([
         "-f".as_ref(),
         "qcow2".as_ref(),
         "-F".as_ref(),
         base_format.driver().as_ref(),
         "-b".as_ref(),
         base.as_os_str(),
-        path.as_os_str(),
-    ])?;
+    ]);
+    args.push(path.as_os_str());
+    if let Some(s) = &size {
+        args.push(s.as_ref());
+    }
+    run(&args)?;
     Ok(())
 }
 
@@ -100,25 +117,6 @@ pub fn create(path: &Path, format: DiskFormat, size: u64) -> Result<(), QemuImgE
         "-q".as_ref(),
         "-f".as_ref(),
         format.driver().as_ref(),
-        path.as_os_str(),
-        size.to_string().as_ref(),
-    ])?;
-    Ok(())
-}
-
-/// A qcow2 overlay over an image that a running QEMU holds open: `-u` keeps qemu-img from
-/// opening the backing file, so the size must be given.
-pub fn create_overlay_unsafe(base: &Path, base_format: DiskFormat, size: u64, path: &Path) -> Result<(), QemuImgError> {
-    run(&[
-        "create".as_ref(),
-        "-q".as_ref(),
-        "-u".as_ref(),
-        "-f".as_ref(),
-        "qcow2".as_ref(),
-        "-F".as_ref(),
-        base_format.driver().as_ref(),
-        "-b".as_ref(),
-        base.as_os_str(),
         path.as_os_str(),
         size.to_string().as_ref(),
     ])?;

@@ -59,12 +59,7 @@ const SEED_TIME: &str = "1735689600";
 pub fn create(dir: &Path, seed: &DiskSeed) -> Result<PathBuf, SeedError> {
     let io = |error| SeedError::Io { disk: seed.name.clone(), error };
     let img = |error| SeedError::Image { disk: seed.name.clone(), error };
-    let ext = match seed.format {
-        DiskFormat::Qcow2 => "qcow2",
-        DiskFormat::Raw => "raw",
-        DiskFormat::Vpc => "vhd",
-        DiskFormat::Vhdx => "vhdx",
-    };
+    let ext = seed.format.extension();
     let path = dir.join(format!("{}.{ext}", seed.name));
     let staging = tempfile::Builder::new().prefix("seed-").tempdir_in(dir).map_err(io)?;
     let raw = if seed.format == DiskFormat::Raw { path.clone() } else { staging.path().join("disk.raw") };

@@ -41,6 +41,14 @@ impl DiskFormat {
             DiskFormat::Vhdx => "vhdx",
         }
     }
+
+    /// The usual file name extension of an image of this format.
+    pub fn extension(self) -> &'static str {
+        match self {
+            DiskFormat::Vpc => "vhd",
+            other => other.driver(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -134,6 +134,10 @@ async fn launch_like(
     Ok((m, disks, disk_dir))
 }
 
+fn find<'a>(backup: &'a Backup, vm: &str) -> Result<&'a VmBackup, RestoreError> {
+    backup.vm(vm).ok_or_else(|| RestoreError::NoSuchVm { backup: backup.path.clone(), vm: vm.to_owned() })
+}
+
 /// How long a restored VM booting from its backup has to bring its agent up.
 pub const BOOT_DEADLINE: Duration = Duration::from_secs(90);
 
@@ -147,9 +151,7 @@ pub async fn boot(
     opts: &RestoreOptions,
     tl: &Timeline,
 ) -> Result<Restored, RestoreError> {
-    let vm = backup
-        .vm(vm_name)
-        .ok_or_else(|| RestoreError::NoSuchVm { backup: backup.path.clone(), vm: vm_name.to_owned() })?;
+    let vm = find(backup, vm_name)?;
     let started = Instant::now();
     let (mut m, disks, disk_dir) =
         tl.step(Some(&opts.name), "launch from the backup's disks", launch_like(backup, vm, opts, false)).await?;
@@ -175,9 +177,7 @@ pub async fn saved_state(
     opts: &RestoreOptions,
     tl: &Timeline,
 ) -> Result<Restored, RestoreError> {
-    let vm = backup
-        .vm(vm_name)
-        .ok_or_else(|| RestoreError::NoSuchVm { backup: backup.path.clone(), vm: vm_name.to_owned() })?;
+    let vm = find(backup, vm_name)?;
     let state = vm
         .state
         .as_ref()
