@@ -73,14 +73,32 @@ impl BackupWriter {
         let mpath = self.tmp.path().join("manifest.json");
         let json = serde_json::to_vec_pretty(&manifest).expect("plain data encodes");
         std::fs::write(&mpath, json).map_err(io(&mpath))?;
-        File::open(&mpath).and_then(|f| f.sync_all()).map_err(io(&mpath))?;
+        // QEMU does not fsync a `file:` migration, and qemu-img need not either: everything
+        // is made durable here, before the rename makes the backup look complete.
+        sync_tree(self.tmp.path())?;
         let tmp = self.tmp.keep();
         if let Err(e) = std::fs::rename(&tmp, &self.final_path) {
             let _ = std::fs::remove_dir_all(&tmp);
             return Err(FolderError::Io { path: self.final_path, source: e });
         }
+        if let Some(parent) = self.final_path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            File::open(parent).and_then(|f| f.sync_all()).map_err(io(parent))?;
+        }
         Ok(Backup { path: self.final_path, manifest })
     }
+}
+
+/// fsyncs every file and folder below `dir`, and `dir` itself.
+fn sync_tree(dir: &Path) -> Result<(), FolderError> {
+    for e in std::fs::read_dir(dir).map_err(io(dir))? {
+        let p = e.map_err(io(dir))?.path();
+        if p.is_dir() {
+            sync_tree(&p)?;
+        } else {
+            File::open(&p).and_then(|f| f.sync_all()).map_err(io(&p))?;
+        }
+    }
+    File::open(dir).and_then(|f| f.sync_all()).map_err(io(dir))
 }
 
 /// A finished backup.

@@ -35,6 +35,22 @@ pub async fn query(m: &Machine) -> Result<RunState, MachineError> {
     })
 }
 
+/// Waits (polling query-status, under `deadline`) until QEMU has left the transient
+/// migration states. QEMU sends MIGRATION `completed` while still in finish-migrate, and no
+/// event marks the move on, so a `cont` sent at once may be refused.
+pub async fn settle(m: &Machine, deadline: Duration) -> Result<RunState, MachineError> {
+    let until = tokio::time::Instant::now() + deadline;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        let st = query(m).await?;
+        if !matches!(st.status.as_str(), "finish-migrate" | "inmigrate") || tokio::time::Instant::now() >= until {
+            return Ok(st);
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
 /// Names of block nodes QEMU reports as inactive (after a completed save, all of them).
 pub async fn inactive_nodes(m: &Machine) -> Result<Vec<String>, MachineError> {
     let nodes =

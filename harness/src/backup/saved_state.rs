@@ -306,7 +306,7 @@ pub async fn return_to(m: &Machine, before: &RunState, caps: &Capabilities) -> R
             .await
             .map_err(|e| BackupError::step(m.name(), "wait for the save to cancel", m.qmp_err(e)))?;
     }
-    let now = runstate::query(m).await.map_err(|e| BackupError::step(m.name(), "query-status", e))?;
+    let now = runstate::settle(m, T).await.map_err(|e| BackupError::step(m.name(), "query-status", e))?;
     if before.running && !now.running {
         // `cont` also reactivates disks that a completed save inactivated.
         qmp(m, "cont", Value::Null).await?;

@@ -1,4 +1,7 @@
 //! Benchmarks. Each prints ratios against baselines measured in the same run on the same
 //! machine; none asserts a wall-clock time.
 
+pub mod dd;
+pub mod fill;
+pub mod libvirt;
 pub mod saved_state;

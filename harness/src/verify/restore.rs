@@ -51,6 +51,7 @@ impl RestoreOptions {
 /// Continues a restored VM and waits for it to run.
 pub async fn resume(m: &Machine) -> Result<(), RestoreError> {
     let merr = |step: &str, error| RestoreError::Machine { vm: m.name().to_owned(), step: step.to_owned(), error };
+    crate::backup::runstate::settle(m, T).await.map_err(|e| merr("query-status", e))?;
     m.qmp().execute_raw("cont", Value::Null, T).await.map_err(|e| merr("cont", m.qmp_err(e)))?;
     m.qmp().wait_event("RESUME", |_| true, T).await.map_err(|e| merr("wait for RESUME", m.qmp_err(e)))?;
     Ok(())
