@@ -176,6 +176,9 @@ pub struct BackupSpec {
     /// What the scenario expects of the backup: it succeeds, or it is refused.
     #[serde(default)]
     pub expect: Expect,
+    /// How long the guest's freeze may take, in milliseconds (VSS holds writes at most 10 s).
+    #[serde(default)]
+    pub freeze_deadline_ms: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -294,6 +297,14 @@ fn check(f: &ScenarioFile) -> Result<(), (Range<usize>, String)> {
     if let Some(d) = &f.backup.snapshot_dir {
         if !d.get_ref().starts_with('/') {
             return Err((d.span(), format!("snapshot_dir {:?}: expected an absolute path", d.get_ref())));
+        }
+    }
+    if let Some(d) = &f.backup.freeze_deadline_ms {
+        if !(100..=10_000).contains(d.get_ref()) {
+            return Err((
+                d.span(),
+                format!("freeze_deadline_ms = {}: expected 100 to 10000 (VSS's hold limit is 10 s)", d.get_ref()),
+            ));
         }
     }
     for fault in &f.faults {

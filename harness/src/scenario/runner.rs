@@ -319,6 +319,9 @@ fn member<'a>(s: &Scenario, vm: &'a Vm, local: &Interrupt) -> Result<Member<'a>,
     let snapdir =
         s.file.backup.snapshot_dir.as_ref().map(|d| PathBuf::from(d.get_ref())).unwrap_or_else(|| vm.dir.clone());
     let mut snapshot = SnapshotSettings::new(&snapdir);
+    if let Some(ms) = &s.file.backup.freeze_deadline_ms {
+        snapshot.freeze_deadline = std::time::Duration::from_millis(*ms.get_ref());
+    }
     let mut save = SaveSettings::default();
     if has_fault(s, name, FaultKind::TransactionFails) {
         // The last disk: with several, the others' snapshots must be rolled back with it.
