@@ -64,7 +64,12 @@ pub async fn run(accel: Option<quiesce::qemu::accel::AccelChoice>, no_build: boo
         None => println!("accelerator   undetermined: auto probes KVM by booting the guest kernel, which is not built"),
     }
     match &image {
-        Some(img) => println!("image cache   linux {} built in {}", img.key, img.dir.display()),
+        Some(img) => println!(
+            "image cache   linux {} built in {} (guest kernel {})",
+            img.key,
+            img.dir.display(),
+            img.kernel_release().unwrap_or_else(|| "unknown".into())
+        ),
         None => {
             println!("image cache   linux {} not built (run `quiesce image build linux`)", recipe::recipe_key("linux")?)
         }

@@ -51,6 +51,11 @@ impl GuestImage {
     pub fn packages(&self) -> String {
         std::fs::read_to_string(self.dir.join("packages.lock")).unwrap_or_default()
     }
+
+    /// The guest kernel's release, from the first line of packages.lock.
+    pub fn kernel_release(&self) -> Option<String> {
+        self.packages().lines().next()?.strip_prefix("@kernel-release ").map(|s| s.trim().to_owned())
+    }
 }
 
 fn recipe(name: &str) -> Result<&'static [(&'static str, &'static [u8])], ImageError> {
