@@ -1,5 +1,6 @@
-//! libvirt for the `virsh save` / `virsh restore` comparison, with no systemd: the
-//! daemon is started by hand and stopped again.
+//! libvirt for the benchmarks' comparisons (`virsh save` / `virsh restore`, and
+//! `virsh snapshot-create-as --disk-only --quiesce`), with no systemd: the daemon is started
+//! by hand and stopped again.
 //!
 //! - If a libvirtd already listens on `/run/libvirt/libvirt-sock`, it is used as it is and
 //!   left running. Otherwise `libvirtd --daemon` is started with its own config, whose
@@ -18,6 +19,9 @@
 //!   reach the process that was started. Domains are transient (`virsh create`), destroyed
 //!   before the daemon stops, and their QEMU is killed through its own pidfd if it is
 //!   somehow still there.
+//! - On request ([`StartOptions::agent_debug_log`]) the daemon started here logs its guest
+//!   agent traffic at debug level, with millisecond timestamps; [`freeze_window`] reads
+//!   libvirt's freeze and thaw out of that log.
 
 use std::fs;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -161,8 +165,19 @@ async fn start_daemon(program: &Path, args: &[String], pid_file: &Path) -> Resul
     Ok(Daemon { name, pid, pidfd })
 }
 
+/// A data disk after the root disk: a standalone image, on virtio-blk with `serial` as its
+/// guest-visible serial (as quiesce's own launch gives each disk its node name).
+#[derive(Debug, Clone)]
+pub struct DataDisk {
+    pub serial: String,
+    pub path: PathBuf,
+    /// QEMU's driver name of the image's format (`qcow2`, `raw`, ...).
+    pub format: String,
+}
+
 /// What a domain is made of: the test guest's kernel, initrd and command line, a qcow2
-/// overlay over its root image, its RAM and vCPUs, and the agent's virtio-serial port.
+/// overlay over its root image, any data disks, its RAM and vCPUs, and the agent's
+/// virtio-serial port.
 #[derive(Debug, Clone)]
 pub struct DomainSpec {
     pub name: String,
@@ -176,6 +191,8 @@ pub struct DomainSpec {
     pub overlay: PathBuf,
     pub backing: PathBuf,
     pub backing_format: String,
+    /// Attached after the root disk, as vdb, vdc, ...
+    pub data_disks: Vec<DataDisk>,
     pub serial_log: PathBuf,
 }
 
@@ -220,7 +237,7 @@ pub fn domain_xml(d: &DomainSpec) -> String {
       <target dev='vda' bus='virtio'/>
       <serial>root</serial>
     </disk>
-    <serial type='file'><source path='{serial}'/><target port='0'/></serial>
+{data}    <serial type='file'><source path='{serial}'/><target port='0'/></serial>
     <console type='file'><source path='{serial}'/><target type='serial' port='0'/></console>
     <channel type='unix'>
       <target type='virtio' name='org.qemu.guest_agent.0'/>
@@ -244,8 +261,43 @@ pub fn domain_xml(d: &DomainSpec) -> String {
         overlay = escp(&d.overlay),
         bfmt = esc(&d.backing_format),
         backing = escp(&d.backing),
+        data = data_disks_xml(&d.data_disks),
         serial = escp(&d.serial_log),
     )
+}
+
+/// The `<disk>` elements of the data disks, targets vdb onwards (at most 25 of them).
+fn data_disks_xml(disks: &[DataDisk]) -> String {
+    disks
+        .iter()
+        .zip(b'b'..=b'z')
+        .map(|(d, letter)| {
+            format!(
+                "    <disk type='file' device='disk'>
+      <driver name='qemu' type='{fmt}'/>
+      <source file='{path}'/>
+      <backingStore/>
+      <target dev='vd{letter}' bus='virtio'/>
+      <serial>{serial}</serial>
+    </disk>
+",
+                fmt = esc(&d.format),
+                path = escp(&d.path),
+                letter = letter as char,
+                serial = esc(&d.serial),
+            )
+        })
+        .collect()
+}
+
+/// How [`Libvirt::start_with`] starts a daemon (a libvirtd found running is used as it is).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StartOptions {
+    /// Hide /dev/kvm from the daemon (see the module notes).
+    pub mask_kvm: bool,
+    /// Log the guest agent traffic (`qemu.qemu_agent`) at debug level, everything else at
+    /// warning level, to [`Libvirt::log_path`].
+    pub agent_debug_log: bool,
 }
 
 /// A libvirt connection, with the daemons this run started (if any) and the domains it
@@ -258,6 +310,8 @@ pub struct Libvirt {
     daemons: Vec<Daemon>,
     domains: Mutex<Vec<(String, Option<OwnedFd>)>>,
     stopped: bool,
+    /// The daemon's log file, if this run started the daemon.
+    log: Option<PathBuf>,
     // Last: removed after the daemons that use it have stopped.
     dir: tempfile::TempDir,
 }
@@ -266,6 +320,12 @@ impl Libvirt {
     /// Connects to a running libvirtd, or starts one for this run (see the module notes);
     /// `mask_kvm` hides /dev/kvm from a libvirtd started here.
     pub async fn start(mask_kvm: bool, progress: &mut dyn FnMut(&str)) -> Result<Libvirt, LibvirtError> {
+        Self::start_with(StartOptions { mask_kvm, agent_debug_log: false }, progress).await
+    }
+
+    /// [`Libvirt::start`] with more choices for a daemon started here.
+    pub async fn start_with(opts: StartOptions, progress: &mut dyn FnMut(&str)) -> Result<Libvirt, LibvirtError> {
+        let mask_kvm = opts.mask_kvm;
         let find = |p: &str| find_program(p).ok_or_else(|| LibvirtError::NotInstalled { program: p.to_owned() });
         let virsh = find("virsh")?;
         let dir = tempfile::Builder::new().prefix("quiesce-libvirt-").tempdir().map_err(io("make a libvirt folder"))?;
@@ -276,6 +336,7 @@ impl Libvirt {
             daemons: Vec::new(),
             domains: Mutex::new(Vec::new()),
             stopped: false,
+            log: None,
             dir,
         };
         if listening(SYSTEM_SOCK) {
@@ -288,15 +349,24 @@ impl Libvirt {
             }
             let d = lv.dir.path().to_owned();
             let conf = d.join("libvirtd.conf");
+            let log = d.join("libvirtd.log");
+            let logging = if opts.agent_debug_log {
+                format!(
+                    "log_level = 3\nlog_filters = \"1:qemu.qemu_agent\"\nlog_outputs = \"1:file:{}\"\n",
+                    log.display()
+                )
+            } else {
+                format!("log_outputs = \"3:file:{}\"\n", log.display())
+            };
             fs::write(
                 &conf,
                 format!(
-                    "unix_sock_dir = \"{dir}\"\nauth_unix_rw = \"none\"\nauth_unix_ro = \"none\"\n\
-                     log_outputs = \"3:file:{dir}/libvirtd.log\"\n",
+                    "unix_sock_dir = \"{dir}\"\nauth_unix_rw = \"none\"\nauth_unix_ro = \"none\"\n{logging}",
                     dir = d.display()
                 ),
             )
             .map_err(io("write libvirtd.conf"))?;
+            lv.log = Some(log);
             let qemu_conf = d.join("qemu.conf");
             fs::write(&qemu_conf, QEMU_CONF_TEXT).map_err(io("write qemu.conf"))?;
             let mask = d.join("no-kvm");
@@ -371,6 +441,11 @@ impl Libvirt {
         &self.uri
     }
 
+    /// The log of the daemon this run started (none when a running one was used).
+    pub fn log_path(&self) -> Option<&Path> {
+        self.log.as_deref()
+    }
+
     /// A private folder for this run's domain files (overlay, serial log, XML).
     pub fn dir(&self) -> &Path {
         self.dir.path()
@@ -435,6 +510,73 @@ impl Libvirt {
 
     pub async fn state(&self, domain: &str) -> Result<String, LibvirtError> {
         Ok(self.virsh(&["domstate", domain], T).await?.trim().to_owned())
+    }
+
+    /// Destroys a domain this run created and waits (on its pidfd) until its QEMU is gone.
+    /// If that fails, the domain stays tracked, for [`Libvirt::stop`] to try again.
+    pub async fn destroy(&self, domain: &str) -> Result<(), LibvirtError> {
+        self.virsh(&["destroy", domain], T).await?;
+        let qemu = {
+            let mut doms = self.domains.lock().unwrap_or_else(|e| e.into_inner());
+            let i = doms.iter().position(|(n, _)| n == domain);
+            i.map(|i| doms.remove(i)).and_then(|(_, fd)| fd)
+        };
+        if let Some(fd) = qemu {
+            let (fd, gone) = tokio::task::spawn_blocking(move || {
+                let gone = pidfd_wait(&fd, Duration::from_secs(10)) || terminate(&fd, Duration::from_secs(3));
+                (fd, gone)
+            })
+            .await
+            .map_err(|e| LibvirtError::Io { what: format!("stop libvirt domain {domain}"), source: e.into() })?;
+            if !gone {
+                self.domains.lock().unwrap_or_else(|e| e.into_inner()).push((domain.to_owned(), Some(fd)));
+                return Err(LibvirtError::Io {
+                    what: format!("stop the QEMU of libvirt domain {domain}"),
+                    source: std::io::Error::other("it would not exit"),
+                });
+            }
+        }
+        let _ = fs::remove_file(Path::new(QEMU_LOG_DIR).join(format!("{domain}.log")));
+        Ok(())
+    }
+
+    /// `virsh snapshot-create-as DOMAIN NAME --disk-only --quiesce --atomic --no-metadata`:
+    /// libvirt freezes the guest through its agent, puts a new overlay on every disk (named
+    /// after the disk's image with `.NAME` for its extension) and thaws. Nothing is recorded
+    /// as a snapshot: the domain simply runs on the new overlays.
+    pub async fn snapshot_disk_only(&self, domain: &str, name: &str, timeout: Duration) -> Result<(), LibvirtError> {
+        self.virsh(
+            &["snapshot-create-as", domain, name, "--disk-only", "--quiesce", "--atomic", "--no-metadata"],
+            timeout,
+        )
+        .await
+        .map(drop)
+    }
+
+    /// `virsh domfsfreeze`, then `virsh domfsthaw`, which is tried even if the freeze failed.
+    pub async fn freeze_thaw(&self, domain: &str) -> Result<(), LibvirtError> {
+        let frozen = self.virsh(&["domfsfreeze", domain], T).await;
+        let thawed = self.virsh(&["domfsthaw", domain], T).await;
+        frozen.and(thawed).map(drop)
+    }
+
+    /// Each disk's target (vda, ...) and the image at the top of its chain.
+    pub async fn disks(&self, domain: &str) -> Result<Vec<(String, PathBuf)>, LibvirtError> {
+        let out = self.virsh(&["domblklist", domain, "--details"], T).await?;
+        Ok(parse_domblklist(&out))
+    }
+
+    /// Merges the top image of `target` into the image right under it and pivots to that:
+    /// `virsh blockcommit --active --shallow --pivot`. `--shallow` matters: without it
+    /// libvirt commits into the deepest image of the chain (a shared base image too).
+    pub async fn commit_top(&self, domain: &str, target: &str, timeout: Duration) -> Result<(), LibvirtError> {
+        let secs = timeout.as_secs().max(1).to_string();
+        self.virsh(
+            &["blockcommit", domain, target, "--active", "--shallow", "--pivot", "--timeout", &secs],
+            timeout + Duration::from_secs(10),
+        )
+        .await
+        .map(drop)
     }
 
     /// One guest-agent command through libvirt; the reply's `return` value.
@@ -577,6 +719,148 @@ fn run_blocking(cmd: &mut std::process::Command, timeout: Duration) -> Result<st
     child.wait().map_err(|e| e.to_string())
 }
 
+/// `virsh -q domblklist --details` lines: type, device, target, source. Disks with no
+/// source (`-`) are left out.
+fn parse_domblklist(out: &str) -> Vec<(String, PathBuf)> {
+    out.lines()
+        .filter_map(|l| {
+            let mut rest = l.trim_start();
+            let mut fields = Vec::new();
+            for _ in 0..3 {
+                let end = rest.find(char::is_whitespace)?;
+                fields.push(&rest[..end]);
+                rest = rest[end..].trim_start();
+            }
+            let source = rest.trim_end();
+            (!source.is_empty() && source != "-").then(|| (fields[2].to_owned(), PathBuf::from(source)))
+        })
+        .collect()
+}
+
+/// libvirt's freeze and thaw of one `--quiesce` snapshot, read from its debug log of the
+/// agent traffic. Times are milliseconds since the epoch, as libvirt stamps its log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FreezeWindow {
+    /// `guest-fsfreeze-freeze` handed to the agent channel.
+    pub freeze_sent_ms: i64,
+    /// Its reply received.
+    pub freeze_returned_ms: i64,
+    /// `guest-fsfreeze-thaw` handed to the agent channel.
+    pub thaw_sent_ms: i64,
+    /// Its reply received.
+    pub thaw_returned_ms: i64,
+    /// The freeze's reply: how many filesystems the guest froze.
+    pub frozen: Option<u64>,
+}
+
+impl FreezeWindow {
+    /// From sending the freeze until the thaw returned.
+    pub fn window_ms(&self) -> f64 {
+        (self.thaw_returned_ms - self.freeze_sent_ms) as f64
+    }
+    /// The guest's own freeze: from sending it until it returned.
+    pub fn guest_freeze_ms(&self) -> f64 {
+        (self.freeze_returned_ms - self.freeze_sent_ms) as f64
+    }
+    /// The host's share: from the freeze returning until the thaw was sent.
+    pub fn host_ms(&self) -> f64 {
+        (self.thaw_sent_ms - self.freeze_returned_ms) as f64
+    }
+    pub fn thaw_ms(&self) -> f64 {
+        (self.thaw_returned_ms - self.thaw_sent_ms) as f64
+    }
+}
+
+/// One line of libvirt's log: `2026-11-28 06:56:13.891+0000: 13552: debug : func:1039 : msg`.
+struct LogLine<'a> {
+    ms: i64,
+    thread: &'a str,
+    func: &'a str,
+    msg: &'a str,
+}
+
+fn parse_log_line(line: &str) -> Option<LogLine<'_>> {
+    let ms = parse_log_time(line.get(..28)?)?;
+    let rest = line.get(28..)?.strip_prefix(": ")?;
+    let (thread, rest) = rest.split_once(": ")?;
+    let (_level, rest) = rest.split_once(" : ")?;
+    let (func, msg) = rest.split_once(" : ")?;
+    Some(LogLine { ms, thread, func: func.split(':').next()?, msg })
+}
+
+/// `2026-11-28 06:56:13.891+0000` to milliseconds since the epoch.
+fn parse_log_time(s: &str) -> Option<i64> {
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        let t = s.get(r)?;
+        t.bytes().all(|b| b.is_ascii_digit()).then(|| t.parse().ok())?
+    };
+    let b = s.as_bytes();
+    if b.len() != 28 || b[4] != b'-' || b[7] != b'-' || b[10] != b' ' || b[19] != b'.' {
+        return None;
+    }
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, mi, sec, ms) = (num(11..13)?, num(14..16)?, num(17..19)?, num(20..23)?);
+    let sign = match b[23] {
+        b'+' => 1,
+        b'-' => -1,
+        _ => return None,
+    };
+    let offset_min = sign * (num(24..26)? * 60 + num(26..28)?);
+    // Days from the civil date (proleptic Gregorian), after Howard Hinnant's algorithm.
+    let y = if mo <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some((((days * 24 + h) * 60 + mi - offset_min) * 60 + sec) * 1000 + ms)
+}
+
+const AGENT_COMMAND: &str = "qemuAgentCommandFull";
+
+/// Finds the first freeze in `log` (the part of the daemon's log written during one
+/// snapshot) and the thaw after it.
+pub fn freeze_window(log: &str) -> Result<FreezeWindow, String> {
+    let lines: Vec<LogLine> = log.lines().filter_map(parse_log_line).collect();
+    let sent = |cmd: &str, from: usize| {
+        let needle = format!("\"execute\":\"{cmd}\"");
+        lines[from..]
+            .iter()
+            .position(|l| l.func == AGENT_COMMAND && l.msg.starts_with("Send command") && l.msg.contains(&needle))
+            .map(|i| from + i)
+            .ok_or_else(|| format!("no `{cmd}` sent in libvirt's log"))
+    };
+    let returned = |cmd: &str, from: usize| {
+        let thread = lines[from].thread;
+        let i = lines[from + 1..]
+            .iter()
+            .position(|l| l.func == AGENT_COMMAND && l.thread == thread && l.msg.starts_with("Receive command reply"))
+            .map(|i| from + 1 + i)
+            .ok_or_else(|| format!("no reply to `{cmd}` in libvirt's log"))?;
+        match lines[i].msg.split_once("ret=").map(|(_, r)| r.split_whitespace().next().unwrap_or("")) {
+            Some("0") => Ok(i),
+            other => Err(format!("`{cmd}` failed in libvirt's log (ret={})", other.unwrap_or("?"))),
+        }
+    };
+    let f = sent("guest-fsfreeze-freeze", 0)?;
+    let fr = returned("guest-fsfreeze-freeze", f)?;
+    let t = sent("guest-fsfreeze-thaw", fr)?;
+    let tr = returned("guest-fsfreeze-thaw", t)?;
+    // The agent's reply, logged by the I/O thread between the send and its return.
+    let frozen = lines[f..fr].iter().find_map(|l| {
+        let json = l.msg.strip_prefix("Line [")?.strip_suffix(']')?;
+        serde_json::from_str::<Value>(json).ok()?["return"].as_u64()
+    });
+    Ok(FreezeWindow {
+        freeze_sent_ms: lines[f].ms,
+        freeze_returned_ms: lines[fr].ms,
+        thaw_sent_ms: lines[t].ms,
+        thaw_returned_ms: lines[tr].ms,
+        frozen,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -595,6 +879,7 @@ mod tests {
             overlay: "/o.qcow2".into(),
             backing: "/root.img".into(),
             backing_format: "raw".into(),
+            data_disks: vec![DataDisk { serial: "data1".into(), path: "/d1.qcow2".into(), format: "qcow2".into() }],
             serial_log: "/s.log".into(),
         };
         let x = domain_xml(&d);
@@ -604,5 +889,51 @@ mod tests {
         assert!(x.contains("<cmdline>console=ttyS0 a=&apos;b&apos;</cmdline>"));
         assert!(x.contains("name='org.qemu.guest_agent.0'"));
         assert!(x.contains("<memory unit='MiB'>1024</memory>"));
+        assert!(x.contains("<source file='/d1.qcow2'/>"));
+        assert!(x.contains("<target dev='vdb' bus='virtio'/>\n      <serial>data1</serial>"));
+    }
+
+    #[test]
+    fn domblklist_details() {
+        let out =
+            " file   disk     vda      /tmp/a b/root.s1\n file   cdrom    sda      -\n\n file disk vdb /d.qcow2\n";
+        assert_eq!(
+            parse_domblklist(out),
+            vec![("vda".to_owned(), PathBuf::from("/tmp/a b/root.s1")), ("vdb".to_owned(), PathBuf::from("/d.qcow2"))]
+        );
+    }
+
+    #[test]
+    fn log_times() {
+        assert_eq!(parse_log_time("1970-01-01 00:00:00.000+0000"), Some(0));
+        assert_eq!(parse_log_time("2026-11-28 06:56:13.891+0000"), Some(1_795_848_973_891));
+        assert_eq!(parse_log_time("2026-11-28 07:56:13.891+0100"), Some(1_795_848_973_891));
+        assert_eq!(parse_log_time("2024-02-29 23:59:59.999-0030"), Some(1_709_251_199_999 + 1_800_000));
+        assert_eq!(parse_log_time("2026-11-28 06:56:13,891+0000"), None);
+        assert_eq!(parse_log_time("garbage"), None);
+    }
+
+    /// Lines as libvirt 9.0 wrote them during `snapshot-create-as --quiesce` (one disk).
+    const LOG: &str = r#"2026-11-28 06:56:13.747+0000: 13552: debug : qemuAgentGuestSyncSend:823 : Sending guest-sync command with ID: 1795848973747
+2026-11-28 06:56:13.891+0000: 13552: debug : qemuAgentCommandFull:1039 : Send command '{"execute":"guest-fsfreeze-freeze"}' for write, seconds = -2
+2026-11-28 06:56:14.093+0000: 13583: debug : qemuAgentIOProcessLine:214 : Line [{"return": 2}]
+2026-11-28 06:56:14.093+0000: 13583: debug : qemuAgentIOProcessData:294 : Total used 14 bytes out of 14 available in buffer
+2026-11-28 06:56:14.093+0000: 13552: debug : qemuAgentCommandFull:1043 : Receive command reply ret=0 rxObject=0x7fe8bc01d1e0
+ fd=-1
+2026-11-28 06:56:14.200+0000: 13552: debug : qemuAgentCommandFull:1039 : Send command '{"execute":"guest-fsfreeze-thaw"}' for write, seconds = -2
+2026-11-28 06:56:14.310+0000: 13583: debug : qemuAgentIOProcessLine:214 : Line [{"return": 2}]
+2026-11-28 06:56:14.320+0000: 13552: debug : qemuAgentCommandFull:1043 : Receive command reply ret=0 rxObject=0x7fe8bc003d00
+"#;
+
+    #[test]
+    fn freeze_window_from_the_log() {
+        let w = freeze_window(LOG).unwrap();
+        assert_eq!(w.frozen, Some(2));
+        assert_eq!((w.guest_freeze_ms(), w.host_ms(), w.thaw_ms(), w.window_ms()), (202.0, 107.0, 120.0, 429.0));
+        let no_thaw: String = LOG.lines().take(6).map(|l| format!("{l}\n")).collect();
+        assert_eq!(freeze_window(&no_thaw).unwrap_err(), "no `guest-fsfreeze-thaw` sent in libvirt's log");
+        let failed = LOG.replacen("reply ret=0", "reply ret=-1", 1);
+        assert!(freeze_window(&failed).unwrap_err().contains("`guest-fsfreeze-freeze` failed"));
+        assert!(freeze_window("").is_err());
     }
 }

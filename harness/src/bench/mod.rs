@@ -3,5 +3,6 @@
 
 pub mod dd;
 pub mod fill;
+pub mod freeze;
 pub mod libvirt;
 pub mod saved_state;

@@ -192,7 +192,7 @@ async fn fdatasync(path: &Path) -> Result<f64, BenchError> {
 }
 
 /// "ext4 on /dev/vda at /": the filesystem holding `path`, from /proc/self/mounts.
-fn filesystem_of(path: &Path) -> String {
+pub(super) fn filesystem_of(path: &Path) -> String {
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
     mounts
         .lines()
@@ -534,6 +534,7 @@ async fn libvirt_rounds(
         overlay,
         backing: image.root.clone(),
         backing_format: "raw".into(),
+        data_disks: vec![],
         serial_log: serial_log.clone(),
     };
     progress(&format!("booting the same guest under libvirt ({name})"));
@@ -583,7 +584,7 @@ fn runs(xs: &[f64]) -> String {
     format!("[{}]", v.join(" "))
 }
 
-fn goal(met: bool) -> &'static str {
+pub(super) fn goal(met: bool) -> &'static str {
     if met {
         "goal met"
     } else {
