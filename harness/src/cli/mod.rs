@@ -1,6 +1,7 @@
 //! The `quiesce` command line.
 
 mod bench;
+mod diff;
 mod doctor;
 mod image;
 mod progress;
@@ -46,6 +47,16 @@ enum Command {
     },
     /// Re-check a backup's files against the checksums in its manifest.
     Verify { backup: std::path::PathBuf },
+    /// Compare the files of two disk images, or of every disk of two backups (ext4, NTFS).
+    Diff {
+        /// A disk image (qcow2, raw, vpc, vhdx; format probed) or a backup folder.
+        a: std::path::PathBuf,
+        /// The same kind of thing to compare A with.
+        b: std::path::PathBuf,
+        /// Leave out paths: a prefix (/var/log) or a pattern with * and ? (/home/*/.cache). Repeatable.
+        #[arg(long = "ignore", value_name = "PATTERN")]
+        ignore: Vec<String>,
+    },
     /// Benchmarks that print ratios against baselines from the same run.
     Bench {
         #[command(subcommand)]
@@ -69,6 +80,7 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Image { command } => image::run(command).await,
         Command::Run { paths, report_dir, keep_backups } => run::run(paths, report_dir, keep_backups, cli.accel).await,
         Command::Verify { backup } => run::verify(backup).await,
+        Command::Diff { a, b, ignore } => diff::run(a, b, ignore).await,
         Command::Bench { command } => bench::run(command, cli.accel).await,
     };
     match result {

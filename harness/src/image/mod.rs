@@ -2,6 +2,8 @@
 
 pub mod cache;
 pub mod fsck;
+pub mod fsread;
+pub mod manifest;
 pub mod partition;
 pub mod qemu_img;
 pub mod recipe;
