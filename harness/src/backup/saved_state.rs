@@ -265,7 +265,10 @@ async fn migrated_bytes(m: &Machine) -> Option<u64> {
     info["ram"]["transferred"].as_u64()
 }
 
-async fn migrate_to_file(m: &Machine, path: &Path, deadline: Duration) -> Result<(), BackupError> {
+/// `migrate` to a `file:` URI with whatever capabilities and parameters are set, waiting
+/// (under `deadline`) for it to complete; a failed or cancelled save is an error with
+/// QEMU's reason.
+pub async fn migrate_to_file(m: &Machine, path: &Path, deadline: Duration) -> Result<(), BackupError> {
     let _ = m.qmp().events().drain("MIGRATION");
     qmp(m, "migrate", json!({"uri": format!("file:{}", path.display())})).await?;
     let ev = m

@@ -427,41 +427,13 @@ async fn plain_migrate(m: &Machine, path: &Path, deadline: Duration) -> Result<f
         .execute_raw("migrate-set-capabilities", json!({"capabilities": [{"capability": "events", "state": true}]}), T)
         .await
         .map_err(&q)?;
-    let _ = m.qmp().events().drain("MIGRATION");
     let t = Instant::now();
-    m.qmp().execute_raw("migrate", json!({"uri": format!("file:{}", path.display())}), T).await.map_err(&q)?;
-    let ev = m
-        .qmp()
-        .wait_event(
-            "MIGRATION",
-            |d| matches!(d["status"].as_str(), Some("completed" | "failed" | "cancelled")),
-            deadline,
-        )
-        .await
-        .map_err(&q)?;
+    crate::backup::saved_state::migrate_to_file(m, path, deadline).await?;
     let secs = t.elapsed().as_secs_f64();
-    if ev.data["status"] != "completed" {
-        let info = m.qmp().execute_raw("query-migrate", Value::Null, T).await.unwrap_or(Value::Null);
-        return Err(BenchError::DefaultsFailed {
-            status: ev.data["status"].as_str().unwrap_or("?").to_owned(),
-            desc: info["error-desc"].as_str().unwrap_or("QEMU gave no reason").to_owned(),
-        });
-    }
-    // QEMU sends `completed` while still in finish-migrate and moves to postmigrate a moment
-    // later, with no event for it; `cont` before then fails ("Migration is not finalized
-    // yet"). So the run state is polled, under a deadline.
-    let until = tokio::time::Instant::now() + T;
-    let mut interval = Duration::from_millis(2);
-    loop {
-        let now = runstate::query(m).await.map_err(BenchError::Defaults)?;
-        if now.status != "finish-migrate" {
-            break;
-        }
-        if tokio::time::Instant::now() >= until {
-            return Err(BenchError::NotRunning(format!("still {} {T:?} after the save completed", now.status)));
-        }
-        tokio::time::sleep(interval).await;
-        interval = (interval * 2).min(Duration::from_millis(100));
+    // QEMU sends `completed` while still in finish-migrate; `cont` before it moves on fails.
+    let now = runstate::settle(m, T).await.map_err(BenchError::Defaults)?;
+    if now.status == "finish-migrate" {
+        return Err(BenchError::NotRunning(format!("still {} {T:?} after the save completed", now.status)));
     }
     // Postmigrate, disks inactive: `cont` reactivates them and runs the guest again.
     let _ = m.qmp().events().drain("RESUME");
