@@ -154,9 +154,11 @@ pub async fn run(
             Some((vm, error)) => Err(VmFailure { vm, error }),
         }
     });
+    // Biased, interruption first: once it has fired, no further step starts.
     let prepared = tokio::select! {
-        r = prepare => Some(r),
+        biased;
         _ = interrupt.fired() => None,
+        r = prepare => Some(r),
     };
     match prepared {
         None => {
@@ -202,8 +204,9 @@ pub async fn run(
         }
     });
     let done = tokio::select! {
-        r = post => Some(r),
+        biased;
         _ = interrupt.fired() => None,
+        r = post => Some(r),
     };
     let vms = match done {
         None => return Err(SetError::Interrupted { phase: "PostSnapshot", undone: undo_all(&slots, caps, tl).await }),
