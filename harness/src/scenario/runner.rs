@@ -147,7 +147,7 @@ async fn run_inner(
             local.trigger();
         })
     });
-    let members: Vec<Member> = vms.iter().map(|vm| member(s, vm, &local)).collect::<Result<_, _>>()?;
+    let members: Vec<Member> = vms.iter().map(|vm| member(s, vm)).collect();
     for vm in &vms {
         if has_fault(s, vm.name(), FaultKind::AgentHangsInFreeze) {
             install_hanging_hook(vm).await?;
@@ -314,7 +314,7 @@ fn has_fault(s: &Scenario, vm: &str, kind: FaultKind) -> bool {
 }
 
 /// The set member for one VM: its method, where its overlays go, and its faults.
-fn member<'a>(s: &Scenario, vm: &'a Vm, local: &Interrupt) -> Result<Member<'a>, RunError> {
+fn member<'a>(s: &Scenario, vm: &'a Vm) -> Member<'a> {
     let name = vm.name();
     let snapdir =
         s.file.backup.snapshot_dir.as_ref().map(|d| PathBuf::from(d.get_ref())).unwrap_or_else(|| vm.dir.clone());
@@ -330,8 +330,7 @@ fn member<'a>(s: &Scenario, vm: &'a Vm, local: &Interrupt) -> Result<Member<'a>,
     if has_fault(s, name, FaultKind::SaveFails) {
         save.state_path = Some(PathBuf::from("/nonexistent-quiesce-fault/state.bin"));
     }
-    let _ = local;
-    Ok(Member {
+    Member {
         machine: &vm.guest.machine,
         method: s.file.backup.method,
         snapshot,
@@ -347,7 +346,7 @@ fn member<'a>(s: &Scenario, vm: &'a Vm, local: &Interrupt) -> Result<Member<'a>,
         interrupt_after_freeze: has_fault(s, name, FaultKind::InterruptAfterFreeze),
         sigint_after_freeze: has_fault(s, name, FaultKind::SigintAfterFreeze),
         kill_after_prepare: has_fault(s, name, FaultKind::QemuKilledAfterPrepare),
-    })
+    }
 }
 
 /// A freeze hook that outlasts the freeze deadline: the agent hangs inside guest-fsfreeze-freeze.
