@@ -432,10 +432,14 @@ put "$R/etc/quiesce-packages.lock" < "$W/packages.lock"
 
 # The hook shipped by qemu-guest-agent needs bash: on its syslog path (taken
 # on the very first run, before its log file exists) it uses ${PIPESTATUS[0]},
-# which busybox sh rejects, so the first freeze fails.  Same behaviour, POSIX sh:
-# run the executables in fsfreeze-hook.d (sorted) with freeze|thaw, log to
-# /var/log/qga-fsfreeze-hook.log, and -- like upstream -- exit 0 even if a
-# script fails (replace this file via guest-exec to test failing hooks).
+# which busybox sh rejects, so the first freeze fails.  A POSIX sh rewrite: run
+# the executables in fsfreeze-hook.d (sorted) with freeze|thaw and log to
+# /var/log/qga-fsfreeze-hook.log.  Unlike upstream (which always exits 0), a
+# script that fails "freeze" vetoes it, as a failing VSS writer fails the
+# shadow copy: the scripts that already ran get "thaw" (in reverse), and the
+# hook exits with that status, so qemu-ga's guest-fsfreeze-freeze returns
+# "fsfreeze hook has failed with status N" and freezes nothing.  "thaw" runs
+# every script and always exits 0: a thaw must not be refused.
 put "$R/etc/qemu/fsfreeze-hook" <<'EOF'
 #!/bin/sh
 # fsfreeze-hook for qemu-ga -F (quiesce test guest; POSIX rewrite of QEMU's
@@ -450,6 +454,7 @@ log_message() {
 }
 
 [ -d "$FSFREEZE_D" ] || exit 0
+done_list=
 for file in "$FSFREEZE_D"/*; do
     case $file in
         *~|*.bak|*.orig|*.rpmnew|*.rpmorig|*.rpmsave|*.sample|*.dpkg-old|*.dpkg-new|*.dpkg-tmp|*.dpkg-dist|*.dpkg-bak|*.dpkg-backup|*.dpkg-remove)
@@ -459,10 +464,18 @@ for file in "$FSFREEZE_D"/*; do
     log_message "Executing $file $*"
     "$file" "$@" >> "$LOGFILE" 2>&1
     status=$?
-    if [ "$status" -ne 0 ]; then
-        log_message "Error: $file finished with status=$status"
-    else
+    if [ "$status" -eq 0 ]; then
         log_message "$file finished successfully"
+        done_list="$file $done_list"
+        continue
+    fi
+    log_message "Error: $file finished with status=$status"
+    if [ "${1:-}" = freeze ]; then
+        for undo in $done_list; do
+            log_message "Veto: thawing $undo"
+            "$undo" thaw >> "$LOGFILE" 2>&1
+        done
+        exit "$status"
     fi
 done
 exit 0

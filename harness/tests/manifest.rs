@@ -6,7 +6,6 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Instant;
 
 use quiesce::image::manifest::{self, Change, Entry, EntryKind, Field, FsKind, Limits, Manifest, ManifestError};
 use quiesce::image::qemu_img;
@@ -542,91 +541,4 @@ fn limits_stop_the_walk_with_a_clear_error() {
     let small = Limits { max_hash_bytes: 50_000, ..Limits::default() };
     let e = manifest::read_image(&p, DiskFormat::Raw, &small).unwrap_err();
     assert!(e.to_string().contains("/dir/sub/data.txt"), "names the file it stopped at: {e}");
-}
-
-/// Median of `n` timed runs, in seconds.
-fn median(n: usize, mut f: impl FnMut()) -> f64 {
-    let mut t: Vec<f64> = (0..n)
-        .map(|_| {
-            let s = Instant::now();
-            f();
-            s.elapsed().as_secs_f64()
-        })
-        .collect();
-    t.sort_by(f64::total_cmp);
-    t[n / 2]
-}
-
-/// Makes a 1 GiB ext4 image of a folder filled by `fill` and prints: the walk of the raw image
-/// (throughput of file content hashed), `qemu-img convert` of its qcow2 to raw, the whole read
-/// path from qcow2, and that read path for a pair of qcow2 images with their diff against
-/// `qemu-img compare` of the same pair. Medians of three runs, page cache warm.
-fn measure(what: &str, fill: &dyn Fn(&Path) -> (usize, u64)) {
-    let dir = tempfile::tempdir().unwrap();
-    let root = subdir(dir.path(), "root");
-    let (files, bytes) = fill(&root);
-    let raw = dir.path().join("big.raw");
-    std::fs::File::create(&raw).unwrap().set_len(1 << 30).unwrap();
-    let out = Command::new("mkfs.ext4").args(["-q", "-F", "-d"]).arg(&root).arg(&raw).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    std::fs::remove_dir_all(&root).unwrap();
-    let (qa, qb) = (dir.path().join("a.qcow2"), dir.path().join("b.qcow2"));
-    qemu_img::convert(&raw, DiskFormat::Raw, &qa, DiskFormat::Qcow2).unwrap();
-    qemu_img::convert(&raw, DiskFormat::Raw, &qb, DiskFormat::Qcow2).unwrap();
-    let mbs = |s: f64| bytes as f64 / 1e6 / s;
-    eprintln!("== {what}: 1 GiB ext4, {files} files, {} MiB of content", bytes >> 20);
-
-    let mut m = None;
-    let walk = median(3, || m = Some(read(&raw, DiskFormat::Raw)));
-    let m = m.unwrap();
-    assert_eq!(m.bytes_hashed(), bytes);
-    eprintln!("  walk + hash of the raw image:  {walk:6.2} s  {:6.0} MB/s  ({} entries)", mbs(walk), m.entry_count());
-    let conv = dir.path().join("conv.raw");
-    let convert = median(3, || {
-        let _ = std::fs::remove_file(&conv);
-        manifest::to_raw(&qa, DiskFormat::Qcow2, &conv).unwrap();
-    });
-    std::fs::remove_file(&conv).unwrap();
-    eprintln!("  qemu-img convert qcow2 -> raw: {convert:6.2} s");
-    let one = median(3, || assert_eq!(read(&qa, DiskFormat::Qcow2), m));
-    eprintln!("  read_image(qcow2), all in:     {one:6.2} s  {:6.0} MB/s", mbs(one));
-    let pair = median(3, || {
-        assert!(manifest::diff(&read(&qa, DiskFormat::Qcow2), &read(&qb, DiskFormat::Qcow2), &[]).is_empty())
-    });
-    let compare = median(3, || assert!(qemu_img::identical(&qa, DiskFormat::Qcow2, &qb, DiskFormat::Qcow2).unwrap()));
-    eprintln!("  pair: two manifests + diff:    {pair:6.2} s (one after the other)");
-    eprintln!("  pair: qemu-img compare:        {compare:6.2} s  -> manifests take {:.1}x as long", pair / compare);
-}
-
-/// Manifest throughput on 1 GiB ext4 images about half full (few large files, and many small
-/// ones), against `qemu-img compare`. Prints; asserts nothing about time.
-/// `cargo test --release --test manifest -- --ignored --nocapture measure`
-#[test]
-#[ignore = "a measurement: makes 1 GiB images"]
-fn measure_manifest_throughput() {
-    let write = |root: &Path, n: usize, size: usize, dirs: usize, rng: &mut XorShift| -> u64 {
-        let d = root.join(format!("d{}", n % dirs));
-        std::fs::create_dir_all(&d).unwrap();
-        let data: Vec<u8> = (0..size / 8).flat_map(|_| rng.next().to_le_bytes()).collect();
-        std::fs::write(d.join(format!("f{n}")), &data).unwrap();
-        data.len() as u64
-    };
-    measure("large files", &|root| {
-        let (mut rng, mut total, mut n) = (XorShift(42), 0u64, 0);
-        while total < 500 << 20 {
-            let size = if n % 50 == 0 { 16 << 20 } else { 4096 + (rng.next() % (256 << 10)) as usize };
-            total += write(root, n, size, 37, &mut rng);
-            n += 1;
-        }
-        (n, total)
-    });
-    measure("many small files", &|root| {
-        let (mut rng, mut total, mut n) = (XorShift(7), 0u64, 0);
-        while total < 450 << 20 {
-            let size = if n % 1000 == 0 { 8 << 20 } else { 64 + (rng.next() % (16 << 10)) as usize };
-            total += write(root, n, size, 400, &mut rng);
-            n += 1;
-        }
-        (n, total)
-    });
 }

@@ -237,12 +237,28 @@ pub fn guest_disks_basic(disks: &Value, serials: &[&str]) -> Result<String, Stri
 
 /// Filesystems whose snapshots are consistent with the guest's cooperation (they freeze),
 /// and the ones that cannot be. Anything else is refused as unknown. Easy to extend.
-const SNAPSHOT_CAPABLE: &[&str] = &["ext4", "ext3", "xfs", "btrfs", "ntfs", "ntfs3", "refs", "f2fs", "jfs", "reiserfs"];
+///
+/// Names are matched ignoring case: qemu-ga on Linux reports the kernel's type ("ntfs3"),
+/// on Windows the name GetVolumeInformation gives ("NTFS", "ReFS", "FAT32").
+///
+/// "ntfs" and "refs" are the Windows guest's own filesystems, frozen by VSS (qemu-ga's VSS
+/// provider on Windows); from Microsoft's and QEMU's documentation, not tested here (there
+/// is no Windows guest in this project).
+const SNAPSHOT_CAPABLE: &[&str] = &["ext4", "ext3", "xfs", "btrfs", "ntfs", "refs", "f2fs", "jfs", "reiserfs"];
 const NOT_SNAPSHOT_CAPABLE: &[(&str, &str)] = &[
     ("vfat", "FAT has no journal and cannot be frozen consistently"),
     ("msdos", "FAT has no journal and cannot be frozen consistently"),
     ("fat", "FAT has no journal and cannot be frozen consistently"),
+    ("fat32", "FAT has no journal and cannot be frozen consistently"),
     ("exfat", "exFAT has no journal and cannot be frozen consistently"),
+    // Measured on the test guest (Linux 6.12, qemu-ga 10): `fsfreeze --freeze` on an ntfs3
+    // mount fails with EOPNOTSUPP (the driver has no freeze_fs); qemu-ga skips it without a
+    // word and reports "frozen", and writes kept reaching the disk while it said so.
+    (
+        "ntfs3",
+        "the Linux ntfs3 driver cannot freeze a filesystem (FIFREEZE is not supported), so the \
+         guest agent leaves it writable and a snapshot would catch it mid-write",
+    ),
     ("fuseblk", "FUSE filesystems (ntfs-3g, ...) cannot be frozen"),
     ("iso9660", "a CD-ROM filesystem is not snapshotted"),
 ];
@@ -259,10 +275,10 @@ pub fn filesystems_support_snapshots(fsinfo: &Value, serials: &[&str]) -> Result
         }
         let ty = fs["type"].as_str().unwrap_or("?");
         let mnt = fs["mountpoint"].as_str().unwrap_or("?");
-        if let Some((_, why)) = NOT_SNAPSHOT_CAPABLE.iter().find(|(t, _)| *t == ty) {
+        if let Some((_, why)) = NOT_SNAPSHOT_CAPABLE.iter().find(|(t, _)| t.eq_ignore_ascii_case(ty)) {
             return Err(format!("{mnt} is {ty}: {why}"));
         }
-        if !SNAPSHOT_CAPABLE.contains(&ty) {
+        if !SNAPSHOT_CAPABLE.iter().any(|t| t.eq_ignore_ascii_case(ty)) {
             return Err(format!("{mnt} is {ty}, which is not known to support snapshots"));
         }
         seen.push(format!("{mnt} ({ty})"));
@@ -370,6 +386,27 @@ mod tests {
         assert!(e.contains("/mnt/usb is vfat"), "{e}");
         let unknown = json!([fs("/mnt/x", "weirdfs", "data")]);
         assert!(filesystems_support_snapshots(&unknown, &["data"]).unwrap_err().contains("not known"));
+    }
+
+    #[test]
+    fn ntfs_is_refused_under_linux_ntfs3_and_fuse_but_not_under_windows() {
+        // The ntfs3 entry of a guest-get-fsinfo reply recorded on the test guest (qemu-ga 10).
+        let ntfs3 = json!([fs("/", "ext4", "root"), {
+            "mountpoint": "/mnt/data", "name": "vdb", "type": "ntfs3", "total-bytes": 67104768,
+            "used-bytes": 2609152, "disk": [{"bus": 0, "bus-type": "virtio", "dev": "/dev/vdb",
+            "serial": "data", "target": 0, "unit": 0}]}]);
+        let e = filesystems_support_snapshots(&ntfs3, &["root", "data"]).unwrap_err();
+        assert!(e.starts_with("/mnt/data is ntfs3: the Linux ntfs3 driver cannot freeze"), "{e}");
+        // Not one of ours: another VM's ntfs3 volume does not matter.
+        assert!(filesystems_support_snapshots(&ntfs3, &["root"]).is_ok());
+        let fuse = json!([fs("/mnt/data", "fuseblk", "data")]);
+        assert!(filesystems_support_snapshots(&fuse, &["data"]).unwrap_err().contains("FUSE"));
+        // Windows guests report GetVolumeInformation's names; NTFS and ReFS freeze under VSS.
+        let windows = json!([fs("C:\\", "NTFS", "root"), fs("D:\\", "ReFS", "data")]);
+        let ok = filesystems_support_snapshots(&windows, &["root", "data"]).unwrap();
+        assert!(ok.contains("C:\\ (NTFS)") && ok.contains("D:\\ (ReFS)"), "{ok}");
+        let usb = json!([fs("E:\\", "FAT32", "data")]);
+        assert!(filesystems_support_snapshots(&usb, &["data"]).unwrap_err().contains("FAT has no journal"));
     }
 
     #[test]

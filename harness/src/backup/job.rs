@@ -48,7 +48,7 @@ pub async fn choose(
     tl: &Timeline,
 ) -> Result<Choice, BackupError> {
     if choice == MethodChoice::SavedState {
-        return Ok(Choice { method: Method::SavedState, reason: "saved-state was chosen".into(), conditions: vec![] });
+        return saved_state_possible(m, "saved-state was chosen".into(), vec![]).await;
     }
     let verdicts = tl
         .step(Some(m.name()), "check the six conditions", async {
@@ -64,12 +64,38 @@ pub async fn choose(
         (Some(failed), MethodChoice::ChildSnapshot) => {
             Err(BackupError::Refused { vm: m.name().to_owned(), reasons: failed, conditions: verdicts })
         }
-        (Some(failed), _) => Ok(Choice {
-            method: Method::SavedState,
-            reason: format!("fell back to Saved State: {failed}"),
-            conditions: verdicts,
-        }),
+        (Some(failed), _) => saved_state_possible(m, format!("fell back to Saved State: {failed}"), verdicts).await,
     }
+}
+
+/// Saved State, unless QEMU would refuse to save this VM: some image formats (VHD, VHDX,
+/// VDI...) block migration, so `migrate` would fail after the other VMs of the job were
+/// already saved or frozen. Refused here, before anything is touched, with QEMU's reasons.
+async fn saved_state_possible(
+    m: &Machine,
+    reason: String,
+    conditions: Vec<conditions::Verdict>,
+) -> Result<Choice, BackupError> {
+    let info = m
+        .qmp()
+        .execute_raw("query-migrate", serde_json::Value::Null, CONDITION_AGENT_DEADLINE)
+        .await
+        .map_err(|e| BackupError::step(m.name(), "query-migrate", m.qmp_err(e)))?;
+    let blocked = migration_blockers(&info);
+    if !blocked.is_empty() {
+        let reasons = format!("{reason}, but QEMU cannot save this VM: {}", blocked.join("; "));
+        return Err(BackupError::Refused { vm: m.name().to_owned(), reasons, conditions });
+    }
+    Ok(Choice { method: Method::SavedState, reason, conditions })
+}
+
+/// QEMU's reasons that a migration (and so a save) is impossible now (`blocked-reasons`,
+/// QEMU 6.0+; absent when nothing blocks it).
+pub fn migration_blockers(query_migrate: &serde_json::Value) -> Vec<String> {
+    query_migrate["blocked-reasons"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|r| r.as_str()).map(|r| crate::qemu::message::snippet(r.as_bytes())).collect())
+        .unwrap_or_default()
 }
 
 /// The machine configuration a restore needs, with kernel and initrd copied into `dir/boot`
@@ -152,4 +178,21 @@ pub async fn saved_state(
     let choice = Choice { method: Method::SavedState, reason: reason.to_owned(), conditions: vec![] };
     let js = JobSettings { caps, save: settings.clone(), snapshot: SnapshotSettings::new(Path::new(".")) };
     backup(m, &choice, &js, writer, tl, &Mutex::new(Undo::default())).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migration_blockers_are_read_from_query_migrate() {
+        // As QEMU 10.0 answers with a VHDX disk attached (recorded).
+        let blocked = serde_json::json!({"blocked-reasons": ["The vhdx format used by node 'd0' does not support live migration"]});
+        assert_eq!(
+            migration_blockers(&blocked),
+            vec!["The vhdx format used by node 'd0' does not support live migration"]
+        );
+        assert!(migration_blockers(&serde_json::json!({})).is_empty());
+        assert!(migration_blockers(&serde_json::json!({"blocked-reasons": "garbage"})).is_empty());
+    }
 }

@@ -118,8 +118,13 @@ pub async fn run(
         let choice = match job::choose(m.machine, m.method, &m.snapshot.snapshot_dir, tl).await {
             Ok(c) => c,
             Err(BackupError::Refused { reasons, conditions, .. }) => {
-                let refused =
-                    Choice { method: Method::ChildSnapshot, reason: format!("refused: {reasons}"), conditions };
+                // A forced Child VM Snapshot whose conditions fail, or a Saved State QEMU cannot take.
+                let method = if m.method == job::MethodChoice::ChildSnapshot {
+                    Method::ChildSnapshot
+                } else {
+                    Method::SavedState
+                };
+                let refused = Choice { method, reason: format!("refused: {reasons}"), conditions };
                 choices.push((vm.to_owned(), refused));
                 return Err(SetError::Refused { vm: vm.to_owned(), reasons, choices });
             }

@@ -118,6 +118,13 @@ fn print_summary(reports: &[Report]) {
         for c in r.checks.iter().filter(|c| !c.passed) {
             println!("  check {} on {}: {}", c.check, c.vm, c.detail);
         }
+        // The file-level diff, as `quiesce diff` prints it, for each disk that drifted.
+        for m in r.manifests.iter().filter(|m| !m.differences.is_empty()) {
+            println!("  {}/{}: the restored disk differs from the backup point:", m.vm, m.disk);
+            for line in &m.differences {
+                println!("    {line}");
+            }
+        }
     }
 }
 

@@ -1,8 +1,11 @@
 //! Data disks for scenarios, made on the host without root: an ext4 filesystem populated
-//! with `mkfs.ext4 -d` from a staging folder, then converted to the disk's format. The
-//! filesystem UUID and times are fixed, so the same scenario makes the same disk.
+//! with `mkfs.ext4 -d` from a staging folder, or an NTFS one made by `mkntfs` and filled by
+//! `ntfscp` (ntfs-3g), then converted to the disk's format. The filesystem UUID (NTFS: the
+//! volume serial number) and times are fixed where the tools allow, so the same scenario
+//! makes the same disk (NTFS: the same files and serial; see [`mkfs_ntfs`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -20,6 +23,20 @@ pub enum Filesystem {
     Ext4,
     /// FAT32 (no seeded files): a filesystem that cannot be snapshotted consistently.
     Vfat,
+    /// NTFS made by mkntfs (ntfs-3g), mounted in the Linux guest with ntfs3.
+    Ntfs,
+}
+
+impl Filesystem {
+    /// The type the guest mounts it as, if it has a filesystem.
+    pub fn guest_type(self) -> Option<&'static str> {
+        match self {
+            Filesystem::None => None,
+            Filesystem::Ext4 => Some("ext4"),
+            Filesystem::Vfat => Some("vfat"),
+            Filesystem::Ntfs => Some("ntfs3"),
+        }
+    }
 }
 
 /// A partition table written on an otherwise blank disk.
@@ -50,6 +67,13 @@ pub enum SeedError {
     Mkfs { disk: String, tool: &'static str, stderr: String },
     #[error("disk {disk}: {error}")]
     Image { disk: String, error: QemuImgError },
+    #[error("disk {disk}: {tool} is not installed (Debian package {package})")]
+    MissingTool { disk: String, tool: &'static str, package: &'static str },
+    /// The seed asks for something this filesystem's tools cannot make.
+    #[error("disk {disk}: {reason}")]
+    Unsupported { disk: String, reason: String },
+    #[error("disk {disk}: cannot set the NTFS volume serial number: {reason}")]
+    BootSector { disk: String, reason: String },
 }
 
 /// A fixed time for every seeded filesystem (2025-01-01), so seeds are reproducible.
@@ -73,6 +97,7 @@ pub fn create(dir: &Path, seed: &DiskSeed) -> Result<PathBuf, SeedError> {
             }
         }
         Filesystem::Ext4 => mkfs_ext4(seed, staging.path(), &raw)?,
+        Filesystem::Ntfs => mkfs_ntfs(seed, staging.path(), &raw)?,
         Filesystem::Vfat => {
             let volid = &fixed_uuid(&seed.name)[..8];
             let out = Command::new("mkfs.vfat")
@@ -121,6 +146,196 @@ fn mkfs_ext4(seed: &DiskSeed, staging: &Path, raw: &Path) -> Result<(), SeedErro
         let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
         return Err(SeedError::Mkfs { disk: seed.name.clone(), tool: "mkfs.ext4", stderr });
     }
+    fix_ext4_times(seed, &root, raw)
+}
+
+/// `mkfs.ext4 -d` copies each staged file's times, ctime included, which no one can set:
+/// seeds made a second apart would differ. Every seeded inode gets the fixed time instead.
+fn fix_ext4_times(seed: &DiskSeed, root: &Path, raw: &Path) -> Result<(), SeedError> {
+    let mut paths = vec!["/".to_owned()];
+    for rel in seed.files.keys() {
+        let mut at = String::new();
+        for part in rel.split('/') {
+            at = format!("{at}/{part}");
+            if !paths.contains(&at) {
+                paths.push(at.clone());
+            }
+        }
+    }
+    let cmds: String = paths
+        .iter()
+        .flat_map(|p| ["atime", "mtime", "ctime", "crtime"].map(|f| format!("sif \"{p}\" {f} @{SEED_TIME}\n")))
+        .collect();
+    let cmd_file = root.with_file_name("debugfs.cmds");
+    std::fs::write(&cmd_file, cmds).map_err(|error| SeedError::Io { disk: seed.name.clone(), error })?;
+    let out = Command::new("debugfs")
+        .arg("-w")
+        .arg("-f")
+        .arg(&cmd_file)
+        .arg(raw)
+        .env("E2FSPROGS_FAKE_TIME", SEED_TIME)
+        .output()
+        .map_err(|error| SeedError::Io { disk: seed.name.clone(), error })?;
+    // debugfs exits 0 even when a request fails; its complaints are the lines it adds
+    // beyond echoing each request.
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let complaints: Vec<&str> = text.lines().filter(|l| !l.starts_with("debugfs")).collect();
+    if !out.status.success() || !complaints.is_empty() {
+        return Err(SeedError::Mkfs { disk: seed.name.clone(), tool: "debugfs", stderr: complaints.join("; ") });
+    }
+    Ok(())
+}
+
+/// NTFS through ntfs-3g's tools, none of which needs root or a mount:
+///
+/// - `mkntfs -T` ("zero time") makes a volume whose every byte depends only on its size and
+///   label (it also seeds mkntfs's random numbers with that time, so the serial and GUIDs are
+///   fixed); the serial number is then replaced by one derived from the disk's name
+///   ([`set_ntfs_serial`]), so two disks differ as their ext4 or FAT counterparts do;
+/// - each file is copied into the root folder by `ntfscp -t` (modification time from the
+///   staging file, set to [`SEED_TIME`]). ntfscp stamps the other three NTFS times with the
+///   current time, so a seeded NTFS disk is reproducible in its files, names, sizes, content
+///   and serial (its manifest), not byte for byte.
+///
+/// Files in subfolders are refused: ntfs-3g makes folders only through its FUSE driver,
+/// which needs root (or a setuid helper) and `/dev/fuse`.
+fn mkfs_ntfs(seed: &DiskSeed, staging: &Path, raw: &Path) -> Result<(), SeedError> {
+    let io = |error| SeedError::Io { disk: seed.name.clone(), error };
+    // Checked before anything is made, so a bad seed fails fast and names the file.
+    let mut folded = BTreeSet::new();
+    for name in seed.files.keys() {
+        check_ntfs_name(name).map_err(|reason| SeedError::Unsupported { disk: seed.name.clone(), reason })?;
+        // ntfs-3g looks names up ignoring case, so "A.txt" would overwrite "a.txt".
+        if !folded.insert(name.to_lowercase()) {
+            return Err(SeedError::Unsupported {
+                disk: seed.name.clone(),
+                reason: format!("file {name:?} differs from another only in case, which NTFS names do not tell apart"),
+            });
+        }
+    }
+    let mkntfs = ntfs_tool(seed, "mkntfs")?;
+    // -Q: no zeroing or bad-sector scan; -F: the target is a file, not a block device;
+    // -s, -p, -H, -S: the sector size and BIOS geometry mkntfs cannot ask a file for (it
+    // would guess these same values and warn about each); a data disk is never booted.
+    let out = Command::new(mkntfs)
+        .args(["-Q", "-F", "-q", "-T", "-s", "512", "-p", "0", "-H", "0", "-S", "0", "-L", &seed.name])
+        .arg(raw)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(io)?;
+    if !out.status.success() {
+        // Left out: its notes that the target is a file, which -F asked for.
+        let stderr = String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .filter(|l| !l.ends_with("is not a block device.") && *l != "mkntfs forced anyway.")
+            .collect::<Vec<_>>()
+            .join("\n");
+        return Err(SeedError::Mkfs { disk: seed.name.clone(), tool: "mkntfs", stderr });
+    }
+    set_ntfs_serial(raw, ntfs_serial(&seed.name))
+        .map_err(|reason| SeedError::BootSector { disk: seed.name.clone(), reason })?;
+    if seed.files.is_empty() {
+        return Ok(());
+    }
+    let ntfscp = ntfs_tool(seed, "ntfscp")?;
+    let src = staging.join("file");
+    let seed_time = std::time::UNIX_EPOCH + std::time::Duration::from_secs(SEED_TIME.parse().expect("a number"));
+    for (name, content) in &seed.files {
+        std::fs::write(&src, content).map_err(io)?;
+        std::fs::File::options().write(true).open(&src).and_then(|f| f.set_modified(seed_time)).map_err(io)?;
+        let out = Command::new(&ntfscp)
+            .args(["-q", "-t"])
+            .arg(raw)
+            .arg(&src)
+            .arg(name)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .map_err(io)?;
+        if !out.status.success() {
+            let stderr = format!("{name}: {}", String::from_utf8_lossy(&out.stderr).trim());
+            return Err(SeedError::Mkfs { disk: seed.name.clone(), tool: "ntfscp", stderr });
+        }
+    }
+    Ok(())
+}
+
+/// Why a seed file's name cannot be copied into an NTFS root folder by ntfscp, if it cannot.
+fn check_ntfs_name(name: &str) -> Result<(), String> {
+    if name.contains('/') {
+        return Err(format!(
+            "file {name:?} is in a subfolder: NTFS disks are seeded with ntfscp (ntfs-3g), which cannot \
+             make folders without mounting the volume (FUSE, as root); put the file in the root folder, \
+             or make the folder from the guest"
+        ));
+    }
+    if name.is_empty() || name == "." || name == ".." {
+        return Err(format!("file name {name:?} is not a file name"));
+    }
+    // The system files ($MFT, $Bitmap, ...) live in the root folder: ntfscp would overwrite them.
+    if name.starts_with('$') {
+        return Err(format!("file {name:?}: names starting with $ are NTFS system files in the root folder"));
+    }
+    // NTFS names are at most 255 UTF-16 units; these characters are not allowed by Windows.
+    if name.encode_utf16().count() > 255 || name.chars().any(|c| c < ' ' || "\\:*?\"<>|".contains(c)) {
+        return Err(format!("file {name:?} is not a valid Windows file name"));
+    }
+    Ok(())
+}
+
+/// An ntfs-3g tool, found on PATH or in the sbin folders (mkntfs and ntfscp are installed in
+/// /usr/sbin, which is not on an ordinary user's PATH on Debian).
+fn ntfs_tool(seed: &DiskSeed, tool: &'static str) -> Result<PathBuf, SeedError> {
+    let on_path = std::env::var_os("PATH").into_iter().flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>());
+    on_path
+        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
+        .map(|dir| dir.join(tool))
+        .find(|p| p.is_file())
+        .ok_or(SeedError::MissingTool { disk: seed.name.clone(), tool, package: "ntfs-3g" })
+}
+
+/// The NTFS volume serial number for a disk: the first 64 bits of its [`fixed_uuid`], so
+/// blkid shows the same hex digits as that UUID starts with.
+fn ntfs_serial(name: &str) -> u64 {
+    let hex = fixed_uuid(name).replace('-', "");
+    u64::from_str_radix(&hex[..16], 16).expect("fixed_uuid is hex")
+}
+
+/// Where the NTFS boot sector keeps the volume serial number (8 bytes, little-endian).
+const NTFS_SERIAL_AT: usize = 0x48;
+
+/// Writes `serial` into the NTFS boot sector of the volume in `raw` and into its backup copy.
+/// mkntfs has no option for it. The boot sector (NTFS's BIOS parameter block) holds the OEM
+/// id "NTFS    " at 3, bytes per sector at 0x0B (u16) and the volume's sector count at 0x28
+/// (u64); mkntfs keeps the device's last sector out of that count and writes the backup boot
+/// sector there, its last 512 bytes (`(count + 1) * bytes_per_sector - 512`). Neither copy
+/// has a checksum over the serial (the field at 0x50 is unused and zero). The backup must
+/// be identical to the primary before it is changed, or nothing is written.
+fn set_ntfs_serial(raw: &Path, serial: u64) -> Result<(), String> {
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(raw).map_err(|e| e.to_string())?;
+    let len = f.metadata().map_err(|e| e.to_string())?.len();
+    let mut boot = [0u8; 512];
+    f.read_exact_at(&mut boot, 0).map_err(|e| format!("reading the boot sector: {e}"))?;
+    if &boot[3..11] != b"NTFS    " {
+        return Err("the boot sector has no NTFS signature".into());
+    }
+    let bytes_per_sector = u64::from(u16::from_le_bytes([boot[0x0B], boot[0x0C]]));
+    let sectors = u64::from_le_bytes(boot[0x28..0x30].try_into().expect("8 bytes"));
+    let backup_at = sectors
+        .checked_add(1)
+        .and_then(|n| n.checked_mul(bytes_per_sector))
+        .and_then(|end| end.checked_sub(512))
+        .filter(|at| *at >= 512 && at + 512 <= len)
+        .ok_or_else(|| format!("the boot sector's size ({sectors} sectors of {bytes_per_sector} bytes) does not fit the {len}-byte volume"))?;
+    let mut backup = [0u8; 512];
+    f.read_exact_at(&mut backup, backup_at).map_err(|e| format!("reading the backup boot sector: {e}"))?;
+    if backup != boot {
+        return Err(format!("no backup boot sector equal to the primary one at byte {backup_at}"));
+    }
+    let bytes = serial.to_le_bytes();
+    for at in [0, backup_at] {
+        f.write_all_at(&bytes, at + NTFS_SERIAL_AT as u64)
+            .map_err(|e| format!("writing the serial at byte {at}: {e}"))?;
+    }
     Ok(())
 }
 
@@ -159,6 +374,28 @@ mod tests {
     }
 
     #[test]
+    fn seeded_ext4_inodes_carry_the_fixed_time_not_the_staging_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let seed = DiskSeed {
+            name: "data".into(),
+            format: DiskFormat::Raw,
+            size: 16 << 20,
+            filesystem: Filesystem::Ext4,
+            files: [("a/b.txt".to_owned(), "hello\n".to_owned())].into(),
+            partitioning: Partitioning::None,
+        };
+        let p = create(dir.path(), &seed).unwrap();
+        for path in ["/", "/a", "/a/b.txt"] {
+            let out = Command::new("debugfs").args(["-R", &format!("stat {path}")]).arg(&p).output().unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            let times: Vec<&str> = text.lines().filter(|l| l.trim_start().contains("time: 0x")).collect();
+            assert!(times.len() >= 3, "{text}");
+            // 1735689600 = 0x67748580 (small inodes have no crtime)
+            assert!(times.iter().all(|l| l.contains("0x67748580")), "{path}: {times:?}");
+        }
+    }
+
+    #[test]
     fn uuid_is_stable_and_well_formed() {
         let u = fixed_uuid("data");
         assert_eq!(u, fixed_uuid("data"));
@@ -189,6 +426,128 @@ mod tests {
             assert!(qemu_img::virtual_size(&pa).unwrap() >= 16 << 20);
             std::fs::remove_dir_all(&a).unwrap();
             std::fs::remove_dir_all(&b).unwrap();
+        }
+    }
+
+    /// The NTFS seed, or None (and a note) where ntfs-3g is not installed.
+    fn ntfs_disk(dir: &Path, seed: &DiskSeed) -> Option<PathBuf> {
+        match create(dir, seed) {
+            Ok(p) => Some(p),
+            Err(SeedError::MissingTool { tool, package, .. }) => {
+                eprintln!("SKIPPED: {tool} not found; install {package}");
+                None
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    fn ntfs_seed(name: &str, format: DiskFormat, files: &[(&str, String)]) -> DiskSeed {
+        DiskSeed {
+            name: name.into(),
+            format,
+            size: 24 << 20,
+            filesystem: Filesystem::Ntfs,
+            files: files.iter().map(|(n, c)| (n.to_string(), c.clone())).collect(),
+            partitioning: Partitioning::None,
+        }
+    }
+
+    #[test]
+    fn seeded_ntfs_disks_read_back_with_their_files_and_serial() {
+        let dir = tempfile::tempdir().unwrap();
+        // Resident (small), empty, and non-resident (larger than an MFT record) content.
+        let big: String = (0..40_000).map(|i| format!("{i}\n")).collect();
+        let files = [("hello.txt", "hello\n".to_owned()), ("empty", String::new()), ("big.log", big)];
+        for format in [DiskFormat::Qcow2, DiskFormat::Vhdx] {
+            let seed = ntfs_seed("windata", format, &files);
+            let mut manifests = vec![];
+            for copy in ["a", "b"] {
+                let d = dir.path().join(format!("{copy}-{}", format.extension()));
+                std::fs::create_dir(&d).unwrap();
+                let Some(p) = ntfs_disk(&d, &seed) else { return };
+                let m = crate::image::manifest::read_image(&p, format, &Default::default()).unwrap();
+                manifests.push(m);
+            }
+            assert_eq!(manifests[0], manifests[1], "{format:?}: two seeds of one spec differ");
+            let m = &manifests[0];
+            assert!(m.unread.is_empty(), "{:?}", m.unread);
+            let [fs] = m.filesystems.as_slice() else { panic!("{m:?}") };
+            assert_eq!(fs.kind, crate::image::manifest::FsKind::Ntfs);
+            assert_eq!(fs.label, "windata");
+            assert_eq!(fs.uuid, format!("{:016X}", ntfs_serial("windata")));
+            assert!(fixed_uuid("windata").replace('-', "").to_uppercase().starts_with(&fs.uuid));
+            let listed: Vec<&str> = fs.entries.iter().map(|e| e.path.as_str()).collect();
+            assert_eq!(listed, ["/", "/big.log", "/empty", "/hello.txt"], "{format:?}");
+            for (name, content) in &files {
+                let e = fs.entries.iter().find(|e| e.path == format!("/{name}")).unwrap();
+                assert_eq!(e.size, content.len() as u64, "{name}");
+                assert_eq!(e.blake3.as_deref(), Some(blake3::hash(content.as_bytes()).to_hex().as_str()), "{name}");
+            }
+        }
+    }
+
+    #[test]
+    fn ntfs_serial_is_set_in_both_boot_sectors_and_the_volume_stays_valid() {
+        let dir = tempfile::tempdir().unwrap();
+        // A size that is not a whole number of clusters: the backup boot sector is the
+        // device's last sector, not the end of the last cluster.
+        let mut seed = ntfs_seed("serial", DiskFormat::Raw, &[("a.txt", "a".into())]);
+        seed.size = (16 << 20) + 3 * 512;
+        let Some(raw) = ntfs_disk(dir.path(), &seed) else { return };
+        let bytes = std::fs::read(&raw).unwrap();
+        let want = ntfs_serial("serial").to_le_bytes();
+        assert_eq!(&bytes[NTFS_SERIAL_AT..NTFS_SERIAL_AT + 8], want);
+        let last = &bytes[bytes.len() - 512..];
+        assert_eq!(last, &bytes[..512], "the backup boot sector is the device's last sector");
+        assert_ne!(ntfs_serial("serial"), ntfs_serial("other"));
+        // Without files (ntfscp stamps the current time), the volume is the same to the byte.
+        seed.files.clear();
+        let a = dir.path().join("a");
+        let b = dir.path().join("b");
+        std::fs::create_dir(&a).unwrap();
+        std::fs::create_dir(&b).unwrap();
+        let (pa, pb) = (create(&a, &seed).unwrap(), create(&b, &seed).unwrap());
+        assert!(std::fs::read(pa).unwrap() == std::fs::read(pb).unwrap(), "two empty NTFS seeds differ");
+        // ntfs-3g's own checks: ntfsfix -n compares the two boot sectors and the MFT mirror;
+        // the probe is what mount.ntfs-3g asks first.
+        for (tool, args) in [("ntfsfix", &["-n"][..]), ("ntfs-3g.probe", &["--readwrite"][..])] {
+            let Ok(out) = Command::new(tool).args(args).arg(&raw).output() else {
+                eprintln!("SKIPPED {tool}: not installed");
+                continue;
+            };
+            let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            assert!(out.status.success(), "{tool}: {text}");
+            if tool == "ntfsfix" {
+                assert!(text.contains("Checking the alternate boot sector... OK"), "{text}");
+            }
+        }
+    }
+
+    #[test]
+    fn ntfs_seeds_refuse_what_ntfscp_cannot_make() {
+        let dir = tempfile::tempdir().unwrap();
+        for (files, want) in [
+            (vec![("a/b.txt", "x".to_owned())], "is in a subfolder"),
+            (vec![("$MFT", "x".to_owned())], "NTFS system files"),
+            (vec![("a:b", "x".to_owned())], "not a valid Windows file name"),
+            (vec![("Read.me", "x".to_owned()), ("READ.ME", "y".to_owned())], "only in case"),
+        ] {
+            let e = create(dir.path(), &ntfs_seed("bad", DiskFormat::Qcow2, &files)).unwrap_err();
+            assert!(matches!(e, SeedError::Unsupported { .. }), "{e}");
+            assert!(e.to_string().starts_with("disk bad: ") && e.to_string().contains(want), "{e}");
+        }
+        let missing = SeedError::MissingTool { disk: "d".into(), tool: "mkntfs", package: "ntfs-3g" };
+        assert_eq!(missing.to_string(), "disk d: mkntfs is not installed (Debian package ntfs-3g)");
+        // mkntfs's own refusal reaches the user without its notes about writing to a file.
+        let mut tiny = ntfs_seed("tiny", DiskFormat::Raw, &[]);
+        tiny.size = 1 << 19;
+        match create(dir.path(), &tiny) {
+            Err(SeedError::MissingTool { .. }) => {}
+            Err(e @ SeedError::Mkfs { tool: "mkntfs", .. }) => {
+                let e = e.to_string();
+                assert!(e.contains("Minimum NTFS volume size") && !e.contains("block device"), "{e}");
+            }
+            other => panic!("{other:?}"),
         }
     }
 }

@@ -20,6 +20,12 @@ pub struct Fixture {
     pub excluded: Vec<String>,
     /// Per VM, the steps in order, with their outcome when it was not ok.
     pub steps: BTreeMap<String, Vec<String>>,
+    /// Per "vm/disk", the backup point's files (path, type, size, mode, content hash).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub manifests: BTreeMap<String, Vec<String>>,
+    /// Per "vm/disk", how the restored disk differs from the backup point.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub differences: BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Debug, Serialize, PartialEq)]
@@ -77,6 +83,14 @@ pub fn of(report: &Report) -> Fixture {
         .iter()
         .map(|e| format!("{}/{} {:?}: {} ({})", e.vm, e.disk, e.kind, e.advice, e.found_by))
         .collect();
+    let key = |m: &super::report::ManifestReport| format!("{}/{}", m.vm, m.disk);
+    let manifests = report.manifests.iter().map(|m| (key(m), m.entries.clone())).collect();
+    let differences = report
+        .manifests
+        .iter()
+        .filter(|m| !m.differences.is_empty())
+        .map(|m| (key(m), m.differences.clone()))
+        .collect();
     Fixture {
         scenario: report.scenario.clone(),
         passed: report.passed,
@@ -85,5 +99,7 @@ pub fn of(report: &Report) -> Fixture {
         vms,
         excluded,
         steps,
+        manifests,
+        differences,
     }
 }

@@ -26,6 +26,25 @@ pub struct ScenarioFile {
     /// Faults to inject, by real mechanisms, at named points.
     #[serde(default, rename = "fault")]
     pub faults: Vec<Spanned<FaultSpec>>,
+    /// Backup, mutate, restore and verify, over and over (instead of one backup).
+    #[serde(default)]
+    pub rollback: Option<Spanned<RollbackSpec>>,
+}
+
+/// Rollback cycles: each backs the VM up (the methods taken in turn), changes the guest's
+/// data, restores the backup to a new VM and then in place onto the VM's own disks, and
+/// verifies both against the backup point. The VM runs on from the in-place restore.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackSpec {
+    pub cycles: Spanned<u32>,
+    /// The methods, one per cycle in turn ("child-snapshot", "saved-state").
+    pub methods: Spanned<Vec<MethodChoice>>,
+    /// The data disk the cycles change and verify (ext4).
+    pub disk: Spanned<String>,
+    /// Paths left out of the comparison with the backup point (volatile files).
+    #[serde(default)]
+    pub ignore: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -33,6 +52,12 @@ pub struct ScenarioFile {
 pub struct FaultSpec {
     pub vm: Spanned<String>,
     pub kind: FaultKind,
+    /// For faults on a file of a restored disk: the disk...
+    #[serde(default)]
+    pub disk: Option<Spanned<String>>,
+    /// ...and the file's path in its filesystem (absolute).
+    #[serde(default)]
+    pub path: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -53,6 +78,21 @@ pub enum FaultKind {
     /// The backup is written to a small tmpfs that fills up during the copy (needs root
     /// to mount it).
     BackupTargetFull,
+    /// A freeze hook in the guest fails (a VSS writer's veto): guest-fsfreeze-freeze
+    /// returns the agent's error.
+    AgentFreezeFails,
+    /// One byte of a file's data is flipped in the restored disk, under the filesystem
+    /// (`disk` and `path` name the file). The verification must name it.
+    FlipByteInRestore,
+    /// A file is truncated to half its size in the restored guest (`disk`, `path`).
+    TruncateInRestore,
+}
+
+impl FaultKind {
+    /// Faults on a restored file, which need `disk` and `path`.
+    pub fn on_restored_file(self) -> bool {
+        matches!(self, FaultKind::FlipByteInRestore | FaultKind::TruncateInRestore)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -135,6 +175,14 @@ pub struct DiskSpec {
     /// LUN: the host's writer cannot see it, so it is excluded from the backup).
     #[serde(default)]
     pub attach: Attach,
+    /// Whether the guest mounts its filesystem (at `/mnt/<name>`); an unmounted volume is
+    /// not the guest's to freeze, so it does not weigh on the snapshot conditions.
+    #[serde(default = "yes")]
+    pub mount: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -198,6 +246,32 @@ pub enum Expect {
 #[serde(deny_unknown_fields)]
 pub struct RestoreSpec {
     pub checks: Vec<Check>,
+    /// Disks whose file manifests are compared with the backup point and kept in the
+    /// fixture (with `manifest-matches-backup`).
+    #[serde(default, rename = "manifest")]
+    pub manifests: Vec<Spanned<ManifestSpec>>,
+    /// What the verification must find: "match" (the default), or "mismatch" (a corrupted
+    /// restore must fail, naming each corrupted file).
+    #[serde(default)]
+    pub expect: RestoreExpect,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManifestSpec {
+    pub disk: Spanned<String>,
+    /// Paths left out of the comparison and the fixture: a prefix by whole components
+    /// ("/lost+found"), or a glob ("*.log").
+    #[serde(default)]
+    pub ignore: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RestoreExpect {
+    #[default]
+    Match,
+    Mismatch,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
@@ -217,6 +291,18 @@ pub enum Check {
     FsckClean,
     /// The guest app's own consistency check passes on the restored disk.
     AppConsistent,
+    /// The file manifest of each `[[restore.manifest]]` disk, read on the host after the
+    /// restored guest ran, equals the backup point's (volatile paths left out).
+    ManifestMatchesBackup,
+    /// Each restored disk has the backup's content, block by block (allocated data only),
+    /// read before the guest runs; a difference names its first offset.
+    BlocksMatchBackup,
+    /// `e2fsck -fn` of every ext4 data disk, run inside the restored guest before it
+    /// mounts them (disk-only restores; a saved state's disks are mounted already).
+    GuestFsck,
+    /// The restored guest booted from the backed-up root disk, not from the test image: a
+    /// token written to it before the backup is there.
+    RootFromBackup,
 }
 
 /// A scenario that parsed and passed every check.
@@ -308,11 +394,65 @@ fn check(f: &ScenarioFile) -> Result<(), (Range<usize>, String)> {
         }
     }
     for fault in &f.faults {
-        let vm = fault.get_ref().vm.get_ref();
-        if !f.vms.iter().any(|v| v.get_ref().name.get_ref() == vm) {
+        let fs = fault.get_ref();
+        let vm = fs.vm.get_ref();
+        let Some(spec) = f.vms.iter().map(|v| v.get_ref()).find(|v| v.name.get_ref() == vm) else {
+            return Err((fs.vm.span(), format!("fault on VM {vm:?}, which the scenario does not declare")));
+        };
+        match (fs.kind.on_restored_file(), &fs.disk, &fs.path) {
+            (true, Some(disk), Some(path)) => {
+                let d = spec.disks.iter().map(|d| d.get_ref()).find(|d| d.name.get_ref() == disk.get_ref());
+                if d.is_none_or(|d| d.filesystem == Filesystem::None) {
+                    return Err((
+                        disk.span(),
+                        format!("disk {:?} is not a data disk with a filesystem of VM {vm}", disk.get_ref()),
+                    ));
+                }
+                if !path.get_ref().starts_with('/') {
+                    return Err((
+                        path.span(),
+                        format!("path {:?}: expected an absolute path in the disk's filesystem", path.get_ref()),
+                    ));
+                }
+            }
+            (true, _, _) => return Err((fault.span(), "this fault needs disk = \"...\" and path = \"/...\"".into())),
+            (false, Some(x), _) => return Err((x.span(), "only faults on a restored file take a disk".into())),
+            (false, _, Some(x)) => return Err((x.span(), "only faults on a restored file take a path".into())),
+            (false, None, None) => {}
+        }
+    }
+    if let Some(r) = &f.restore {
+        for m in &r.manifests {
+            let disk = m.get_ref().disk.get_ref();
+            let has = |v: &VmSpec| disk == "root" || v.disks.iter().any(|d| d.get_ref().name.get_ref() == disk);
+            if !f.vms.iter().any(|v| has(v.get_ref())) {
+                return Err((m.get_ref().disk.span(), format!("no VM has a disk {disk:?}")));
+            }
+        }
+        if !r.manifests.is_empty() && !r.checks.contains(&Check::ManifestMatchesBackup) {
             return Err((
-                fault.get_ref().vm.span(),
-                format!("fault on VM {vm:?}, which the scenario does not declare"),
+                r.manifests[0].span(),
+                "[[restore.manifest]] needs the check \"manifest-matches-backup\"".into(),
+            ));
+        }
+    }
+    if let Some(rb) = &f.rollback {
+        let spec = rb.get_ref();
+        if f.vms.len() != 1 || !f.faults.is_empty() || f.backup.expect != Expect::Success {
+            return Err((rb.span(), "rollback cycles take one VM, no faults and a backup expected to succeed".into()));
+        }
+        if !(1..=20).contains(spec.cycles.get_ref()) {
+            return Err((spec.cycles.span(), format!("cycles = {}: expected 1 to 20", spec.cycles.get_ref())));
+        }
+        if spec.methods.get_ref().is_empty() || spec.methods.get_ref().contains(&MethodChoice::Auto) {
+            return Err((spec.methods.span(), "methods: expected \"child-snapshot\" and/or \"saved-state\"".into()));
+        }
+        let vm = f.vms[0].get_ref();
+        let d = vm.disks.iter().map(|d| d.get_ref()).find(|d| d.name.get_ref() == spec.disk.get_ref());
+        if d.is_none_or(|d| d.filesystem != Filesystem::Ext4) {
+            return Err((
+                spec.disk.span(),
+                format!("disk {:?} is not an ext4 data disk of VM {}", spec.disk.get_ref(), vm.name.get_ref()),
             ));
         }
     }
@@ -368,7 +508,11 @@ fn check(f: &ScenarioFile) -> Result<(), (Range<usize>, String)> {
                 ));
             }
             if !d.files.is_empty() && d.filesystem == Filesystem::Vfat {
-                return Err((spanned.span(), format!("disk {dn}: seeding files is supported on ext4 only")));
+                return Err((spanned.span(), format!("disk {dn}: seeding files is supported on ext4 and ntfs only")));
+            }
+            if d.filesystem == Filesystem::Ntfs && d.files.keys().any(|p| p.contains('/')) {
+                // ntfs-3g makes folders only through FUSE, which needs root.
+                return Err((spanned.span(), format!("disk {dn}: NTFS seeds take files at the top level only")));
             }
             if !d.files.is_empty() && d.filesystem == Filesystem::None {
                 let msg = format!("disk {dn} seeds files but has no filesystem; set filesystem = \"ext4\"");
@@ -388,8 +532,16 @@ fn check(f: &ScenarioFile) -> Result<(), (Range<usize>, String)> {
             let disk = vm.disks.iter().map(|d| d.get_ref()).find(|d| d.name.get_ref() == j.get_ref());
             match disk {
                 None => return Err((j.span(), format!("{what} disk {:?} is not a disk of VM {name}", j.get_ref()))),
-                Some(d) if d.filesystem != Filesystem::Ext4 => {
-                    return Err((j.span(), format!("{what} disk {:?} has no ext4 filesystem", j.get_ref())))
+                // The journal appends lines, which any filesystem the guest writes can hold;
+                // the app's sqlite store is kept to ext4.
+                Some(d) if what == "app" && d.filesystem != Filesystem::Ext4 => {
+                    return Err((j.span(), format!("app disk {:?} has no ext4 filesystem", j.get_ref())))
+                }
+                Some(d) if d.filesystem == Filesystem::None || d.filesystem == Filesystem::Vfat || !d.mount => {
+                    return Err((
+                        j.span(),
+                        format!("{what} disk {:?} has no mounted ext4 or ntfs filesystem", j.get_ref()),
+                    ))
                 }
                 Some(_) => {}
             }
@@ -503,6 +655,50 @@ checks = ["same-boot", "files-match-seed"]
         assert!(e.message.contains("has no filesystem"), "{e}");
         let e = err(&GOOD.replace("name = \"data\"", "name = \"root\""));
         assert!(e.message.contains("used twice"), "{e}");
+    }
+
+    #[test]
+    fn faults_on_restored_files_need_a_disk_and_an_absolute_path() {
+        let flip = |extra: &str| format!("{GOOD}\n[[fault]]\nvm = \"vm1\"\nkind = \"flip-byte-in-restore\"\n{extra}");
+        let ok = parse(Path::new("scenarios/x.toml"), &flip("disk = \"data\"\npath = \"/hello.txt\"\n")).unwrap();
+        assert_eq!(ok.file.faults[0].get_ref().kind, FaultKind::FlipByteInRestore);
+        let e = err(&flip("disk = \"data\"\n"));
+        assert!(e.message.contains("needs disk"), "{e}");
+        let e = err(&flip("disk = \"data\"\npath = \"hello.txt\"\n"));
+        assert!(e.message.contains("absolute path") && e.line == 26, "{e}");
+        let e = err(&flip("disk = \"nope\"\npath = \"/x\"\n"));
+        assert!(e.message.contains("\"nope\" is not a data disk"), "{e}");
+        let e = err(&format!("{GOOD}\n[[fault]]\nvm = \"vm1\"\nkind = \"save-fails\"\npath = \"/x\"\n"));
+        assert!(e.message.contains("only faults on a restored file"), "{e}");
+    }
+
+    #[test]
+    fn manifests_and_rollback_are_checked_where_they_are_written() {
+        let with = |extra: &str| GOOD.replace("checks = [\"same-boot\", \"files-match-seed\"]", extra);
+        let e = err(&with("checks = [\"same-boot\"]\n[[restore.manifest]]\ndisk = \"data\""));
+        assert!(e.message.contains("needs the check \"manifest-matches-backup\""), "{e}");
+        let e = err(&with("checks = [\"manifest-matches-backup\"]\n[[restore.manifest]]\ndisk = \"logs\""));
+        assert!(e.message.contains("no VM has a disk \"logs\"") && e.line == 22, "{e}");
+        let rb = |body: &str| format!("{GOOD}\n[rollback]\n{body}");
+        let good = rb("cycles = 5\nmethods = [\"child-snapshot\", \"saved-state\"]\ndisk = \"data\"\n");
+        assert!(parse(Path::new("scenarios/x.toml"), &good).is_ok());
+        let e = err(&rb("cycles = 50\nmethods = [\"saved-state\"]\ndisk = \"data\"\n"));
+        assert!(e.message.contains("expected 1 to 20") && e.line == 23, "{e}");
+        let e = err(&rb("cycles = 2\nmethods = [\"auto\"]\ndisk = \"data\"\n"));
+        assert!(e.message.contains("methods"), "{e}");
+        let e = err(&rb("cycles = 2\nmethods = [\"saved-state\"]\ndisk = \"root\"\n"));
+        assert!(e.message.contains("not an ext4 data disk"), "{e}");
+    }
+
+    #[test]
+    fn ntfs_seeds_are_flat_and_unmounted_disks_take_no_journal() {
+        let e = err(&GOOD.replace(
+            "filesystem = \"ext4\"\nfiles = { \"hello.txt\"",
+            "filesystem = \"ntfs\"\nfiles = { \"a/hello.txt\"",
+        ));
+        assert!(e.message.contains("top level only"), "{e}");
+        let e = err(&GOOD.replace("filesystem = \"ext4\"\n", "filesystem = \"ext4\"\nmount = false\n"));
+        assert!(e.message.contains("no mounted"), "{e}");
     }
 
     #[test]

@@ -1,9 +1,11 @@
 //! Scenarios: the file format, the runner that turns one into library calls, the report
 //! it produces, and the fixture (a stable view of the report) it is compared with.
 
+mod disk_checks;
 pub mod fixture;
 pub mod format;
 pub mod report;
+mod rollback;
 pub mod runner;
 
 pub use format::{load, parse, Scenario, ScenarioError};

@@ -19,6 +19,8 @@ pub struct Report {
     pub checks: Vec<CheckResult>,
     /// Disks left out of the backup because the host cannot see them.
     pub excluded: Vec<crate::backup::passthrough::Excluded>,
+    /// File manifests of restored disks, with their differences from the backup point.
+    pub manifests: Vec<ManifestReport>,
     /// For a backup expected to fail: which VM failed in which phase.
     pub failure: Option<String>,
     /// Where the backup was kept, if it was.
@@ -54,6 +56,16 @@ pub struct RestoreReport {
     pub vm: String,
     pub state_after_restore: String,
     pub restore_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ManifestReport {
+    pub vm: String,
+    pub disk: String,
+    /// The backup point's manifest, one line per path, volatile paths left out.
+    pub entries: Vec<String>,
+    /// How the restored disk differs from it (`quiesce diff` lines); empty when it matches.
+    pub differences: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]

@@ -6,7 +6,11 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::format::{AgentState, Attach, Check, Expect, FaultKind, Filesystem, Scenario, VmSpec, VmState};
+use super::disk_checks;
+use super::format::{
+    AgentState, Attach, Check, Expect, FaultKind, FaultSpec, Filesystem, RestoreExpect, RestoreSpec, Scenario, VmSpec,
+    VmState,
+};
 use super::report::{DiskReport, Report, RestoreReport, VmReport};
 use crate::backup::child_snapshot::SnapshotSettings;
 use crate::backup::job::Choice;
@@ -22,7 +26,7 @@ use crate::qemu::exec::ExecError;
 use crate::qemu::{config::default_qemu_binary, DiskConfig, DiskFormat, GuestAgent, Machine};
 use crate::testguest::{self, GuestOptions, TestGuest};
 use crate::timeline::Timeline;
-use crate::verify::{restore, RestoreOptions};
+use crate::verify::{self, corrupt, restore, RestoreOptions};
 use crate::workload;
 
 const T: Duration = Duration::from_secs(30);
@@ -40,28 +44,30 @@ pub struct RunOptions {
 }
 
 /// Everything known about one VM of the scenario while it runs.
-struct Vm {
-    spec: VmSpec,
-    guest: TestGuest,
+pub(super) struct Vm {
+    pub(super) spec: VmSpec,
+    pub(super) guest: TestGuest,
     /// The folder of its disks, and the default snapshot location.
-    dir: PathBuf,
-    boot_id: Option<String>,
-    counter_before: Option<u64>,
-    journal: Option<String>,
-    app: Option<String>,
+    pub(super) dir: PathBuf,
+    pub(super) boot_id: Option<String>,
+    pub(super) counter_before: Option<u64>,
+    pub(super) journal: Option<String>,
+    pub(super) app: Option<String>,
+    /// Written to the root disk before the backup, for `root-from-backup`.
+    pub(super) root_token: Option<String>,
 }
 
 impl Vm {
-    fn name(&self) -> &str {
+    pub(super) fn name(&self) -> &str {
         self.spec.name.get_ref()
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct RunError(String);
+pub struct RunError(pub(super) String);
 
-fn fail<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> RunError + '_ {
+pub(super) fn fail<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> RunError + '_ {
     move |e| RunError(format!("{what}: {e}"))
 }
 
@@ -105,7 +111,7 @@ async fn run_inner(
         }
         progress(&format!("{}: booting {}", s.name, spec.name.get_ref()));
         let vm = tl
-            .step(Some(spec.name.get_ref()), "boot and prepare", prepare_vm(spec, opts, work.path(), progress))
+            .step(Some(spec.name.get_ref()), "boot and prepare", prepare_vm(s, spec, opts, work.path(), progress))
             .await?;
         report.accel = vm.guest.accel.accel.as_str().to_owned();
         report.vms.push(VmReport {
@@ -133,6 +139,11 @@ async fn run_inner(
         vms.push(vm);
     }
 
+    if let Some(rb) = &s.file.rollback {
+        let vm = vms.pop().expect("a rollback scenario has one VM");
+        return super::rollback::run(s, rb.get_ref(), vm, &caps, work.path(), opts, tl, report, progress).await;
+    }
+
     progress(&format!("{}: backing up", s.name));
     let full_target = s.file.faults.iter().any(|f| f.get_ref().kind == FaultKind::BackupTargetFull);
     let _small = if full_target { Some(SmallTmpfs::mount(&work.path().join("target"))?) } else { None };
@@ -150,7 +161,14 @@ async fn run_inner(
     let members: Vec<Member> = vms.iter().map(|vm| member(s, vm)).collect();
     for vm in &vms {
         if has_fault(s, vm.name(), FaultKind::AgentHangsInFreeze) {
-            install_hanging_hook(vm).await?;
+            install_hook(vm, "zz-quiesce-hang", "[ \"$1\" = freeze ] && sleep 11\nexit 0").await?;
+        }
+        if has_fault(s, vm.name(), FaultKind::AgentFreezeFails) {
+            // Sorted after the app's hook, so the app is paused first and the veto must
+            // resume it: the undo is what puts the writer back to work.
+            let veto =
+                "[ \"$1\" = freeze ] || exit 0\necho \"quiesce fault: this writer vetoes the freeze\" >&2\nexit 1";
+            install_hook(vm, "zz-quiesce-veto", veto).await?;
         }
     }
     let outcome = set::run(&members, &caps, &backup_path, tl, &local).await;
@@ -245,7 +263,7 @@ async fn run_inner(
         report.check("*", "backup-checksums", bad.is_empty(), format!("{} files differ", bad.len()));
         for vm in &vms {
             progress(&format!("{}: restoring {}", s.name, vm.name()));
-            restore_and_check(vm, &reopened, &rspec.checks, opts, tl, report).await?;
+            restore_and_check(s, vm, &reopened, rspec, opts, tl, report).await?;
         }
     }
     if opts.keep_backup {
@@ -349,13 +367,14 @@ fn member<'a>(s: &Scenario, vm: &'a Vm) -> Member<'a> {
     }
 }
 
-/// A freeze hook that outlasts the freeze deadline: the agent hangs inside guest-fsfreeze-freeze.
-async fn install_hanging_hook(vm: &Vm) -> Result<(), RunError> {
+/// Installs a fault's freeze hook in the guest: `body` (printf escapes) after `#!/bin/sh`.
+/// One that sleeps past the freeze deadline hangs the agent in guest-fsfreeze-freeze; one
+/// that fails vetoes the freeze, as a failing VSS writer does.
+async fn install_hook(vm: &Vm, name: &str, body: &str) -> Result<(), RunError> {
     let agent = vm.guest.machine.agent().map_err(fail(vm.name()))?;
-    let script =
-        "printf '#!/bin/sh\\n[ \"$1\" = freeze ] && sleep 11\\nexit 0\\n' > /etc/qemu/fsfreeze-hook.d/zz-quiesce-hang \
-                  && chmod 755 /etc/qemu/fsfreeze-hook.d/zz-quiesce-hang";
-    crate::qemu::exec::sh(agent, script, T).await.map_err(gfail("installing the hanging freeze hook"))?;
+    let path = format!("/etc/qemu/fsfreeze-hook.d/{name}");
+    let script = format!("printf '#!/bin/sh\\n{body}\\n' > {path} && chmod 755 {path}");
+    crate::qemu::exec::sh(agent, &script, T).await.map_err(gfail("installing a fault's freeze hook"))?;
     Ok(())
 }
 
@@ -422,11 +441,45 @@ async fn nothing_changed(s: &Scenario, vms: &[Vm], backup_path: &Path, report: &
                 format!("{} journal lines, all in sequence: {}", j.lines, j.intact()),
             );
         }
+        if let Some(dir) = &vm.app {
+            let (moves, detail) = app_commits_on(agent, dir).await?;
+            report.check(name, "app-writes-on", moves, detail);
+        }
     }
     Ok(())
 }
 
+/// Whether the app's writer commits new transfers: a writer left paused by a freeze hook
+/// (no thaw after a failed freeze) stands still.
+async fn app_commits_on(agent: &GuestAgent, dir: &str) -> Result<(bool, String), RunError> {
+    let transfers = || async {
+        let out = crate::qemu::exec::sh(agent, &format!("quiesce-app status {dir}"), T)
+            .await
+            .map_err(gfail("reading the app's status"))?;
+        // "running pid=N transfers=M" or "stopped transfers=M"
+        let n = out.split_whitespace().find_map(|w| w.strip_prefix("transfers=")).and_then(|n| n.parse::<u64>().ok());
+        Ok::<_, RunError>((out.starts_with("running"), n.unwrap_or(0)))
+    };
+    let (running, first) = transfers().await?;
+    if !running {
+        return Ok((false, format!("the writer is not running ({first} transfers)")));
+    }
+    let deadline = Instant::now() + T;
+    loop {
+        let (_, now) = transfers().await?;
+        if now > first {
+            return Ok((true, "the writer commits on".into()));
+        }
+        if Instant::now() > deadline {
+            return Ok((false, format!("no transfer committed in {}s (stuck at {first})", T.as_secs())));
+        }
+        // A poll, not a synchronisation: the writer commits every few ms when it runs.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn prepare_vm(
+    s: &Scenario,
     spec: &VmSpec,
     opts: &RunOptions,
     work: &Path,
@@ -459,11 +512,7 @@ async fn prepare_vm(
     let agent = guest.machine.agent().map_err(fail(name))?;
     for d in &spec.disks {
         let d = d.get_ref();
-        let fstype = match d.filesystem {
-            Filesystem::Ext4 => "ext4",
-            Filesystem::Vfat => "vfat",
-            Filesystem::None => continue,
-        };
+        let Some(fstype) = d.filesystem.guest_type().filter(|_| d.mount) else { continue };
         workload::mount_disk(agent, d.name.get_ref(), fstype).await.map_err(gfail("mounting a data disk"))?;
     }
     let boot_id = Some(workload::boot_id(agent).await.map_err(gfail("reading boot_id"))?);
@@ -486,7 +535,17 @@ async fn prepare_vm(
     if spec.state == VmState::Paused {
         pause(&guest.machine).await?;
     }
-    Ok(Vm { spec: spec.clone(), guest, dir, boot_id, counter_before, journal, app })
+    let wants_token = s.file.restore.as_ref().is_some_and(|r| r.checks.contains(&Check::RootFromBackup));
+    let root_token = if wants_token {
+        let token = format!("{}-{}", name, boot_id.as_deref().unwrap_or("?"));
+        crate::qemu::exec::sh(agent, &format!("echo {token} > {ROOT_TOKEN} && sync"), T)
+            .await
+            .map_err(gfail("writing the root token"))?;
+        Some(token)
+    } else {
+        None
+    };
+    Ok(Vm { spec: spec.clone(), guest, dir, boot_id, counter_before, journal, app, root_token })
 }
 
 async fn pause(m: &Machine) -> Result<(), RunError> {
@@ -562,13 +621,15 @@ async fn own_images(m: &Machine) -> Result<(bool, String), RunError> {
 }
 
 async fn restore_and_check(
+    s: &Scenario,
     vm: &Vm,
     backup: &Backup,
-    checks: &[Check],
+    rspec: &RestoreSpec,
     opts: &RunOptions,
     tl: &Timeline,
     report: &mut Report,
 ) -> Result<(), RunError> {
+    let checks = &rspec.checks[..];
     let name = vm.name().to_owned();
     let vb = backup.vm(&name).ok_or_else(|| RunError(format!("the backup has no VM {name}")))?.clone();
     let mut ro = RestoreOptions::named(&format!("{name}-restored"));
@@ -578,21 +639,44 @@ async fn restore_and_check(
     if checks.contains(&Check::FsckClean) && vb.method == Method::ChildSnapshot {
         // The root disk is ext4, and so are data disks seeded as ext4.
         let mut ext4 = vec!["root".to_owned()];
-        ext4.extend(
-            vm.spec
-                .disks
-                .iter()
-                .map(|d| d.get_ref())
-                .filter(|d| d.filesystem == Filesystem::Ext4)
-                .map(|d| d.name.get_ref().clone()),
-        );
+        ext4.extend(ext4_disks(vm));
         fsck_backup(backup, &vb, &ext4, report)?;
     }
+    // The backup point of each disk whose files the scenario compares.
+    let wanted: Vec<(String, Vec<String>)> = rspec
+        .manifests
+        .iter()
+        .map(|m| m.get_ref())
+        .filter(|m| m.disk.get_ref() == "root" || vm.spec.disks.iter().any(|d| d.get_ref().name == m.disk))
+        .map(|m| (m.disk.get_ref().clone(), m.ignore.clone()))
+        .collect();
+    let points = if checks.contains(&Check::ManifestMatchesBackup) {
+        tl.step(Some(&name), "read the backup point's manifests", async {
+            disk_checks::backup_points(backup, &vb, &wanted)
+        })
+        .await?
+    } else {
+        vec![]
+    };
     let mut restored = match vb.method {
         Method::SavedState => restore::saved_state(backup, &name, &ro, tl).await,
         Method::ChildSnapshot => restore::boot(backup, &name, &ro, tl).await,
     }
     .map_err(fail("restore"))?;
+    // Faults on the restored image itself, before its guest runs.
+    let mut flipped = Vec::new();
+    for f in faults(s, &name, FaultKind::FlipByteInRestore) {
+        let (disk, path) = fault_target(f);
+        let d = vb.disks.iter().find(|d| d.node_name == disk).ok_or_else(|| RunError(format!("no disk {disk}")))?;
+        let (offset, byte) = corrupt::locate_ext4(&backup.vm_dir(&name).join(&d.file), d.format, &path)
+            .map_err(fail("locating the file to corrupt"))?;
+        tl.step(Some(restored.machine.name()), "flip a byte in the restored image", async {
+            corrupt::write_byte(&restored.machine, &disk, offset, byte ^ 0x01).await
+        })
+        .await
+        .map_err(fail("corrupting the restored image"))?;
+        flipped.push((disk, path, offset));
+    }
     if checks.contains(&Check::DisksMatchBackup) {
         let mut all = true;
         for d in &vb.disks {
@@ -607,6 +691,32 @@ async fn restore_and_check(
             all,
             format!("{} disks compared before the guest ran", vb.disks.len()),
         );
+    }
+    if checks.contains(&Check::BlocksMatchBackup) {
+        let results = tl
+            .step(
+                Some(&name),
+                "compare blocks with the backup",
+                disk_checks::compare_blocks(backup, &vb, &restored.disks),
+            )
+            .await?;
+        let differ: Vec<String> =
+            results.iter().filter(|(_, c)| !c.identical).map(|(d, c)| format!("{d}: {c}")).collect();
+        if rspec.expect == RestoreExpect::Mismatch {
+            // Each flipped byte is the first difference of its disk, at its exact offset.
+            let found = flipped
+                .iter()
+                .all(|(disk, _, off)| results.iter().any(|(d, c)| d == disk && c.first_difference == Some(*off)));
+            let detail = format!("flipped at {:?}; found: {differ:?}", flipped.iter().map(|f| f.2).collect::<Vec<_>>());
+            report.check(&name, "blocks-name-the-flipped-byte", found && !flipped.is_empty(), detail);
+        } else {
+            let detail = if differ.is_empty() {
+                format!("{} disks identical to the backup, allocated data compared", results.len())
+            } else {
+                differ.join("; ")
+            };
+            report.check(&name, "blocks-match-backup", differ.is_empty(), detail);
+        }
     }
     let m = &mut restored.machine;
     let state_after_restore = match vb.method {
@@ -653,19 +763,106 @@ async fn restore_and_check(
     let agent = m.agent().map_err(fail(&name))?;
     agent.wait_ready(T).await.map_err(fail("waiting for the restored guest's agent"))?;
     if vb.method == Method::ChildSnapshot {
+        if checks.contains(&Check::GuestFsck) {
+            let mut bad = Vec::new();
+            let disks = ext4_disks(vm);
+            for disk in &disks {
+                let r = verify::guest::fsck_ext4(agent, disk, Duration::from_secs(120))
+                    .await
+                    .map_err(gfail("e2fsck in the restored guest"))?;
+                if !r.clean() {
+                    bad.push(format!("{disk} ({}, exit {}): {}", r.device, r.exit_code, r.tail));
+                }
+            }
+            let detail = if bad.is_empty() {
+                format!("{} ext4 data disks clean in the guest", disks.len())
+            } else {
+                bad.join("; ")
+            };
+            report.check(&name, "guest-fsck-clean", bad.is_empty(), detail);
+        }
         // A fresh boot: the data disks are not mounted yet.
         for d in &vm.spec.disks {
-            if d.get_ref().filesystem == Filesystem::Ext4 {
-                workload::mount_disk(agent, d.get_ref().name.get_ref(), "ext4")
+            if let Some(fstype) = d.get_ref().filesystem.guest_type().filter(|_| d.get_ref().mount) {
+                workload::mount_disk(agent, d.get_ref().name.get_ref(), fstype)
                     .await
                     .map_err(gfail("mounting a restored disk"))?;
             }
         }
     }
+    if checks.contains(&Check::RootFromBackup) {
+        let got = workload::read_file(agent, ROOT_TOKEN).await.unwrap_or_default();
+        let ok = vm.root_token.as_deref().is_some_and(|t| got.trim() == t);
+        report.check(&name, "root-from-backup", ok, format!("{ROOT_TOKEN} written before the backup is there: {ok}"));
+    }
     for check in checks {
         guest_check(*check, vm, vb.method, agent, report).await?;
     }
+    let mut truncated = Vec::new();
+    for f in faults(s, &name, FaultKind::TruncateInRestore) {
+        let (disk, path) = fault_target(f);
+        let file = format!("/mnt/{disk}{path}");
+        crate::qemu::exec::sh(
+            agent,
+            &format!("s=$(stat -c %s '{file}') && truncate -s $((s / 2)) '{file}' && sync"),
+            T,
+        )
+        .await
+        .map_err(gfail("truncating a restored file"))?;
+        truncated.push((disk, path));
+    }
+    if points.is_empty() {
+        return Ok(());
+    }
+    // Files are read once the guest is down and its filesystems are clean.
+    let m = &mut restored.machine;
+    let restored_name = m.name().to_owned();
+    tl.step(Some(&restored_name), "shut down", m.shutdown(T)).await.map_err(fail("shutting the restored VM down"))?;
+    let diffs = tl
+        .step(Some(&name), "compare manifests with the backup point", async {
+            disk_checks::compare_manifests(&name, &points, &restored.disks, report)
+        })
+        .await?;
+    if rspec.expect == RestoreExpect::Mismatch {
+        let corrupted: Vec<(String, String)> =
+            flipped.iter().map(|(d, p, _)| (d.clone(), p.clone())).chain(truncated).collect();
+        for (disk, path) in &corrupted {
+            let named = diffs.iter().any(|(d, lines)| {
+                d == disk && lines.iter().any(|l| l.split_whitespace().nth(1) == Some(path.as_str()))
+            });
+            report.check(&name, &format!("manifest-names {disk}:{path}"), named, "the corrupted file is named");
+        }
+    } else {
+        for (disk, lines) in &diffs {
+            let detail = if lines.is_empty() { "same files as the backup point".into() } else { lines.join("; ") };
+            report.check(&name, &format!("manifest-matches-backup {disk}"), lines.is_empty(), detail);
+        }
+    }
     Ok(())
+}
+
+/// Where a restore's guest finds the token written before the backup.
+const ROOT_TOKEN: &str = "/root/quiesce-root-token";
+
+/// The names of the VM's ext4 data disks.
+fn ext4_disks(vm: &Vm) -> Vec<String> {
+    vm.spec
+        .disks
+        .iter()
+        .map(|d| d.get_ref())
+        .filter(|d| d.filesystem == Filesystem::Ext4)
+        .map(|d| d.name.get_ref().clone())
+        .collect()
+}
+
+fn faults<'a>(s: &'a Scenario, vm: &'a str, kind: FaultKind) -> impl Iterator<Item = &'a FaultSpec> + 'a {
+    s.file.faults.iter().map(|f| f.get_ref()).filter(move |f| f.vm.get_ref() == vm && f.kind == kind)
+}
+
+/// The disk and path of a fault on a restored file (checked present when the file was read).
+fn fault_target(f: &FaultSpec) -> (String, String) {
+    let get = |x: &Option<toml::Spanned<String>>| x.as_ref().map(|v| v.get_ref().clone()).unwrap_or_default();
+    (get(&f.disk), get(&f.path))
 }
 
 /// `e2fsck -fn` of the backup's ext4 disks, read on the host.
@@ -696,7 +893,13 @@ async fn guest_check(
 ) -> Result<(), RunError> {
     let name = vm.name().to_owned();
     match check {
-        Check::DisksMatchBackup | Check::FsckClean => {}
+        // Checked on the host, or before the guest ran.
+        Check::DisksMatchBackup
+        | Check::FsckClean
+        | Check::ManifestMatchesBackup
+        | Check::BlocksMatchBackup
+        | Check::GuestFsck
+        | Check::RootFromBackup => {}
         // A disk-only backup boots afresh: there is no boot or counter to continue.
         Check::SameBoot | Check::CounterContinues if method == Method::ChildSnapshot => {}
         Check::CounterContinues if vm.counter_before.is_none() => {}
@@ -720,8 +923,7 @@ async fn guest_check(
         Check::FilesMatchSeed => {
             let mut bad = Vec::new();
             let mut n = 0;
-            for d in &vm.spec.disks {
-                let d = d.get_ref();
+            for d in vm.spec.disks.iter().map(|d| d.get_ref()).filter(|d| d.mount) {
                 for (path, want) in &d.files {
                     n += 1;
                     let got = workload::read_file(agent, &format!("/mnt/{}/{path}", d.name.get_ref())).await;

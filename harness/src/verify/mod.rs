@@ -1,5 +1,8 @@
 //! Restoring backups and checking what was restored.
 
+pub mod blockcmp;
+pub mod corrupt;
+pub mod guest;
 pub mod restore;
 
 pub use restore::{RestoreError, RestoreOptions, Restored};

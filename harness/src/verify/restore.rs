@@ -1,12 +1,16 @@
-//! Restores a VM from a backup into a new QEMU. The backup's files are never written: each
-//! restored disk is a qcow2 overlay over the backup's image, with its format named.
+//! Restores a VM from a backup: into a new QEMU ([`boot`], [`saved_state`]), where the
+//! backup's files are never written (each restored disk is a qcow2 overlay over the
+//! backup's image, with its format named); or in place ([`in_place`]), where the backup's
+//! disk contents are written back onto the VM's own disk files and the VM is started again
+//! on them.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::backup::manifest::VmBackup;
+use crate::backup::manifest::{Method, StateEntry, VmBackup};
 use crate::backup::saved_state::Plan;
 use crate::backup::Backup;
 use crate::image::qemu_img::{self, QemuImgError};
@@ -29,6 +33,24 @@ pub enum RestoreError {
     Image { vm: String, disk: String, error: QemuImgError },
     #[error("restoring VM {vm}: {0}", vm = .1)]
     Io(std::io::Error, String),
+    /// The VM to restore in place does not have the disks the backup holds (checked before
+    /// anything is written).
+    #[error("restoring VM {vm} in place: {why}")]
+    InPlaceTarget { vm: String, why: String },
+    /// Writing a backed-up disk back onto the VM's own disk file failed.
+    #[error(
+        "restoring VM {vm} in place: writing the backup's disk {disk} onto {path} failed: {error}{hint}\n{}",
+        written_text(.written)
+    )]
+    InPlaceWrite { vm: String, disk: String, path: PathBuf, error: QemuImgError, hint: String, written: Vec<String> },
+}
+
+fn written_text(written: &[String]) -> String {
+    if written.is_empty() {
+        "no disk of the VM was changed".into()
+    } else {
+        format!("disks already written back (the VM's disks are now mixed): {}", written.join(", "))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -87,13 +109,6 @@ async fn launch_like(
     cfg.memory_mib = spec.memory_mib;
     cfg.cpus = spec.cpus;
     cfg.agent = spec.agent;
-    cfg.incoming_defer = incoming;
-    // Stopped vCPUs: a saved state is loaded into them, and a disk-only restore can be
-    // inspected before the guest writes anything.
-    cfg.start_paused = true;
-    if let Some(d) = &opts.artifacts_dir {
-        cfg.artifacts_dir = d.clone();
-    }
     let mut disks = Vec::new();
     for d in &vm.disks {
         let overlay = disk_dir.path().join(format!("{}.qcow2", d.node_name));
@@ -127,68 +142,57 @@ async fn launch_like(
     }
     let order = &spec.disk_order;
     cfg.disks.sort_by_key(|d| order.iter().position(|n| n == &d.node_name).unwrap_or(usize::MAX));
-    let m = Machine::launch(cfg).await.map_err(|error| RestoreError::Machine {
-        vm: vm.name.clone(),
-        step: "launch".into(),
-        error,
-    })?;
+    let m = start(cfg, &vm.name, opts, incoming).await?;
     Ok((m, disks, disk_dir))
 }
 
-fn find<'a>(backup: &'a Backup, vm: &str) -> Result<&'a VmBackup, RestoreError> {
-    backup.vm(vm).ok_or_else(|| RestoreError::NoSuchVm { backup: backup.path.clone(), vm: vm.to_owned() })
-}
-
-/// How long a restored VM booting from its backup has to bring its agent up.
-pub const BOOT_DEADLINE: Duration = Duration::from_secs(90);
-
-/// Restores a disk-only (Child VM Snapshot) backup: a new VM on the backed-up disks, the
-/// backed-up root disk itself included. With `opts.resume` it boots and its agent is
-/// awaited; without, it is left before its first instruction. Nothing from the guest that
-/// made the backup helps: this is the auto-recoverable test.
-pub async fn boot(
-    backup: &Backup,
-    vm_name: &str,
+/// Launches a restore's QEMU from `cfg`, with its vCPUs stopped: a saved state is loaded
+/// into them (`incoming`), and a disk-only restore can be inspected before the guest writes
+/// anything.
+async fn start(
+    mut cfg: MachineConfig,
+    vm: &str,
     opts: &RestoreOptions,
-    tl: &Timeline,
-) -> Result<Restored, RestoreError> {
-    let vm = find(backup, vm_name)?;
-    let started = Instant::now();
-    let (mut m, disks, disk_dir) =
-        tl.step(Some(&opts.name), "launch from the backup's disks", launch_like(backup, vm, opts, false)).await?;
-    if opts.resume {
-        tl.step(Some(&opts.name), "boot until the agent answers", async {
-            resume(&m).await?;
-            m.wait_agent(BOOT_DEADLINE).await.map_err(|error| RestoreError::Machine {
-                vm: vm.name.clone(),
-                step: "boot".into(),
-                error,
-            })
-        })
-        .await?;
+    incoming: bool,
+) -> Result<Machine, RestoreError> {
+    cfg.incoming_defer = incoming;
+    cfg.start_paused = true;
+    if let Some(d) = &opts.artifacts_dir {
+        cfg.artifacts_dir = d.clone();
     }
-    Ok(Restored { machine: m, restore_ms: started.elapsed().as_secs_f64() * 1000.0, disks, _disk_dir: disk_dir })
+    Machine::launch(cfg).await.map_err(|error| RestoreError::Machine {
+        vm: vm.to_owned(),
+        step: "launch".into(),
+        error,
+    })
 }
 
-/// Restores a Saved State backup: same machine, the saved RAM and device state, and the
-/// run state it had (a running VM resumes, a paused one stays paused).
-pub async fn saved_state(
+/// Runs a machine started before its first instruction until its guest agent answers.
+async fn boot_until_agent(m: &mut Machine, vm: &str, opts: &RestoreOptions, tl: &Timeline) -> Result<(), RestoreError> {
+    tl.step(Some(&opts.name), "boot until the agent answers", async {
+        resume(m).await?;
+        m.wait_agent(BOOT_DEADLINE).await.map_err(|error| RestoreError::Machine {
+            vm: vm.to_owned(),
+            step: "boot".into(),
+            error,
+        })
+    })
+    .await
+}
+
+/// Loads `vm`'s saved state into `m` (launched waiting for an incoming migration) and, with
+/// `opts.resume`, resumes it if it was running at backup time.
+async fn load_state(
+    m: &Machine,
     backup: &Backup,
-    vm_name: &str,
+    vm: &VmBackup,
+    state: &StateEntry,
     opts: &RestoreOptions,
     tl: &Timeline,
-) -> Result<Restored, RestoreError> {
-    let vm = find(backup, vm_name)?;
-    let state = vm
-        .state
-        .as_ref()
-        .ok_or_else(|| RestoreError::NoState { backup: backup.path.clone(), vm: vm_name.to_owned() })?;
-    let started = Instant::now();
-    let (m, disks, disk_dir) =
-        tl.step(Some(&opts.name), "launch restore target", launch_like(backup, vm, opts, true)).await?;
+) -> Result<(), RestoreError> {
     let merr =
         |step: &str, error: MachineError| RestoreError::Machine { vm: vm.name.clone(), step: step.to_owned(), error };
-    Plan::from_state(state).apply(&m, None).await.map_err(|e| RestoreError::Incoming {
+    Plan::from_state(state).apply(m, None).await.map_err(|e| RestoreError::Incoming {
         vm: vm.name.clone(),
         status: "not started".into(),
         desc: e.to_string(),
@@ -220,7 +224,348 @@ pub async fn saved_state(
     })
     .await?;
     if opts.resume && vm.run_state_before == "running" {
-        tl.step(Some(&opts.name), "resume", resume(&m)).await?;
+        tl.step(Some(&opts.name), "resume", resume(m)).await?;
+    }
+    Ok(())
+}
+
+fn find<'a>(backup: &'a Backup, vm: &str) -> Result<&'a VmBackup, RestoreError> {
+    backup.vm(vm).ok_or_else(|| RestoreError::NoSuchVm { backup: backup.path.clone(), vm: vm.to_owned() })
+}
+
+/// How long a restored VM booting from its backup has to bring its agent up.
+pub const BOOT_DEADLINE: Duration = Duration::from_secs(90);
+
+/// Restores a disk-only (Child VM Snapshot) backup: a new VM on the backed-up disks, the
+/// backed-up root disk itself included. With `opts.resume` it boots and its agent is
+/// awaited; without, it is left before its first instruction. Nothing from the guest that
+/// made the backup helps: this is the auto-recoverable test.
+pub async fn boot(
+    backup: &Backup,
+    vm_name: &str,
+    opts: &RestoreOptions,
+    tl: &Timeline,
+) -> Result<Restored, RestoreError> {
+    let vm = find(backup, vm_name)?;
+    let started = Instant::now();
+    let (mut m, disks, disk_dir) =
+        tl.step(Some(&opts.name), "launch from the backup's disks", launch_like(backup, vm, opts, false)).await?;
+    if opts.resume {
+        boot_until_agent(&mut m, &vm.name, opts, tl).await?;
     }
     Ok(Restored { machine: m, restore_ms: started.elapsed().as_secs_f64() * 1000.0, disks, _disk_dir: disk_dir })
+}
+
+/// Restores a Saved State backup: same machine, the saved RAM and device state, and the
+/// run state it had (a running VM resumes, a paused one stays paused).
+pub async fn saved_state(
+    backup: &Backup,
+    vm_name: &str,
+    opts: &RestoreOptions,
+    tl: &Timeline,
+) -> Result<Restored, RestoreError> {
+    let vm = find(backup, vm_name)?;
+    let state = vm
+        .state
+        .as_ref()
+        .ok_or_else(|| RestoreError::NoState { backup: backup.path.clone(), vm: vm_name.to_owned() })?;
+    let started = Instant::now();
+    let (m, disks, disk_dir) =
+        tl.step(Some(&opts.name), "launch restore target", launch_like(backup, vm, opts, true)).await?;
+    load_state(&m, backup, vm, state, opts, tl).await?;
+    Ok(Restored { machine: m, restore_ms: started.elapsed().as_secs_f64() * 1000.0, disks, _disk_dir: disk_dir })
+}
+
+/// A VM restored in place: started again on its own disk files, which hold the backup's
+/// content again.
+pub struct RestoredInPlace {
+    pub machine: Machine,
+    /// From the first disk write until the machine was started (and, with `opts.resume`,
+    /// booted or resumed).
+    pub restore_ms: f64,
+    /// The disks written back: the VM's own files, each in its own format.
+    pub disks: Vec<DiskConfig>,
+    /// How the backup was made, so how the VM was started: a fresh boot (Child VM
+    /// Snapshot) or its saved state (Saved State).
+    pub method: Method,
+}
+
+/// Restores VM `vm_name` of `backup` in place, onto the disks of `target`: the VM's own
+/// configuration, whose QEMU must have stopped. Every backed-up disk's content is written
+/// back onto the VM's disk file of the same node name (the file keeps its path, its format
+/// and, for an overlay, its backing file), and the VM is started again as `opts.name` with
+/// `target`'s configuration: from its first instruction for a disk-only (Child VM Snapshot)
+/// backup, or by loading the saved state (Saved State) into it.
+///
+/// With `opts.resume`, a disk-only restore boots until its agent answers and a saved state
+/// resumes if it was running at backup time; without, the VM is left stopped, so its disks
+/// can be checked against the backup before the guest runs (then [`resume`] it, and for a
+/// fresh boot wait for its agent).
+///
+/// Nothing is written unless every backed-up disk has its counterpart in `target`, in the
+/// same format (and, for a saved state, the machine matches the one saved). Disks the backup
+/// left out (pass-through, iSCSI) are not touched. qemu-img takes QEMU's image locks, so a
+/// disk that a running QEMU still holds is refused, not written under it.
+pub async fn in_place(
+    backup: &Backup,
+    vm_name: &str,
+    target: &MachineConfig,
+    opts: &RestoreOptions,
+    tl: &Timeline,
+) -> Result<RestoredInPlace, RestoreError> {
+    let vm = find(backup, vm_name)?;
+    let state = match vm.method {
+        Method::SavedState => Some(
+            vm.state
+                .as_ref()
+                .ok_or_else(|| RestoreError::NoState { backup: backup.path.clone(), vm: vm_name.to_owned() })?,
+        ),
+        Method::ChildSnapshot => None,
+    };
+    let disks = in_place_disks(vm, target, state.is_some())?;
+    let started = Instant::now();
+    tl.step(Some(&opts.name), "write the backup's disks back", write_back(backup, vm, &disks)).await?;
+    let mut cfg = target.clone();
+    cfg.name = opts.name.clone();
+    let mut m =
+        tl.step(Some(&opts.name), "launch on its own disks", start(cfg, &vm.name, opts, state.is_some())).await?;
+    match state {
+        Some(state) => load_state(&m, backup, vm, state, opts, tl).await?,
+        None if opts.resume => boot_until_agent(&mut m, &vm.name, opts, tl).await?,
+        None => {}
+    }
+    Ok(RestoredInPlace { machine: m, restore_ms: started.elapsed().as_secs_f64() * 1000.0, disks, method: vm.method })
+}
+
+/// The disks of `target` that receive the backup's disks, in the backup's order; an error
+/// names the first that is missing or differs. A saved state loads only into the machine it
+/// was saved from, so that is checked too.
+fn in_place_disks(vm: &VmBackup, target: &MachineConfig, saved: bool) -> Result<Vec<DiskConfig>, RestoreError> {
+    let bad = |why: String| RestoreError::InPlaceTarget { vm: vm.name.clone(), why };
+    let spec = &vm.machine;
+    if saved
+        && (target.machine_type != spec.machine_type
+            || target.accel != spec.accel
+            || target.memory_mib != spec.memory_mib
+            || target.cpus != spec.cpus)
+    {
+        return Err(bad(format!(
+            "its saved state is of a {} machine under {} with {} MiB and {} vCPUs, but the VM to restore is a {} \
+             machine under {} with {} MiB and {} vCPUs",
+            spec.machine_type,
+            spec.accel.as_str(),
+            spec.memory_mib,
+            spec.cpus,
+            target.machine_type,
+            target.accel.as_str(),
+            target.memory_mib,
+            target.cpus
+        )));
+    }
+    let mut out = Vec::new();
+    for d in &vm.disks {
+        let Some(t) = target.disks.iter().find(|t| t.node_name == d.node_name) else {
+            let have: Vec<&str> = target.disks.iter().map(|t| t.node_name.as_str()).collect();
+            return Err(bad(format!(
+                "the backup has a disk {}, which the VM does not have (it has {have:?})",
+                d.node_name
+            )));
+        };
+        if t.format != d.format {
+            return Err(bad(format!(
+                "disk {} is {} in the backup but {} in the VM ({}); an in-place restore keeps the VM's files as they are",
+                d.node_name,
+                d.format.driver(),
+                t.format.driver(),
+                t.path.display()
+            )));
+        }
+        if t.read_only {
+            return Err(bad(format!("disk {} ({}) is attached read-only", d.node_name, t.path.display())));
+        }
+        out.push(t.clone());
+    }
+    Ok(out)
+}
+
+/// Writes each backed-up disk onto its target file, one after the other, off the runtime.
+async fn write_back(backup: &Backup, vm: &VmBackup, disks: &[DiskConfig]) -> Result<(), RestoreError> {
+    let mut written = Vec::new();
+    for (d, t) in vm.disks.iter().zip(disks) {
+        let src = backup.vm_dir(&vm.name).join(&d.file);
+        let (dst, fmt, dst_fmt) = (t.path.clone(), d.format, t.format);
+        let result = tokio::task::spawn_blocking(move || write_into(&src, fmt, &dst, dst_fmt))
+            .await
+            .map_err(|e| RestoreError::Io(std::io::Error::other(e), vm.name.clone()))?;
+        if let Err(error) = result {
+            let in_use = matches!(&error, QemuImgError::Failed { stderr, .. } if stderr.contains("lock"));
+            let hint = if in_use {
+                " (the disk is in use: stop the VM's QEMU before restoring it in place)".to_owned()
+            } else {
+                String::new()
+            };
+            return Err(RestoreError::InPlaceWrite {
+                vm: vm.name.clone(),
+                disk: d.node_name.clone(),
+                path: t.path.clone(),
+                error,
+                hint,
+                written,
+            });
+        }
+        written.push(d.node_name.clone());
+    }
+    Ok(())
+}
+
+/// Writes the guest-visible content of `src` into the existing image `dst` (`qemu-img
+/// convert -n`): `dst` keeps its path, its format and its backing file, if it has one, and
+/// every area that is zero in `src` reads as zero in `dst` afterwards. Without `-U`, qemu-img
+/// takes the images' locks, so an image that a running QEMU holds is refused.
+fn write_into(src: &Path, src_format: DiskFormat, dst: &Path, dst_format: DiskFormat) -> Result<(), QemuImgError> {
+    let out = Command::new("qemu-img")
+        .args(["convert", "-n", "-q", "-f", src_format.driver(), "-O", dst_format.driver()])
+        .arg(src)
+        .arg(dst)
+        .output()
+        .map_err(QemuImgError::Spawn)?;
+    if !out.status.success() {
+        return Err(QemuImgError::Failed {
+            args: format!(
+                "convert -n -f {} -O {} {} {}",
+                src_format.driver(),
+                dst_format.driver(),
+                src.display(),
+                dst.display()
+            ),
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::{FileExt, MetadataExt};
+
+    use super::*;
+    use crate::backup::manifest::{DiskEntry, MachineSpec, Timings};
+    use crate::qemu::Accel;
+
+    fn entry(node: &str, format: DiskFormat) -> DiskEntry {
+        DiskEntry {
+            node_name: node.into(),
+            format,
+            virtual_size: 8 << 20,
+            file: format!("{node}.{}", format.extension()),
+            bytes: 0,
+            sha256: String::new(),
+        }
+    }
+
+    fn backup_of(disks: Vec<DiskEntry>) -> VmBackup {
+        VmBackup {
+            name: "vm1".into(),
+            method: Method::SavedState,
+            method_reason: "test".into(),
+            conditions: vec![],
+            run_state_before: "running".into(),
+            machine: MachineSpec {
+                machine_type: "q35".into(),
+                accel: Accel::Tcg,
+                memory_mib: 256,
+                cpus: 1,
+                agent: true,
+                kernel: "boot/vmlinuz".into(),
+                initrd: "boot/initrd.img".into(),
+                append: "".into(),
+                disk_order: disks.iter().map(|d| d.node_name.clone()).collect(),
+            },
+            disks,
+            state: None,
+            excluded: vec![],
+            timings: Timings::default(),
+        }
+    }
+
+    fn target(disks: &[(&str, DiskFormat)]) -> MachineConfig {
+        let boot = KernelBoot { kernel: "/k".into(), initrd: "/i".into(), append: "".into() };
+        let mut cfg = MachineConfig::new("vm1", Accel::Tcg, boot);
+        cfg.memory_mib = 256;
+        for (node, format) in disks {
+            cfg.disks.push(DiskConfig {
+                node_name: (*node).into(),
+                path: format!("/vms/vm1/{node}.{}", format.extension()).into(),
+                format: *format,
+                read_only: false,
+            });
+        }
+        cfg
+    }
+
+    fn why(r: Result<Vec<DiskConfig>, RestoreError>) -> String {
+        match r {
+            Err(RestoreError::InPlaceTarget { why, .. }) => why,
+            other => panic!("expected InPlaceTarget, got {:?}", other.map(|d| d.len())),
+        }
+    }
+
+    #[test]
+    fn in_place_targets_are_checked_before_anything_is_written() {
+        let vb = backup_of(vec![entry("root", DiskFormat::Qcow2), entry("data", DiskFormat::Vhdx)]);
+        // The VM's own disks, in the backup's order, whatever the VM's order.
+        let t = target(&[("data", DiskFormat::Vhdx), ("root", DiskFormat::Qcow2), ("scratch", DiskFormat::Raw)]);
+        let got = in_place_disks(&vb, &t, true).unwrap();
+        assert_eq!(got.iter().map(|d| d.node_name.as_str()).collect::<Vec<_>>(), ["root", "data"]);
+        assert_eq!(got[1].path, PathBuf::from("/vms/vm1/data.vhdx"));
+
+        let e = why(in_place_disks(&vb, &target(&[("root", DiskFormat::Qcow2)]), false));
+        assert!(e.contains("a disk data, which the VM does not have"), "{e}");
+        let e = why(in_place_disks(&vb, &target(&[("root", DiskFormat::Qcow2), ("data", DiskFormat::Raw)]), false));
+        assert!(e.contains("disk data is vhdx in the backup but raw in the VM"), "{e}");
+        let mut ro = t.clone();
+        ro.disks[0].read_only = true;
+        assert!(why(in_place_disks(&vb, &ro, false)).contains("read-only"));
+        // A saved state loads only into the machine it was saved from; disks alone do not care.
+        let mut bigger = t.clone();
+        bigger.memory_mib = 512;
+        assert!(in_place_disks(&vb, &bigger, false).is_ok());
+        let e = why(in_place_disks(&vb, &bigger, true));
+        assert!(e.contains("256 MiB") && e.contains("512 MiB"), "{e}");
+    }
+
+    #[test]
+    fn write_into_keeps_the_file_and_its_backing_and_zeroes_what_the_source_lacks() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = |n: &str| dir.path().join(n);
+        let raw_with = |name: &str, at: u64, bytes: &[u8]| {
+            let f = std::fs::File::create(p(name)).unwrap();
+            f.set_len(8 << 20).unwrap();
+            f.write_all_at(bytes, at).unwrap();
+        };
+        // The VM's disk: an overlay whose backing file has data the backup does not.
+        raw_with("base.raw", 1 << 20, b"only in the backing file");
+        qemu_img::create_overlay(&p("base.raw"), DiskFormat::Raw, &p("disk.qcow2")).unwrap();
+        raw_with("backup.raw", 2 << 20, b"the backup's data");
+        qemu_img::convert(&p("backup.raw"), DiskFormat::Raw, &p("backup.qcow2"), DiskFormat::Qcow2).unwrap();
+        let inode = std::fs::metadata(p("disk.qcow2")).unwrap().ino();
+        let base = std::fs::read(p("base.raw")).unwrap();
+
+        write_into(&p("backup.qcow2"), DiskFormat::Qcow2, &p("disk.qcow2"), DiskFormat::Qcow2).unwrap();
+        assert!(qemu_img::identical(&p("disk.qcow2"), DiskFormat::Qcow2, &p("backup.raw"), DiskFormat::Raw).unwrap());
+        assert_eq!(std::fs::metadata(p("disk.qcow2")).unwrap().ino(), inode, "written in place, not replaced");
+        let info = qemu_img::info(&p("disk.qcow2")).unwrap();
+        assert_eq!(info["backing-filename"].as_str(), p("base.raw").to_str(), "{info}");
+        assert_eq!(info["backing-filename-format"], "raw");
+        assert!(std::fs::read(p("base.raw")).unwrap() == base, "the backing file is never written");
+
+        // Also into a raw disk, over data of its own.
+        raw_with("disk.raw", 3 << 20, b"the VM's own data");
+        write_into(&p("backup.qcow2"), DiskFormat::Qcow2, &p("disk.raw"), DiskFormat::Raw).unwrap();
+        assert!(qemu_img::identical(&p("disk.raw"), DiskFormat::Raw, &p("backup.raw"), DiskFormat::Raw).unwrap());
+
+        let e = write_into(&p("backup.qcow2"), DiskFormat::Qcow2, &p("missing.qcow2"), DiskFormat::Qcow2).unwrap_err();
+        assert!(e.to_string().contains("convert -n"), "{e}");
+    }
 }

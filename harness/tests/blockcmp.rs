@@ -1,0 +1,309 @@
+//! Block-level comparison of real images made by qemu-img and qemu-io: every format, backing
+//! chains, holes against zeros, one flipped byte, different sizes, an image a running QEMU
+//! process holds. No guest boots; images are a few tens of MiB.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use quiesce::qemu::DiskFormat;
+use quiesce::verify::blockcmp::{self, BlockCompareError, BlockComparison, Options, ReadPath};
+
+const MIB: u64 = 1 << 20;
+const SIZE: u64 = 24 * MIB;
+
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// A sparse raw image of `size` bytes with pseudo-random data in a few regions (one not
+/// cluster-aligned) and holes elsewhere.
+fn raw_image(path: &Path, size: u64) -> Vec<u8> {
+    let mut rng = XorShift(0x2545_f491_4f6c_dd1d);
+    let mut disk = vec![0u8; size as usize];
+    for (at, len) in [(0, 64 << 10), (3 * MIB + 4096, 300_000), (10 * MIB, 4 * MIB), (size - MIB, 65536)] {
+        for b in &mut disk[at as usize..(at + len) as usize] {
+            *b = rng.next() as u8;
+        }
+    }
+    write_sparse(path, &disk);
+    disk
+}
+
+/// Writes `disk` leaving its all-zero 4 KiB blocks as holes.
+fn write_sparse(path: &Path, disk: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(disk.len() as u64).unwrap();
+    for (i, block) in disk.chunks(4096).enumerate() {
+        if block.iter().any(|&b| b != 0) {
+            f.write_all_at(block, i as u64 * 4096).unwrap();
+        }
+    }
+}
+
+fn qemu_img(args: &[&str], paths: &[&Path]) {
+    let out = Command::new("qemu-img").args(args).args(paths).output().unwrap();
+    assert!(out.status.success(), "qemu-img {args:?} {paths:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn qemu_io(path: &Path, format: DiskFormat, cmd: &str) {
+    let out = Command::new("qemu-io").args(["-f", format.driver(), "-c", cmd]).arg(path).output().unwrap();
+    assert!(out.status.success(), "qemu-io -c {cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn create_qcow2(path: &Path, size: u64) {
+    let out = Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(path).arg(size.to_string()).output();
+    assert!(out.unwrap().status.success());
+}
+
+/// Converts a raw image to `format`; VHD keeps its exact size (`force_size`), not CHS's.
+fn convert(raw: &Path, format: DiskFormat, dir: &Path) -> PathBuf {
+    let dst = dir.join(format!("disk.{}", format.extension()));
+    let mut args = vec!["convert", "-f", "raw", "-O", format.driver()];
+    if format == DiskFormat::Vpc {
+        args.extend(["-o", "force_size=on"]);
+    }
+    qemu_img(&args, &[raw, &dst]);
+    dst
+}
+
+fn compare(a: &Path, af: DiskFormat, b: &Path, bf: DiskFormat) -> BlockComparison {
+    blockcmp::compare(a, af, b, bf).unwrap_or_else(|e| panic!("{} vs {}: {e}", a.display(), b.display()))
+}
+
+fn export_only(a: &Path, af: DiskFormat, b: &Path, bf: DiskFormat) -> BlockComparison {
+    let opts = Options { read_path: ReadPath::ExportOnly, ..Options::default() };
+    blockcmp::compare_with(a, af, b, bf, &opts).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn the_same_content_in_every_format_is_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("disk.raw");
+    raw_image(&raw, SIZE);
+    let images: Vec<(PathBuf, DiskFormat)> = [DiskFormat::Qcow2, DiskFormat::Vhdx, DiskFormat::Vpc]
+        .into_iter()
+        .map(|f| (convert(&raw, f, dir.path()), f))
+        .chain([(raw.clone(), DiskFormat::Raw)])
+        .collect();
+    for (a, af) in &images {
+        for (b, bf) in &images {
+            let c = compare(a, *af, b, *bf);
+            assert!(c.identical, "{af:?} vs {bf:?}: {c}");
+            assert_eq!((c.first_difference, c.size), (None, (SIZE, SIZE)));
+            assert!(c.to_string().starts_with("identical: "), "{c}");
+        }
+    }
+    // raw and qcow2 know their holes: most of the disk is not read.
+    let c = compare(&raw, DiskFormat::Raw, &images[0].0, DiskFormat::Qcow2);
+    assert!(c.bytes_skipped >= 16 * MIB && c.bytes_compared <= 6 * MIB, "{c:?}");
+    assert_eq!(c.bytes_compared + c.bytes_skipped, SIZE);
+}
+
+#[test]
+fn a_qcow2_overlay_over_a_vhdx_base_equals_its_flat_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("disk.raw");
+    raw_image(&raw, SIZE);
+    let base = convert(&raw, DiskFormat::Vhdx, dir.path());
+    let top = dir.path().join("top.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", "-F", "vhdx", "-b"], &[&base, &top]);
+    qemu_io(&top, DiskFormat::Qcow2, "write -P 0x6b 5M 192k");
+    qemu_io(&top, DiskFormat::Qcow2, "write -z 10M 64k");
+    let flat = dir.path().join("flat.qcow2");
+    qemu_img(&["convert", "-f", "qcow2", "-O", "qcow2"], &[&top, &flat]);
+    let c = compare(&top, DiskFormat::Qcow2, &flat, DiskFormat::Qcow2);
+    assert!(c.identical, "{c}");
+    assert_eq!(export_only(&top, DiskFormat::Qcow2, &flat, DiskFormat::Qcow2), c);
+    // Against the base alone: the overlay's first write is where they part.
+    let c = compare(&top, DiskFormat::Qcow2, &raw, DiskFormat::Raw);
+    assert_eq!(c.first_difference, Some(5 * MIB), "{c}");
+}
+
+#[test]
+fn one_flipped_byte_is_found_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("disk.raw");
+    let mut disk = raw_image(&raw, SIZE);
+    let qcow = convert(&raw, DiskFormat::Qcow2, dir.path());
+    let vhdx = convert(&raw, DiskFormat::Vhdx, dir.path());
+    // Inside the unaligned data region, and late in a 2 MiB chunk.
+    let at = 3 * MIB + 4096 + 250_001;
+    disk[at as usize] ^= 0x40;
+    let bad = dir.path().join("bad.raw");
+    write_sparse(&bad, &disk);
+    for (good, f) in [(&qcow, DiskFormat::Qcow2), (&vhdx, DiskFormat::Vhdx), (&raw, DiskFormat::Raw)] {
+        let c = compare(good, f, &bad, DiskFormat::Raw);
+        assert!(!c.identical, "{c}");
+        assert_eq!(c.first_difference, Some(at), "{f:?}: {c}");
+        assert_eq!(export_only(good, f, &bad, DiskFormat::Raw).first_difference, Some(at));
+    }
+    let c = compare(&qcow, DiskFormat::Qcow2, &bad, DiskFormat::Raw);
+    assert_eq!(c.to_string(), format!("differ at byte {at} (cluster 0x330000 of 'disk.qcow2', 64 KiB clusters)"));
+
+    // A second difference later, in another chunk: the first is still the one reported.
+    disk[(SIZE - 100) as usize] ^= 1;
+    write_sparse(&bad, &disk);
+    assert_eq!(compare(&bad, DiskFormat::Raw, &qcow, DiskFormat::Qcow2).first_difference, Some(at));
+
+    // The same, written with qemu-io into a qcow2 copy.
+    let q2 = dir.path().join("q2.qcow2");
+    qemu_img(&["convert", "-f", "raw", "-O", "qcow2"], &[&raw, &q2]);
+    let at = 10 * MIB + 3 * MIB + 77;
+    qemu_io(&q2, DiskFormat::Qcow2, &format!("write -P 0x00 {at} 1"));
+    let c = compare(&qcow, DiskFormat::Qcow2, &q2, DiskFormat::Qcow2);
+    assert_eq!(c.first_difference, Some(at), "{c}");
+}
+
+#[test]
+fn zeros_written_as_data_equal_a_hole() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.qcow2");
+    create_qcow2(&empty, SIZE);
+    let zeros = dir.path().join("zeros.raw");
+    std::fs::write(&zeros, vec![0u8; SIZE as usize]).unwrap(); // fully allocated zeros
+    let c = compare(&empty, DiskFormat::Qcow2, &zeros, DiskFormat::Raw);
+    assert!(c.identical, "{c}");
+    assert_eq!(c.bytes_compared, SIZE, "every zero the raw file holds was read: {c:?}");
+
+    let zq = dir.path().join("zq.qcow2");
+    std::fs::copy(&empty, &zq).unwrap();
+    qemu_io(&zq, DiskFormat::Qcow2, "write -P 0x00 1M 256k");
+    let c = compare(&zq, DiskFormat::Qcow2, &empty, DiskFormat::Qcow2);
+    assert!(c.identical && c.bytes_compared > 0, "{c:?}");
+}
+
+#[test]
+fn data_against_a_hole_differs_at_the_first_nonzero_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.qcow2");
+    create_qcow2(&empty, SIZE);
+    let b = dir.path().join("b.qcow2");
+    std::fs::copy(&empty, &b).unwrap();
+    // A cluster of zeros first, then one non-zero byte inside the same written range.
+    qemu_io(&b, DiskFormat::Qcow2, "write -P 0x00 7M 64k");
+    let at = 7 * MIB + 12_345;
+    qemu_io(&b, DiskFormat::Qcow2, &format!("write -P 0x5a {at} 1"));
+    let c = compare(&empty, DiskFormat::Qcow2, &b, DiskFormat::Qcow2);
+    assert_eq!(c.first_difference, Some(at), "{c}");
+    let c = compare(&b, DiskFormat::Qcow2, &empty, DiskFormat::Qcow2);
+    assert_eq!(c.first_difference, Some(at), "{c}");
+}
+
+#[test]
+fn different_sizes_are_a_difference() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("disk.raw");
+    let disk = raw_image(&raw, SIZE);
+    let bigger = dir.path().join("bigger.raw");
+    let mut d = disk.clone();
+    d.resize((SIZE + 4 * MIB) as usize, 0);
+    write_sparse(&bigger, &d);
+    let c = compare(&raw, DiskFormat::Raw, &bigger, DiskFormat::Raw);
+    assert!(!c.identical, "{c}");
+    assert_eq!((c.size, c.first_difference), ((SIZE, SIZE + 4 * MIB), Some(SIZE)));
+    assert!(
+        c.to_string().starts_with("sizes differ: 'disk.raw' is 25165824 bytes, 'bigger.raw' is 29360128 bytes"),
+        "{c}"
+    );
+    // A difference inside the shared part comes first.
+    d[100] ^= 1;
+    write_sparse(&bigger, &d);
+    assert_eq!(compare(&raw, DiskFormat::Raw, &bigger, DiskFormat::Raw).first_difference, Some(100));
+}
+
+/// A process that is killed and reaped however the test ends.
+struct Kill(Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn images_a_running_qemu_holds_can_be_compared() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("disk.raw");
+    raw_image(&raw, SIZE);
+    let vhdx = convert(&raw, DiskFormat::Vhdx, dir.path());
+    let qcow = convert(&raw, DiskFormat::Qcow2, dir.path());
+    // qemu-io holds both images open read-write (and locked) while it waits on its stdin.
+    let hold = |p: &Path, f: DiskFormat| {
+        let mut c = Command::new("qemu-io")
+            .args(["-f", f.driver()])
+            .arg(p)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // The prompt shows once the image is open and locked.
+        let mut out = c.stdout.take().unwrap();
+        let mut byte = [0u8; 1];
+        use std::io::Read;
+        assert_eq!(out.read(&mut byte).unwrap(), 1);
+        Kill(c)
+    };
+    let _a = hold(&vhdx, DiskFormat::Vhdx);
+    let _b = hold(&qcow, DiskFormat::Qcow2);
+    let locked =
+        Command::new("qemu-img").args(["compare", "-q", "-f", "vhdx", "-F", "qcow2"]).arg(&vhdx).arg(&qcow).output();
+    assert!(!locked.unwrap().status.success(), "qemu-img compare without -U should meet the lock");
+    let c = compare(&vhdx, DiskFormat::Vhdx, &qcow, DiskFormat::Qcow2);
+    assert!(c.identical, "{c}");
+}
+
+#[test]
+fn errors_name_the_image_the_step_and_the_tools_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("disk.raw");
+    raw_image(&raw, SIZE);
+    let missing = dir.path().join("missing.qcow2");
+    let e = blockcmp::compare(&raw, DiskFormat::Raw, &missing, DiskFormat::Qcow2).unwrap_err();
+    assert!(matches!(e, BlockCompareError::Failed { .. }), "{e:?}");
+    let text = e.to_string();
+    assert!(text.contains("missing.qcow2") && text.contains("qemu-img") && text.contains("No such file"), "{text}");
+
+    let junk = dir.path().join("junk.qcow2");
+    std::fs::write(&junk, b"QFI\xfbnot really a qcow2 header").unwrap();
+    let e = blockcmp::compare(&junk, DiskFormat::Qcow2, &raw, DiskFormat::Raw).unwrap_err();
+    assert!(e.to_string().contains("junk.qcow2"), "{e}");
+}
+
+#[test]
+fn a_qcow2_chain_is_read_from_its_own_files_and_agrees_with_the_export() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("disk.raw");
+    let mut disk = raw_image(&raw, SIZE);
+    let base = dir.path().join("base.qcow2");
+    qemu_img(&["convert", "-f", "raw", "-O", "qcow2"], &[&raw, &base]);
+    // Named relative to the overlay's folder, as backup tools write them.
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", "base.qcow2"])
+        .arg(dir.path().join("top.qcow2"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let top = dir.path().join("top.qcow2");
+    qemu_io(&top, DiskFormat::Qcow2, "write -P 0x11 12M 64k");
+    disk[(12 * MIB) as usize..(12 * MIB + 65536) as usize].fill(0x11);
+    let flat = dir.path().join("flat.raw");
+    write_sparse(&flat, &disk);
+    let c = compare(&top, DiskFormat::Qcow2, &flat, DiskFormat::Raw);
+    assert!(c.identical, "{c}");
+    // A byte of the base's data (read from base.qcow2 itself) changed in the flat copy.
+    let at = 10 * MIB + 777;
+    disk[at as usize] ^= 0xff;
+    write_sparse(&flat, &disk);
+    assert_eq!(compare(&top, DiskFormat::Qcow2, &flat, DiskFormat::Raw).first_difference, Some(at));
+    assert_eq!(export_only(&top, DiskFormat::Qcow2, &flat, DiskFormat::Raw).first_difference, Some(at));
+}
