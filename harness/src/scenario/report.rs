@@ -51,6 +51,20 @@ pub struct DiskReport {
     pub virtual_size: u64,
 }
 
+impl DiskReport {
+    /// The disks of a VM as its backup holds them.
+    pub fn of_backup(vb: &crate::backup::VmBackup) -> Vec<DiskReport> {
+        vb.disks
+            .iter()
+            .map(|d| DiskReport {
+                name: d.node_name.clone(),
+                format: d.format.driver().into(),
+                virtual_size: d.virtual_size,
+            })
+            .collect()
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct RestoreReport {
     pub vm: String,

@@ -239,15 +239,7 @@ async fn backup(
         }
         if let (true, Some(vb)) = (r.backup_disks.is_empty(), outcome.backup.vm(&c.vm)) {
             r.timings = Some(vb.timings.clone());
-            r.backup_disks = vb
-                .disks
-                .iter()
-                .map(|d| DiskReport {
-                    name: d.node_name.clone(),
-                    format: d.format.driver().into(),
-                    virtual_size: d.virtual_size,
-                })
-                .collect();
+            r.backup_disks = DiskReport::of_backup(vb);
         }
     }
     Ok(outcome.backup)

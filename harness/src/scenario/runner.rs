@@ -187,15 +187,7 @@ async fn run_inner(
             for vb in &o.backup.manifest.vms {
                 if let Some(r) = report.vm_mut(&vb.name) {
                     r.timings = Some(vb.timings.clone());
-                    r.backup_disks = vb
-                        .disks
-                        .iter()
-                        .map(|d| DiskReport {
-                            name: d.node_name.clone(),
-                            format: d.format.driver().into(),
-                            virtual_size: d.virtual_size,
-                        })
-                        .collect();
+                    r.backup_disks = DiskReport::of_backup(vb);
                 }
             }
             for v in &o.skipped {
