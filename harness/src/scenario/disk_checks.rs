@@ -18,13 +18,18 @@ pub(super) struct Point {
     pub manifest: Manifest,
 }
 
-/// The manifest of a disk image, read through QEMU's drivers.
-pub(super) fn read(path: &Path, format: DiskFormat) -> Result<Manifest, RunError> {
-    manifest::read_image(path, format, &Limits::default()).map_err(fail("reading a file manifest"))
+/// The manifest of a disk image, read through QEMU's drivers (off the runtime: it reads
+/// the whole image).
+pub(super) async fn read(path: &Path, format: DiskFormat) -> Result<Manifest, RunError> {
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || manifest::read_image(&path, format, &Limits::default()))
+        .await
+        .map_err(fail("the manifest reader's thread"))?
+        .map_err(fail("reading a file manifest"))
 }
 
 /// The backup point of each disk the scenario names, read from the backup's image of it.
-pub(super) fn backup_points(
+pub(super) async fn backup_points(
     backup: &Backup,
     vb: &VmBackup,
     wanted: &[(String, Vec<String>)],
@@ -36,7 +41,7 @@ pub(super) fn backup_points(
             .iter()
             .find(|d| &d.node_name == disk)
             .ok_or_else(|| RunError(format!("VM {}: disk {disk} is not in the backup", vb.name)))?;
-        let manifest = read(&backup.vm_dir(&vb.name).join(&d.file), d.format)?;
+        let manifest = read(&backup.vm_dir(&vb.name).join(&d.file), d.format).await?;
         out.push(Point { disk: disk.clone(), ignore: ignore.clone(), manifest });
     }
     Ok(out)
@@ -70,7 +75,7 @@ pub(super) fn lines(m: &Manifest, ignore: &[String]) -> Vec<String> {
 /// Compares each restored disk's manifest with its backup point and records the result:
 /// the entries in the report (and so the fixture), the differences when there are any.
 /// Returns the differences, per disk.
-pub(super) fn compare_manifests(
+pub(super) async fn compare_manifests(
     vm: &str,
     points: &[Point],
     restored: &[(String, PathBuf)],
@@ -83,7 +88,7 @@ pub(super) fn compare_manifests(
             .find(|(n, _)| n == &p.disk)
             .ok_or_else(|| RunError(format!("VM {vm}: no restored disk {}", p.disk)))?
             .1;
-        let now = read(path, DiskFormat::Qcow2)?;
+        let now = read(path, DiskFormat::Qcow2).await?;
         let differences: Vec<String> =
             manifest::diff(&p.manifest, &now, &p.ignore).iter().map(ToString::to_string).collect();
         report.manifests.push(ManifestReport {

@@ -13,12 +13,10 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::format::{AgentState, Attach, MethodChoice, RollbackSpec, Scenario, VmState};
+use super::format::{AgentState, MethodChoice, RollbackSpec, Scenario, VmState};
 use super::report::{DiskReport, Report, RestoreReport};
-use super::runner::{RunError, RunOptions, Vm};
-use crate::backup::child_snapshot::SnapshotSettings;
-use crate::backup::saved_state::SaveSettings;
-use crate::backup::set::{self, Member};
+use super::runner::{member, RunError, RunOptions, Vm};
+use crate::backup::set;
 use crate::backup::{runstate, Backup, Method, VmBackup};
 use crate::image::manifest::{self, Change, Limits, Manifest};
 use crate::interrupt::Interrupt;
@@ -170,34 +168,6 @@ fn files_to_change(vm: &Vm, disk: &str, ignore: &[String]) -> Result<(String, St
             "rollback cycles change one seeded file and remove another each cycle: disk {disk} needs at least two \
              seeded files that are not ignored"
         ))),
-    }
-}
-
-/// The set member for the VM, by `method`. Rollback scenarios have no faults, so this is
-/// the runner's member without them.
-fn member<'a>(s: &Scenario, vm: &'a Vm, method: MethodChoice) -> Member<'a> {
-    let snapdir =
-        s.file.backup.snapshot_dir.as_ref().map(|d| PathBuf::from(d.get_ref())).unwrap_or_else(|| vm.dir.clone());
-    let mut snapshot = SnapshotSettings::new(&snapdir);
-    if let Some(ms) = &s.file.backup.freeze_deadline_ms {
-        snapshot.freeze_deadline = Duration::from_millis(*ms.get_ref());
-    }
-    Member {
-        machine: &vm.guest.machine,
-        method,
-        snapshot,
-        save: SaveSettings::default(),
-        declared_iscsi: vm
-            .spec
-            .disks
-            .iter()
-            .map(|d| d.get_ref())
-            .filter(|d| d.attach == Attach::Iscsi)
-            .map(|d| d.name.get_ref().clone())
-            .collect(),
-        interrupt_after_freeze: false,
-        sigint_after_freeze: false,
-        kill_after_prepare: false,
     }
 }
 

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use super::disk_checks;
 use super::format::{
-    AgentState, Attach, Check, Expect, FaultKind, FaultSpec, Filesystem, RestoreExpect, RestoreSpec, Scenario, VmSpec,
-    VmState,
+    AgentState, Attach, Check, Expect, FaultKind, FaultSpec, Filesystem, MethodChoice, RestoreExpect, RestoreSpec,
+    Scenario, VmSpec, VmState,
 };
 use super::report::{DiskReport, Report, RestoreReport, VmReport};
 use crate::backup::child_snapshot::SnapshotSettings;
@@ -158,7 +158,7 @@ async fn run_inner(
             local.trigger();
         })
     });
-    let members: Vec<Member> = vms.iter().map(|vm| member(s, vm)).collect();
+    let members: Vec<Member> = vms.iter().map(|vm| member(s, vm, s.file.backup.method)).collect();
     for vm in &vms {
         if has_fault(s, vm.name(), FaultKind::AgentHangsInFreeze) {
             install_hook(vm, "zz-quiesce-hang", "[ \"$1\" = freeze ] && sleep 11\nexit 0").await?;
@@ -324,7 +324,7 @@ fn has_fault(s: &Scenario, vm: &str, kind: FaultKind) -> bool {
 }
 
 /// The set member for one VM: its method, where its overlays go, and its faults.
-fn member<'a>(s: &Scenario, vm: &'a Vm) -> Member<'a> {
+pub(super) fn member<'a>(s: &Scenario, vm: &'a Vm, method: MethodChoice) -> Member<'a> {
     let name = vm.name();
     let snapdir =
         s.file.backup.snapshot_dir.as_ref().map(|d| PathBuf::from(d.get_ref())).unwrap_or_else(|| vm.dir.clone());
@@ -342,7 +342,7 @@ fn member<'a>(s: &Scenario, vm: &'a Vm) -> Member<'a> {
     }
     Member {
         machine: &vm.guest.machine,
-        method: s.file.backup.method,
+        method,
         snapshot,
         save,
         declared_iscsi: vm
@@ -644,7 +644,7 @@ async fn restore_and_check(
         .collect();
     let points = if checks.contains(&Check::ManifestMatchesBackup) {
         tl.step(Some(&name), "read the backup point's manifests", async {
-            disk_checks::backup_points(backup, &vb, &wanted)
+            disk_checks::backup_points(backup, &vb, &wanted).await
         })
         .await?
     } else {
@@ -812,7 +812,7 @@ async fn restore_and_check(
     tl.step(Some(&restored_name), "shut down", m.shutdown(T)).await.map_err(fail("shutting the restored VM down"))?;
     let diffs = tl
         .step(Some(&name), "compare manifests with the backup point", async {
-            disk_checks::compare_manifests(&name, &points, &restored.disks, report)
+            disk_checks::compare_manifests(&name, &points, &restored.disks, report).await
         })
         .await?;
     if rspec.expect == RestoreExpect::Mismatch {
