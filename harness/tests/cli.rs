@@ -108,3 +108,37 @@ fn verify_catches_a_flipped_byte_in_a_kept_backup() {
     assert_eq!(bad.status.code(), Some(1), "{stdout}");
     assert!(stdout.contains("MISMATCH") && stdout.contains("vms/vm1/root.qcow2"), "{stdout}");
 }
+
+#[test]
+fn diff_blocks_finds_what_lies_below_the_files() {
+    use quiesce::image::seed::{self, DiskSeed, Filesystem, Partitioning};
+    use quiesce::qemu::DiskFormat;
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let make = |sub: &str| {
+        let d = dir.path().join(sub);
+        std::fs::create_dir(&d).unwrap();
+        let seed = DiskSeed {
+            name: "data".into(),
+            format: DiskFormat::Raw,
+            size: 16 << 20,
+            filesystem: Filesystem::Ext4,
+            files: [("hello.txt".to_owned(), "hello\n".to_owned())].into(),
+            partitioning: Partitioning::None,
+        };
+        seed::create(&d, &seed).unwrap()
+    };
+    let (a, b) = (make("a"), make("b"));
+    // One byte in the last, free, block: no file changes, but the disks differ.
+    let at = (16 << 20) - 100;
+    std::fs::OpenOptions::new().write(true).open(&b).unwrap().write_all_at(&[0x5a], at).unwrap();
+    let files_only = quiesce().arg("diff").arg(&a).arg(&b).output().unwrap();
+    let stdout = String::from_utf8_lossy(&files_only.stdout);
+    assert_eq!(files_only.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("identical"), "{stdout}");
+    let blocks = quiesce().arg("diff").arg("--blocks").arg(&a).arg(&b).output().unwrap();
+    let stdout = String::from_utf8_lossy(&blocks.stdout);
+    assert_eq!(blocks.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains(&format!("= blocks: differ at byte {at}")), "{stdout}");
+    assert!(stdout.contains("1 disk(s) differ block by block"), "{stdout}");
+}

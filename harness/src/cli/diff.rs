@@ -8,6 +8,10 @@
 //! 1 added, 1 removed, 1 changed
 //! ```
 //!
+//! With `--blocks`, each pair of disks is also compared block by block (allocated data), and
+//! the first differing byte offset is printed: what differs below the files (free space,
+//! metadata, a filesystem no reader walks).
+//!
 //! Exit 0 if identical, 1 if they differ, 2 if a side could not be read (as diff(1) does).
 
 use std::error::Error;
@@ -16,14 +20,14 @@ use std::path::{Component, Path, PathBuf};
 use super::CliResult;
 use quiesce::backup::Backup;
 use quiesce::image::manifest::{self, Change, EntryKind, Limits, Manifest, Summary};
-use quiesce::image::qemu_img;
 use quiesce::qemu::DiskFormat;
+use quiesce::verify::blockcmp;
 
 const EXIT_DIFFER: i32 = 1;
 const EXIT_TROUBLE: i32 = 2;
 
-pub async fn run(a: PathBuf, b: PathBuf, ignore: Vec<String>) -> CliResult {
-    match tokio::task::block_in_place(|| compare(&a, &b, &ignore)) {
+pub async fn run(a: PathBuf, b: PathBuf, ignore: Vec<String>, blocks: bool) -> CliResult {
+    match tokio::task::block_in_place(|| compare(&a, &b, &ignore, blocks)) {
         Ok(code) => Ok(code),
         Err(e) => {
             eprintln!("quiesce: error: {e}");
@@ -120,7 +124,7 @@ fn pair(a: Vec<Disk>, b: Vec<Disk>) -> Result<Paired, Box<dyn Error>> {
     Ok((pairs, only))
 }
 
-fn compare(a: &Path, b: &Path, ignore: &[String]) -> Result<i32, Box<dyn Error>> {
+fn compare(a: &Path, b: &Path, ignore: &[String], blocks: bool) -> Result<i32, Box<dyn Error>> {
     let (da, a_backup) = disks(a)?;
     let (db, b_backup) = disks(b)?;
     let (pairs, only) = pair(da, db)?;
@@ -128,6 +132,7 @@ fn compare(a: &Path, b: &Path, ignore: &[String]) -> Result<i32, Box<dyn Error>>
     let limits = Limits::default();
     let mut total = Summary::default();
     let mut paths = 0usize;
+    let mut block_diffs = 0usize;
     for (x, y) in &pairs {
         if headers {
             println!("== {}", if x.name == y.name { x.name.clone() } else { format!("{} <> {}", x.name, y.name) });
@@ -144,16 +149,23 @@ fn compare(a: &Path, b: &Path, ignore: &[String]) -> Result<i32, Box<dyn Error>>
         let (ma, mb) = (ma?, mb?);
         let mut changes = manifest::diff(&ma, &mb, ignore);
         let bytewise = ma.filesystems.is_empty() && mb.filesystems.is_empty();
-        if bytewise {
-            // Nothing to compare file by file: compare the bytes instead.
-            if !qemu_img::identical(&x.path, x.format, &y.path, y.format)? {
-                changes.push(Change::Filesystem {
-                    partition: None,
-                    what: "no filesystem quiesce reads, and the disks' bytes differ (qemu-img compare)".into(),
-                });
+        if bytewise || blocks {
+            let c = blockcmp::compare(&x.path, x.format, &y.path, y.format)?;
+            if bytewise {
+                // Nothing to compare file by file: the bytes are the comparison.
+                eprintln!("quiesce: note: {}: no ext4 or NTFS filesystem; compared block by block", x.name);
+                if !c.identical {
+                    changes.push(Change::Filesystem {
+                        partition: None,
+                        what: format!("no filesystem quiesce reads, and the disks' blocks {c}"),
+                    });
+                }
+            } else {
+                println!("= blocks: {c}");
+                block_diffs += usize::from(!c.identical);
             }
-            eprintln!("quiesce: note: {}: no ext4 or NTFS filesystem; compared byte by byte", x.name);
-        } else {
+        }
+        if !bytewise {
             notes(&x.name, &ma, &mb);
         }
         for c in &changes {
@@ -170,14 +182,17 @@ fn compare(a: &Path, b: &Path, ignore: &[String]) -> Result<i32, Box<dyn Error>>
         println!("{o}");
     }
     let disks = if pairs.len() == 1 { "1 disk".to_owned() } else { format!("{} disks", pairs.len()) };
-    if total.is_empty() && only.is_empty() {
+    if total.is_empty() && only.is_empty() && block_diffs == 0 {
         println!("identical ({disks}, {paths} paths compared)");
         return Ok(0);
     }
-    let only = match only.len() {
+    let mut only = match only.len() {
         0 => String::new(),
         n => format!(", {n} disk(s) on one side only"),
     };
+    if block_diffs > 0 {
+        only.push_str(&format!(", {block_diffs} disk(s) differ block by block"));
+    }
     println!("{total}{only} ({disks}, {paths} paths compared)");
     Ok(EXIT_DIFFER)
 }

@@ -56,6 +56,9 @@ enum Command {
         /// Leave out paths: a prefix (/var/log) or a pattern with * and ? (/home/*/.cache). Repeatable.
         #[arg(long = "ignore", value_name = "PATTERN")]
         ignore: Vec<String>,
+        /// Also compare each pair of disks block by block and print the first differing offset.
+        #[arg(long)]
+        blocks: bool,
     },
     /// Benchmarks that print ratios against baselines from the same run.
     Bench {
@@ -80,7 +83,7 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Image { command } => image::run(command).await,
         Command::Run { paths, report_dir, keep_backups } => run::run(paths, report_dir, keep_backups, cli.accel).await,
         Command::Verify { backup } => run::verify(backup).await,
-        Command::Diff { a, b, ignore } => diff::run(a, b, ignore).await,
+        Command::Diff { a, b, ignore, blocks } => diff::run(a, b, ignore, blocks).await,
         Command::Bench { command } => bench::run(command, cli.accel).await,
     };
     match result {

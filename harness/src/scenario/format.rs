@@ -448,12 +448,25 @@ fn check(f: &ScenarioFile) -> Result<(), (Range<usize>, String)> {
             return Err((spec.methods.span(), "methods: expected \"child-snapshot\" and/or \"saved-state\"".into()));
         }
         let vm = f.vms[0].get_ref();
+        if vm.state != VmState::Running || vm.agent != AgentState::Running {
+            let msg =
+                "rollback cycles change the guest's data through its agent: the VM must be running, with its agent";
+            return Err((f.vms[0].span(), msg.into()));
+        }
         let d = vm.disks.iter().map(|d| d.get_ref()).find(|d| d.name.get_ref() == spec.disk.get_ref());
-        if d.is_none_or(|d| d.filesystem != Filesystem::Ext4) {
-            return Err((
-                spec.disk.span(),
-                format!("disk {:?} is not an ext4 data disk of VM {}", spec.disk.get_ref(), vm.name.get_ref()),
-            ));
+        let Some(d) = d.filter(|d| d.filesystem == Filesystem::Ext4 && d.mount) else {
+            let msg =
+                format!("disk {:?} is not a mounted ext4 data disk of VM {}", spec.disk.get_ref(), vm.name.get_ref());
+            return Err((spec.disk.span(), msg));
+        };
+        // Each cycle changes one seeded file and removes another.
+        let kept = d.files.keys().filter(|p| !crate::image::manifest::ignored(&format!("/{p}"), &spec.ignore)).count();
+        if kept < 2 {
+            let msg = format!(
+                "disk {:?} needs two or more seeded files that are not ignored: each cycle changes one and removes another",
+                spec.disk.get_ref()
+            );
+            return Err((spec.disk.span(), msg));
         }
     }
     if f.vms.is_empty() {
@@ -679,7 +692,9 @@ checks = ["same-boot", "files-match-seed"]
         assert!(e.message.contains("needs the check \"manifest-matches-backup\""), "{e}");
         let e = err(&with("checks = [\"manifest-matches-backup\"]\n[[restore.manifest]]\ndisk = \"logs\""));
         assert!(e.message.contains("no VM has a disk \"logs\"") && e.line == 22, "{e}");
-        let rb = |body: &str| format!("{GOOD}\n[rollback]\n{body}");
+        let two = GOOD
+            .replace("files = { \"hello.txt\" = \"hello\\n\" }", "files = { \"a.txt\" = \"a\", \"b.txt\" = \"b\" }");
+        let rb = |body: &str| format!("{two}\n[rollback]\n{body}");
         let good = rb("cycles = 5\nmethods = [\"child-snapshot\", \"saved-state\"]\ndisk = \"data\"\n");
         assert!(parse(Path::new("scenarios/x.toml"), &good).is_ok());
         let e = err(&rb("cycles = 50\nmethods = [\"saved-state\"]\ndisk = \"data\"\n"));
@@ -687,7 +702,13 @@ checks = ["same-boot", "files-match-seed"]
         let e = err(&rb("cycles = 2\nmethods = [\"auto\"]\ndisk = \"data\"\n"));
         assert!(e.message.contains("methods"), "{e}");
         let e = err(&rb("cycles = 2\nmethods = [\"saved-state\"]\ndisk = \"root\"\n"));
-        assert!(e.message.contains("not an ext4 data disk"), "{e}");
+        assert!(e.message.contains("not a mounted ext4 data disk"), "{e}");
+        // GOOD seeds one file only: a cycle needs one to change and one to remove.
+        let e = err(&format!("{GOOD}\n[rollback]\ncycles = 2\nmethods = [\"saved-state\"]\ndisk = \"data\"\n"));
+        assert!(e.message.contains("two or more seeded files"), "{e}");
+        let paused = good.replace("memory_mib = 256", "memory_mib = 256\nstate = \"paused\"");
+        let e = err(&paused);
+        assert!(e.message.contains("must be running"), "{e}");
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::format::{AgentState, MethodChoice, RollbackSpec, Scenario, VmState};
+use super::format::{MethodChoice, RollbackSpec, Scenario};
 use super::report::{DiskReport, Report, RestoreReport};
 use super::runner::{member, RunError, RunOptions, Vm};
 use crate::backup::set;
@@ -76,12 +76,6 @@ pub(super) async fn run(
     progress: &mut dyn FnMut(&str),
 ) -> Result<(), RunError> {
     let name = vm.name().to_owned();
-    if vm.spec.state != VmState::Running || vm.spec.agent != AgentState::Running {
-        return Err(RunError(format!(
-            "VM {name}: rollback cycles change the guest's data through its agent, so the VM must be running with \
-             its agent (state = \"running\", agent = \"running\")"
-        )));
-    }
     let disk = spec.disk.get_ref().as_str();
     let ignore = spec.ignore.as_slice();
     let (change, remove) = files_to_change(&vm, disk, ignore)?;
