@@ -78,8 +78,12 @@ pub fn locate_ext4(image: &Path, format: DiskFormat, path: &str) -> Result<(u64,
 /// through QEMU's block layer, and flushes it to the image file.
 pub async fn write_byte(m: &Machine, disk: &str, offset: u64, value: u8) -> Result<(), CorruptError> {
     let err = |detail: String| CorruptError::Write { vm: m.name().into(), disk: disk.into(), detail };
-    // The device's own BlockBackend: a second writer on the node would be refused.
-    let dev = format!("{disk}-dev/virtio-backend");
+    // The device's own BlockBackend: a second writer on the node would be refused. On PCI
+    // the backend is the proxy's child; a virtio-mmio device (microvm) is its own backend.
+    let pci = format!("{disk}-dev/virtio-backend");
+    let probe = json!({"command-line": format!("qemu-io -d {pci} \"flush\"")});
+    let on_pci = m.qmp().execute_raw("human-monitor-command", probe, T).await.map_err(|e| err(e.to_string()))?;
+    let dev = if on_pci.as_str().unwrap_or_default().trim().is_empty() { pci } else { format!("{disk}-dev") };
     for cmd in [format!("write -P {value:#04x} {offset} 1"), "flush".to_owned()] {
         let line = format!("qemu-io -d {dev} \"{cmd}\"");
         let out = m
