@@ -307,3 +307,36 @@ fn a_qcow2_chain_is_read_from_its_own_files_and_agrees_with_the_export() {
     assert_eq!(compare(&top, DiskFormat::Qcow2, &flat, DiskFormat::Raw).first_difference, Some(at));
     assert_eq!(export_only(&top, DiskFormat::Qcow2, &flat, DiskFormat::Raw).first_difference, Some(at));
 }
+
+#[test]
+fn a_vhdx_pair_one_byte_apart_is_found_exactly_through_the_pipelined_export() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("disk.raw");
+    let disk = raw_image(&raw, SIZE);
+    let a = convert(&raw, DiskFormat::Vhdx, dir.path());
+    let (b, c) = (dir.path().join("b.vhdx"), dir.path().join("c.vhdx"));
+    for x in [&b, &c] {
+        qemu_img(&["convert", "-f", "raw", "-O", "vhdx"], &[&raw, x]);
+    }
+    // In the last data region, near the end of the disk, not aligned; the byte written is
+    // not the one the disk holds.
+    let at = SIZE - MIB + 30_001;
+    qemu_io(&b, DiskFormat::Vhdx, &format!("write -P {} {at} 1", disk[at as usize] ^ 0xff));
+    // Many small reads in flight, unaligned pieces, and the defaults.
+    let pipelined = Options { nbd_depth: 16, nbd_request: 4096, chunk: 1 << 20, ..Options::default() };
+    let one_at_a_time = Options { nbd_depth: 1, ..Options::default() };
+    for opts in [Options::default(), pipelined, one_at_a_time] {
+        let r = blockcmp::compare_with(&a, DiskFormat::Vhdx, &b, DiskFormat::Vhdx, &opts).unwrap();
+        assert_eq!(r.first_difference, Some(at), "{opts:?}: {r}");
+        // vhdx tells QEMU nothing about holes: the whole disk is read and compared.
+        assert_eq!((r.bytes_compared, r.bytes_skipped), (SIZE, 0), "{r:?}");
+        let same = blockcmp::compare_with(&a, DiskFormat::Vhdx, &c, DiskFormat::Vhdx, &opts).unwrap();
+        assert!(same.identical, "{opts:?}: {same}");
+    }
+    let r = compare(&b, DiskFormat::Vhdx, &a, DiskFormat::Vhdx);
+    assert_eq!(r.to_string(), format!("differ at byte {at} (cluster 0x1000000 of 'b.vhdx', 8 MiB clusters)"));
+    // A byte written where the vhdx has no block yet (a hole in the raw image) comes first.
+    let early = 20 * MIB + 3;
+    qemu_io(&b, DiskFormat::Vhdx, &format!("write -P 0x01 {early} 1"));
+    assert_eq!(compare(&a, DiskFormat::Vhdx, &b, DiskFormat::Vhdx).first_difference, Some(early));
+}

@@ -5,6 +5,9 @@
 //! - a pair of qcow2 images converted from it;
 //! - a qcow2 overlay (over a qcow2 base, with some writes of its own) against a flat copy
 //!   of it made by `qemu-img convert`;
+//! - a pair of vhdx images converted from it: QEMU's vhdx driver reports neither holes nor
+//!   host offsets, so ours reads both whole disks through the NBD export (this case
+//!   measures the NBD path itself against `qemu-img compare`);
 //!
 //! each identical, and with one byte differing near the end of the disk (so both tools
 //! must read everything before it). Ours is timed twice: with its default read path
@@ -14,10 +17,12 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
 
-use super::manifest::{self, check, convert, ext4_image, qemu_img_compare, runs, timed, tool, DiskBenchError, Fill};
+use super::manifest::{self, check, convert, ext4_image, runs, timed, tool, DiskBenchError, Fill};
 use super::saved_state::median;
 use crate::qemu::DiskFormat;
+use crate::verify::blockcmp::tools::Tool;
 use crate::verify::blockcmp::{self, BlockComparison, Options, ReadPath};
 
 #[derive(Debug, Clone)]
@@ -31,6 +36,8 @@ pub const DIFF_AT: u64 = manifest::DISK_SIZE - (1 << 20) + 12_345;
 
 struct Case {
     name: &'static str,
+    /// The format of both images.
+    format: DiskFormat,
     a: PathBuf,
     b: PathBuf,
     differ_at: Option<u64>,
@@ -62,9 +69,13 @@ pub fn run(
     convert(d, &raw, DiskFormat::Raw, &a, DiskFormat::Qcow2)?;
     convert(d, &raw, DiskFormat::Raw, &b, DiskFormat::Qcow2)?;
     convert(d, &raw, DiskFormat::Raw, &b_diff, DiskFormat::Qcow2)?;
-    flip_byte(d, &b_diff)?;
     let (base, top) = (d.join("base.qcow2"), d.join("top.qcow2"));
     convert(d, &raw, DiskFormat::Raw, &base, DiskFormat::Qcow2)?;
+    let (va, vb, vb_diff) = (d.join("a.vhdx"), d.join("b.vhdx"), d.join("b-diff.vhdx"));
+    for v in [&va, &vb, &vb_diff] {
+        convert(d, &raw, DiskFormat::Raw, v, DiskFormat::Vhdx)?;
+    }
+    flip_byte(d, &vb_diff, DiskFormat::Vhdx)?;
     std::fs::remove_file(&raw).map_err(|source| DiskBenchError::WorkDir { path: raw.clone(), source })?;
     let q = |args: &[&std::ffi::OsStr]| tool(d, "qemu-img create (overlay)", "qemu-img", args).map(drop);
     q(&[
@@ -81,18 +92,41 @@ pub fn run(
     // What a guest might have written since the base: new data over old, in free space,
     // and a discarded range.
     for cmd in ["write -P 0xa5 96M 24M", "write -P 0x3c 700M 40M", "write -z 300M 8M"] {
-        qemu_io(d, &top, cmd)?;
+        qemu_io(d, &top, DiskFormat::Qcow2, cmd)?;
     }
     let (flat, flat_diff) = (d.join("flat.qcow2"), d.join("flat-diff.qcow2"));
     convert(d, &top, DiskFormat::Qcow2, &flat, DiskFormat::Qcow2)?;
     convert(d, &top, DiskFormat::Qcow2, &flat_diff, DiskFormat::Qcow2)?;
-    flip_byte(d, &flat_diff)?;
+    flip_byte(d, &flat_diff, DiskFormat::Qcow2)?;
+    flip_byte(d, &b_diff, DiskFormat::Qcow2)?;
 
+    let q2 = DiskFormat::Qcow2;
+    let vx = DiskFormat::Vhdx;
     let cases = [
-        Case { name: "qcow2 pair, identical", a: a.clone(), b: b.clone(), differ_at: None },
-        Case { name: "qcow2 pair, one byte differs near the end", a: a.clone(), b: b_diff, differ_at: Some(DIFF_AT) },
-        Case { name: "overlay vs flat copy, identical", a: top.clone(), b: flat, differ_at: None },
-        Case { name: "overlay vs flat copy, one byte differs", a: top, b: flat_diff, differ_at: Some(DIFF_AT) },
+        Case { name: "qcow2 pair, identical", format: q2, a: a.clone(), b: b.clone(), differ_at: None },
+        Case {
+            name: "qcow2 pair, one byte differs near the end",
+            format: q2,
+            a: a.clone(),
+            b: b_diff,
+            differ_at: Some(DIFF_AT),
+        },
+        Case { name: "overlay vs flat copy, identical", format: q2, a: top.clone(), b: flat, differ_at: None },
+        Case {
+            name: "overlay vs flat copy, one byte differs",
+            format: q2,
+            a: top,
+            b: flat_diff,
+            differ_at: Some(DIFF_AT),
+        },
+        Case { name: "vhdx pair (NBD path), identical", format: vx, a: va.clone(), b: vb, differ_at: None },
+        Case {
+            name: "vhdx pair (NBD path), one byte differs near the end",
+            format: vx,
+            a: va,
+            b: vb_diff,
+            differ_at: Some(DIFF_AT),
+        },
     ];
     let mut results = Vec::new();
     for c in &cases {
@@ -100,31 +134,61 @@ pub fn run(
         progress(&format!("{}: warming up", c.name));
         // One untimed run of each: the page cache then holds both images for all three.
         ours(c, ReadPath::Auto)?;
-        qemu_img_compare(d, &c.a, &c.b, c.differ_at.is_none())?;
+        qemu_img_compare(d, c)?;
         progress(&format!("{}: ours", c.name));
         let (t_ours, result) = timed(opts.rounds, cancel, || ours(c, ReadPath::Auto))?;
         progress(&format!("{}: ours, everything through NBD", c.name));
         let (t_nbd, _) = timed(opts.rounds, cancel, || ours(c, ReadPath::ExportOnly))?;
         progress(&format!("{}: qemu-img compare", c.name));
-        let (t_qemu, _) = timed(opts.rounds, cancel, || qemu_img_compare(d, &c.a, &c.b, c.differ_at.is_none()))?;
+        let (t_qemu, _) = timed(opts.rounds, cancel, || qemu_img_compare(d, c))?;
         results.push(Measured { name: c.name, ours: t_ours, nbd_only: t_nbd, qemu_img: t_qemu, result });
     }
     Ok(render(&results, opts.rounds, &work, filled.files, filled.bytes))
 }
 
-fn qemu_io(dir: &Path, image: &Path, cmd: &str) -> Result<(), DiskBenchError> {
-    let args = ["-f".as_ref(), "qcow2".as_ref(), "-c".as_ref(), cmd.as_ref(), image.as_os_str()];
+fn qemu_io(dir: &Path, image: &Path, format: DiskFormat, cmd: &str) -> Result<(), DiskBenchError> {
+    let args = ["-f".as_ref(), format.driver().as_ref(), "-c".as_ref(), cmd.as_ref(), image.as_os_str()];
     tool(dir, &format!("qemu-io -c '{cmd}' {}", image.display()), "qemu-io", &args).map(drop)
 }
 
-fn flip_byte(dir: &Path, image: &Path) -> Result<(), DiskBenchError> {
-    qemu_io(dir, image, &format!("write -P 0x5a {DIFF_AT} 1"))
+fn flip_byte(dir: &Path, image: &Path, format: DiskFormat) -> Result<(), DiskBenchError> {
+    qemu_io(dir, image, format, &format!("write -P 0x5a {DIFF_AT} 1"))
+}
+
+/// Deadline of one `qemu-img compare`.
+const COMPARE_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// `qemu-img compare` of a case's pair (in the case's format), checked against what the
+/// case expects: exit 0 for identical, 1 for different.
+fn qemu_img_compare(dir: &Path, c: &Case) -> Result<(), DiskBenchError> {
+    let f = c.format.driver();
+    let args = [
+        "compare".as_ref(),
+        "-U".as_ref(),
+        "-q".as_ref(),
+        "-f".as_ref(),
+        f.as_ref(),
+        "-F".as_ref(),
+        f.as_ref(),
+        c.a.as_os_str(),
+        c.b.as_os_str(),
+    ];
+    let failed = |failure: String| DiskBenchError::Tool { what: format!("qemu-img compare ({})", c.name), failure };
+    let t = Tool::spawn("qemu-img", &args, dir, "compare").map_err(|f| failed(f.to_string()))?;
+    let (status, stderr) = t.status(Instant::now() + COMPARE_TIMEOUT).map_err(|f| failed(f.to_string()))?;
+    match (status.code(), c.differ_at.is_none()) {
+        (Some(0), true) | (Some(1), false) => Ok(()),
+        (Some(0 | 1), _) => {
+            Err(DiskBenchError::Check(format!("{}: qemu-img compare said {status}, expected the opposite", c.name)))
+        }
+        _ => Err(failed(format!("{status}: {}", stderr.trim()))),
+    }
 }
 
 /// One comparison, checked against what the case expects.
 fn ours(c: &Case, read_path: ReadPath) -> Result<BlockComparison, DiskBenchError> {
     let opts = Options { read_path, ..Options::default() };
-    let r = blockcmp::compare_with(&c.a, DiskFormat::Qcow2, &c.b, DiskFormat::Qcow2, &opts)?;
+    let r = blockcmp::compare_with(&c.a, c.format, &c.b, c.format, &opts)?;
     if r.first_difference != c.differ_at {
         return Err(DiskBenchError::Check(format!("{}: expected {:?}, blockcmp found: {r}", c.name, c.differ_at)));
     }

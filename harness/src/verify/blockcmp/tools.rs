@@ -154,6 +154,10 @@ pub fn read_capped(path: &Path, cap: u64) -> String {
     String::from_utf8_lossy(&buf).into_owned()
 }
 
+/// Keeps allocations up to 32 MiB (the most glibc allows, and the largest NBD read we send)
+/// out of mmap, and freed memory up to 256 MiB in the heap for the next request.
+const MALLOC_TUNABLES: &str = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=268435456";
+
 /// One image to export: its path, format and export name.
 pub struct ExportSpec<'a> {
     pub name: &'a str,
@@ -194,10 +198,37 @@ impl Server {
         let server = json!({"addr": {"type": "fd", "str": fd.to_string()}, "max-connections": 0});
         args.extend(["--nbd-server".to_owned(), server.to_string()]);
         for e in exports {
-            let export = json!({"type": "nbd", "id": e.name, "node-name": e.name, "name": e.name, "writable": false});
+            // Each export gets an I/O thread of its own: otherwise the daemon serves every
+            // connection to every export from its one main loop thread, so the two images
+            // are never served at the same time (measured on 2 cores, two 1 GiB vhdx: 2.1 s
+            // on the main loop, 1.45 s with I/O threads; after the malloc fix below the gain
+            // is within the noise there, but more cores can use it).
+            let iothread = format!("{}-io", e.name);
+            args.extend(["--object".to_owned(), json!({"qom-type": "iothread", "id": iothread}).to_string()]);
+            let export = json!({
+                "type": "nbd",
+                "id": e.name,
+                "node-name": e.name,
+                "name": e.name,
+                "writable": false,
+                "iothread": iothread,
+            });
             args.extend(["--export".to_owned(), export.to_string()]);
         }
-        let process = QemuProcess::spawn("qemu-storage-daemon", &args, &[fd], &log)?;
+        // glibc's malloc hands the daemon a fresh mmap for every read buffer it allocates
+        // (one per NBD request), so each request page-faults and zeroes its buffer afresh
+        // and unmaps it after: that was most of the daemon's time (measured: two 1 GiB vhdx
+        // images through NBD in 1.45 s, 0.55 s with buffers up to 32 MiB kept in the heap).
+        // `env` sets the tunable for the daemon alone and execs it in the same process, so
+        // the process group, PDEATHSIG and the inherited socket are the daemon's.
+        let tunables = match std::env::var("GLIBC_TUNABLES") {
+            // The caller's own tunables come last, so they win.
+            Ok(theirs) if !theirs.is_empty() => format!("GLIBC_TUNABLES={MALLOC_TUNABLES}:{theirs}"),
+            _ => format!("GLIBC_TUNABLES={MALLOC_TUNABLES}"),
+        };
+        let mut argv = vec![tunables, "qemu-storage-daemon".to_owned()];
+        argv.extend(args);
+        let process = QemuProcess::spawn("env", &argv, &[fd], &log)?;
         // The daemon has its own copy; ours must go, so that if it dies, connections fail
         // at once instead of waiting in a backlog nobody accepts.
         drop(listener);
