@@ -5,22 +5,13 @@
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
+mod common;
+use common::XorShift;
 use quiesce::qemu::DiskFormat;
 use quiesce::verify::blockcmp::{self, BlockCompareError, BlockComparison, Options, ReadPath};
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 24 * MIB;
-
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
 
 /// A sparse raw image of `size` bytes with pseudo-random data in a few regions (one not
 /// cluster-aligned) and holes elsewhere.

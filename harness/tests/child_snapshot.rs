@@ -10,7 +10,7 @@ use quiesce::backup::job::{self, JobSettings, MethodChoice};
 use quiesce::backup::saved_state::SaveSettings;
 use quiesce::backup::{BackupWriter, Method};
 use quiesce::image::seed::{self, DiskSeed, Filesystem, Partitioning};
-use quiesce::qemu::{caps, DiskConfig, DiskFormat};
+use quiesce::qemu::{caps, DiskFormat};
 use quiesce::timeline::Timeline;
 use quiesce::verify::{restore, RestoreOptions};
 use quiesce::workload;
@@ -27,14 +27,7 @@ async fn snapshot_keeps_writes_made_during_the_backup_and_restores_bootable() {
         partitioning: Partitioning::None,
     };
     let path = seed::create(disks.path(), &seed).unwrap();
-    let mut opts = common::options("cs");
-    opts.memory_mib = 256;
-    opts.extra_disks.push(DiskConfig {
-        node_name: "data".into(),
-        path: path.clone(),
-        format: DiskFormat::Qcow2,
-        read_only: false,
-    });
+    let opts = common::with_data_disk("cs", path.clone(), DiskFormat::Qcow2);
     let guest = common::boot_with(opts).await;
     let m = &guest.machine;
     let agent = m.agent().unwrap();

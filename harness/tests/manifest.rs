@@ -7,6 +7,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+mod common;
+use common::XorShift;
 use quiesce::image::manifest::{self, Change, Entry, EntryKind, Field, FsKind, Limits, Manifest, ManifestError};
 use quiesce::image::qemu_img;
 use quiesce::image::seed::{self, DiskSeed, Filesystem, Partitioning};
@@ -389,18 +391,6 @@ fn expect_error(path: &Path, format: DiskFormat) -> ManifestError {
 /// Rounds of the damaged-filesystem tests: `QUIESCE_FUZZ_ROUNDS` (default 300) for a longer hunt.
 fn rounds() -> usize {
     std::env::var("QUIESCE_FUZZ_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(300)
-}
-
-/// A tiny deterministic generator, so a failing case can be replayed.
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
 }
 
 #[test]

@@ -15,7 +15,7 @@ use quiesce::backup::job::{self, MethodChoice};
 use quiesce::backup::Method;
 use quiesce::image::manifest::{self, EntryKind, FsKind};
 use quiesce::image::seed::{self, DiskSeed, Filesystem, Partitioning};
-use quiesce::qemu::{exec, DiskConfig, DiskFormat, Qmp};
+use quiesce::qemu::{exec, DiskFormat, Qmp};
 use quiesce::timeline::Timeline;
 use quiesce::workload;
 use serde_json::Value;
@@ -60,14 +60,7 @@ async fn ntfs_disk_seeded_on_the_host_is_read_and_written_by_ntfs3_and_read_back
         Err(e) => panic!("{e}"),
     };
     let seeded = manifest::read_image(&path, DiskFormat::Qcow2, &Default::default()).unwrap();
-    let mut opts = common::options("ntfs");
-    opts.memory_mib = 256;
-    opts.extra_disks.push(DiskConfig {
-        node_name: "data".into(),
-        path: path.clone(),
-        format: DiskFormat::Qcow2,
-        read_only: false,
-    });
+    let opts = common::with_data_disk("ntfs", path.clone(), DiskFormat::Qcow2);
     let mut guest = common::boot_with(opts).await;
     let m = &guest.machine;
     let agent = m.agent().unwrap();

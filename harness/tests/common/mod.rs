@@ -5,6 +5,7 @@
 
 use std::path::PathBuf;
 
+use quiesce::qemu::{DiskConfig, DiskFormat};
 use quiesce::testguest::{self, GuestOptions, TestGuest};
 
 pub fn artifacts() -> PathBuf {
@@ -21,6 +22,14 @@ pub async fn boot(name: &str) -> TestGuest {
     boot_with(options(name)).await
 }
 
+/// Options for a 256 MiB guest with one data disk, whose serial (and node name) is "data".
+pub fn with_data_disk(name: &str, path: PathBuf, format: DiskFormat) -> GuestOptions {
+    let mut o = options(name);
+    o.memory_mib = 256;
+    o.extra_disks.push(DiskConfig { node_name: "data".into(), path, format, read_only: false });
+    o
+}
+
 pub async fn boot_with(opts: GuestOptions) -> TestGuest {
     match testguest::boot(opts, &mut |s| eprintln!("  {s}")).await {
         Ok(g) => g,
@@ -31,4 +40,16 @@ pub async fn boot_with(opts: GuestOptions) -> TestGuest {
 /// True if a process with this pid exists (zombies included).
 pub fn process_exists(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// A tiny deterministic generator (xorshift64), so a failing case can be replayed.
+pub struct XorShift(pub u64);
+
+impl XorShift {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
 }
