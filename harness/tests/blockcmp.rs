@@ -5,8 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-mod common;
-use common::XorShift;
+use quiesce::bench::rng::XorShift;
 use quiesce::qemu::DiskFormat;
 use quiesce::verify::blockcmp::{self, BlockCompareError, BlockComparison, Options, ReadPath};
 
@@ -20,7 +19,7 @@ fn raw_image(path: &Path, size: u64) -> Vec<u8> {
     let mut disk = vec![0u8; size as usize];
     for (at, len) in [(0, 64 << 10), (3 * MIB + 4096, 300_000), (10 * MIB, 4 * MIB), (size - MIB, 65536)] {
         for b in &mut disk[at as usize..(at + len) as usize] {
-            *b = rng.next() as u8;
+            *b = rng.next_u64() as u8;
         }
     }
     write_sparse(path, &disk);

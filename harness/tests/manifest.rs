@@ -7,8 +7,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-mod common;
-use common::XorShift;
+use quiesce::bench::rng::XorShift;
 use quiesce::image::manifest::{self, Change, Entry, EntryKind, Field, FsKind, Limits, Manifest, ManifestError};
 use quiesce::image::qemu_img;
 use quiesce::image::seed::{self, DiskSeed, Filesystem, Partitioning};
@@ -398,7 +397,7 @@ fn hostile_images_are_errors_not_panics() {
     let dir = tempfile::tempdir().unwrap();
     let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
     let mut garbage = vec![0u8; 8 << 20];
-    garbage.iter_mut().for_each(|b| *b = rng.next() as u8);
+    garbage.iter_mut().for_each(|b| *b = rng.next_u64() as u8);
 
     // Random bytes: no filesystem and no partition table are recognised; nothing is read.
     let p = dir.path().join("noise.raw");
@@ -465,8 +464,8 @@ fn hostile_images_are_errors_not_panics() {
         // Metadata lives early in a small filesystem: superblock, group descriptors, bitmaps,
         // inode tables, directory blocks.
         for _ in 0..1 + round % 8 {
-            let at = 1024 + (rng.next() as usize) % (1 << 20);
-            d[at] = rng.next() as u8;
+            let at = 1024 + (rng.next_u64() as usize) % (1 << 20);
+            d[at] = rng.next_u64() as u8;
         }
         std::fs::write(&p, &d).unwrap();
         match manifest::read_image(&p, DiskFormat::Raw, &Limits::default()) {
@@ -503,9 +502,12 @@ fn damaged_ntfs_is_an_error_not_a_panic() {
     for round in 0..rounds() {
         let mut d = clean.clone();
         for _ in 0..1 + round % 6 {
-            let at =
-                if round % 3 == 0 { (rng.next() as usize) % 512 } else { mft + (rng.next() as usize) % (128 << 10) };
-            d[at] = rng.next() as u8;
+            let at = if round % 3 == 0 {
+                (rng.next_u64() as usize) % 512
+            } else {
+                mft + (rng.next_u64() as usize) % (128 << 10)
+            };
+            d[at] = rng.next_u64() as u8;
         }
         std::fs::write(&p, &d).unwrap();
         match manifest::read_image(&p, DiskFormat::Raw, &Limits::default()) {

@@ -182,41 +182,21 @@ pub fn sha256_file(path: &Path) -> std::io::Result<(String, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backup::manifest::{DiskEntry, MachineSpec, Method, Timings};
+    use crate::backup::manifest::DiskEntry;
     use crate::qemu::DiskFormat;
 
     fn vm(dir: &Path) -> VmBackup {
         std::fs::write(dir.join("d.raw"), b"disk bytes").unwrap();
         let (sha256, bytes) = sha256_file(&dir.join("d.raw")).unwrap();
-        VmBackup {
-            name: "vm1".into(),
-            method: Method::SavedState,
-            method_reason: "test".into(),
-            conditions: vec![],
-            run_state_before: "running".into(),
-            machine: MachineSpec {
-                machine_type: "q35".into(),
-                accel: crate::qemu::Accel::Tcg,
-                memory_mib: 256,
-                cpus: 1,
-                agent: true,
-                kernel: "boot/vmlinuz".into(),
-                initrd: "boot/initrd.img".into(),
-                append: "".into(),
-                disk_order: vec!["d".into()],
-            },
-            disks: vec![DiskEntry {
-                node_name: "d".into(),
-                format: DiskFormat::Raw,
-                virtual_size: 10,
-                file: "d.raw".into(),
-                bytes,
-                sha256,
-            }],
-            state: None,
-            excluded: vec![],
-            timings: Timings::default(),
-        }
+        let d = DiskEntry {
+            node_name: "d".into(),
+            format: DiskFormat::Raw,
+            virtual_size: 10,
+            file: "d.raw".into(),
+            bytes,
+            sha256,
+        };
+        crate::backup::manifest::sample_vm(vec![d])
     }
 
     #[test]

@@ -116,3 +116,31 @@ pub struct Timings {
     #[serde(default)]
     pub merge_ms: Option<f64>,
 }
+
+/// A backup of VM "vm1" (Saved State of a running q35 TCG guest) with these disks, for
+/// unit tests that need a manifest to work on.
+#[cfg(test)]
+pub(crate) fn sample_vm(disks: Vec<DiskEntry>) -> VmBackup {
+    VmBackup {
+        name: "vm1".into(),
+        method: Method::SavedState,
+        method_reason: "test".into(),
+        conditions: vec![],
+        run_state_before: "running".into(),
+        machine: MachineSpec {
+            machine_type: "q35".into(),
+            accel: crate::qemu::Accel::Tcg,
+            memory_mib: 256,
+            cpus: 1,
+            agent: true,
+            kernel: "boot/vmlinuz".into(),
+            initrd: "boot/initrd.img".into(),
+            append: "".into(),
+            disk_order: disks.iter().map(|d| d.node_name.clone()).collect(),
+        },
+        disks,
+        state: None,
+        excluded: vec![],
+        timings: Timings::default(),
+    }
+}

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use super::rng::XorShift;
 use super::saved_state::{filesystem_of, median};
 use crate::image::manifest::{self, Limits, Manifest, ManifestError};
 use crate::qemu::DiskFormat;
@@ -49,18 +50,6 @@ pub enum DiskBenchError {
     Check(String),
     #[error("interrupted; the benchmark's files have been removed")]
     Interrupted,
-}
-
-/// A tiny deterministic generator: the same files every run, and data nothing compresses.
-pub(super) struct XorShift(pub u64);
-
-impl XorShift {
-    pub fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
 }
 
 /// Which files fill the disk.
@@ -103,13 +92,13 @@ fn fill_folder(root: &Path, fill: Fill) -> Result<Filled, DiskBenchError> {
     while bytes < target {
         let size = match fill {
             Fill::LargeFiles if n % 50 == 0 => 16 << 20,
-            Fill::LargeFiles => 4096 + (rng.next() % (256 << 10)) as usize,
+            Fill::LargeFiles => 4096 + (rng.next_u64() % (256 << 10)) as usize,
             Fill::ManySmallFiles if n % 1000 == 0 => 8 << 20,
-            Fill::ManySmallFiles => 64 + (rng.next() % (16 << 10)) as usize,
+            Fill::ManySmallFiles => 64 + (rng.next_u64() % (16 << 10)) as usize,
         };
         let d = root.join(format!("d{}", n % dirs));
         std::fs::create_dir_all(&d).map_err(werr(&d))?;
-        let data: Vec<u8> = (0..size / 8).flat_map(|_| rng.next().to_le_bytes()).collect();
+        let data: Vec<u8> = (0..size / 8).flat_map(|_| rng.next_u64().to_le_bytes()).collect();
         let f = d.join(format!("f{n}"));
         std::fs::write(&f, &data).map_err(werr(&f))?;
         bytes += data.len() as u64;

@@ -7,4 +7,5 @@ pub mod fill;
 pub mod freeze;
 pub mod libvirt;
 pub mod manifest;
+pub mod rng;
 pub mod saved_state;

@@ -245,7 +245,7 @@ pub enum Expect {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RestoreSpec {
-    pub checks: Vec<Check>,
+    pub checks: Spanned<Vec<Check>>,
     /// Disks whose file manifests are compared with the backup point and kept in the
     /// fixture (with `manifest-matches-backup`).
     #[serde(default, rename = "manifest")]
@@ -429,11 +429,26 @@ fn check(f: &ScenarioFile) -> Result<(), (Range<usize>, String)> {
                 return Err((m.get_ref().disk.span(), format!("no VM has a disk {disk:?}")));
             }
         }
-        if !r.manifests.is_empty() && !r.checks.contains(&Check::ManifestMatchesBackup) {
+        if !r.manifests.is_empty() && !r.checks.get_ref().contains(&Check::ManifestMatchesBackup) {
             return Err((
                 r.manifests[0].span(),
                 "[[restore.manifest]] needs the check \"manifest-matches-backup\"".into(),
             ));
+        }
+        // Without something to compare or to corrupt, these would pass having checked nothing.
+        if r.manifests.is_empty() && r.checks.get_ref().contains(&Check::ManifestMatchesBackup) {
+            let msg = "the check \"manifest-matches-backup\" needs a [[restore.manifest]] naming a disk to compare";
+            return Err((r.checks.span(), msg.into()));
+        }
+        let corrupts = f.faults.iter().any(|x| x.get_ref().kind.on_restored_file());
+        if r.expect == RestoreExpect::Mismatch && !corrupts {
+            let msg =
+                "expect = \"mismatch\" needs a fault on a restored file (flip-byte-in-restore, truncate-in-restore)";
+            return Err((r.checks.span(), msg.into()));
+        }
+        if corrupts && r.expect != RestoreExpect::Mismatch {
+            let msg = "a fault on a restored file makes the restore differ: set expect = \"mismatch\"";
+            return Err((r.checks.span(), msg.into()));
         }
     }
     if let Some(rb) = &f.rollback {
@@ -561,10 +576,9 @@ fn check(f: &ScenarioFile) -> Result<(), (Range<usize>, String)> {
         }
         if vm.agent == AgentState::Stopped {
             let guest_side = vm.workload.counter || vm.workload.journal.is_some() || vm.workload.app.is_some();
-            let guest_checks = f
-                .restore
-                .as_ref()
-                .is_some_and(|r| r.checks.iter().any(|c| *c != Check::DisksMatchBackup && *c != Check::FsckClean));
+            let guest_checks = f.restore.as_ref().is_some_and(|r| {
+                r.checks.get_ref().iter().any(|c| *c != Check::DisksMatchBackup && *c != Check::FsckClean)
+            });
             if guest_side || guest_checks {
                 return Err((vm.name.span(), format!("VM {name} has agent = \"stopped\", so it can have no workload and only disks-match-backup and fsck-clean checks")));
             }
@@ -672,13 +686,16 @@ checks = ["same-boot", "files-match-seed"]
 
     #[test]
     fn faults_on_restored_files_need_a_disk_and_an_absolute_path() {
-        let flip = |extra: &str| format!("{GOOD}\n[[fault]]\nvm = \"vm1\"\nkind = \"flip-byte-in-restore\"\n{extra}");
+        let fault = "\n[[fault]]\nvm = \"vm1\"\nkind = \"flip-byte-in-restore\"\n";
+        let flip = |extra: &str| format!("{GOOD}expect = \"mismatch\"\n{fault}{extra}");
         let ok = parse(Path::new("scenarios/x.toml"), &flip("disk = \"data\"\npath = \"/hello.txt\"\n")).unwrap();
         assert_eq!(ok.file.faults[0].get_ref().kind, FaultKind::FlipByteInRestore);
+        let e = err(&format!("{GOOD}{fault}disk = \"data\"\npath = \"/hello.txt\"\n"));
+        assert!(e.message.contains("set expect = \"mismatch\""), "{e}");
         let e = err(&flip("disk = \"data\"\n"));
         assert!(e.message.contains("needs disk"), "{e}");
         let e = err(&flip("disk = \"data\"\npath = \"hello.txt\"\n"));
-        assert!(e.message.contains("absolute path") && e.line == 26, "{e}");
+        assert!(e.message.contains("absolute path") && e.line == 27, "{e}");
         let e = err(&flip("disk = \"nope\"\npath = \"/x\"\n"));
         assert!(e.message.contains("\"nope\" is not a data disk"), "{e}");
         let e = err(&format!("{GOOD}\n[[fault]]\nvm = \"vm1\"\nkind = \"save-fails\"\npath = \"/x\"\n"));
@@ -690,6 +707,10 @@ checks = ["same-boot", "files-match-seed"]
         let with = |extra: &str| GOOD.replace("checks = [\"same-boot\", \"files-match-seed\"]", extra);
         let e = err(&with("checks = [\"same-boot\"]\n[[restore.manifest]]\ndisk = \"data\""));
         assert!(e.message.contains("needs the check \"manifest-matches-backup\""), "{e}");
+        let e = err(&with("checks = [\"manifest-matches-backup\"]"));
+        assert!(e.message.contains("needs a [[restore.manifest]]") && e.line == 20, "{e}");
+        let e = err(&with("checks = [\"same-boot\"]\nexpect = \"mismatch\""));
+        assert!(e.message.contains("needs a fault on a restored file"), "{e}");
         let e = err(&with("checks = [\"manifest-matches-backup\"]\n[[restore.manifest]]\ndisk = \"logs\""));
         assert!(e.message.contains("no VM has a disk \"logs\"") && e.line == 22, "{e}");
         let two = GOOD

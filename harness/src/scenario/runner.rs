@@ -527,7 +527,7 @@ async fn prepare_vm(
     if spec.state == VmState::Paused {
         pause(&guest.machine).await?;
     }
-    let wants_token = s.file.restore.as_ref().is_some_and(|r| r.checks.contains(&Check::RootFromBackup));
+    let wants_token = s.file.restore.as_ref().is_some_and(|r| r.checks.get_ref().contains(&Check::RootFromBackup));
     let root_token = if wants_token {
         let token = format!("{}-{}", name, boot_id.as_deref().unwrap_or("?"));
         crate::qemu::exec::sh(agent, &format!("echo {token} > {ROOT_TOKEN} && sync"), T)
@@ -621,7 +621,7 @@ async fn restore_and_check(
     tl: &Timeline,
     report: &mut Report,
 ) -> Result<(), RunError> {
-    let checks = &rspec.checks[..];
+    let checks = &rspec.checks.get_ref()[..];
     let name = vm.name().to_owned();
     let vb = backup.vm(&name).ok_or_else(|| RunError(format!("the backup has no VM {name}")))?.clone();
     let mut ro = RestoreOptions::named(&format!("{name}-restored"));

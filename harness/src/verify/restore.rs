@@ -450,7 +450,7 @@ mod tests {
     use std::os::unix::fs::{FileExt, MetadataExt};
 
     use super::*;
-    use crate::backup::manifest::{DiskEntry, MachineSpec, Timings};
+    use crate::backup::manifest::DiskEntry;
     use crate::qemu::Accel;
 
     fn entry(node: &str, format: DiskFormat) -> DiskEntry {
@@ -461,31 +461,6 @@ mod tests {
             file: format!("{node}.{}", format.extension()),
             bytes: 0,
             sha256: String::new(),
-        }
-    }
-
-    fn backup_of(disks: Vec<DiskEntry>) -> VmBackup {
-        VmBackup {
-            name: "vm1".into(),
-            method: Method::SavedState,
-            method_reason: "test".into(),
-            conditions: vec![],
-            run_state_before: "running".into(),
-            machine: MachineSpec {
-                machine_type: "q35".into(),
-                accel: Accel::Tcg,
-                memory_mib: 256,
-                cpus: 1,
-                agent: true,
-                kernel: "boot/vmlinuz".into(),
-                initrd: "boot/initrd.img".into(),
-                append: "".into(),
-                disk_order: disks.iter().map(|d| d.node_name.clone()).collect(),
-            },
-            disks,
-            state: None,
-            excluded: vec![],
-            timings: Timings::default(),
         }
     }
 
@@ -513,7 +488,8 @@ mod tests {
 
     #[test]
     fn in_place_targets_are_checked_before_anything_is_written() {
-        let vb = backup_of(vec![entry("root", DiskFormat::Qcow2), entry("data", DiskFormat::Vhdx)]);
+        let vb =
+            crate::backup::manifest::sample_vm(vec![entry("root", DiskFormat::Qcow2), entry("data", DiskFormat::Vhdx)]);
         // The VM's own disks, in the backup's order, whatever the VM's order.
         let t = target(&[("data", DiskFormat::Vhdx), ("root", DiskFormat::Qcow2), ("scratch", DiskFormat::Raw)]);
         let got = in_place_disks(&vb, &t, true).unwrap();

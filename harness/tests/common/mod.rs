@@ -41,15 +41,3 @@ pub async fn boot_with(opts: GuestOptions) -> TestGuest {
 pub fn process_exists(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
-
-/// A tiny deterministic generator (xorshift64), so a failing case can be replayed.
-pub struct XorShift(pub u64);
-
-impl XorShift {
-    pub fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}

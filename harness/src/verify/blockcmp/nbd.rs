@@ -353,11 +353,7 @@ impl Client {
                 }
                 Ok(n) => got += n,
                 // A timeout shows as WouldBlock on Linux; the loop then checks the deadline.
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) => {}
+                Err(e) if retryable(&e) => {}
                 Err(e) => return Err(e),
             }
         }
@@ -379,16 +375,18 @@ impl Client {
             match self.sock.write(&buf[sent..]) {
                 Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "the server stopped reading")),
                 Ok(n) => sent += n,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) => {}
+                Err(e) if retryable(&e) => {}
                 Err(e) => return Err(e),
             }
         }
         Ok(())
     }
+}
+
+/// A socket error after which the loop goes on (and checks its deadline): a signal, or a
+/// socket timeout, which shows as WouldBlock on Linux.
+fn retryable(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
 }
 
 /// One request header.
