@@ -38,3 +38,19 @@ async fn fsinfo_reports_the_root_disk_by_its_serial() {
     assert_eq!(root["type"], "ext4");
     assert_eq!(root["disk"][0]["serial"], "root", "{root}");
 }
+
+/// A caller that drops a command after it was sent (as an interrupted job does) must not
+/// shift the replies: the late answer to the dropped thaw is not taken for the status.
+#[tokio::test]
+async fn a_dropped_command_does_not_shift_the_replies() {
+    let guest = common::boot("agent-dropped").await;
+    let agent = guest.machine.agent().unwrap();
+    agent.execute(guest_info {}).await.unwrap();
+    // A zero timeout polls the command once, which sends it, then drops it unanswered.
+    let dropped = tokio::time::timeout(Duration::ZERO, agent.execute(guest_fsfreeze_thaw {})).await;
+    assert!(dropped.is_err(), "the thaw was answered before it was dropped: {dropped:?}");
+    let status = agent.execute(guest_fsfreeze_status {}).await.unwrap();
+    assert!(matches!(status, GuestFsfreezeStatus::thawed));
+    let info = agent.execute(guest_info {}).await.unwrap();
+    assert!(info.version.starts_with("10."));
+}

@@ -1,8 +1,10 @@
-//! A qemu-guest-agent client. The agent answers one request at a time and has no ids, so
-//! after a timeout a late reply could be taken for the answer to the next request. The
-//! client therefore resynchronises with `guest-sync-delimited` (0xFF-framed, with a fresh
-//! id) before the first command and after any timeout or garbage. The guest is untrusted:
-//! lines are bounded and every reply is parsed without panics.
+//! A qemu-guest-agent client. The agent answers one request at a time, and older agents
+//! do not echo ids, so after a timeout or a cancelled command a late reply could be taken
+//! for the answer to the next request. The client therefore resynchronises with
+//! `guest-sync-delimited` (0xFF-framed, with a fresh id) before the first command and
+//! whenever a command did not end with its own reply: a timeout, garbage, or a caller that
+//! dropped the future mid-flight. The guest is untrusted: lines are bounded and every reply
+//! is parsed without panics.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -122,19 +124,16 @@ impl GuestAgent {
     pub async fn execute_raw(&self, command: &str, arguments: Value, timeout: Duration) -> Result<Value, AgentError> {
         let deadline = Instant::now() + timeout;
         let mut chan = self.chan.lock().await;
-        let result = async {
-            if !chan.in_sync {
-                self.sync(&mut chan, timeout).await?;
-            }
-            self.send(&mut chan, command, &arguments).await?;
-            self.read_reply(&mut chan, command, deadline, timeout).await
+        if !chan.in_sync {
+            self.sync(&mut chan, timeout).await?;
         }
-        .await;
-        if let Err(e) = &result {
-            if e.desyncs() {
-                chan.in_sync = false;
-            }
-        }
+        // Out of step until our reply is read: if this future is dropped after the send (an
+        // interrupted job), the next command resyncs instead of taking this reply as its own.
+        chan.in_sync = false;
+        let id = self.next_sync_id.fetch_add(1, Ordering::Relaxed);
+        self.send(&mut chan, command, &arguments, Some(id)).await?;
+        let result = self.read_reply(&mut chan, command, id, deadline, timeout).await;
+        chan.in_sync = !result.as_ref().is_err_and(AgentError::desyncs);
         result
     }
 
@@ -146,11 +145,20 @@ impl GuestAgent {
         }
         // Any error reply would arrive unasked-for later, so resync before the next command.
         chan.in_sync = false;
-        self.send(&mut chan, command, &arguments).await
+        self.send(&mut chan, command, &arguments, None).await
     }
 
-    async fn send(&self, chan: &mut Channel, command: &str, arguments: &Value) -> Result<(), AgentError> {
+    async fn send(
+        &self,
+        chan: &mut Channel,
+        command: &str,
+        arguments: &Value,
+        id: Option<u64>,
+    ) -> Result<(), AgentError> {
         let mut msg = json!({ "execute": command });
+        if let Some(id) = id {
+            msg["id"] = json!(id);
+        }
         if !arguments.is_null() && arguments != &json!({}) {
             msg["arguments"] = arguments.clone();
         }
@@ -165,9 +173,28 @@ impl GuestAgent {
         &self,
         chan: &mut Channel,
         command: &str,
+        id: u64,
         deadline: Instant,
         timeout: Duration,
     ) -> Result<Value, AgentError> {
+        loop {
+            match self.read_one(chan, command, id, deadline, timeout).await? {
+                Some(value) => return Ok(value),
+                None => continue,
+            }
+        }
+    }
+
+    /// One frame: our reply, `None` for a stale reply that names another request's id (an
+    /// agent that echoes ids lets us skip it), or an error.
+    async fn read_one(
+        &self,
+        chan: &mut Channel,
+        command: &str,
+        id: u64,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<Option<Value>, AgentError> {
         let frame = match tokio::time::timeout_at(deadline, chan.lines.next_frame()).await {
             Err(_) => return Err(AgentError::Timeout { command: command.to_owned(), waited: timeout }),
             Ok(Err(e)) => return Err(e.into()),
@@ -190,8 +217,13 @@ impl GuestAgent {
             Frame::Line(l) => l,
         };
         self.transcript.record("qga", "<-", &line);
+        let ours = |reply_id: &Option<Value>| reply_id.as_ref().is_none_or(|r| r.as_u64() == Some(id));
         match message::parse(&line) {
-            Message::Return { value, .. } => Ok(value),
+            Message::Return { id, .. } | Message::Error { id, .. } if !ours(&id) => {
+                self.transcript.note("qga", "skipped a late reply to an earlier request");
+                Ok(None)
+            }
+            Message::Return { value, .. } => Ok(Some(value)),
             Message::Error { class, desc, .. } => Err(AgentError::Command { command: command.to_owned(), class, desc }),
             Message::Unknown { text, why } => Err(AgentError::Malformed { command: command.to_owned(), why, text }),
             Message::Event { .. } | Message::Greeting(_) => Err(AgentError::Malformed {
