@@ -19,7 +19,8 @@ fi
 echo "==> quiesce doctor"
 cargo run --locked -q -p quiesce -- doctor
 echo "==> cargo test"
-cargo test --workspace --locked
+# --no-fail-fast: a red run should show every failing test binary, not only the first.
+cargo test --workspace --locked --no-fail-fast
 
 left=$(pgrep -a qemu-system || true)
 if [ -n "$left" ]; then
