@@ -169,6 +169,8 @@ impl GuestAgent {
         Ok(())
     }
 
+    /// Reads up to our reply. A reply naming another request's id is a late answer to an
+    /// earlier, dropped request (an agent that echoes ids lets us tell), and is skipped.
     async fn read_reply(
         &self,
         chan: &mut Channel,
@@ -177,60 +179,46 @@ impl GuestAgent {
         deadline: Instant,
         timeout: Duration,
     ) -> Result<Value, AgentError> {
-        loop {
-            match self.read_one(chan, command, id, deadline, timeout).await? {
-                Some(value) => return Ok(value),
-                None => continue,
-            }
-        }
-    }
-
-    /// One frame: our reply, `None` for a stale reply that names another request's id (an
-    /// agent that echoes ids lets us skip it), or an error.
-    async fn read_one(
-        &self,
-        chan: &mut Channel,
-        command: &str,
-        id: u64,
-        deadline: Instant,
-        timeout: Duration,
-    ) -> Result<Option<Value>, AgentError> {
-        let frame = match tokio::time::timeout_at(deadline, chan.lines.next_frame()).await {
-            Err(_) => return Err(AgentError::Timeout { command: command.to_owned(), waited: timeout }),
-            Ok(Err(e)) => return Err(e.into()),
-            Ok(Ok(None)) => return Err(AgentError::Disconnected { command: command.to_owned() }),
-            Ok(Ok(Some(f))) => f,
-        };
-        let line = match frame {
-            // A late sync reply's sentinel: the line after it is not ours either, and only a
-            // resync can tell what is, so the caller sees an error and the stream resyncs.
-            Frame::Delimiter => {
-                return Err(AgentError::Malformed {
-                    command: command.to_owned(),
-                    why: "unexpected 0xFF delimiter",
-                    text: String::new(),
-                })
-            }
-            Frame::TooLong { len } => {
-                return Err(AgentError::ReplyTooLong { command: command.to_owned(), len, max: self.max_reply })
-            }
-            Frame::Line(l) => l,
-        };
-        self.transcript.record("qga", "<-", &line);
         let ours = |reply_id: &Option<Value>| reply_id.as_ref().is_none_or(|r| r.as_u64() == Some(id));
-        match message::parse(&line) {
-            Message::Return { id, .. } | Message::Error { id, .. } if !ours(&id) => {
-                self.transcript.note("qga", "skipped a late reply to an earlier request");
-                Ok(None)
-            }
-            Message::Return { value, .. } => Ok(Some(value)),
-            Message::Error { class, desc, .. } => Err(AgentError::Command { command: command.to_owned(), class, desc }),
-            Message::Unknown { text, why } => Err(AgentError::Malformed { command: command.to_owned(), why, text }),
-            Message::Event { .. } | Message::Greeting(_) => Err(AgentError::Malformed {
-                command: command.to_owned(),
-                why: "an event or greeting where a reply belongs",
-                text: message::snippet(&line),
-            }),
+        loop {
+            let frame = match tokio::time::timeout_at(deadline, chan.lines.next_frame()).await {
+                Err(_) => return Err(AgentError::Timeout { command: command.to_owned(), waited: timeout }),
+                Ok(Err(e)) => return Err(e.into()),
+                Ok(Ok(None)) => return Err(AgentError::Disconnected { command: command.to_owned() }),
+                Ok(Ok(Some(f))) => f,
+            };
+            let line = match frame {
+                // A late sync reply's sentinel: the line after it is not ours either, and only
+                // a resync can tell what is, so the caller sees an error and the stream resyncs.
+                Frame::Delimiter => {
+                    return Err(AgentError::Malformed {
+                        command: command.to_owned(),
+                        why: "unexpected 0xFF delimiter",
+                        text: String::new(),
+                    })
+                }
+                Frame::TooLong { len } => {
+                    return Err(AgentError::ReplyTooLong { command: command.to_owned(), len, max: self.max_reply })
+                }
+                Frame::Line(l) => l,
+            };
+            self.transcript.record("qga", "<-", &line);
+            return match message::parse(&line) {
+                Message::Return { id, .. } | Message::Error { id, .. } if !ours(&id) => {
+                    self.transcript.note("qga", "skipped a late reply to an earlier request");
+                    continue;
+                }
+                Message::Return { value, .. } => Ok(value),
+                Message::Error { class, desc, .. } => {
+                    Err(AgentError::Command { command: command.to_owned(), class, desc })
+                }
+                Message::Unknown { text, why } => Err(AgentError::Malformed { command: command.to_owned(), why, text }),
+                Message::Event { .. } | Message::Greeting(_) => Err(AgentError::Malformed {
+                    command: command.to_owned(),
+                    why: "an event or greeting where a reply belongs",
+                    text: message::snippet(&line),
+                }),
+            };
         }
     }
 

@@ -55,6 +55,24 @@ async fn agent_resync_discards_stale_replies_and_garbage() {
 }
 
 #[tokio::test]
+async fn agent_skips_a_reply_that_names_another_request() {
+    let (a, b) = UnixStream::pair().unwrap();
+    let (_d, t) = transcript();
+    let agent = GuestAgent::new(a, t);
+    let mut peer = BufReader::new(b);
+    let server = async {
+        answer_sync(&mut peer, b"").await;
+        let req = request(&mut peer).await;
+        let id = req["id"].as_u64().expect("commands carry an id");
+        let stale = format!("{{\"return\": 0, \"id\": {}}}\n{{\"return\": \"thawed\", \"id\": {id}}}\n", id + 7);
+        peer.get_mut().write_all(stale.as_bytes()).await.unwrap();
+    };
+    let client = agent.execute_raw("guest-fsfreeze-status", Value::Null, Duration::from_secs(5));
+    let (_, got) = tokio::join!(server, client);
+    assert_eq!(got.unwrap(), json!("thawed"));
+}
+
+#[tokio::test]
 async fn agent_over_long_reply_is_refused_then_recovered() {
     let (a, b) = UnixStream::pair().unwrap();
     let (_d, t) = transcript();
