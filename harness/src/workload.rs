@@ -131,12 +131,21 @@ impl JournalCheck {
     pub fn intact(&self) -> bool {
         self.first_break.is_none() && self.lines > 0
     }
+
+    /// How many of the first `before` lines (those written before a job) were not read back
+    /// in place: missing at the end, or at or after the first break.
+    pub fn lost_of(&self, before: u64) -> u64 {
+        let good = self.first_break.as_ref().map_or(self.lines, |(at, _)| at.saturating_sub(1));
+        before.saturating_sub(good.min(self.lines))
+    }
 }
 
+/// Reads the journal back from the disk, not from the guest's page cache: after a sync the
+/// caches are dropped, so a write that is not on the VM's current disks cannot be seen.
 pub async fn check_journal(agent: &GuestAgent, path: &str) -> Result<JournalCheck, ExecError> {
     // The check runs in the guest: only its verdict crosses the agent, not the file.
     let script = format!(
-        "awk 'BEGIN{{b=\"\"}} {{ if (b == \"\" && $0 != NR) b = NR \" \" $0 }} END {{ print NR; print b }}' {path}"
+        "sync && echo 3 > /proc/sys/vm/drop_caches && awk 'BEGIN{{b=\"\"}} {{ if (b == \"\" && $0 != NR) b = NR \" \" $0 }} END {{ print NR; print b }}' {path}"
     );
     let out = exec::sh(agent, &script, T).await?;
     Ok(parse_journal_verdict(&out))
@@ -162,5 +171,16 @@ mod tests {
         assert!(parse_journal_verdict("120\n").intact());
         assert_eq!(parse_journal_verdict("9\n5 7\n").first_break, Some((5, "7".into())));
         assert!(!parse_journal_verdict("").intact());
+    }
+
+    #[test]
+    fn lines_lost_count_what_was_there_before() {
+        let whole = parse_journal_verdict("120\n\n");
+        assert_eq!(whole.lost_of(100), 0);
+        assert_eq!(whole.lost_of(130), 10, "the disk ends before the last line written");
+        let broken = parse_journal_verdict("150\n91 7\n");
+        assert_eq!(broken.lost_of(100), 10, "lines 91..=100 are not in place");
+        assert_eq!(broken.lost_of(50), 0, "a break after the job's start loses nothing from before it");
+        assert_eq!(parse_journal_verdict("").lost_of(5), 5);
     }
 }

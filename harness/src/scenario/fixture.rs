@@ -40,6 +40,10 @@ pub struct VmFixture {
     pub backup_disks: Vec<String>,
     pub state_after_restore: Option<String>,
     pub checks: BTreeMap<String, bool>,
+    /// Journal lines written before the job and missing after it (the other counts depend
+    /// on timing and stay in the JSON report).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub journal_lines_lost: Option<u64>,
 }
 
 pub fn of(report: &Report) -> Fixture {
@@ -66,6 +70,7 @@ pub fn of(report: &Report) -> Fixture {
                 .filter(|c| c.vm == v.name || c.vm == "*")
                 .map(|c| (c.check.clone(), c.passed))
                 .collect(),
+            journal_lines_lost: v.journal.as_ref().map(|j| j.lost),
         })
         .collect();
     let mut steps: BTreeMap<String, Vec<String>> = BTreeMap::new();

@@ -42,6 +42,17 @@ pub struct VmReport {
     /// The disks as the backup holds them (format as stored: qcow2, raw, vpc, vhdx).
     pub backup_disks: Vec<DiskReport>,
     pub timings: Option<Timings>,
+    /// The journal workload read back from disk after the job.
+    pub journal: Option<JournalReport>,
+}
+
+/// Journal lines: on disk just before the job (none when the guest could not be asked),
+/// read back from disk afterwards, and how many of the former were missing.
+#[derive(Debug, Clone, Serialize)]
+pub struct JournalReport {
+    pub before_job: Option<u64>,
+    pub read_back: u64,
+    pub lost: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]

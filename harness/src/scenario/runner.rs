@@ -11,7 +11,7 @@ use super::format::{
     AgentState, Attach, Check, Expect, FaultKind, FaultSpec, Filesystem, MethodChoice, RestoreExpect, RestoreSpec,
     Scenario, VmSpec, VmState,
 };
-use super::report::{DiskReport, Report, RestoreReport, VmReport};
+use super::report::{DiskReport, JournalReport, Report, RestoreReport, VmReport};
 use crate::backup::child_snapshot::SnapshotSettings;
 use crate::backup::job::Choice;
 use crate::backup::saved_state::SaveSettings;
@@ -52,6 +52,8 @@ pub(super) struct Vm {
     pub(super) boot_id: Option<String>,
     pub(super) counter_before: Option<u64>,
     pub(super) journal: Option<String>,
+    /// Journal lines on disk just before the job: all must be there afterwards.
+    pub(super) journal_before: Option<u64>,
     pub(super) app: Option<String>,
     /// Written to the root disk before the backup, for `root-from-backup`.
     pub(super) root_token: Option<String>,
@@ -135,6 +137,7 @@ async fn run_inner(
                 .collect(),
             backup_disks: vec![],
             timings: None,
+            journal: None,
         });
         vms.push(vm);
     }
@@ -158,6 +161,9 @@ async fn run_inner(
             local.trigger();
         })
     });
+    for vm in &mut vms {
+        vm.journal_before = journal_lines_before(vm).await?;
+    }
     let members: Vec<Member> = vms.iter().map(|vm| member(s, vm, s.file.backup.method)).collect();
     for vm in &vms {
         if has_fault(s, vm.name(), FaultKind::AgentHangsInFreeze) {
@@ -425,13 +431,8 @@ async fn nothing_changed(s: &Scenario, vms: &[Vm], backup_path: &Path, report: &
             .map_err(fail("guest-fsfreeze-status"))?;
         report.check(name, "guest-thawed", status == "thawed", format!("guest-fsfreeze-status: {status}"));
         if let Some(path) = &vm.journal {
-            let j = workload::check_journal(agent, path).await.map_err(gfail("checking the journal"))?;
-            report.check(
-                name,
-                "nothing-lost",
-                j.intact(),
-                format!("{} journal lines, all in sequence: {}", j.lines, j.intact()),
-            );
+            let (ok, detail) = journal_kept(vm, path, report).await?;
+            report.check(name, "nothing-lost", ok, detail);
         }
         if let Some(dir) = &vm.app {
             let (moves, detail) = app_commits_on(agent, dir).await?;
@@ -537,7 +538,7 @@ async fn prepare_vm(
     } else {
         None
     };
-    Ok(Vm { spec: spec.clone(), guest, dir, boot_id, counter_before, journal, app, root_token })
+    Ok(Vm { spec: spec.clone(), guest, dir, boot_id, counter_before, journal, journal_before: None, app, root_token })
 }
 
 async fn pause(m: &Machine) -> Result<(), RunError> {
@@ -583,15 +584,39 @@ async fn after_backup_checks(vm: &Vm, method: Method, report: &mut Report) -> Re
         );
     }
     if let Some(path) = &vm.journal {
-        let j = workload::check_journal(agent, path).await.map_err(gfail("checking the journal"))?;
-        report.check(
-            &name,
-            "nothing-lost-after-backup",
-            j.intact(),
-            format!("{} lines, first break {:?}", j.lines, j.first_break),
-        );
+        let (ok, detail) = journal_kept(vm, path, report).await?;
+        report.check(&name, "nothing-lost-after-backup", ok, detail);
     }
     Ok(())
+}
+
+/// The journal's lines on disk just before the job, for a VM whose guest can be asked.
+async fn journal_lines_before(vm: &Vm) -> Result<Option<u64>, RunError> {
+    let Some(path) = &vm.journal else { return Ok(None) };
+    if vm.spec.state != VmState::Running || vm.spec.agent == AgentState::Stopped {
+        return Ok(None);
+    }
+    let agent = vm.guest.machine.agent().map_err(fail(vm.name()))?;
+    let j = workload::check_journal(agent, path).await.map_err(gfail("counting the journal before the job"))?;
+    Ok(Some(j.lines))
+}
+
+/// Reads the journal back from the VM's disks after the job: every line written before it
+/// must be there, in sequence, and so must every line written during it (the sequence has
+/// no gap up to the last line read). The count lost goes into the report and the fixture.
+async fn journal_kept(vm: &Vm, path: &str, report: &mut Report) -> Result<(bool, String), RunError> {
+    let agent = vm.guest.machine.agent().map_err(fail(vm.name()))?;
+    let j = workload::check_journal(agent, path).await.map_err(gfail("checking the journal"))?;
+    let before = vm.journal_before.unwrap_or(0);
+    let lost = j.lost_of(before);
+    if let Some(r) = report.vm_mut(vm.name()) {
+        r.journal = Some(JournalReport { before_job: vm.journal_before, read_back: j.lines, lost });
+    }
+    let detail = format!(
+        "{} lines read back from disk ({} written before the job), {lost} lost, first break {:?}",
+        j.lines, before, j.first_break
+    );
+    Ok((j.intact() && lost == 0, detail))
 }
 
 /// True if every disk is back on its own image file and no overlay file is left beside it.
