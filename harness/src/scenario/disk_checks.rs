@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
+use super::format::ManifestSpec;
 use super::report::{ManifestReport, Report};
 use super::runner::{fail, RunError};
 use crate::backup::{Backup, VmBackup};
@@ -15,8 +16,12 @@ use crate::verify::blockcmp;
 pub(super) struct Point {
     pub disk: String,
     pub ignore: Vec<String>,
+    pub redact: Vec<String>,
     pub manifest: Manifest,
 }
+
+/// What a redacted size or hash reads as in a fixture.
+const REDACTED: &str = "[redacted]";
 
 /// The manifest of a disk image, read through QEMU's drivers (off the runtime: it reads
 /// the whole image).
@@ -32,29 +37,35 @@ pub(super) async fn read(path: &Path, format: DiskFormat) -> Result<Manifest, Ru
 pub(super) async fn backup_points(
     backup: &Backup,
     vb: &VmBackup,
-    wanted: &[(String, Vec<String>)],
+    wanted: &[&ManifestSpec],
 ) -> Result<Vec<Point>, RunError> {
     let mut out = Vec::new();
-    for (disk, ignore) in wanted {
+    for spec in wanted {
+        let disk = spec.disk.get_ref();
         let d = vb
             .disks
             .iter()
             .find(|d| &d.node_name == disk)
             .ok_or_else(|| RunError(format!("VM {}: disk {disk} is not in the backup", vb.name)))?;
         let manifest = read(&backup.vm_dir(&vb.name).join(&d.file), d.format).await?;
-        out.push(Point { disk: disk.clone(), ignore: ignore.clone(), manifest });
+        out.push(Point { disk: disk.clone(), ignore: spec.ignore.clone(), redact: spec.redact.clone(), manifest });
     }
     Ok(out)
 }
 
 /// A manifest as fixture lines: each filesystem, then each path it holds that is not
-/// volatile, with type, size, mode and the start of its content hash.
-pub(super) fn lines(m: &Manifest, ignore: &[String]) -> Vec<String> {
+/// ignored, with type, size, mode and the start of its content hash (size, hash and symlink
+/// target redacted for the `redact` paths).
+pub(super) fn lines(m: &Manifest, ignore: &[String], redact: &[String]) -> Vec<String> {
     let mut out = Vec::new();
     for fs in &m.filesystems {
         out.push(format!("{} {} label={:?} uuid={}", manifest::place(fs.partition), fs.kind, fs.label, fs.uuid));
         for e in fs.entries.iter().filter(|e| !manifest::ignored(&e.path, ignore)) {
             let line = match e.kind {
+                EntryKind::File if manifest::ignored(&e.path, redact) => {
+                    format!("{} file {REDACTED} {:04o} {REDACTED}", e.path, e.mode)
+                }
+                EntryKind::Symlink if manifest::ignored(&e.path, redact) => format!("{} -> {REDACTED}", e.path),
                 EntryKind::File => match &e.blake3 {
                     Some(h) => format!("{} file {} {:04o} {}", e.path, e.size, e.mode, &h[..h.len().min(16)]),
                     None => format!("{} file {} {:04o} ({})", e.path, e.size, e.mode, e.note.as_deref().unwrap_or("")),
@@ -94,7 +105,7 @@ pub(super) async fn compare_manifests(
         report.manifests.push(ManifestReport {
             vm: vm.to_owned(),
             disk: p.disk.clone(),
-            entries: lines(&p.manifest, &p.ignore),
+            entries: lines(&p.manifest, &p.ignore, &p.redact),
             differences: differences.clone(),
         });
         all.push((p.disk.clone(), differences));
@@ -151,7 +162,7 @@ mod tests {
             unread: vec![UnreadVolume { partition: Some(2), size: 4096, content: "swap".into() }],
         };
         assert_eq!(
-            lines(&m, &["/journal".into()]),
+            lines(&m, &["/journal".into()], &[]),
             vec![
                 "partition 1 ext4 label=\"data\" uuid=u",
                 "/ dir 0755",
@@ -160,5 +171,7 @@ mod tests {
                 "partition 2 swap (4096 bytes, not read)",
             ]
         );
+        let redacted = lines(&m, &[], &["/journal".into(), "/l".into()]);
+        assert_eq!(redacted[3..5], ["/journal file [redacted] 0644 [redacted]", "/l -> [redacted]"]);
     }
 }

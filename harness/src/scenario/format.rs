@@ -259,11 +259,25 @@ pub struct RestoreSpec {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ManifestSpec {
+    /// The VM whose disk this is; every VM that has the disk when absent.
+    #[serde(default)]
+    pub vm: Option<Spanned<String>>,
     pub disk: Spanned<String>,
     /// Paths left out of the comparison and the fixture: a prefix by whole components
     /// ("/lost+found"), or a glob ("*.log").
     #[serde(default)]
     pub ignore: Vec<String>,
+    /// Paths compared like any other, whose size and content vary from run to run: the
+    /// fixture keeps them with those redacted. Same patterns as `ignore`.
+    #[serde(default)]
+    pub redact: Vec<String>,
+}
+
+impl ManifestSpec {
+    /// Whether this spec applies to the VM named `vm`.
+    pub fn applies_to(&self, vm: &str) -> bool {
+        self.vm.as_ref().is_none_or(|v| v.get_ref() == vm)
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -423,10 +437,20 @@ fn check(f: &ScenarioFile) -> Result<(), (Range<usize>, String)> {
     }
     if let Some(r) = &f.restore {
         for m in &r.manifests {
-            let disk = m.get_ref().disk.get_ref();
+            let m = m.get_ref();
+            let disk = m.disk.get_ref();
             let has = |v: &VmSpec| disk == "root" || v.disks.iter().any(|d| d.get_ref().name.get_ref() == disk);
+            if let Some(vm) = &m.vm {
+                match f.vms.iter().find(|v| v.get_ref().name.get_ref() == vm.get_ref()) {
+                    None => return Err((vm.span(), format!("no VM is named {:?}", vm.get_ref()))),
+                    Some(v) if !has(v.get_ref()) => {
+                        return Err((m.disk.span(), format!("VM {:?} has no disk {disk:?}", vm.get_ref())))
+                    }
+                    Some(_) => {}
+                }
+            }
             if !f.vms.iter().any(|v| has(v.get_ref())) {
-                return Err((m.get_ref().disk.span(), format!("no VM has a disk {disk:?}")));
+                return Err((m.disk.span(), format!("no VM has a disk {disk:?}")));
             }
         }
         if !r.manifests.is_empty() && !r.checks.get_ref().contains(&Check::ManifestMatchesBackup) {
@@ -713,6 +737,12 @@ checks = ["same-boot", "files-match-seed"]
         assert!(e.message.contains("needs a fault on a restored file"), "{e}");
         let e = err(&with("checks = [\"manifest-matches-backup\"]\n[[restore.manifest]]\ndisk = \"logs\""));
         assert!(e.message.contains("no VM has a disk \"logs\"") && e.line == 22, "{e}");
+        let e =
+            err(&with("checks = [\"manifest-matches-backup\"]\n[[restore.manifest]]\nvm = \"vm9\"\ndisk = \"data\""));
+        assert!(e.message.contains("no VM is named \"vm9\"") && e.line == 22, "{e}");
+        let e =
+            err(&with("checks = [\"manifest-matches-backup\"]\n[[restore.manifest]]\nvm = \"vm1\"\ndisk = \"logs\""));
+        assert!(e.message.contains("VM \"vm1\" has no disk \"logs\"") && e.line == 23, "{e}");
         let two = GOOD
             .replace("files = { \"hello.txt\" = \"hello\\n\" }", "files = { \"a.txt\" = \"a\", \"b.txt\" = \"b\" }");
         let rb = |body: &str| format!("{two}\n[rollback]\n{body}");

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use super::disk_checks;
 use super::format::{
-    AgentState, Attach, Check, Expect, FaultKind, FaultSpec, Filesystem, MethodChoice, RestoreExpect, RestoreSpec,
-    Scenario, VmSpec, VmState,
+    AgentState, Attach, Check, Expect, FaultKind, FaultSpec, Filesystem, ManifestSpec, MethodChoice, RestoreExpect,
+    RestoreSpec, Scenario, VmSpec, VmState,
 };
 use super::report::{DiskReport, JournalReport, Report, RestoreReport, VmReport};
 use crate::backup::child_snapshot::SnapshotSettings;
@@ -660,12 +660,12 @@ async fn restore_and_check(
         fsck_backup(backup, &vb, &ext4, report)?;
     }
     // The backup point of each disk whose files the scenario compares.
-    let wanted: Vec<(String, Vec<String>)> = rspec
+    let wanted: Vec<&ManifestSpec> = rspec
         .manifests
         .iter()
         .map(|m| m.get_ref())
+        .filter(|m| m.applies_to(&name))
         .filter(|m| m.disk.get_ref() == "root" || vm.spec.disks.iter().any(|d| d.get_ref().name == m.disk))
-        .map(|m| (m.disk.get_ref().clone(), m.ignore.clone()))
         .collect();
     let points = if checks.contains(&Check::ManifestMatchesBackup) {
         tl.step(Some(&name), "read the backup point's manifests", async {
