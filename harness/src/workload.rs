@@ -44,21 +44,26 @@ pub async fn stop_agent(agent: &GuestAgent, deadline: Duration) -> Result<(), cr
             Duration::from_secs(2),
         )
         .await;
-    let until = tokio::time::Instant::now() + deadline;
-    loop {
-        match agent.execute_raw("guest-ping", serde_json::Value::Null, Duration::from_secs(1)).await {
-            Err(crate::qemu::AgentError::Timeout { .. } | crate::qemu::AgentError::NotResponding { .. }) => {
-                return Ok(())
-            }
-            _ if tokio::time::Instant::now() >= until => {
-                return Err(crate::qemu::AgentError::Timeout {
-                    command: "guest-ping (expected no answer)".into(),
-                    waited: deadline,
-                })
-            }
-            _ => continue,
-        }
-    }
+    agent.wait_silent(deadline).await
+}
+
+/// Where qemu-ga (started with `-t /run/qemu-ga`) marks the guest frozen. It makes the file
+/// after the freeze hook and before FIFREEZE, and removes it on thaw.
+const AGENT_FROZEN_MARK: &str = "/run/qemu-ga/qga.state.isfrozen";
+
+/// Starts a watcher in the guest that stops qemu-ga (SIGSTOP) once the next freeze has been
+/// answered, and lets it go on after `silence`. Answered means: the frozen mark exists and
+/// the agent's main thread is back in poll(2) (syscall 7), which it enters only after the
+/// FIFREEZE calls and the reply. The watcher gives up after a minute without a freeze.
+pub async fn stop_agent_after_next_freeze(agent: &GuestAgent, silence: Duration) -> Result<(), ExecError> {
+    let script = format!(
+        "setsid sh -c 'p=$(cat /run/qemu-ga.pid); n=0; \
+         until [ -e {AGENT_FROZEN_MARK} ] && read s rest < /proc/$p/syscall && [ \"$s\" = 7 ]; do \
+           n=$((n+1)); [ $n -gt 60000 ] && exit 1; usleep 1000; done; \
+         kill -STOP $p; sleep {secs}; kill -CONT $p' </dev/null >/dev/null 2>&1 &",
+        secs = silence.as_secs().max(1)
+    );
+    exec::sh(agent, &script, T).await.map(drop)
 }
 
 /// Starts the guest's transactional app (a VSS-writer analogue) on a mounted data folder.

@@ -41,6 +41,9 @@ pub struct SnapshotSettings {
     pub after_freeze: Option<crate::interrupt::Interrupt>,
     /// Fault injection: send this process SIGINT as soon as the guest is frozen.
     pub sigint_after_freeze: bool,
+    /// Fault injection: the guest stops its agent right after the freeze (a watcher in the
+    /// guest does it); wait until the agent is silent before going on to the snapshot.
+    pub agent_stops_after_freeze: bool,
 }
 
 impl SnapshotSettings {
@@ -55,6 +58,7 @@ impl SnapshotSettings {
             uncreatable_overlay_for: None,
             after_freeze: None,
             sigint_after_freeze: false,
+            agent_stops_after_freeze: false,
         }
     }
 }
@@ -75,12 +79,19 @@ pub struct Undo {
     frozen: bool,
     /// The transaction succeeded: the VM writes to the overlays until they are merged.
     snapshotted: bool,
+    /// A recovery put the VM back from a state that was not clean.
+    recovered: bool,
 }
 
 impl Undo {
     /// True when nothing is left to undo.
     pub fn is_clean(&self) -> bool {
         !self.frozen && !self.snapshotted && self.overlays.is_empty()
+    }
+
+    /// True when a recovery already undid something (thawed, merged or removed overlays).
+    pub fn recovered(&self) -> bool {
+        self.recovered
     }
 }
 
@@ -183,6 +194,10 @@ async fn prepare_inner(
         }
         if settings.sigint_after_freeze {
             let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGINT);
+        }
+        if settings.agent_stops_after_freeze {
+            // Had the fault not fired, the backup succeeds and the scenario says so.
+            let _ = agent.wait_silent(settings.freeze_deadline).await;
         }
         // Let an interruption be seen here, between the freeze and the thaw.
         tokio::task::yield_now().await;
@@ -391,7 +406,12 @@ async fn remove_overlays(m: &Machine, undo: &Mutex<Undo>) -> Result<(), BackupEr
 /// Puts the VM back after an error or an interruption: thaws it, merges whatever was
 /// snapshotted and removes the overlays. Safe to call when nothing needs undoing.
 pub async fn recover(m: &Machine, settings: &SnapshotSettings, undo: &Mutex<Undo>) -> Result<(), BackupError> {
+    let dirty = !lock(undo).is_clean();
     let thawed = thaw(m, settings, undo).await;
     let merged = merge(m, settings, undo).await;
-    thawed.and(merged)
+    let done = thawed.and(merged);
+    if dirty && done.is_ok() {
+        lock(undo).recovered = true;
+    }
+    done
 }

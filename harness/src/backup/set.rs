@@ -35,6 +35,8 @@ pub struct Member<'a> {
     /// Fault injection: send this process a real SIGINT right after the freeze (for the CLI,
     /// whose handler turns it into the interruption).
     pub sigint_after_freeze: bool,
+    /// Fault injection: the guest's agent stops answering right after the freeze.
+    pub agent_stops_after_freeze: bool,
     /// Fault injection: kill this VM's QEMU between PrepareForSnapshot and PostSnapshot.
     pub kill_after_prepare: bool,
 }
@@ -51,7 +53,7 @@ pub struct SetOutcome {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SetError {
-    #[error("VM {vm} failed in {phase}: {error}\nno VM was backed up; {}", undone_text(.undone))]
+    #[error("{phase} failed: {}\nno VM was backed up; {}", naming_vm(vm, error), undone_text(.undone))]
     Failed { vm: String, phase: &'static str, error: Box<BackupError>, undone: Vec<(String, String)> },
     #[error("interrupted in {phase}; no VM was backed up; {}", undone_text(.undone))]
     Interrupted { phase: &'static str, undone: Vec<(String, String)> },
@@ -69,9 +71,17 @@ fn undone_text(undone: &[(String, String)]) -> String {
     format!("undone: {}", parts.join("; "))
 }
 
+/// The error, led by its VM's name unless it names it already.
+fn naming_vm(vm: &str, error: &BackupError) -> String {
+    match error {
+        BackupError::Folder(_) => format!("VM {vm}: {error}"),
+        _ => error.to_string(),
+    }
+}
+
 /// The first VM to fail in a phase.
 #[derive(Debug, thiserror::Error)]
-#[error("VM {vm}: {error}")]
+#[error("{}", naming_vm(vm, error))]
 struct VmFailure {
     vm: String,
     error: BackupError,
@@ -255,6 +265,7 @@ async fn prepare_one(
                 settings.after_freeze = Some(interrupt.clone());
             }
             settings.sigint_after_freeze = s.member.sigint_after_freeze;
+            settings.agent_stops_after_freeze = s.member.agent_stops_after_freeze;
             Prepared::Snap(child_snapshot::prepare(m, &settings, tl, &s.undo).await?)
         }
     };
@@ -316,8 +327,12 @@ async fn undo_all(slots: &[Slot<'_>], caps: &Capabilities, tl: &Timeline) -> Vec
     let results = join_all(slots.iter().map(|s| async move {
         let m = s.member.machine;
         let name = m.name().to_owned();
-        let had_snapshot = !s.undo.lock().unwrap_or_else(|e| e.into_inner()).is_clean();
+        let (had_snapshot, undid_itself) = {
+            let u = s.undo.lock().unwrap_or_else(|e| e.into_inner());
+            (!u.is_clean(), u.recovered())
+        };
         let r = async {
+            let mut done = Vec::new();
             if had_snapshot {
                 tl.step(
                     Some(m.name()),
@@ -325,14 +340,18 @@ async fn undo_all(slots: &[Slot<'_>], caps: &Capabilities, tl: &Timeline) -> Vec
                     child_snapshot::recover(m, &s.member.snapshot, &s.undo),
                 )
                 .await?;
+                done.push("thawed, merged and overlays removed");
+            } else if undid_itself {
+                done.push("thawed, merged and overlays removed by its own undo");
             }
             let now = runstate::query(m).await.map_err(|e| BackupError::step(m.name(), "query-status", e))?;
             if now.running != s.before.running
                 || !runstate::inactive_nodes(m).await.map(|v| v.is_empty()).unwrap_or(true)
             {
                 saved_state::undo(m, caps, &s.before, tl).await?;
+                done.push("back from the saved state");
             }
-            Ok::<_, BackupError>(if had_snapshot { "thawed, merged and overlays removed" } else { "as before" })
+            Ok::<_, BackupError>(if done.is_empty() { "as before".to_owned() } else { done.join(", ") })
         }
         .await;
         (

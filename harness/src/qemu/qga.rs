@@ -137,6 +137,24 @@ impl GuestAgent {
         result
     }
 
+    /// Waits until a `guest-ping` goes unanswered for a second: the agent was stopped or hangs.
+    /// Errors if it still answers at `deadline`.
+    pub async fn wait_silent(&self, deadline: Duration) -> Result<(), AgentError> {
+        let until = Instant::now() + deadline;
+        loop {
+            match self.execute_raw("guest-ping", Value::Null, Duration::from_secs(1)).await {
+                Err(AgentError::Timeout { .. } | AgentError::NotResponding { .. }) => return Ok(()),
+                _ if Instant::now() >= until => {
+                    return Err(AgentError::Timeout {
+                        command: "guest-ping (expected no answer)".into(),
+                        waited: deadline,
+                    })
+                }
+                _ => continue,
+            }
+        }
+    }
+
     /// Sends a command that gives no reply when it succeeds (guest-shutdown, guest-suspend-*).
     pub async fn execute_no_reply(&self, command: &str, arguments: Value, timeout: Duration) -> Result<(), AgentError> {
         let mut chan = self.chan.lock().await;

@@ -81,6 +81,9 @@ pub enum FaultKind {
     /// A freeze hook in the guest fails (a VSS writer's veto): guest-fsfreeze-freeze
     /// returns the agent's error.
     AgentFreezeFails,
+    /// The guest agent stops answering right after it froze the guest (SIGSTOP from inside
+    /// the guest), for longer than the thaw may wait: the thaw times out.
+    AgentStopsAfterFreeze,
     /// One byte of a file's data is flipped in the restored disk, under the filesystem
     /// (`disk` and `path` name the file). The verification must name it.
     FlipByteInRestore,

@@ -176,6 +176,15 @@ async fn run_inner(
                 "[ \"$1\" = freeze ] || exit 0\necho \"quiesce fault: this writer vetoes the freeze\" >&2\nexit 1";
             install_hook(vm, "zz-quiesce-veto", veto).await?;
         }
+        if has_fault(s, vm.name(), FaultKind::AgentStopsAfterFreeze) {
+            // Silent for longer than the thaw may wait, so the thaw times out; the undo's
+            // own wait outlasts it.
+            let silence = SnapshotSettings::new(&vm.dir).thaw_deadline + Duration::from_secs(2);
+            let agent = vm.guest.machine.agent().map_err(fail(vm.name()))?;
+            workload::stop_agent_after_next_freeze(agent, silence)
+                .await
+                .map_err(gfail("starting the agent-stopping watcher"))?;
+        }
     }
     let outcome = set::run(&members, &caps, &backup_path, tl, &local).await;
     if let Some(f) = forward {
@@ -361,6 +370,7 @@ pub(super) fn member<'a>(s: &Scenario, vm: &'a Vm, method: MethodChoice) -> Memb
             .collect(),
         interrupt_after_freeze: has_fault(s, name, FaultKind::InterruptAfterFreeze),
         sigint_after_freeze: has_fault(s, name, FaultKind::SigintAfterFreeze),
+        agent_stops_after_freeze: has_fault(s, name, FaultKind::AgentStopsAfterFreeze),
         kill_after_prepare: has_fault(s, name, FaultKind::QemuKilledAfterPrepare),
     }
 }
