@@ -121,7 +121,16 @@ pub async fn start_journal(agent: &GuestAgent, path: &str) -> Result<(), ExecErr
 
 /// Stops the journal writer, leaving its file complete up to its last line.
 pub async fn stop_journal(agent: &GuestAgent) -> Result<(), ExecError> {
-    exec::sh(agent, "kill $(cat /run/journal.pid) && sync", T).await.map(drop)
+    stop_background(agent, "/run/journal.pid").await
+}
+
+/// Stops a writer started with `setsid` (so its pid names its process group), waits in the
+/// guest until no process of the group is left to hold its files open, and syncs. The
+/// wait is bounded by the command's deadline.
+pub async fn stop_background(agent: &GuestAgent, pidfile: &str) -> Result<(), ExecError> {
+    let script =
+        format!("p=$(cat {pidfile}) && kill -TERM -$p && while kill -0 -$p 2>/dev/null; do usleep 10000; done; sync");
+    exec::sh(agent, &script, T).await.map(drop)
 }
 
 /// Checks a journal: every number from 1 to its last, once each, in order.

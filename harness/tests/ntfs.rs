@@ -165,7 +165,8 @@ async fn ntfs_disk_seeded_on_the_host_is_read_and_written_by_ntfs3_and_read_back
     let (at_freeze, after) = watched.unwrap();
     assert!(after >= at_freeze + 3, "the NTFS disk saw no writes while frozen ({at_freeze} -> {after})");
     eprintln!("writes to the ntfs3 disk while the agent said frozen: {at_freeze} -> {after}");
-    exec::sh(agent, "kill $(cat /run/probe.pid) && sync && umount /mnt/data", T).await.unwrap();
+    workload::stop_background(agent, "/run/probe.pid").await.unwrap();
+    exec::sh(agent, "umount /mnt/data", T).await.unwrap();
 
     // A clean shutdown, then the disk as the host reads it.
     guest.machine.shutdown(T).await.unwrap();
