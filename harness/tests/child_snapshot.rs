@@ -9,7 +9,7 @@ use quiesce::backup::child_snapshot::{SnapshotSettings, Undo};
 use quiesce::backup::job::{self, JobSettings, MethodChoice};
 use quiesce::backup::saved_state::SaveSettings;
 use quiesce::backup::{BackupWriter, Method};
-use quiesce::image::seed::{self, DiskSeed, Filesystem, Partitioning};
+use quiesce::image::seed::{self, DiskSeed};
 use quiesce::qemu::{caps, DiskFormat};
 use quiesce::timeline::Timeline;
 use quiesce::verify::{restore, RestoreOptions};
@@ -18,15 +18,7 @@ use quiesce::workload;
 #[tokio::test]
 async fn snapshot_keeps_writes_made_during_the_backup_and_restores_bootable() {
     let disks = tempfile::tempdir().unwrap();
-    let seed = DiskSeed {
-        name: "data".into(),
-        format: DiskFormat::Qcow2,
-        size: 64 << 20,
-        filesystem: Filesystem::Ext4,
-        files: Default::default(),
-        partitioning: Partitioning::None,
-    };
-    let path = seed::create(disks.path(), &seed).unwrap();
+    let path = seed::create(disks.path(), &DiskSeed::ext4("data", DiskFormat::Qcow2, 64 << 20)).unwrap();
     let opts = common::with_data_disk("cs", path.clone(), DiskFormat::Qcow2);
     let guest = common::boot_with(opts).await;
     let m = &guest.machine;

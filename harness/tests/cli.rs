@@ -111,21 +111,15 @@ fn verify_catches_a_flipped_byte_in_a_kept_backup() {
 
 #[test]
 fn diff_blocks_finds_what_lies_below_the_files() {
-    use quiesce::image::seed::{self, DiskSeed, Filesystem, Partitioning};
+    use quiesce::image::seed::{self, DiskSeed};
     use quiesce::qemu::DiskFormat;
     use std::os::unix::fs::FileExt;
     let dir = tempfile::tempdir().unwrap();
     let make = |sub: &str| {
         let d = dir.path().join(sub);
         std::fs::create_dir(&d).unwrap();
-        let seed = DiskSeed {
-            name: "data".into(),
-            format: DiskFormat::Raw,
-            size: 16 << 20,
-            filesystem: Filesystem::Ext4,
-            files: [("hello.txt".to_owned(), "hello\n".to_owned())].into(),
-            partitioning: Partitioning::None,
-        };
+        let mut seed = DiskSeed::ext4("data", DiskFormat::Raw, 16 << 20);
+        seed.files.insert("hello.txt".into(), "hello\n".into());
         seed::create(&d, &seed).unwrap()
     };
     let (a, b) = (make("a"), make("b"));

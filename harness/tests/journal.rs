@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use quiesce::image::seed::{self, DiskSeed, Filesystem, Partitioning};
+use quiesce::image::seed::{self, DiskSeed};
 use quiesce::qemu::{exec, DiskFormat};
 use quiesce::verify::corrupt;
 use quiesce::workload;
@@ -15,15 +15,7 @@ const JOURNAL: &str = "/mnt/data/journal";
 #[tokio::test]
 async fn a_line_damaged_on_disk_is_found_though_the_guest_still_caches_it() {
     let disks = tempfile::tempdir().unwrap();
-    let seed = DiskSeed {
-        name: "data".into(),
-        format: DiskFormat::Qcow2,
-        size: 32 << 20,
-        filesystem: Filesystem::Ext4,
-        files: Default::default(),
-        partitioning: Partitioning::None,
-    };
-    let path = seed::create(disks.path(), &seed).unwrap();
+    let path = seed::create(disks.path(), &DiskSeed::ext4("data", DiskFormat::Qcow2, 32 << 20)).unwrap();
     let guest = common::boot_with(common::with_data_disk("journal", path.clone(), DiskFormat::Qcow2)).await;
     let m = &guest.machine;
     let agent = m.agent().unwrap();

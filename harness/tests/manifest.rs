@@ -20,14 +20,7 @@ fn files(list: &[(&str, String)]) -> BTreeMap<String, String> {
 }
 
 fn seed_in(dir: &Path, name: &str, format: DiskFormat, files: BTreeMap<String, String>) -> PathBuf {
-    let seed = DiskSeed {
-        name: name.into(),
-        format,
-        size: 16 << 20,
-        filesystem: Filesystem::Ext4,
-        files,
-        partitioning: Partitioning::None,
-    };
+    let seed = DiskSeed { files, ..DiskSeed::ext4(name, format, 16 << 20) };
     seed::create(dir, &seed).unwrap_or_else(|e| panic!("seeding {name}: {e}"))
 }
 

@@ -59,6 +59,20 @@ pub struct DiskSeed {
     pub partitioning: Partitioning,
 }
 
+impl DiskSeed {
+    /// An unpartitioned ext4 disk with no files (add them to `files`).
+    pub fn ext4(name: &str, format: DiskFormat, size: u64) -> Self {
+        DiskSeed {
+            name: name.to_owned(),
+            format,
+            size,
+            filesystem: Filesystem::Ext4,
+            files: BTreeMap::new(),
+            partitioning: Partitioning::None,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SeedError {
     #[error("disk {disk}: {error}")]
@@ -376,14 +390,8 @@ mod tests {
     #[test]
     fn seeded_ext4_inodes_carry_the_fixed_time_not_the_staging_files() {
         let dir = tempfile::tempdir().unwrap();
-        let seed = DiskSeed {
-            name: "data".into(),
-            format: DiskFormat::Raw,
-            size: 16 << 20,
-            filesystem: Filesystem::Ext4,
-            files: [("a/b.txt".to_owned(), "hello\n".to_owned())].into(),
-            partitioning: Partitioning::None,
-        };
+        let mut seed = DiskSeed::ext4("data", DiskFormat::Raw, 16 << 20);
+        seed.files.insert("a/b.txt".into(), "hello\n".into());
         let p = create(dir.path(), &seed).unwrap();
         for path in ["/", "/a", "/a/b.txt"] {
             let out = Command::new("debugfs").args(["-R", &format!("stat {path}")]).arg(&p).output().unwrap();

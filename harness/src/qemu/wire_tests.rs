@@ -36,12 +36,16 @@ async fn answer_sync(peer: &mut BufReader<UnixStream>, extra_before: &[u8]) {
     peer.get_mut().write_all(&out).await.unwrap();
 }
 
+/// An agent client and the scripted peer at the other end of its channel.
+fn agent_pair(max_reply: usize) -> (GuestAgent, BufReader<UnixStream>, tempfile::TempDir) {
+    let (a, b) = UnixStream::pair().unwrap();
+    let (dir, t) = transcript();
+    (GuestAgent::with_max_reply(a, t, max_reply), BufReader::new(b), dir)
+}
+
 #[tokio::test]
 async fn agent_resync_discards_stale_replies_and_garbage() {
-    let (a, b) = UnixStream::pair().unwrap();
-    let (_d, t) = transcript();
-    let agent = GuestAgent::new(a, t);
-    let mut peer = BufReader::new(b);
+    let (agent, mut peer, _d) = agent_pair(super::qga::MAX_REPLY);
     let server = async {
         // Stale replies of an earlier client, a half line, then our sync reply.
         answer_sync(&mut peer, b"{\"return\": 99}\n{\"return\": {\"version\": \"x\"}}\n{\"retu").await;
@@ -56,10 +60,7 @@ async fn agent_resync_discards_stale_replies_and_garbage() {
 
 #[tokio::test]
 async fn agent_skips_a_reply_that_names_another_request() {
-    let (a, b) = UnixStream::pair().unwrap();
-    let (_d, t) = transcript();
-    let agent = GuestAgent::new(a, t);
-    let mut peer = BufReader::new(b);
+    let (agent, mut peer, _d) = agent_pair(super::qga::MAX_REPLY);
     let server = async {
         answer_sync(&mut peer, b"").await;
         let req = request(&mut peer).await;
@@ -74,10 +75,7 @@ async fn agent_skips_a_reply_that_names_another_request() {
 
 #[tokio::test]
 async fn agent_over_long_reply_is_refused_then_recovered() {
-    let (a, b) = UnixStream::pair().unwrap();
-    let (_d, t) = transcript();
-    let agent = GuestAgent::with_max_reply(a, t, 1024);
-    let mut peer = BufReader::new(b);
+    let (agent, mut peer, _d) = agent_pair(1024);
     let server = async {
         answer_sync(&mut peer, b"").await;
         request(&mut peer).await;
@@ -100,10 +98,7 @@ async fn agent_over_long_reply_is_refused_then_recovered() {
 
 #[tokio::test]
 async fn agent_non_json_is_an_error_not_a_panic() {
-    let (a, b) = UnixStream::pair().unwrap();
-    let (_d, t) = transcript();
-    let agent = GuestAgent::new(a, t);
-    let mut peer = BufReader::new(b);
+    let (agent, mut peer, _d) = agent_pair(super::qga::MAX_REPLY);
     let server = async {
         answer_sync(&mut peer, b"").await;
         request(&mut peer).await;
@@ -116,10 +111,7 @@ async fn agent_non_json_is_an_error_not_a_panic() {
 
 #[tokio::test]
 async fn agent_unknown_enum_reaches_caller_as_raw_json() {
-    let (a, b) = UnixStream::pair().unwrap();
-    let (_d, t) = transcript();
-    let agent = GuestAgent::new(a, t);
-    let mut peer = BufReader::new(b);
+    let (agent, mut peer, _d) = agent_pair(super::qga::MAX_REPLY);
     let server = async {
         answer_sync(&mut peer, b"").await;
         request(&mut peer).await;
