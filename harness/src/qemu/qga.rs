@@ -61,7 +61,7 @@ struct Channel {
 pub struct GuestAgent {
     chan: tokio::sync::Mutex<Channel>,
     transcript: Transcript,
-    next_sync_id: AtomicU64,
+    next_id: AtomicU64,
     max_reply: usize,
 }
 
@@ -81,7 +81,7 @@ impl GuestAgent {
         Self {
             chan: tokio::sync::Mutex::new(Channel { lines: LineReader::new(read, max_reply), writer, in_sync: false }),
             transcript,
-            next_sync_id: AtomicU64::new(seed % (1 << 40)),
+            next_id: AtomicU64::new(seed % (1 << 40)),
             max_reply,
         }
     }
@@ -130,7 +130,7 @@ impl GuestAgent {
         // Out of step until our reply is read: if this future is dropped after the send (an
         // interrupted job), the next command resyncs instead of taking this reply as its own.
         chan.in_sync = false;
-        let id = self.next_sync_id.fetch_add(1, Ordering::Relaxed);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.send(&mut chan, command, &arguments, Some(id)).await?;
         let result = self.read_reply(&mut chan, command, id, deadline, timeout).await;
         chan.in_sync = !result.as_ref().is_err_and(AgentError::desyncs);
@@ -243,7 +243,7 @@ impl GuestAgent {
     /// One guest-sync-delimited exchange: a 0xFF to reset the agent's parser, the request,
     /// then everything is discarded up to the reply's own 0xFF and a return of our id.
     async fn sync(&self, chan: &mut Channel, timeout: Duration) -> Result<(), AgentError> {
-        let id = self.next_sync_id.fetch_add(1, Ordering::Relaxed);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let deadline = Instant::now() + timeout;
         let mut line = vec![DELIMITER];
         line.extend_from_slice(
