@@ -293,10 +293,13 @@ async fn thaw(m: &Machine, settings: &SnapshotSettings, undo: &Mutex<Undo>) -> R
         return Ok(());
     }
     let agent = m.agent().map_err(|e| BackupError::step(m.name(), "guest agent", e))?;
-    agent
-        .execute_raw("guest-fsfreeze-thaw", Value::Null, settings.thaw_deadline)
-        .await
-        .map_err(|e| BackupError::Agent { vm: m.name().to_owned(), step: "guest-fsfreeze-thaw".into(), error: e })?;
+    agent.execute_raw("guest-fsfreeze-thaw", Value::Null, settings.thaw_deadline).await.map_err(|e| {
+        BackupError::Agent {
+            vm: m.name().to_owned(),
+            step: "guest-fsfreeze-thaw (until it answers, the guest may stay frozen)".into(),
+            error: e,
+        }
+    })?;
     lock(undo).frozen = false;
     Ok(())
 }
