@@ -70,28 +70,33 @@ pub struct Qmp {
 }
 
 impl Qmp {
-    /// Reads the greeting and negotiates capabilities, all within `timeout`.
+    /// Reads the greeting and negotiates capabilities, all within `timeout`. Events that
+    /// come before the greeting are queued: QEMU 10.0 was seen to send RESUME first when
+    /// the guest starts running as the connection opens.
     pub async fn connect(stream: UnixStream, transcript: Transcript, timeout: Duration) -> Result<Self, QmpError> {
         let (read, write) = stream.into_split();
         let mut lines = LineReader::new(read, MAX_LINE);
-        let greeting = tokio::time::timeout(timeout, lines.next_frame())
-            .await
-            .map_err(|_| QmpError::Greeting(format!("none within {timeout:?}")))??;
-        let greeting = match greeting {
-            Some(Frame::Line(l)) => {
-                transcript.record("qmp", "<-", &l);
-                match message::parse(&l) {
-                    Message::Greeting(g) => g,
-                    other => return Err(QmpError::Greeting(format!("unexpected first message {other:?}"))),
-                }
-            }
-            other => return Err(QmpError::Greeting(format!("unexpected first frame {other:?}"))),
-        };
         let shared = Arc::new(Shared {
             pending: Mutex::new(HashMap::new()),
             events: EventQueue::default(),
             transcript: transcript.clone(),
         });
+        let deadline = tokio::time::Instant::now() + timeout;
+        let greeting = loop {
+            let frame = tokio::time::timeout_at(deadline, lines.next_frame())
+                .await
+                .map_err(|_| QmpError::Greeting(format!("none within {timeout:?}")))??;
+            let line = match frame {
+                Some(Frame::Line(l)) => l,
+                other => return Err(QmpError::Greeting(format!("unexpected first frame {other:?}"))),
+            };
+            transcript.record("qmp", "<-", &line);
+            match message::parse(&line) {
+                Message::Greeting(g) => break g,
+                Message::Event { name, data, timestamp } => shared.events.push(Event { name, data, timestamp }),
+                other => return Err(QmpError::Greeting(format!("unexpected first message {other:?}"))),
+            }
+        };
         let reader = tokio::spawn(read_loop(lines, shared.clone()));
         let qmp = Qmp { shared, writer: tokio::sync::Mutex::new(write), next_id: AtomicU64::new(1), reader, greeting };
         qmp.execute_raw("qmp_capabilities", json!({}), timeout).await?;

@@ -139,13 +139,19 @@ async fn agent_silence_is_a_timeout_naming_the_command() {
 }
 
 async fn qmp_pair() -> (Qmp, BufReader<UnixStream>, tempfile::TempDir) {
+    qmp_pair_after(b"").await
+}
+
+/// A connected client; the peer sends `before` ahead of the greeting.
+async fn qmp_pair_after(before: &[u8]) -> (Qmp, BufReader<UnixStream>, tempfile::TempDir) {
     let (a, b) = UnixStream::pair().unwrap();
     let (d, t) = transcript();
     let mut peer = BufReader::new(b);
-    peer.get_mut()
-        .write_all(b"{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 2, \"minor\": 0, \"major\": 10}, \"package\": \"\"}, \"capabilities\": []}}\n")
-        .await
-        .unwrap();
+    let mut first = before.to_vec();
+    first.extend_from_slice(
+        b"{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 2, \"minor\": 0, \"major\": 10}, \"package\": \"\"}, \"capabilities\": []}}\n",
+    );
+    peer.get_mut().write_all(&first).await.unwrap();
     let server = async {
         let req = request(&mut peer).await;
         assert_eq!(req["execute"], "qmp_capabilities");
@@ -156,6 +162,17 @@ async fn qmp_pair() -> (Qmp, BufReader<UnixStream>, tempfile::TempDir) {
     let qmp = qmp.unwrap();
     assert_eq!(qmp.version(), Some((10, 0, 2)));
     (qmp, peer, d)
+}
+
+/// QEMU 10.0 once sent RESUME ahead of its greeting (a guest starting as the connection
+/// opened); the event is kept, and the connection comes up.
+#[tokio::test]
+async fn qmp_event_before_the_greeting_is_queued() {
+    let resume = b"{\"timestamp\": {\"seconds\": 1795864676, \"microseconds\": 332413}, \"event\": \"RESUME\"}\n";
+    let (qmp, _peer, _d) = qmp_pair_after(resume).await;
+    let events = qmp.events().snapshot();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].name, "RESUME");
 }
 
 #[tokio::test]
