@@ -16,6 +16,19 @@ if cargo fmt --version >/dev/null 2>&1 && cargo clippy --version >/dev/null 2>&1
 else
     echo "==> skipping fmt and clippy: this toolchain has no rustfmt/clippy"
 fi
+echo "==> shellcheck"
+# Every shell script of the guest image recipe (build.sh and the guest's programs under
+# rootfs/ and initrd/) and of CI, found by its #!/bin/sh line so that a new one is checked
+# without being listed here. -S warning: a warning fails CI, info and style notes do not.
+# A missing shellcheck fails too: a lint that skips itself would pass with scripts broken.
+if ! command -v shellcheck >/dev/null 2>&1; then
+    echo "shellcheck is not installed: apt-get install shellcheck (ci/setup-debian.sh does)" >&2
+    exit 1
+fi
+scripts=$(find guest-images ci .ci -type f -exec awk 'FNR == 1 && /^#!\/bin\/sh/ { print FILENAME }' {} + | sort)
+[ -n "$scripts" ] || { echo "shellcheck: found no scripts to check" >&2; exit 1; }
+# shellcheck disable=SC2086 # one path per word: no script path has a blank
+shellcheck -S warning $scripts
 echo "==> quiesce doctor"
 cargo run --locked -q -p quiesce -- doctor
 echo "==> cargo test"

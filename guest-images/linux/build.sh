@@ -13,10 +13,12 @@
 #                  "@kernel-release <uname -r>" as the first line
 #   kernel-release uname -r of the kernel
 #
-# This script is self-contained: the guest's /init, /sbin/init, shutdown
-# wrappers, fsfreeze hook and quiesce-app are written from here-documents
-# below.  It needs no root privileges (no loop mounts, no mknod, no chroot)
-# and produces the same bytes for the same package versions (see README.md,
+# The guest's own programs and configuration are real files beside this
+# script: rootfs/ holds what lands in root.img at the same path (/sbin/init,
+# the shutdown wrappers, the fsfreeze hook, quiesce-app, /etc), and initrd/
+# what lands in the initramfs (/init).  This script keeps only the build: it
+# needs no root privileges (no loop mounts, no mknod, no chroot) and produces
+# the same bytes for the same package versions (see README.md,
 # "Reproducibility").
 #
 # Host packages needed (Debian 12 / bookworm):
@@ -47,6 +49,56 @@ die() { printf '%s: error: %s\n' "$prog" "$*" >&2; exit 1; }
 put() { rm -f "$1"; cat > "$1"; }
 
 [ $# -eq 1 ] || die "usage: sh build.sh OUTDIR"
+# the recipe folder: rootfs/, initrd/ and mke2fs.conf are read from it
+HERE=$(cd "$(dirname "$0")" && pwd) || die "cannot find the folder of $0"
+
+# ---------------------------------------------------------------- guest files
+# Modes of the files under rootfs/ and initrd/; every other file there gets 0644.
+# They are set here, never taken from the recipe folder: quiesce unpacks the recipe
+# embedded in its binary, which keeps no modes, and a checkout may have any umask.
+# A file that starts with #! must be listed, so that no guest program can land
+# without its executable bit.
+GUEST_MODES='
+initrd/init                                 0755
+rootfs/etc/qemu/fsfreeze-hook               0755
+rootfs/etc/qemu/fsfreeze-hook.d/quiesce-app 0755
+rootfs/etc/shadow                           0640
+rootfs/sbin/halt                            0755
+rootfs/sbin/init                            0755
+rootfs/sbin/poweroff                        0755
+rootfs/sbin/quiesce-shutdown                0755
+rootfs/sbin/reboot                          0755
+rootfs/sbin/shutdown                        0755
+rootfs/usr/bin/quiesce-app                  0755
+'
+guest_mode() { # TREE/PATH -> its mode in GUEST_MODES, or nothing
+    printf '%s\n' "$GUEST_MODES" | while read -r p m; do
+        if [ "$p" = "$1" ]; then echo "$m"; break; fi
+    done
+}
+# install_guest_files TREE DEST: every file of $HERE/TREE to the same path under DEST
+install_guest_files() {
+    [ -d "$HERE/$1" ] || die "the recipe has no $1/ folder (in $HERE)"
+    odd=$(cd "$HERE/$1" && find . ! -type f ! -type d | head -n 1)
+    [ -z "$odd" ] || die "$1/${odd#./} is not a plain file (the recipe holds files only)"
+    (cd "$HERE/$1" && find . -type f) | sort | while read -r f; do
+        f=${f#./}
+        mode=$(guest_mode "$1/$f")
+        if [ -z "$mode" ]; then
+            [ "$(head -c 2 "$HERE/$1/$f")" != '#!' ] \
+                || die "$1/$f is a program: give it its mode in GUEST_MODES"
+            mode=0644
+        fi
+        mkdir -p "$2/$(dirname "$f")"
+        put "$2/$f" < "$HERE/$1/$f"
+        chmod "$mode" "$2/$f"
+    done
+    printf '%s\n' "$GUEST_MODES" | while read -r p m; do
+        case $p in
+            "$1"/*) [ -f "$HERE/$p" ] || die "GUEST_MODES lists $p, which the recipe does not have" ;;
+        esac
+    done
+}
 
 # ---------------------------------------------------------------- host tools
 need_tool() { # tool package
@@ -185,6 +237,9 @@ else
     [ -n "$KPKG" ] || { pkg_hint "$META"; exit 1; }
 fi
 KVER=${KPKG#linux-image-}
+case $KVER in
+    ''|*[!A-Za-z0-9.+~_-]*) die "unexpected kernel release '$KVER' (from package $KPKG)" ;;
+esac
 
 ALL_SPECS="$KPKG busybox-static qemu-guest-agent/$QGA_RELEASE $ROOT_PKGS"
 # resolve everything first, so a missing package fails before any download
@@ -297,71 +352,7 @@ sort -u "$W/initrd-files" | while read -r f; do
 done
 depmod_tree "$I"
 
-put "$I/init" <<'EOF'
-#!/bin/sh
-# quiesce initrd /init: load storage/filesystem modules, mount root=, switch_root.
-export PATH=/bin
-mount -t proc -o nosuid,nodev,noexec proc /proc
-mount -t sysfs -o nosuid,nodev,noexec sysfs /sys
-mount -t devtmpfs -o mode=0755,nosuid devtmpfs /dev
-[ -c /dev/console ] && exec </dev/console >/dev/console 2>&1
-
-fail() {
-    echo "QUIESCE-INITRD-FAILED: $*"
-    sync
-    sleep 1
-    poweroff -f
-    echo o > /proc/sysrq-trigger
-    while :; do sleep 3600; done
-}
-
-root=/dev/vda fstype=ext4 flags='' mode=rw init=/sbin/init wait=10
-modules=$(cat /etc/initrd-modules)
-set -f
-for arg in $(cat /proc/cmdline); do
-    case $arg in
-        root=*) root=${arg#root=} ;;
-        rootfstype=*) fstype=${arg#rootfstype=} ;;
-        rootflags=*) flags=${arg#rootflags=} ;;
-        rootwait=*) wait=${arg#rootwait=} ;;
-        ro) mode=ro ;;
-        rw) mode=rw ;;
-        init=*) init=${arg#init=} ;;
-        quiesce.modules=*) modules=$(echo "${arg#quiesce.modules=}" | tr , ' ') ;;
-    esac
-done
-set +f
-
-for m in $modules; do
-    modprobe "$m" || echo "quiesce-initrd: warning: cannot load module $m"
-done
-
-dev=
-i=0
-while [ "$i" -lt $((wait * 10)) ]; do
-    case $root in
-        UUID=*|LABEL=*) dev=$(findfs "$root" 2>/dev/null) || dev= ;;
-        /dev/*) dev=$root ;;
-        *) fail "unsupported root=$root (use /dev/..., UUID=... or LABEL=...)" ;;
-    esac
-    [ -n "$dev" ] && [ -b "$dev" ] && break
-    dev=
-    i=$((i + 1))
-    sleep 0.1
-done
-[ -n "$dev" ] || fail "root device $root did not appear within ${wait}s"
-mount -t "$fstype" -o "$mode${flags:+,$flags}" "$dev" /newroot \
-    || fail "cannot mount root $dev (type $fstype, options $mode${flags:+,$flags})"
-[ -x "/newroot$init" ] || fail "$init not found or not executable on root $dev"
-for d in dev proc sys; do
-    [ -d "/newroot/$d" ] || fail "/$d missing on root $dev"
-done
-mount --move /dev /newroot/dev
-mount --move /proc /newroot/proc
-mount --move /sys /newroot/sys
-exec switch_root /newroot "$init"
-EOF
-chmod 0755 "$I/init"
+install_guest_files initrd "$I"
 
 find "$I" -exec touch -h -d "@$SDE" {} +
 (cd "$I" && find . -print0 | sort -z \
@@ -387,689 +378,15 @@ ln -s ../run "$R/var/run"
 ln -s ../run/lock "$R/var/lock"
 cp -R "$KM" "$R/lib/modules/$KVER"
 
-# /etc
-echo quiesce-guest | put "$R/etc/hostname"
-put "$R/etc/hosts" <<'EOF'
-127.0.0.1	localhost
-127.0.1.1	quiesce-guest
-::1		localhost ip6-localhost ip6-loopback
-EOF
-put "$R/etc/passwd" <<'EOF'
-root:x:0:0:root:/root:/bin/sh
-nobody:x:65534:65534:nobody:/nonexistent:/bin/false
-EOF
-put "$R/etc/group" <<'EOF'
-root:x:0:
-nogroup:x:65534:
-EOF
-put "$R/etc/shadow" <<'EOF'
-root:*:19000:0:99999:7:::
-nobody:*:19000:0:99999:7:::
-EOF
-chmod 0640 "$R/etc/shadow"
-put "$R/etc/fstab" <<'EOF'
-/dev/vda	/	ext4	rw	0	1
-EOF
+# the guest's own files (rootfs/), then what depends on this build
+install_guest_files rootfs "$R"
+sed -i "s|@KERNEL_RELEASE@|$KVER|g" "$R/etc/os-release"
+if grep -q @KERNEL_RELEASE@ "$R/etc/os-release"; then die "rootfs/etc/os-release: placeholder left"; fi
 ln -s ../proc/self/mounts "$R/etc/mtab"
-put "$R/etc/profile" <<'EOF'
-export PATH=/usr/sbin:/usr/bin:/sbin:/bin
-export HOME=/root
-EOF
-put "$R/etc/nsswitch.conf" <<'EOF'
-passwd: files
-group: files
-shadow: files
-hosts: files
-EOF
-put "$R/etc/os-release" <<EOF
-PRETTY_NAME="quiesce test guest (Debian 12 packages, kernel $KVER)"
-NAME="quiesce-guest"
-ID=quiesce-guest
-ID_LIKE=debian
-VERSION_ID="1"
-EOF
 put "$R/etc/quiesce-packages.lock" < "$W/packages.lock"
 
-# The hook shipped by qemu-guest-agent needs bash: on its syslog path (taken
-# on the very first run, before its log file exists) it uses ${PIPESTATUS[0]},
-# which busybox sh rejects, so the first freeze fails.  A POSIX sh rewrite: run
-# the executables in fsfreeze-hook.d (sorted) with freeze|thaw and log to
-# /var/log/qga-fsfreeze-hook.log.  Unlike upstream (which always exits 0), a
-# script that fails "freeze" vetoes it, as a failing VSS writer fails the
-# shadow copy: the scripts that already ran get "thaw" (in reverse), and the
-# hook exits with that status, so qemu-ga's guest-fsfreeze-freeze returns
-# "fsfreeze hook has failed with status N" and freezes nothing.  "thaw" runs
-# every script and always exits 0: a thaw must not be refused.
-put "$R/etc/qemu/fsfreeze-hook" <<'EOF'
-#!/bin/sh
-# fsfreeze-hook for qemu-ga -F (quiesce test guest; POSIX rewrite of QEMU's
-# scripts/qemu-guest-agent/fsfreeze-hook).  Called with "freeze" before the
-# filesystems are frozen and with "thaw" after they are thawed.
-LOGFILE=/var/log/qga-fsfreeze-hook.log
-FSFREEZE_D=$(dirname -- "$0")/fsfreeze-hook.d
-
-log_message() {
-    printf '%s: %s\n' "$(date)" "$*" >> "$LOGFILE" 2>/dev/null \
-        || logger -t qemu-ga-freeze-hook "$*" 2>/dev/null
-}
-
-[ -d "$FSFREEZE_D" ] || exit 0
-done_list=
-for file in "$FSFREEZE_D"/*; do
-    case $file in
-        *~|*.bak|*.orig|*.rpmnew|*.rpmorig|*.rpmsave|*.sample|*.dpkg-old|*.dpkg-new|*.dpkg-tmp|*.dpkg-dist|*.dpkg-bak|*.dpkg-backup|*.dpkg-remove)
-            continue ;;
-    esac
-    [ -f "$file" ] && [ -x "$file" ] || continue
-    log_message "Executing $file $*"
-    "$file" "$@" >> "$LOGFILE" 2>&1
-    status=$?
-    if [ "$status" -eq 0 ]; then
-        log_message "$file finished successfully"
-        done_list="$file $done_list"
-        continue
-    fi
-    log_message "Error: $file finished with status=$status"
-    if [ "${1:-}" = freeze ]; then
-        for undo in $done_list; do
-            log_message "Veto: thawing $undo"
-            "$undo" thaw >> "$LOGFILE" 2>&1
-        done
-        exit "$status"
-    fi
-done
-exit 0
-EOF
-chmod 0755 "$R/etc/qemu/fsfreeze-hook"
-
-# quiesce-app: the guest's "VSS writer" (a sqlite3 bank with a writer that commits
-# transfers continuously, and a consistency check for restored copies), plus the
-# fsfreeze-hook.d script that pauses its writers around guest-fsfreeze-freeze/-thaw.
-put "$R/usr/bin/quiesce-app" <<'QUIESCE_APP_EOF'
-#!/bin/sh
-# quiesce-app -- the test guest's "VSS writer": a tiny bank in SQLite (WAL mode)
-# with a writer that commits one transfer after another, and a consistency
-# check for databases restored from a backup.  See README.md of the guest image.
-#
-#   quiesce-app start DIR     create DIR/app.db if missing, start a writer on it,
-#                             return after its first commit; prints the writer's pid
-#   quiesce-app stop DIR      stop that writer (bounded wait); prints "stopped transfers=N"
-#   quiesce-app status DIR    "running pid=P transfers=N" or "stopped transfers=N"
-#   quiesce-app check DIR     "consistent transfers=N total=T" (exit 0) or
-#                             "inconsistent: REASON" (exit 1); never writes to DIR
-#   quiesce-app freeze|thaw   pause every running writer at a transaction boundary
-#                             (checkpointed, acknowledged) / resume them; this is
-#                             what /etc/qemu/fsfreeze-hook.d/quiesce-app runs
-#
-# Data model (the seed and the transfer rule are fixed, so the output only
-# depends on N):
-#   accounts(id 1..10, balance 1000 each at seed time)
-#   transfer i (i = 1, 2, ...) moves amount(i) from src(i) to dst(i):
-#     src    = (i*7919) % 10 + 1
-#     dst    = ((i*7919) % 10 + 1 + i % 9) % 10 + 1      (never equal to src)
-#     amount = (i*7919) % 97 + 1                          (1..97; balances may go negative)
-#   one transaction = BEGIN IMMEDIATE; 2 x UPDATE accounts; INSERT INTO transfers(seq=i,...); COMMIT
-# Environment: QUIESCE_APP_DELAY (seconds between transactions, default 0),
-#   QUIESCE_APP_PAUSE_WAIT (seconds freeze waits for all writers to
-#   acknowledge, default 2).
-export PATH=/usr/sbin:/usr/bin:/sbin:/bin LC_ALL=C
-umask 022
-
-RUNDIR=${QUIESCE_APP_RUNDIR:-/run/quiesce-app}
-ACCOUNTS=10
-SEED_BALANCE=1000
-TOTAL=$((ACCOUNTS * SEED_BALANCE))
-DELAY=${QUIESCE_APP_DELAY:-0}
-PAUSE_WAIT=${QUIESCE_APP_PAUSE_WAIT:-2}
-case $PAUSE_WAIT in '' | *[!0-9]*) PAUSE_WAIT=2 ;; esac
-# the transfer rule, as SQL over the column seq (must match cmd_writer's loop)
-R_SRC="((seq*7919)%$ACCOUNTS+1)"
-R_DST="(((seq*7919)%$ACCOUNTS+1+seq%$((ACCOUNTS - 1)))%$ACCOUNTS+1)"
-R_AMT="((seq*7919)%97+1)"
-case $0 in
-    */*) SELF=$0 ;;
-    *) SELF=$(command -v "$0" 2>/dev/null || echo /usr/bin/quiesce-app) ;;
-esac
-
-die() { printf 'quiesce-app: %s\n' "$*" >&2; exit 2; }
-usage() {
-    echo "usage: quiesce-app start|stop|status|check DIR   or   quiesce-app freeze|thaw" >&2
-    exit 2
-}
-# TICKS = uptime in 1/100 s (no fork)
-ticks() { read -r _u _rest < /proc/uptime; TICKS=$((${_u%.*} * 100 + 1${_u#*.} - 100)); }
-secs() { printf '%d.%02d' $(($1 / 100)) $(($1 % 100)); }
-
-# set the per-writer file names for NAME
-set_name() {
-    NAME=$1
-    PIDF=$RUNDIR/$NAME.pid      # writer pid; written after its first commit
-    SEQF=$RUNDIR/$NAME.seq      # last committed transfer (written after each commit)
-    PAUSEF=$RUNDIR/$NAME.pause  # freeze request: contains a token
-    ACKF=$RUNDIR/$NAME.paused   # writer's answer: "TOKEN N", idle and checkpointed
-    STOPF=$RUNDIR/$NAME.stop    # stop request
-    LOGF=$RUNDIR/$NAME.log      # writer log (tmpfs: never blocks on a frozen fs)
-    INF=$RUNDIR/$NAME.in        # fifos to the writer's sqlite3
-    OUTF=$RUNDIR/$NAME.out
-}
-# DIR -> DIR (canonical), DB, NAME (DIR with '/' and odd characters as '_')
-resolve_dir() {
-    [ -n "$1" ] || usage
-    [ -d "$1" ] || die "no such directory: $1"
-    DIR=$(cd "$1" && pwd -P) || die "cannot enter $1"
-    DB=$DIR/app.db
-    n=$(printf '%s' "$DIR" | sed 's|^/*||; s|[^A-Za-z0-9._-]|_|g; s|^\.|_|')
-    set_name "${n:-_root}"
-}
-# is WPID (from the pid file) a live writer?
-writer_pid() {
-    WPID=
-    read -r _p 2>/dev/null < "$PIDF" || return 1
-    case $_p in '' | *[!0-9]*) return 1 ;; esac
-    case $(tr '\0' ' ' 2>/dev/null < "/proc/$_p/cmdline") in
-        *"${SELF##*/} _writer "*) WPID=$_p ;;
-        *) return 1 ;;   # gone, a zombie, or a recycled pid
-    esac
-}
-# copy DB (+ -wal / -journal, never -shm) to a private folder in /tmp, so that
-# reading it (WAL recovery included) never writes to DIR
-snapshot() {
-    SNAP=$(mktemp -d /tmp/quiesce-app.XXXXXX) || return 1
-    trap 'rm -rf "$SNAP"' EXIT
-    cp "$DB" "$SNAP/app.db" || return 1
-    for _x in -wal -journal; do
-        if [ -f "$DB$_x" ]; then cp "$DB$_x" "$SNAP/app.db$_x" || return 1; fi
-    done
-}
-# number of transfers in a database no writer is using
-stopped_count() {
-    [ -f "$DB" ] || die "no database $DB"
-    snapshot || die "cannot copy $DB to /tmp"
-    _n=$(sqlite3 -batch -cmd '.timeout 5000' "$SNAP/app.db" 'SELECT count(*) FROM transfers;' 2>&1) \
-        || die "cannot read $DB: $_n"
-    rm -rf "$SNAP"
-    echo "$_n"
-}
-
-seed_db() {
-    _tmp=$DIR/.app.db.seed.$$
-    rm -f "$_tmp" "$_tmp-journal" "$_tmp-wal" "$_tmp-shm"
-    sqlite3 -bail -batch "$_tmp" >/dev/null <<EOF || { rm -f "$_tmp" "$_tmp-journal"; die "cannot create $DB"; }
-PRAGMA journal_mode=DELETE;
-BEGIN;
-CREATE TABLE meta(key TEXT PRIMARY KEY, value NOT NULL);
-INSERT INTO meta VALUES ('accounts', $ACCOUNTS), ('seed_balance', $SEED_BALANCE),
-  ('rule', 'src=$R_SRC dst=$R_DST amount=$R_AMT');
-CREATE TABLE accounts(id INTEGER PRIMARY KEY, balance INTEGER NOT NULL);
-WITH RECURSIVE a(id) AS (SELECT 1 UNION ALL SELECT id + 1 FROM a WHERE id < $ACCOUNTS)
-  INSERT INTO accounts SELECT id, $SEED_BALANCE FROM a;
-CREATE TABLE transfers(seq INTEGER PRIMARY KEY, src INTEGER NOT NULL, dst INTEGER NOT NULL,
-  amount INTEGER NOT NULL);
-COMMIT;
-PRAGMA journal_mode=WAL;
-EOF
-    mv -f "$_tmp" "$DB" || die "cannot rename $_tmp"
-    sync
-}
-
-cmd_start() {
-    [ $# -eq 1 ] || usage
-    mkdir -p "$1" || die "cannot create $1"
-    resolve_dir "$1"
-    case $DELAY in '' | *[!0-9.]*) die "QUIESCE_APP_DELAY must be a number of seconds" ;; esac
-    mkdir -p "$RUNDIR" || die "cannot create $RUNDIR"
-    if writer_pid; then die "a writer already runs on $DIR (pid $WPID)"; fi
-    rm -f "$PIDF" "$SEQF" "$PAUSEF" "$ACKF" "$STOPF" "$INF" "$OUTF"
-    [ -e "$DB" ] || seed_db
-    setsid "$SELF" _writer "$DIR" </dev/null >>"$LOGF" 2>&1 &
-    _spawned=$!
-    ticks; _end=$((TICKS + 3000))
-    until writer_pid; do
-        if ! kill -0 "$_spawned" 2>/dev/null && ! writer_pid; then
-            die "writer failed to start: $(tail -n 3 "$LOGF" 2>/dev/null | tr '\n' ' ')"
-        fi
-        ticks
-        if [ "$TICKS" -gt "$_end" ]; then
-            kill -KILL "$_spawned" 2>/dev/null
-            die "writer made no commit within 30s: $(tail -n 3 "$LOGF" 2>/dev/null | tr '\n' ' ')"
-        fi
-        sleep 0.02
-    done
-    echo "$WPID"
-}
-
-# ---- the writer (runs detached: setsid, stdio on the log)
-wlog() { read -r _u _rest < /proc/uptime; printf '[%s] writer %s: %s\n' "$_u" "$$" "$*"; }
-wfail() {
-    wlog "error: $*"
-    rm -f "$PIDF" "$ACKF" "$STOPF" "$INF" "$OUTF"
-    exit 1
-}
-# send SQL to sqlite3 and read one line of output
-ask() {
-    printf '%s\n' "$1" >&3 || wfail "sqlite3 is gone (write failed)"
-    read -r REPLY <&4 || wfail "sqlite3 exited (see the errors above)"
-}
-# idle at a transaction boundary until the pause file goes away
-pause_loop() {
-    read -r _tok 2>/dev/null < "$PAUSEF" || return 0   # gone, or being written
-    [ -n "$_tok" ] || return 0
-    # the last commit is on disk (synchronous=FULL); also move the WAL into
-    # app.db and truncate it, so the frozen image needs no WAL replay.  A
-    # reader (a live "check") can make the checkpoint busy: wait for it at most
-    # 0.3 s, then go on (busy=1 in the log; the data is still safe in the WAL).
-    printf '%s\n' ".timeout 300" >&3
-    ask "PRAGMA wal_checkpoint(TRUNCATE);"
-    _ck=$REPLY
-    printf '%s\n' ".timeout 10000" >&3
-    echo "$_tok $i" > "$ACKF"
-    wlog "paused at transfers=$i (checkpoint busy|log|done=$_ck)"
-    while [ -e "$PAUSEF" ] && [ ! -e "$STOPF" ]; do
-        sleep 0.02
-        read -r _t2 2>/dev/null < "$PAUSEF" || break
-        # a new freeze request while still paused: acknowledge it too
-        if [ -n "$_t2" ] && [ "$_t2" != "$_tok" ]; then
-            _tok=$_t2
-            echo "$_tok $i" > "$ACKF"
-        fi
-    done
-    rm -f "$ACKF"
-    wlog "resumed at transfers=$i"
-}
-cmd_writer() {
-    resolve_dir "$1"
-    trap '' PIPE HUP INT
-    rm -f "$INF" "$OUTF"
-    mkfifo "$INF" "$OUTF" || wfail "mkfifo failed"
-    sqlite3 -bail -batch -noheader -list "$DB" <"$INF" >"$OUTF" &
-    _sq=$!
-    exec 3>"$INF" 4<"$OUTF"
-    rm -f "$INF" "$OUTF"
-    ask "PRAGMA journal_mode=WAL;"
-    [ "$REPLY" = wal ] || wfail "cannot switch $DB to WAL (got '$REPLY')"
-    printf '%s\n' ".timeout 10000" "PRAGMA synchronous=FULL;" >&3
-    ask "SELECT coalesce(max(seq), 0) FROM transfers;"
-    case $REPLY in '' | *[!0-9]*) wfail "unexpected reply '$REPLY'" ;; esac
-    i=$REPLY
-    wlog "started on $DB at transfers=$i (sqlite3 pid $_sq, WAL, synchronous=FULL, delay ${DELAY}s)"
-    while [ ! -e "$STOPF" ]; do
-        if [ -e "$PAUSEF" ]; then
-            pause_loop
-            continue
-        fi
-        _n=$((i + 1))
-        _s=$((_n * 7919 % ACCOUNTS))
-        _d=$(((_s + 1 + _n % (ACCOUNTS - 1)) % ACCOUNTS + 1))
-        _s=$((_s + 1))
-        _a=$((_n * 7919 % 97 + 1))
-        ask "BEGIN IMMEDIATE; UPDATE accounts SET balance = balance - $_a WHERE id = $_s; UPDATE accounts SET balance = balance + $_a WHERE id = $_d; INSERT INTO transfers(seq, src, dst, amount) VALUES ($_n, $_s, $_d, $_a); COMMIT; SELECT $_n;"
-        [ "$REPLY" = "$_n" ] || wfail "unexpected reply '$REPLY' to transfer $_n"
-        i=$_n
-        echo "$i" > "$SEQF"
-        [ -e "$PIDF" ] || echo "$$" > "$PIDF"
-        [ "$DELAY" = 0 ] || sleep "$DELAY"
-    done
-    exec 3>&-        # EOF: sqlite3 checkpoints, removes the WAL and exits
-    wait "$_sq"
-    wlog "stopped at transfers=$i (sqlite3 exit status $?)"
-    rm -f "$PIDF" "$ACKF"
-}
-
-cmd_stop() {
-    [ $# -eq 1 ] || usage
-    resolve_dir "$1"
-    if writer_pid; then
-        _pid=$WPID
-        : > "$STOPF"
-        ticks; _end=$((TICKS + 1000))
-        while writer_pid; do
-            ticks
-            if [ "$TICKS" -gt "$_end" ]; then
-                echo "quiesce-app: writer $_pid did not stop within 10s; killing it" >&2
-                kill -KILL "-$_pid" "$_pid" 2>/dev/null
-                sleep 1
-                if writer_pid; then die "cannot stop writer $_pid"; fi
-                break
-            fi
-            sleep 0.02
-        done
-    fi
-    rm -f "$PIDF" "$SEQF" "$ACKF" "$STOPF" "$INF" "$OUTF"
-    echo "stopped transfers=$(stopped_count)"
-}
-
-cmd_status() {
-    [ $# -eq 1 ] || usage
-    resolve_dir "$1"
-    if writer_pid; then
-        _k=0
-        until read -r _n 2>/dev/null < "$SEQF" && [ -n "$_n" ]; do
-            _k=$((_k + 1))
-            [ "$_k" -lt 50 ] || die "writer $WPID has no $SEQF"
-            sleep 0.01
-        done
-        echo "running pid=$WPID transfers=$_n"
-    else
-        echo "stopped transfers=$(stopped_count)"
-    fi
-}
-
-inconsistent() { printf 'inconsistent: %s\n' "$*"; exit 1; }
-cmd_check() {
-    [ $# -eq 1 ] || usage
-    [ -d "$1" ] || inconsistent "no such directory: $1"
-    resolve_dir "$1"
-    [ -f "$DB" ] || inconsistent "no database $DB"
-    if writer_pid; then
-        # live database: one read transaction in place sees a committed snapshot
-        _db=$DB _ro=-readonly
-    else
-        snapshot || inconsistent "cannot copy $DB to /tmp"
-        _db=$SNAP/app.db _ro=
-    fi
-    _ic=$(sqlite3 -batch $_ro -cmd '.timeout 5000' "$_db" 'PRAGMA integrity_check;' 2>&1) \
-        || inconsistent "cannot read database: $(printf '%s\n' "$_ic" | head -n 1)"
-    [ "$_ic" = ok ] || inconsistent "integrity_check: $(printf '%s\n' "$_ic" | head -n 1)"
-    _res=$(sqlite3 -batch $_ro -cmd '.timeout 5000' "$_db" 2>&1 <<EOF
-WITH
- t(n, lo, hi) AS (SELECT count(*), coalesce(min(seq), 0), coalesce(max(seq), 0) FROM transfers),
- bad(s) AS (SELECT min(seq) FROM transfers
-            WHERE src IS NOT $R_SRC OR dst IS NOT $R_DST OR amount IS NOT $R_AMT),
- a(n, lo, hi, total) AS (SELECT count(*), coalesce(min(id), 0), coalesce(max(id), 0),
-                         coalesce(sum(balance), 0) FROM accounts),
- flow(id, d) AS (SELECT id, sum(d) FROM (SELECT src AS id, -amount AS d FROM transfers
-                 UNION ALL SELECT dst, amount FROM transfers) GROUP BY id),
- diff(id, have, want) AS (SELECT x.id, x.balance, $SEED_BALANCE + coalesce(f.d, 0)
-                          FROM accounts x LEFT JOIN flow f ON f.id = x.id
-                          WHERE x.balance IS NOT $SEED_BALANCE + coalesce(f.d, 0)
-                          ORDER BY x.id LIMIT 1)
-SELECT CASE
- WHEN a.n != $ACCOUNTS OR a.lo != 1 OR a.hi != $ACCOUNTS
-  THEN 'accounts has ' || a.n || ' rows with ids ' || a.lo || '..' || a.hi || ', expected ids 1..$ACCOUNTS'
- WHEN t.n > 0 AND (t.lo != 1 OR t.hi != t.n)
-  THEN 'transfers.seq is not 1..N without gaps (' || t.n || ' rows, seq ' || t.lo || '..' || t.hi || ')'
- WHEN bad.s IS NOT NULL
-  THEN 'transfer seq=' || bad.s || ' does not follow the transfer rule'
- WHEN a.total != $TOTAL
-  THEN 'sum of balances is ' || a.total || ', expected $TOTAL'
- WHEN EXISTS (SELECT 1 FROM diff)
-  THEN (SELECT 'account ' || id || ' has balance ' || have || ', replaying transfers 1..' || t.n
-        || ' from the seed gives ' || want FROM diff)
- ELSE 'ok ' || t.n || ' ' || a.total
-END FROM t, bad, a;
-EOF
-) || inconsistent "query failed: $(printf '%s\n' "$_res" | head -n 1)"
-    case $_res in
-        "ok "*)
-            set -- $_res
-            echo "consistent transfers=$2 total=$3"
-            exit 0 ;;
-        *) inconsistent "$_res" ;;
-    esac
-}
-
-# ---- fsfreeze hook side: pause / resume every running writer
-hlog() { echo "quiesce-app $*"; }
-cmd_freeze() {
-    ticks; _t0=$TICKS
-    _pending=
-    for _f in "$RUNDIR"/*.pid; do
-        [ -f "$_f" ] || continue
-        _n=${_f##*/}
-        set_name "${_n%.pid}"
-        writer_pid || continue
-        read -r _tok < /proc/sys/kernel/random/uuid
-        echo "$_tok" > "$PAUSEF"
-        _pending="$_pending $NAME:$WPID:$_tok"
-    done
-    if [ -z "$_pending" ]; then
-        hlog "freeze: no writer running"
-        return 0
-    fi
-    _end=$((_t0 + PAUSE_WAIT * 100))
-    while [ -n "$_pending" ]; do
-        _left=
-        for _e in $_pending; do
-            set_name "${_e%%:*}"
-            _r=${_e#*:}; _pid=${_r%%:*}; _tok=${_r#*:}
-            _t= _seq=
-            read -r _t _seq 2>/dev/null < "$ACKF"
-            ticks
-            if [ "$_t" = "$_tok" ]; then
-                hlog "freeze: writer $NAME (pid $_pid) paused at transfers=$_seq after $(secs $((TICKS - _t0)))s"
-            elif ! writer_pid; then
-                hlog "freeze: writer $NAME (pid $_pid) exited"
-            else
-                _left="$_left $_e"
-            fi
-        done
-        _pending=$_left
-        [ -n "$_pending" ] || break
-        if [ "$TICKS" -ge "$_end" ]; then
-            for _e in $_pending; do
-                _r=${_e#*:}
-                hlog "freeze: WARNING: writer ${_e%%:*} (pid ${_r%%:*}) did not acknowledge the pause within ${PAUSE_WAIT}s; freezing anyway"
-            done
-            break
-        fi
-        sleep 0.01
-    done
-    return 0
-}
-cmd_thaw() {
-    for _f in "$RUNDIR"/*.pause; do
-        [ -f "$_f" ] || continue
-        _n=${_f##*/}
-        set_name "${_n%.pause}"
-        rm -f "$PAUSEF"
-        if writer_pid; then
-            hlog "thaw: writer $NAME (pid $WPID) resumed"
-        fi
-    done
-    return 0
-}
-
-cmd=${1:-}
-[ $# -gt 0 ] && shift
-case $cmd in
-    start) cmd_start "$@" ;;
-    stop) cmd_stop "$@" ;;
-    status) cmd_status "$@" ;;
-    check) cmd_check "$@" ;;
-    freeze) cmd_freeze ;;
-    thaw) cmd_thaw ;;
-    _writer) cmd_writer "$@" ;;
-    *) usage ;;
-esac
-QUIESCE_APP_EOF
-put "$R/etc/qemu/fsfreeze-hook.d/quiesce-app" <<'EOF'
-#!/bin/sh
-# Called by /etc/qemu/fsfreeze-hook with "freeze" (before the filesystems are
-# frozen) or "thaw" (after they are thawed): pause every running quiesce-app
-# writer at a transaction boundary (checkpointed, acknowledged; waits at most
-# ~2 s in all) or resume them.  Output goes to the hook's log.  Exits 0.
-case ${1:-} in
-    freeze|thaw) /usr/bin/quiesce-app "$1" ;;
-esac
-exit 0
-EOF
-chmod 0755 "$R/usr/bin/quiesce-app" "$R/etc/qemu/fsfreeze-hook.d/quiesce-app"
-
-put "$R/sbin/init" <<'EOF'
-#!/bin/sh
-# /sbin/init of the quiesce test guest (PID 1): mount the API filesystems,
-# start qemu-ga on the virtio-serial port org.qemu.guest_agent.0, print
-# QUIESCE-GUEST-READY on the console, then reap children forever.
-export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root TERM=linux
-umask 022
-PORT_NAME=org.qemu.guest_agent.0
-PIDFILE=/run/qemu-ga.pid
-LOG=/var/log/qemu-ga.log
-
-mounted() { grep -q "^[^ ]* $1 " /proc/mounts 2>/dev/null; }
-[ -e /proc/self ] || mount -t proc -o nosuid,nodev,noexec proc /proc
-mounted /sys || mount -t sysfs -o nosuid,nodev,noexec sysfs /sys
-mounted /dev || mount -t devtmpfs -o mode=0755,nosuid devtmpfs /dev
-[ -c /dev/console ] && exec </dev/console >/dev/console 2>&1
-mkdir -p /dev/pts /dev/shm
-mounted /dev/pts || mount -t devpts -o nosuid,noexec,gid=5,mode=620,ptmxmode=000 devpts /dev/pts
-mounted /dev/shm || mount -t tmpfs -o nosuid,nodev,mode=1777 tmpfs /dev/shm
-mounted /run || mount -t tmpfs -o nosuid,nodev,mode=0755 tmpfs /run
-mounted /tmp || mount -t tmpfs -o nosuid,nodev,mode=1777 tmpfs /tmp
-mount -o remount,rw / || echo "quiesce-init: warning: cannot remount / rw"
-mkdir -p /run/lock /run/qemu-ga
-ln -sf /proc/self/fd /dev/fd 2>/dev/null
-ln -sf /proc/self/fd/0 /dev/stdin 2>/dev/null
-ln -sf /proc/self/fd/1 /dev/stdout 2>/dev/null
-ln -sf /proc/self/fd/2 /dev/stderr 2>/dev/null
-hostname quiesce-guest
-ifconfig lo 127.0.0.1 up 2>/dev/null
-
-# No udevd runs, but qemu-ga reads disk serials (guest-get-fsinfo, guest-get-disks) from
-# the udev database: write the entries udev would have written for each virtio disk, so
-# the host can map guest filesystems to its disks by serial.
-mkdir -p /run/udev/data
-for b in /sys/block/vd*; do
-    [ -r "$b/serial" ] && [ -r "$b/dev" ] || continue
-    s=$(cat "$b/serial")
-    [ -n "$s" ] || continue
-    printf 'I:1\nE:ID_SERIAL=%s\nE:ID_SERIAL_SHORT=%s\n' "$s" "$s" > "/run/udev/data/b$(cat "$b/dev")"
-done
-
-fatal() {
-    echo "QUIESCE-GUEST-FAILED: $*"
-    sync
-    poweroff -f
-}
-
-# find the agent's virtio-serial port (udev is not running, so create the
-# /dev/virtio-ports/<name> symlink ourselves)
-port=
-i=0
-while [ "$i" -lt 100 ]; do
-    for n in /sys/class/virtio-ports/*/name; do
-        [ -r "$n" ] || continue
-        if [ "$(cat "$n")" = "$PORT_NAME" ]; then
-            d=${n%/name}
-            port=/dev/${d##*/}
-        fi
-    done
-    [ -n "$port" ] && [ -c "$port" ] && break
-    port=
-    i=$((i + 1))
-    sleep 0.1
-done
-[ -n "$port" ] || fatal "no virtio-serial port named $PORT_NAME (check -device virtserialport,name=$PORT_NAME)"
-mkdir -p /dev/virtio-ports
-ln -sf "../${port#/dev/}" "/dev/virtio-ports/$PORT_NAME"
-AGENT_DEV=/dev/virtio-ports/$PORT_NAME
-
-agent_pid=
-start_agent() {
-    qemu-ga -m virtio-serial -p "$AGENT_DEV" -F/etc/qemu/fsfreeze-hook \
-        -t /run/qemu-ga -l "$LOG" </dev/null &
-    agent_pid=$!
-    echo "$agent_pid" > "$PIDFILE"
-}
-
-# the agent is "up" once it holds the port open
-agent_up() {
-    for fd in /proc/"$agent_pid"/fd/*; do
-        case $(readlink "$fd" 2>/dev/null) in
-            "$port") return 0 ;;
-        esac
-    done
-    return 1
-}
-
-shutdown_signal() {
-    /sbin/quiesce-shutdown "$1"
-}
-trap 'shutdown_signal poweroff' USR2
-trap 'shutdown_signal halt' USR1
-trap 'shutdown_signal reboot' TERM
-trap '' INT HUP
-
-start_agent
-i=0
-while ! agent_up; do
-    kill -0 "$agent_pid" 2>/dev/null \
-        || fatal "qemu-ga exited during start-up; log: $(tail -n 5 "$LOG" 2>/dev/null)"
-    i=$((i + 1))
-    [ "$i" -lt 300 ] || fatal "qemu-ga did not open $AGENT_DEV within 15s"
-    sleep 0.05
-done
-echo QUIESCE-GUEST-READY
-
-# PID 1 duty: reap orphans (wait blocks in waitpid(-1)) and keep the agent alive
-while :; do
-    wait
-    if ! kill -0 "$agent_pid" 2>/dev/null; then
-        if [ ! -e /run/quiesce-shutdown ]; then
-            echo "quiesce-init: qemu-ga (pid $agent_pid) exited; restarting it"
-            sleep 1
-            start_agent
-        else
-            # shutting down: quiesce-shutdown kills everything, including
-            # this sleep; keep the shell's "Killed" job message off the console
-            exec >/dev/null 2>&1
-            sleep 1
-        fi
-    fi
-done
-EOF
-
-put "$R/sbin/quiesce-shutdown" <<'EOF'
-#!/bin/sh
-# quiesce-shutdown poweroff|reboot|halt
-# Returns at once; in the background: stop all processes, sync, remount /
-# read-only and power off (halt also powers off: a halted VM would only hang).
-export PATH=/usr/sbin:/usr/bin:/sbin:/bin
-action=${1:-poweroff}
-case $action in
-    poweroff|halt) flag=poweroff sysrq=o ;;
-    reboot) flag=reboot sysrq=b ;;
-    *) echo "usage: $0 poweroff|reboot|halt" >&2; exit 2 ;;
-esac
-: > /run/quiesce-shutdown 2>/dev/null
-(
-    trap '' TERM HUP INT
-    sleep 0.2
-    echo "quiesce-guest: $action" > /dev/console
-    kill -TERM -1 2>/dev/null
-    sleep 0.5
-    kill -KILL -1 2>/dev/null
-    sync
-    mount -o remount,ro / 2>/dev/null
-    sync
-    busybox "$flag" -f
-    echo "$sysrq" > /proc/sysrq-trigger
-) </dev/null >/dev/null 2>&1 &
-exit 0
-EOF
-
-put "$R/sbin/shutdown" <<'EOF'
-#!/bin/sh
-# shutdown [-P|-h|-r|-H|-c] [TIME] [MESSAGE]  (qemu-ga runs "/sbin/shutdown -P +0 msg")
-action=poweroff
-for a in "$@"; do
-    case $a in
-        -c) exit 0 ;;
-        -r|--reboot) action=reboot ;;
-        -H|--halt) action=halt ;;
-        -P|-h|--poweroff) action=poweroff ;;
-    esac
-done
-exec /sbin/quiesce-shutdown "$action"
-EOF
-for a in poweroff reboot halt; do
-    printf '#!/bin/sh\nexec /sbin/quiesce-shutdown %s\n' "$a" | put "$R/sbin/$a"
-done
-chmod 0755 "$R/sbin/init" "$R/sbin/quiesce-shutdown" "$R/sbin/shutdown" \
-    "$R/sbin/poweroff" "$R/sbin/reboot" "$R/sbin/halt"
-
 # busybox applets, for every name not already taken by a real program or by
-# one of the scripts above (symlinks are created last: nothing above may
+# one of the guest files above (symlinks are created last: nothing above may
 # write through a symlink pointing to /bin/busybox on the host)
 put "$R/bin/busybox" < "$BB"
 chmod 0755 "$R/bin/busybox"
@@ -1128,25 +445,9 @@ if [ $((used_k * 100 / 75)) -gt "$size_k" ]; then
     die "root files need ${used_k} KiB, too much for QUIESCE_ROOT_SIZE=$ROOT_SIZE (the amd64 flavour needs about 1G)"
 fi
 find "$R" -exec touch -h -d "@$SDE" {} +
-cat > "$W/mke2fs.conf" <<'EOF'
-[defaults]
-	base_features = sparse_super,large_file,filetype,resize_inode,dir_index,ext_attr
-	default_mntopts = acl,user_xattr
-	enable_periodic_fsck = 0
-	blocksize = 4096
-	inode_size = 256
-	inode_ratio = 16384
-
-[fs_types]
-	small = {
-		inode_ratio = 16384
-	}
-	ext4 = {
-		features = has_journal,extent,huge_file,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize
-	}
-EOF
 rm -f "$W/root.img"
-E2FSPROGS_FAKE_TIME=$SDE MKE2FS_CONFIG=$W/mke2fs.conf \
+# mke2fs.conf: our own, so that the host's /etc/mke2fs.conf cannot change the image
+E2FSPROGS_FAKE_TIME=$SDE MKE2FS_CONFIG=$HERE/mke2fs.conf \
     mkfs.ext4 -q -F -t ext4 -L "$FS_LABEL" -U "$FS_UUID" -m 0 \
     -E "root_owner=0:0,hash_seed=$HASH_SEED,lazy_itable_init=0,lazy_journal_init=0,nodiscard" \
     -d "$R" "$W/root.img" "$ROOT_SIZE" >/dev/null
