@@ -1,16 +1,34 @@
 //! Scenarios: the file format, the runner that turns one into library calls, the report
 //! it produces, and the fixture (a stable view of the report) it is compared with.
+//!
+//! The modules, and what each uses inside `scenario` (each uses only those listed after it,
+//! so the graph has no cycle):
+//!
+//! | module | what it is | uses |
+//! |---|---|---|
+//! | `format` | the file: `spec` (its types), `check` (what serde cannot check) | `format::spec` |
+//! | `report`, `fixture` | what a run produced, and its stable view | `report` |
+//! | `run` | the run itself, in order | all of `run::*` |
+//! | `run::rollback` | rollback cycles | `faults`, `disk_checks`, `ctx`, `error` |
+//! | `run::restore` | restore and its checks, in steps | `restore::guest`, `disk_checks`, `ctx`, `error` |
+//! | `run::restore::guest` | the checks inside a restored guest | `ctx`, `error` |
+//! | `run::after_backup` | the VMs are back as they were; nothing changed | `ctx`, `error` |
+//! | `run::setup` | each VM booted as declared, its workloads started | `ctx`, `error` |
+//! | `run::faults` | the set member and its faults, freeze hooks, the small tmpfs | `ctx`, `error` |
+//! | `run::disk_checks` | manifests and blocks against the backup point | `error` |
+//! | `run::ctx` | options, the run's context value, each VM's state, deadlines | `error` |
+//! | `run::error` | the run's typed error | (lower layers only) |
+//!
+//! Every `run` module also reads `format` and writes `report`; neither knows of `run`.
 
-mod disk_checks;
 pub mod fixture;
 pub mod format;
 pub mod report;
-mod rollback;
-pub mod runner;
+pub mod run;
 
 pub use format::{load, parse, Scenario, ScenarioError};
 pub use report::Report;
-pub use runner::{run, RunOptions};
+pub use run::{run, RunError, RunOptions};
 
 /// The scenario files in `path`: the file itself, or every `*.toml` in a folder, sorted.
 pub fn discover(path: &std::path::Path) -> std::io::Result<Vec<std::path::PathBuf>> {

@@ -4,13 +4,13 @@
 
 use std::path::{Path, PathBuf};
 
-use super::format::ManifestSpec;
-use super::report::{ManifestReport, Report};
-use super::runner::{fail, RunError};
+use super::super::format::ManifestSpec;
+use super::super::report::{ManifestReport, Report};
+use super::error::{At, Cause, DiskPlace, RunError};
 use crate::backup::{Backup, VmBackup};
 use crate::image::manifest::{self, EntryKind, Limits, Manifest};
 use crate::qemu::DiskFormat;
-use crate::verify::blockcmp;
+use crate::verify::blockcmp::{self, BlockComparison};
 
 /// One disk's backup point: its manifest, and the paths the scenario calls volatile.
 pub(super) struct Point {
@@ -24,13 +24,13 @@ pub(super) struct Point {
 const REDACTED: &str = "[redacted]";
 
 /// The manifest of a disk image, read through QEMU's drivers (off the runtime: it reads
-/// the whole image).
-pub(super) async fn read(path: &Path, format: DiskFormat) -> Result<Manifest, RunError> {
+/// the whole image). `at` says which step of the run reads it.
+pub(super) async fn read(path: &Path, format: DiskFormat, at: At) -> Result<Manifest, RunError> {
     let path = path.to_owned();
-    tokio::task::spawn_blocking(move || manifest::read_image(&path, format, &Limits::default()))
-        .await
-        .map_err(fail("the manifest reader's thread"))?
-        .map_err(fail("reading a file manifest"))
+    match tokio::task::spawn_blocking(move || manifest::read_image(&path, format, &Limits::default())).await {
+        Ok(read) => read.map_err(|e| e.at(at)),
+        Err(thread) => Err(thread.at(at)),
+    }
 }
 
 /// The backup point of each disk the scenario names, read from the backup's image of it.
@@ -39,15 +39,16 @@ pub(super) async fn backup_points(
     vb: &VmBackup,
     wanted: &[&ManifestSpec],
 ) -> Result<Vec<Point>, RunError> {
+    let at = || At::vm(&vb.name, "reading the backup point's manifests");
     let mut out = Vec::new();
     for spec in wanted {
         let disk = spec.disk.get_ref();
-        let d = vb
-            .disks
-            .iter()
-            .find(|d| &d.node_name == disk)
-            .ok_or_else(|| RunError(format!("VM {}: disk {disk} is not in the backup", vb.name)))?;
-        let manifest = read(&backup.vm_dir(&vb.name).join(&d.file), d.format).await?;
+        let d = vb.disks.iter().find(|d| &d.node_name == disk).ok_or_else(|| RunError::NoDisk {
+            at: at(),
+            place: DiskPlace::Backup,
+            disk: disk.clone(),
+        })?;
+        let manifest = read(&backup.vm_dir(&vb.name).join(&d.file), d.format, at()).await?;
         out.push(Point { disk: disk.clone(), ignore: spec.ignore.clone(), redact: spec.redact.clone(), manifest });
     }
     Ok(out)
@@ -92,14 +93,15 @@ pub(super) async fn compare_manifests(
     restored: &[(String, PathBuf)],
     report: &mut Report,
 ) -> Result<Vec<(String, Vec<String>)>, RunError> {
+    let at = || At::vm(vm, "reading a restored disk's manifest");
     let mut all = Vec::new();
     for p in points {
-        let path = &restored
-            .iter()
-            .find(|(n, _)| n == &p.disk)
-            .ok_or_else(|| RunError(format!("VM {vm}: no restored disk {}", p.disk)))?
-            .1;
-        let now = read(path, DiskFormat::Qcow2).await?;
+        let path = &restored.iter().find(|(n, _)| n == &p.disk).ok_or_else(|| RunError::NoDisk {
+            at: at(),
+            place: DiskPlace::Restored,
+            disk: p.disk.clone(),
+        })?;
+        let now = read(&path.1, DiskFormat::Qcow2, at()).await?;
         let differences: Vec<String> =
             manifest::diff(&p.manifest, &now, &p.ignore).iter().map(ToString::to_string).collect();
         report.manifests.push(ManifestReport {
@@ -113,30 +115,57 @@ pub(super) async fn compare_manifests(
     Ok(all)
 }
 
-/// Block comparison of each restored disk with the backup's image of it. The comparison
-/// blocks (it reads whole images), so it runs on a thread of its own.
-pub(super) async fn compare_blocks(
-    backup: &Backup,
-    vb: &VmBackup,
-    restored: &[(String, PathBuf)],
-) -> Result<Vec<(String, blockcmp::BlockComparison)>, RunError> {
-    let mut pairs = Vec::new();
-    for d in &vb.disks {
-        let Some((_, overlay)) = restored.iter().find(|(n, _)| n == &d.node_name) else { continue };
-        pairs.push((d.node_name.clone(), overlay.clone(), backup.vm_dir(&vb.name).join(&d.file), d.format));
-    }
-    tokio::task::spawn_blocking(move || {
-        pairs
-            .into_iter()
-            .map(|(disk, overlay, image, format)| {
-                let c = blockcmp::compare(&overlay, DiskFormat::Qcow2, &image, format)
-                    .map_err(fail(&format!("comparing the blocks of disk {disk}")))?;
-                Ok((disk, c))
+/// One disk to compare block by block: its name, the restored image and the backup's.
+pub(super) struct Pair {
+    pub disk: String,
+    pub restored: (PathBuf, DiskFormat),
+    pub backup: (PathBuf, DiskFormat),
+}
+
+impl Pair {
+    /// Each of the backup's disks of `vb` paired with its restored image, found by
+    /// `restored` (by node name); a disk the restore did not give back is an error.
+    pub fn of(
+        backup: &Backup,
+        vb: &VmBackup,
+        at: impl Fn() -> At,
+        restored: impl Fn(&str) -> Option<(PathBuf, DiskFormat)>,
+    ) -> Result<Vec<Pair>, RunError> {
+        vb.disks
+            .iter()
+            .map(|d| {
+                let r = restored(&d.node_name).ok_or_else(|| RunError::NoDisk {
+                    at: at(),
+                    place: DiskPlace::Restored,
+                    disk: d.node_name.clone(),
+                })?;
+                Ok(Pair {
+                    disk: d.node_name.clone(),
+                    restored: r,
+                    backup: (backup.vm_dir(&vb.name).join(&d.file), d.format),
+                })
             })
             .collect()
+    }
+}
+
+/// Block comparison of each restored disk with the backup's image of it, per disk. The
+/// comparison blocks (it reads whole images), so it runs on a thread of its own.
+pub(super) async fn compare_blocks(pairs: Vec<Pair>, at: At) -> Result<Vec<(String, BlockComparison)>, RunError> {
+    let compared = tokio::task::spawn_blocking(move || {
+        pairs
+            .into_iter()
+            .map(|p| {
+                let c = blockcmp::compare(&p.restored.0, p.restored.1, &p.backup.0, p.backup.1)?;
+                Ok((p.disk, c))
+            })
+            .collect::<Result<Vec<_>, blockcmp::BlockCompareError>>()
     })
-    .await
-    .map_err(fail("the block comparison's thread"))?
+    .await;
+    match compared {
+        Ok(c) => c.map_err(|e| e.at(at)),
+        Err(thread) => Err(thread.at(at)),
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,523 @@
+//! Rollback cycles: back the VM up (the scenario's methods taken in turn), change the
+//! guest's data, restore the backup to a new VM and then in place onto the VM's own disks,
+//! and verify both against the backup point, over and over. The VM runs on from each
+//! in-place restore into the next cycle, so drift would accumulate and show.
+//!
+//! A cycle proves, for both restores: every restored disk holds the backup's bytes before
+//! the guest runs (blocks; a difference names its offset), and the data disk's files after
+//! the guest ran equal the backup point's (manifests; a difference names its path). It also
+//! proves that the data really changed in between, or it would prove nothing.
+
+use std::path::Path;
+use std::time::Duration;
+
+use super::super::format::{MethodChoice, RollbackSpec};
+use super::super::report::{DiskReport, Report, RestoreReport};
+use super::ctx::{RunCtx, Vm, AGENT_READY, GUEST_COMMAND, SHUTDOWN};
+use super::disk_checks::{self, Pair};
+use super::error::{io, At, Cause, DiskPlace, Interruption, RunError};
+use super::faults::member;
+use crate::backup::set;
+use crate::backup::{runstate, Backup, Method, VmBackup};
+use crate::image::manifest::{self, Change, Manifest};
+use crate::qemu::exec::{self, ExecError};
+use crate::qemu::{DiskFormat, GuestAgent, Machine};
+use crate::timeline::Timeline;
+use crate::verify::blockcmp::BlockComparison;
+use crate::verify::{restore, RestoreError, RestoreOptions};
+use crate::workload;
+
+/// Freezing or thawing the guest to read a disk of the running VM (VSS holds writes at most 10 s).
+const FREEZE: Duration = Duration::from_secs(10);
+/// Differences listed in a check's detail before the rest are only counted.
+const MAX_LINES: usize = 20;
+
+/// One cycle: its number (from 1), and what every step of it reports against.
+struct Cycle<'a> {
+    n: u32,
+    vm: String,
+    disk: &'a str,
+    ignore: &'a [String],
+}
+
+impl Cycle<'_> {
+    fn check(&self, what: &str) -> String {
+        format!("cycle-{}-{what}", self.n)
+    }
+
+    /// Where in this cycle a step is: the VM, the cycle and the step.
+    fn at(&self, step: &'static str) -> At {
+        At { vm: Some(self.vm.clone()), cycle: Some(self.n), step }
+    }
+
+    /// Wraps a lower error of this cycle with the VM, the cycle and the step.
+    fn fail<E: Cause>(&self, step: &'static str) -> impl FnOnce(E) -> RunError + '_ {
+        move |e| e.at(self.at(step))
+    }
+}
+
+/// A cycle's backup: the folder, the VM's part of it, and the backup point's files on the
+/// data disk.
+struct Point {
+    backup: Backup,
+    vb: VmBackup,
+    files: Manifest,
+}
+
+/// A change the cycle makes to the data, as the manifest comparison must show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Made {
+    Added,
+    Changed,
+    Removed,
+}
+
+/// Runs the scenario's rollback cycles on its one VM.
+pub(super) async fn run(ctx: &mut RunCtx<'_>, spec: &RollbackSpec, mut vm: Vm) -> Result<(), RunError> {
+    let name = vm.name().to_owned();
+    let disk = spec.disk.get_ref().as_str();
+    let ignore = spec.ignore.as_slice();
+    let (change, remove) = files_to_change(&vm, disk, ignore)?;
+    let methods = spec.methods.get_ref();
+    let cycles = *spec.cycles.get_ref();
+    let backups = ctx.work.join("backups");
+    let mut used = Vec::new();
+    for n in 1..=cycles {
+        if ctx.interrupted() {
+            return Err(RunError::Interrupted(Interruption::BeforeCycle { n, of: cycles }));
+        }
+        let choice = methods[(n as usize - 1) % methods.len()];
+        let c = Cycle { n, vm: name.clone(), disk, ignore };
+        let label = choice_label(choice);
+        ctx.say(&format!("cycle {n} of {cycles} ({label})"));
+        ctx.tl.mark(Some(&name), &format!("cycle {n}: {label}"));
+
+        // 1. The backup, and the backup point's files on the data disk.
+        let backup = backup(&c, ctx, &vm, choice, &backups.join(format!("cycle-{n}"))).await?;
+        let vb = backup
+            .vm(&name)
+            .ok_or_else(|| RunError::VmNotBackedUp { at: c.at("the backup"), vm: name.clone() })?
+            .clone();
+        used.push(vb.method.as_str());
+        if let Some(r) = ctx.report.vm_mut(&name) {
+            r.method = Some(used.join(", "));
+        }
+        let at = "reading the backup point's manifest";
+        let entry = vb.disks.iter().find(|d| d.node_name == disk).ok_or_else(|| RunError::NoDisk {
+            at: c.at(at),
+            place: DiskPlace::Backup,
+            disk: disk.to_owned(),
+        })?;
+        let image = backup.vm_dir(&name).join(&entry.file);
+        let files = ctx
+            .tl
+            .step(Some(&name), "read the backup point's manifest", disk_checks::read(&image, entry.format, c.at(at)))
+            .await?;
+        let point = Point { backup, vb, files };
+
+        // 2. Change the data on the live VM.
+        let made = ctx.tl.step(Some(&name), "change the data", mutate(&c, &vm, &change, &remove)).await?;
+
+        // 3. Restore to a new VM; 4. restore in place, onto the VM's own disks.
+        new_vm(&c, ctx, &vm, &point).await?;
+        in_place(&c, ctx, &mut vm, &point, &made).await?;
+
+        // The cycle is verified: its backup is no longer needed (but for the last, if kept).
+        if ctx.opts.keep_backup && n == cycles {
+            ctx.keep_backup(&point.backup.path, c.at("keeping the backup"))?;
+        } else {
+            let path = &point.backup.path;
+            std::fs::remove_dir_all(path).map_err(io(c.at("removing the cycle's backup"), path))?;
+        }
+    }
+    Ok(())
+}
+
+fn choice_label(c: MethodChoice) -> &'static str {
+    match c {
+        MethodChoice::Auto => "auto",
+        MethodChoice::ChildSnapshot => "child-snapshot",
+        MethodChoice::SavedState => "saved-state",
+    }
+}
+
+/// The seeded files each cycle changes (the first) and removes (the last), by path in the
+/// data disk's filesystem. The restores bring both back, so every cycle finds them again.
+fn files_to_change(vm: &Vm, disk: &str, ignore: &[String]) -> Result<(String, String), RunError> {
+    let d = vm.spec.disks.iter().map(|d| d.get_ref()).find(|d| d.name.get_ref() == disk).ok_or_else(|| {
+        RunError::NoDisk { at: At::vm(vm.name(), "rollback cycles"), place: DiskPlace::Vm, disk: disk.to_owned() }
+    })?;
+    let files: Vec<&String> = d.files.keys().filter(|p| !manifest::ignored(&format!("/{p}"), ignore)).collect();
+    match (files.first(), files.last()) {
+        (Some(first), Some(last)) if files.len() >= 2 => Ok(((*first).clone(), (*last).clone())),
+        _ => Err(RunError::TooFewFiles { disk: disk.to_owned() }),
+    }
+}
+
+/// Backs the VM up by `method` and checks that it got that method and runs on.
+async fn backup(
+    c: &Cycle<'_>,
+    ctx: &mut RunCtx<'_>,
+    vm: &Vm,
+    method: MethodChoice,
+    path: &Path,
+) -> Result<Backup, RunError> {
+    let interrupt = ctx.opts.interrupt.clone().unwrap_or_default();
+    let outcome =
+        set::run(&[member(ctx.s, vm, method)], ctx.caps, path, ctx.tl, &interrupt).await.map_err(c.fail("backup"))?;
+    let choice = outcome
+        .choices
+        .iter()
+        .find(|(v, _)| *v == c.vm)
+        .map(|(_, ch)| ch.clone())
+        .ok_or_else(|| RunError::NoChoice { at: c.at("backup") })?;
+    let st = runstate::query(&vm.guest.machine).await.map_err(c.fail("query-status after the backup"))?;
+    let want = match method {
+        MethodChoice::SavedState => Method::SavedState,
+        _ => Method::ChildSnapshot,
+    };
+    let report = &mut *ctx.report;
+    report.check(
+        &c.vm,
+        &c.check("backup"),
+        choice.method == want && st.running,
+        format!("{}: {}; {} after the backup", choice.method.as_str(), choice.reason, st.label()),
+    );
+    if let Some(r) = report.vm_mut(&c.vm) {
+        r.state_after_backup = Some(st.label().into());
+        r.method_reason = Some("rollback cycles take the scenario's methods in turn".into());
+        if r.conditions.is_empty() {
+            r.conditions =
+                choice.conditions.iter().map(|v| (v.condition.name().to_owned(), v.outcome)).collect::<Vec<_>>();
+        }
+        if let (true, Some(vb)) = (r.backup_disks.is_empty(), outcome.backup.vm(&c.vm)) {
+            r.timings = Some(vb.timings.clone());
+            r.backup_disks = DiskReport::of_backup(vb);
+        }
+    }
+    Ok(outcome.backup)
+}
+
+/// Changes the data disk, the same way for the same cycle: adds a file, changes a seeded
+/// one, removes another, makes a folder, and syncs. Returns the changes made.
+async fn mutate(c: &Cycle<'_>, vm: &Vm, change: &str, remove: &str) -> Result<Vec<(Made, String)>, RunError> {
+    let n = c.n;
+    let added = format!("rollback-{n}.txt");
+    let dir = format!("rollback-{n}");
+    let script = format!(
+        "set -e; cd {mnt}; printf 'added in cycle {n}\\n' > {added}; printf 'changed in cycle {n}\\n' >> {change}; \
+         rm {remove}; mkdir {dir}; sync",
+        mnt = quote(&format!("/mnt/{}", c.disk)),
+        added = quote(&added),
+        change = quote(change),
+        remove = quote(remove),
+        dir = quote(&dir),
+    );
+    let step = "changing the data in the guest";
+    let agent = vm.guest.machine.agent().map_err(c.fail(step))?;
+    exec::sh(agent, &script, GUEST_COMMAND).await.map_err(c.fail(step))?;
+    Ok(vec![
+        (Made::Added, format!("/{added}")),
+        (Made::Changed, format!("/{change}")),
+        (Made::Removed, format!("/{remove}")),
+        (Made::Added, format!("/{dir}")),
+    ])
+}
+
+/// A shell word.
+// TODO(sys): use the crate-wide `shell_quote` of the `sys` module once it exists.
+fn quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// The differences as `quiesce diff` prints them, the first few of them.
+fn changes_text(changes: &[Change]) -> String {
+    if changes.is_empty() {
+        return "no differences".into();
+    }
+    let mut lines: Vec<String> = changes.iter().take(MAX_LINES).map(|c| c.to_string()).collect();
+    if changes.len() > MAX_LINES {
+        lines.push(format!("... and {} more", changes.len() - MAX_LINES));
+    }
+    lines.join("; ")
+}
+
+/// Whether all restored disks are identical to the backup's, and a detail naming every
+/// difference's offset.
+fn blocks_text(results: &[(String, BlockComparison)]) -> (bool, String) {
+    let differ: Vec<String> =
+        results.iter().filter(|(_, r)| !r.identical).map(|(disk, r)| format!("disk {disk}: {r}")).collect();
+    if differ.is_empty() {
+        let names: Vec<&str> = results.iter().map(|(d, _)| d.as_str()).collect();
+        (true, format!("{} identical to the backup", names.join(", ")))
+    } else {
+        (false, differ.join("; "))
+    }
+}
+
+/// Mounts the VM's data disks after a fresh boot, as the scenario's VM had them.
+async fn mount_disks(vm: &Vm, agent: &GuestAgent) -> Result<(), ExecError> {
+    for d in &vm.spec.disks {
+        let d = d.get_ref();
+        if let Some(fstype) = d.filesystem.guest_type() {
+            workload::mount_disk(agent, d.name.get_ref(), fstype).await?;
+        }
+    }
+    Ok(())
+}
+
+/// The journal's own check, as a report check of this cycle (if the VM writes one).
+async fn journal_check(
+    c: &Cycle<'_>,
+    vm: &Vm,
+    agent: &GuestAgent,
+    what: &str,
+    report: &mut Report,
+) -> Result<(), RunError> {
+    let Some(path) = &vm.journal else { return Ok(()) };
+    let j = workload::check_journal(agent, path).await.map_err(c.fail("checking the journal"))?;
+    report.check(&c.vm, &c.check(what), j.intact(), format!("{} lines, first break {:?}", j.lines, j.first_break));
+    Ok(())
+}
+
+/// Restores the backup to a new VM and verifies it: blocks before the guest runs, then the
+/// data disk's files once it ran and was shut down cleanly.
+async fn new_vm(c: &Cycle<'_>, ctx: &mut RunCtx<'_>, vm: &Vm, p: &Point) -> Result<(), RunError> {
+    let rname = format!("{}-restored-{}", c.vm, c.n);
+    let mut ro = RestoreOptions::named(&rname);
+    ro.artifacts_dir = ctx.opts.artifacts_dir.clone();
+    ro.resume = false;
+    let mut restored = match p.vb.method {
+        Method::SavedState => restore::saved_state(&p.backup, &c.vm, &ro, ctx.tl).await,
+        Method::ChildSnapshot => restore::boot(&p.backup, &c.vm, &ro, ctx.tl).await,
+    }
+    .map_err(c.fail("restoring to a new VM"))?;
+
+    let step = "comparing the new VM's disks with the backup";
+    let overlay =
+        |disk: &str| restored.disks.iter().find(|(n, _)| n == disk).map(|(_, path)| (path.clone(), DiskFormat::Qcow2));
+    let pairs = Pair::of(&p.backup, &p.vb, || c.at(step), overlay)?;
+    let results = ctx
+        .tl
+        .step(Some(&rname), "compare blocks with the backup", disk_checks::compare_blocks(pairs, c.at(step)))
+        .await?;
+    let (same, detail) = blocks_text(&results);
+    ctx.report.check(&c.vm, &c.check("new-vm-blocks"), same, detail);
+
+    let m = &mut restored.machine;
+    run_restored(c, m, &p.vb, &rname, ctx.tl).await?;
+    let agent = m.agent().map_err(c.fail("the new VM's agent"))?;
+    if p.vb.method == Method::ChildSnapshot {
+        mount_disks(vm, agent).await.map_err(c.fail("mounting the new VM's data disks"))?;
+    }
+    journal_check(c, vm, agent, "new-vm-journal", ctx.report).await?;
+    let state_after_restore = runstate::query(m).await.map_err(c.fail("query-status"))?.label().to_owned();
+    ctx.tl.step(Some(&rname), "shut down", m.shutdown(SHUTDOWN)).await.map_err(c.fail("shutting the new VM down"))?;
+
+    let step = "reading the new VM's data disk";
+    let overlay = restored
+        .disks
+        .iter()
+        .find(|(n, _)| n == c.disk)
+        .map(|(_, p)| p.clone())
+        .ok_or_else(|| RunError::NoDisk { at: c.at(step), place: DiskPlace::Restored, disk: c.disk.to_owned() })?;
+    let after = ctx
+        .tl
+        .step(Some(&rname), "read the data disk's manifest", disk_checks::read(&overlay, DiskFormat::Qcow2, c.at(step)))
+        .await?;
+    let changes = manifest::diff(&p.files, &after, c.ignore);
+    ctx.report.check(&c.vm, &c.check("new-vm-manifest"), changes.is_empty(), changes_text(&changes));
+    ctx.report.restores.push(RestoreReport { vm: rname, state_after_restore, restore_ms: restored.restore_ms });
+    Ok(())
+}
+
+/// Runs a restored VM left stopped: resumes a saved state that was running, or boots a
+/// disk-only restore until its agent answers; then waits for the agent either way.
+async fn run_restored(c: &Cycle<'_>, m: &mut Machine, vb: &VmBackup, who: &str, tl: &Timeline) -> Result<(), RunError> {
+    match vb.method {
+        Method::SavedState => {
+            if vb.run_state_before == "running" {
+                tl.step(Some(who), "resume", restore::resume(m)).await.map_err(c.fail("resuming"))?;
+            }
+        }
+        Method::ChildSnapshot => {
+            tl.step(Some(who), "boot", async {
+                restore::resume(m).await?;
+                m.wait_agent(restore::BOOT_DEADLINE).await.map_err(|error| RestoreError::Machine {
+                    vm: who.to_owned(),
+                    step: "boot".into(),
+                    error,
+                })
+            })
+            .await
+            .map_err(c.fail("booting"))?;
+        }
+    }
+    let agent = m.agent().map_err(c.fail("the guest agent"))?;
+    agent.wait_ready(AGENT_READY).await.map_err(c.fail("waiting for the guest agent"))
+}
+
+/// Restores the backup in place: stops the VM, checks that the data really changed, writes
+/// the backup back onto the VM's own disks and starts it on them, and verifies it as the new
+/// VM was verified. The VM then runs on into the next cycle.
+async fn in_place(
+    c: &Cycle<'_>,
+    ctx: &mut RunCtx<'_>,
+    vm: &mut Vm,
+    p: &Point,
+    made: &[(Made, String)],
+) -> Result<(), RunError> {
+    let name = c.vm.as_str();
+    let tl = ctx.tl;
+    // A clean power-off: the guest's writes are on the disk files, and QEMU has exited (and
+    // been reaped) so that nothing holds them.
+    tl.step(Some(name), "shut down", vm.guest.machine.shutdown(SHUTDOWN))
+        .await
+        .map_err(c.fail("shutting the VM down for the in-place restore"))?;
+
+    // The changes must be on the VM's disk, or the cycle would prove nothing.
+    let step = "reading the changed data disk";
+    let own = vm
+        .guest
+        .machine
+        .config()
+        .disks
+        .iter()
+        .find(|d| d.node_name == c.disk)
+        .cloned()
+        .ok_or_else(|| RunError::NoDisk { at: c.at(step), place: DiskPlace::Vm, disk: c.disk.to_owned() })?;
+    let live = tl
+        .step(Some(name), "read the changed data disk's manifest", disk_checks::read(&own.path, own.format, c.at(step)))
+        .await?;
+    let changes = manifest::diff(&p.files, &live, c.ignore);
+    let (changed, detail) = made_seen(made, &changes);
+    ctx.report.check(name, &c.check("mutated"), changed, detail);
+
+    let target = vm.guest.machine.config().clone();
+    let mut ro = RestoreOptions::named(name);
+    ro.artifacts_dir = ctx.opts.artifacts_dir.clone();
+    ro.resume = false;
+    let restored = restore::in_place(&p.backup, name, &target, &ro, tl).await.map_err(c.fail("restoring in place"))?;
+    // The old guard's QEMU has exited and was reaped by `shutdown`; dropping the guard now
+    // only removes its run folder. The restored machine is the live VM from here on.
+    drop(std::mem::replace(&mut vm.guest.machine, restored.machine));
+
+    // Blocks, before the guest runs.
+    let step = "comparing the VM's own disks with the backup";
+    let own_disk = |disk: &str| restored.disks.iter().find(|d| d.node_name == disk).map(|d| (d.path.clone(), d.format));
+    let pairs = Pair::of(&p.backup, &p.vb, || c.at(step), own_disk)?;
+    let results =
+        tl.step(Some(name), "compare blocks with the backup", disk_checks::compare_blocks(pairs, c.at(step))).await?;
+    let (same, detail) = blocks_text(&results);
+    ctx.report.check(name, &c.check("in-place-blocks"), same, detail);
+
+    run_restored(c, &mut vm.guest.machine, &p.vb, name, tl).await?;
+    let agent = vm.guest.machine.agent().map_err(c.fail("the guest agent"))?;
+    match p.vb.method {
+        Method::SavedState => {
+            // The saved state continues the boot it was saved in, workloads and mounts included.
+            let now = workload::boot_id(agent).await.map_err(c.fail("reading boot_id"))?;
+            let same = Some(&now) == vm.boot_id.as_ref();
+            let detail = if same { "boot_id unchanged".to_owned() } else { format!("boot_id {now}") };
+            ctx.report.check(name, &c.check("in-place-same-boot"), same, detail);
+            journal_check(c, vm, agent, "in-place-journal", ctx.report).await?;
+        }
+        Method::ChildSnapshot => {
+            // A fresh boot: mount the disks, check the journal as the backup froze it, then
+            // start the workloads again.
+            mount_disks(vm, agent).await.map_err(c.fail("mounting the data disks"))?;
+            vm.boot_id = Some(workload::boot_id(agent).await.map_err(c.fail("reading boot_id"))?);
+            journal_check(c, vm, agent, "in-place-journal", ctx.report).await?;
+            tl.step(Some(name), "start the workloads", restart_workloads(vm, agent))
+                .await
+                .map_err(c.fail("starting the workloads again"))?;
+        }
+    }
+
+    // The data disk's files after the guest ran. The VM must run on into the next cycle, so
+    // they are read from its disk while it runs, under a guest freeze, rather than by
+    // shutting it down and booting it again: a second boot would cost as much as the rest
+    // of the cycle under TCG, and would end the boot a saved state continued, so the next
+    // cycle would never back up a VM restored from a saved state. The freeze makes the read
+    // sound: the guest flushes its filesystems and QEMU its image metadata before it returns,
+    // and nothing is written until the thaw. The journal and the app run on meanwhile
+    // (they wait on the freeze), so their files are among the scenario's `ignore`.
+    let step = "reading the data disk of the restored VM";
+    let own = restored.disks.iter().find(|d| d.node_name == c.disk).cloned().ok_or_else(|| RunError::NoDisk {
+        at: c.at(step),
+        place: DiskPlace::Restored,
+        disk: c.disk.to_owned(),
+    })?;
+    let after = tl
+        .step(
+            Some(name),
+            "read the data disk's manifest (frozen)",
+            read_frozen(&vm.guest.machine, &own.path, own.format, || c.at(step)),
+        )
+        .await?;
+    let changes = manifest::diff(&p.files, &after, c.ignore);
+    ctx.report.check(name, &c.check("in-place-manifest"), changes.is_empty(), changes_text(&changes));
+    let state_after_restore = runstate::query(&vm.guest.machine).await.map_err(c.fail("query-status"))?;
+    ctx.report.restores.push(RestoreReport {
+        vm: format!("{name} (in place, cycle {})", c.n),
+        state_after_restore: state_after_restore.label().to_owned(),
+        restore_ms: restored.restore_ms,
+    });
+    Ok(())
+}
+
+/// Whether every change the cycle made shows among the differences between the backup
+/// point and the changed disk (and there are some), and a detail naming what was not seen.
+fn made_seen(made: &[(Made, String)], changes: &[Change]) -> (bool, String) {
+    let missing: Vec<String> = made
+        .iter()
+        .filter(|(how, path)| {
+            !changes.iter().any(|ch| {
+                ch.path() == Some(path.as_str())
+                    && matches!(
+                        (how, ch),
+                        (Made::Added, Change::Added { .. })
+                            | (Made::Changed, Change::Changed { .. })
+                            | (Made::Removed, Change::Removed { .. })
+                    )
+            })
+        })
+        .map(|(how, path)| format!("{how:?} {path}").to_lowercase())
+        .collect();
+    let detail = if missing.is_empty() {
+        changes_text(changes)
+    } else {
+        format!("not seen on the disk: {}; the differences: {}", missing.join(", "), changes_text(changes))
+    };
+    (!changes.is_empty() && missing.is_empty(), detail)
+}
+
+/// Starts the VM's workloads again after a fresh boot.
+async fn restart_workloads(vm: &Vm, agent: &GuestAgent) -> Result<(), ExecError> {
+    if vm.spec.workload.counter {
+        workload::start_counter(agent).await?;
+    }
+    if let Some(path) = &vm.journal {
+        workload::start_journal(agent, path).await?;
+    }
+    if let Some(dir) = &vm.app {
+        workload::start_app(agent, dir).await?;
+    }
+    Ok(())
+}
+
+/// The manifest of a disk of a running VM, read on the host while the guest's filesystems
+/// are frozen. The guest is thawed on every path that returns.
+async fn read_frozen(m: &Machine, path: &Path, format: DiskFormat, at: impl Fn() -> At) -> Result<Manifest, RunError> {
+    let agent = m.agent().map_err(|e| e.at(at()))?;
+    let frozen = agent.execute_within(qapi::qga::guest_fsfreeze_freeze {}, FREEZE).await;
+    let read = match frozen {
+        Ok(_) => disk_checks::read(path, format, at()).await,
+        Err(e) => Err(e.at(At { step: "guest-fsfreeze-freeze", ..at() })),
+    };
+    // Thawed whether the freeze answered or not: a freeze that timed out may have happened.
+    match agent.execute_within(qapi::qga::guest_fsfreeze_thaw {}, FREEZE).await {
+        Ok(_) => read,
+        Err(e) => Err(e.at(At { step: "guest-fsfreeze-thaw failed, the guest may be left frozen", ..at() })),
+    }
+}
