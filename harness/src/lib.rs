@@ -4,7 +4,6 @@
 //! and disk formats), then [`testguest`], which puts the two together.
 
 pub mod backup;
-pub mod bench;
 pub mod image;
 pub mod interrupt;
 pub mod qemu;

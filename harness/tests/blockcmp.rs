@@ -2,12 +2,15 @@
 //! chains, holes against zeros, one flipped byte, different sizes, an image a running QEMU
 //! process holds. No guest boots; images are a few tens of MiB.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use quiesce::bench::rng::XorShift;
 use quiesce::qemu::DiskFormat;
 use quiesce::verify::blockcmp::{self, BlockCompareError, BlockComparison, Options, ReadPath};
+
+use common::rng::XorShift;
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 24 * MIB;

@@ -3,15 +3,18 @@
 //! No guest boots here; nothing needs root except the one NTFS test that mounts with FUSE,
 //! which says so and is skipped where it cannot run.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use quiesce::bench::rng::XorShift;
 use quiesce::image::manifest::{self, Change, Entry, EntryKind, Field, FsKind, Limits, Manifest, ManifestError};
 use quiesce::image::qemu_img;
 use quiesce::image::seed::{self, DiskSeed, Filesystem, Partitioning};
 use quiesce::qemu::DiskFormat;
+
+use common::rng::XorShift;
 
 const MARKER: &str = "QUIESCE-MARKER-6b1f0c2e-only-in-one-file";
 

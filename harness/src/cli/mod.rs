@@ -1,6 +1,5 @@
 //! The `quiesce` command line.
 
-mod bench;
 mod diff;
 mod doctor;
 mod image;
@@ -60,11 +59,6 @@ enum Command {
         #[arg(long)]
         blocks: bool,
     },
-    /// Benchmarks that print ratios against baselines from the same run.
-    Bench {
-        #[command(subcommand)]
-        command: bench::BenchCommand,
-    },
     /// Build or locate guest images.
     Image {
         #[command(subcommand)]
@@ -84,7 +78,6 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Run { paths, report_dir, keep_backups } => run::run(paths, report_dir, keep_backups, cli.accel).await,
         Command::Verify { backup } => run::verify(backup).await,
         Command::Diff { a, b, ignore, blocks } => diff::run(a, b, ignore, blocks).await,
-        Command::Bench { command } => bench::run(command, cli.accel).await,
     };
     match result {
         Ok(code) => code,

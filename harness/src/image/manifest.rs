@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-pub use self::diff::{diff, ignored, Change, Field, Summary};
+pub use self::diff::{diff, ignored, Change, Field, Ignore, PatternError, Summary};
 use super::fsread::{self, volumes, Walk, Window};
 use super::qemu_img::{self, QemuImgError};
 use crate::qemu::DiskFormat;

@@ -17,7 +17,7 @@
 //!   per export), read by a small client of our own ([`nbd`]), one connection per worker
 //!   and image, several reads in flight on each.
 //!
-//! `quiesce bench block-compare` measures both paths against `qemu-img compare`: on a
+//! `quiesce-bench block-compare` measures both paths against `qemu-img compare`: on a
 //! 1 GiB qcow2 pair with ~500 MiB of data, a warm page cache and 2 cores, the file path
 //! takes ~0.1 s and the NBD path ~0.3 s; a 1 GiB vhdx pair, read whole through NBD
 //! (QEMU's vhdx driver reports neither holes nor host offsets), ~0.55 s, where it took
@@ -33,7 +33,7 @@
 
 mod map;
 mod nbd;
-pub(crate) mod tools;
+pub mod tools;
 
 use std::fmt;
 use std::fs::File;

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod rng;
+
 use std::path::PathBuf;
 
 use quiesce::qemu::{DiskConfig, DiskFormat};

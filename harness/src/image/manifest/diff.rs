@@ -1,10 +1,11 @@
 //! Comparing two manifests path by path, as virt-diff does: what was added, removed, or
 //! changed (type, size, mode, content, link target). Paths a caller knows to be volatile
-//! are left out with simple patterns ([`ignored`]).
+//! are left out with simple patterns ([`ignored`], [`Ignore`]), matched by `globset`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
+use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use serde::Serialize;
 
 use super::{place, Entry, EntryKind, FsManifest, Manifest};
@@ -163,8 +164,10 @@ impl fmt::Display for Summary {
     }
 }
 
-/// The differences from `a` to `b`, leaving out paths that match a pattern of `ignore`.
+/// The differences from `a` to `b`, leaving out paths that match a pattern of `ignore`
+/// (see [`ignored`]).
 pub fn diff(a: &Manifest, b: &Manifest, ignore: &[String]) -> Vec<Change> {
+    let ignore = &Ignore::lenient(ignore);
     let mut out = Vec::new();
     if a.filesystems.len() == 1 && b.filesystems.len() == 1 {
         let (fa, fb) = (&a.filesystems[0], &b.filesystems[0]);
@@ -205,7 +208,7 @@ pub fn diff(a: &Manifest, b: &Manifest, ignore: &[String]) -> Vec<Change> {
     out
 }
 
-fn diff_fs(partition: Option<u32>, a: &FsManifest, b: &FsManifest, ignore: &[String], out: &mut Vec<Change>) {
+fn diff_fs(partition: Option<u32>, a: &FsManifest, b: &FsManifest, ignore: &Ignore, out: &mut Vec<Change>) {
     let at = partition.or(b.partition);
     if a.kind != b.kind {
         out.push(Change::Filesystem { partition: at, what: format!("filesystem {} -> {}", a.kind, b.kind) });
@@ -220,7 +223,7 @@ fn diff_fs(partition: Option<u32>, a: &FsManifest, b: &FsManifest, ignore: &[Str
     let eb: BTreeMap<&str, &Entry> = b.entries.iter().map(|e| (e.path.as_str(), e)).collect();
     let paths: BTreeSet<&str> = ea.keys().chain(eb.keys()).copied().collect();
     for path in paths {
-        if ignored(path, ignore) {
+        if ignore.is_match(path) {
             continue;
         }
         match (ea.get(path), eb.get(path)) {
@@ -269,52 +272,118 @@ fn compare(x: &Entry, y: &Entry) -> Vec<Field> {
 /// - otherwise it is a glob over the whole path, where `*` matches any run of characters
 ///   (`/` included) and `?` one character; a path is also left out when one of its parent
 ///   directories matches: `/home/*/.cache` leaves out `/home/u/.cache/x`, `*.tmp` leaves
-///   out every `.tmp` file.
+///   out every `.tmp` file. Every other character is itself (`[`, `{` and `\` included).
+///
+/// This compiles the patterns on every call; to test many paths, make an [`Ignore`] once. A
+/// pattern [`Ignore::new`] refuses leaves nothing out here, so that a diff reports more,
+/// never less; callers that take patterns from a user check them with [`Ignore::new`].
 pub fn ignored(path: &str, patterns: &[String]) -> bool {
-    patterns.iter().any(|p| matches(p, path))
+    !patterns.is_empty() && Ignore::lenient(patterns).is_match(path)
 }
 
-fn matches(pattern: &str, path: &str) -> bool {
-    if !pattern.contains(['*', '?']) {
-        let p = pattern.trim_end_matches('/');
-        if p.is_empty() {
-            return pattern == "/";
-        }
-        return path == p || (path.starts_with(p) && path.as_bytes().get(p.len()) == Some(&b'/'));
-    }
-    let pat: Vec<char> = pattern.chars().collect();
-    let mut prefix = path;
-    loop {
-        if glob(&pat, &prefix.chars().collect::<Vec<_>>()) {
-            return true;
-        }
-        match prefix.rfind('/') {
-            Some(i) if i > 0 => prefix = &prefix[..i],
-            _ => return false,
-        }
+/// Why a set of ignore patterns could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum PatternError {
+    /// The glob matcher could not compile the patterns. No pattern can be malformed (every
+    /// character but `*` and `?` stands for itself), so this means a pattern too large to
+    /// compile: shorten it.
+    #[error("ignore pattern {pattern} cannot be used: {reason}")]
+    Compile { pattern: String, reason: String },
+}
+
+impl PatternError {
+    /// The pattern as shown: quoted, and cut short if it is long.
+    fn compile(pattern: &str, e: &globset::Error) -> PatternError {
+        const SHOWN: usize = 80;
+        let pattern = match pattern.char_indices().nth(SHOWN) {
+            Some((cut, _)) => format!("{:?}... ({} characters)", &pattern[..cut], pattern.chars().count()),
+            None => format!("{pattern:?}"),
+        };
+        PatternError::Compile { pattern, reason: e.kind().to_string() }
     }
 }
 
-/// Wildcard matching with one backtrack point (linear in practice, never exponential).
-fn glob(p: &[char], s: &[char]) -> bool {
-    let (mut pi, mut si) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
-    while si < s.len() {
-        if pi < p.len() && (p[pi] == '?' || p[pi] == s[si]) {
-            pi += 1;
-            si += 1;
-        } else if pi < p.len() && p[pi] == '*' {
-            star = Some((pi, si));
-            pi += 1;
-        } else if let Some((sp, ss)) = star {
-            pi = sp + 1;
-            si = ss + 1;
-            star = Some((sp, ss + 1));
-        } else {
-            return false;
+/// Ignore patterns, compiled once (see [`ignored`] for what a pattern means).
+#[derive(Debug, Clone)]
+pub struct Ignore {
+    /// The patterns without `*` or `?`: path prefixes, by whole components.
+    prefixes: Vec<String>,
+    /// The others, each compiled both as itself and followed by `/*`, which is what leaves
+    /// out everything under a directory that matches.
+    globs: GlobSet,
+}
+
+impl Ignore {
+    /// Compiles `patterns`.
+    pub fn new(patterns: &[String]) -> Result<Ignore, PatternError> {
+        let (globs, prefixes): (Vec<&String>, Vec<&String>) = patterns.iter().partition(|p| is_glob(p));
+        let mut set = GlobSetBuilder::new();
+        for p in &globs {
+            let escaped = escape(p);
+            for g in [escaped.clone(), format!("{escaped}/*")] {
+                let glob = GlobBuilder::new(&g).literal_separator(false).backslash_escape(true).build();
+                set.add(glob.map_err(|e| PatternError::compile(p, &e))?);
+            }
+        }
+        let globs = set.build().map_err(|e| {
+            // The set is compiled as one; name the pattern that cannot be compiled alone.
+            let culprit = match globs.as_slice() {
+                [one] => Some(one),
+                many => many.iter().find(|p| Ignore::new(std::slice::from_ref(**p)).is_err()),
+            };
+            PatternError::compile(culprit.map_or("(the patterns together)", |p| p.as_str()), &e)
+        })?;
+        Ok(Ignore { prefixes: prefixes.into_iter().cloned().collect(), globs })
+    }
+
+    /// [`Ignore::new`], where a pattern that cannot be compiled leaves nothing out.
+    fn lenient(patterns: &[String]) -> Ignore {
+        Ignore::new(patterns).unwrap_or_else(|_| {
+            // One at a time, so that one pattern too large to compile does not disable the rest.
+            let usable: Vec<String> =
+                patterns.iter().filter(|p| Ignore::new(std::slice::from_ref(*p)).is_ok()).cloned().collect();
+            Ignore::new(&usable).unwrap_or_else(|_| Ignore { prefixes: Vec::new(), globs: GlobSet::empty() })
+        })
+    }
+
+    /// True if `path` is left out by one of the patterns.
+    pub fn is_match(&self, path: &str) -> bool {
+        self.prefixes.iter().any(|p| under_prefix(p, path)) || self.globs.is_match(path)
+    }
+}
+
+fn is_glob(pattern: &str) -> bool {
+    pattern.contains(['*', '?'])
+}
+
+/// `path` is `prefix` or under it, by whole components; `/` is the prefix of every path,
+/// and an empty pattern leaves nothing out.
+fn under_prefix(pattern: &str, path: &str) -> bool {
+    let p = pattern.trim_end_matches('/');
+    if p.is_empty() {
+        return pattern == "/";
+    }
+    path == p || (path.starts_with(p) && path.as_bytes().get(p.len()) == Some(&b'/'))
+}
+
+/// The pattern in globset's syntax, meaning what it always meant here: `*` and `?` as
+/// wildcards, every other character itself. globset would read `[...]` as a class, `{a,b}`
+/// as alternatives and `\` as an escape, so those are escaped; and a run of stars is one
+/// star, since globset gives `/**/` a meaning of its own (zero or more directories).
+fn escape(pattern: &str) -> String {
+    let mut out = String::with_capacity(pattern.len() + 8);
+    for c in pattern.chars() {
+        match c {
+            '*' if out.ends_with('*') => {}
+            '*' | '?' => out.push(c),
+            '[' | ']' | '{' | '}' | ',' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            c => out.push(c),
         }
     }
-    p[pi..].iter().all(|&c| c == '*')
+    out
 }
 
 #[cfg(test)]
@@ -428,5 +497,55 @@ mod tests {
         // Many stars on a long path stay fast.
         let long = "/".to_string() + &"a".repeat(3000);
         assert!(!p(&["*a*a*a*a*a*a*a*a*b"], &long));
+    }
+
+    fn pats(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn globs_match_across_folders_and_leave_out_what_is_under_a_match() {
+        // As the hand-written matcher did: `*` crosses `/`, `?` is one character, and a
+        // path under a directory that matches is left out with it.
+        let ig = Ignore::new(&pats(&["/srv/*/cache/*.tmp", "/logs/app-?.d"])).unwrap();
+        assert!(ig.is_match("/srv/a/cache/x.tmp"));
+        assert!(ig.is_match("/srv/a/b/cache/x.tmp"), "* crosses folders");
+        assert!(ig.is_match("/srv/a/cache/x.tmp/inside"), "under a match");
+        assert!(!ig.is_match("/srv/cache/x.tmp"), "each * sits between two slashes here");
+        assert!(!ig.is_match("/srv/a/cache/x.tmpfile"));
+        assert!(ig.is_match("/logs/app-1.d/today"));
+        assert!(!ig.is_match("/logs/app-10.d"));
+        // One compiled set answers like the function that compiles every time.
+        for path in ["/srv/a/cache/x.tmp", "/srv/cache/x.tmp", "/logs/app-1.d"] {
+            assert_eq!(ig.is_match(path), ignored(path, &pats(&["/srv/*/cache/*.tmp", "/logs/app-?.d"])), "{path}");
+        }
+    }
+
+    #[test]
+    fn only_star_and_question_mark_are_special() {
+        let p = |pat: &str, path: &str| ignored(path, &pats(&[pat]));
+        // globset would read these as a class, alternatives and an escape: here they are
+        // the characters themselves, as they always were.
+        assert!(p("/data/[old]*", "/data/[old]-1"));
+        assert!(!p("/data/[old]*", "/data/o-1"));
+        assert!(p("/a/{x,y}*", "/a/{x,y}z"));
+        assert!(!p("/a/{x,y}*", "/a/x"));
+        assert!(p("/win\\*", "/win\\dir"));
+        // `**` is two stars, not globset's "zero or more folders": `/a/**/b` needs a
+        // folder between `/a` and `/b`.
+        assert!(p("/a/**/b", "/a/x/y/b"));
+        assert!(!p("/a/**/b", "/a/b"));
+        // A pattern too large to compile is refused by `Ignore::new`, and leaves nothing
+        // out where patterns cannot be refused, without disabling the others.
+        // (256 Ki `?`: more than a command-line argument can hold, so only a scenario file
+        // can bring one.)
+        let huge = "?".repeat(1 << 18);
+        let e = Ignore::new(&pats(&["/ok/*", &huge])).unwrap_err().to_string();
+        assert!(
+            e.starts_with(r#"ignore pattern "????"#) && e.contains("... (262144 characters) cannot be used: "),
+            "{e}"
+        );
+        let ig = Ignore::lenient(&pats(&[&huge, "/var/log", "*.tmp"]));
+        assert!(ig.is_match("/var/log/x") && ig.is_match("/a.tmp") && !ig.is_match("/a"));
     }
 }

@@ -1,5 +1,5 @@
-//! `quiesce bench block-compare`: quiesce's block-level comparison
-//! ([`crate::verify::blockcmp`]) against `qemu-img compare` of the same pair, in the same
+//! `quiesce-bench block-compare`: quiesce's block-level comparison
+//! ([`quiesce::verify::blockcmp`]) against `qemu-img compare` of the same pair, in the same
 //! run, on a 1 GiB ext4 image about half full:
 //!
 //! - a pair of qcow2 images converted from it;
@@ -12,18 +12,20 @@
 //! each identical, and with one byte differing near the end of the disk (so both tools
 //! must read everything before it). Ours is timed twice: with its default read path
 //! (straight from the file where sound, NBD otherwise) and with everything through the
-//! NBD export, which is what justifies the default. Medians of [`super::manifest::ROUNDS`];
+//! NBD export, which is what justifies the default. Medians of `--rounds` (default
+//! [`crate::disk::ROUNDS`]);
 //! the page cache is warm; nothing is asserted.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-use super::manifest::{self, check, convert, ext4_image, runs, timed, tool, DiskBenchError, Fill};
-use super::saved_state::median;
-use crate::qemu::DiskFormat;
-use crate::verify::blockcmp::tools::Tool;
-use crate::verify::blockcmp::{self, BlockComparison, Options, ReadPath};
+use quiesce::qemu::DiskFormat;
+use quiesce::verify::blockcmp::tools::Tool;
+use quiesce::verify::blockcmp::{self, BlockComparison, Options, ReadPath};
+
+use crate::disk::{check, convert, ext4_image, run_dir, timed, tool, DiskBenchError, Fill, DISK_SIZE};
+use crate::stats::{median, runs};
 
 #[derive(Debug, Clone)]
 pub struct BlockCompareBenchOptions {
@@ -32,7 +34,7 @@ pub struct BlockCompareBenchOptions {
 }
 
 /// Where the differing byte is: in the last MiB of the 1 GiB disk, not aligned.
-pub const DIFF_AT: u64 = manifest::DISK_SIZE - (1 << 20) + 12_345;
+pub const DIFF_AT: u64 = DISK_SIZE - (1 << 20) + 12_345;
 
 struct Case {
     name: &'static str,
@@ -57,7 +59,7 @@ pub fn run(
     cancel: &AtomicBool,
     progress: &mut dyn FnMut(&str),
 ) -> Result<String, DiskBenchError> {
-    let (dir, work) = manifest::run_dir(&opts.work_dir)?;
+    let (dir, work) = run_dir(&opts.work_dir)?;
     let d = dir.path();
     progress("writing the files and making a 1 GiB ext4 image");
     let raw = d.join("disk.raw");
@@ -201,7 +203,7 @@ fn render(results: &[Measured], rounds: usize, work: &str, files: usize, bytes: 
     let o = Options::default();
     let _ = writeln!(
         s,
-        "quiesce bench block-compare: 1 GiB ext4 image, {files} files, {} MiB of content (about half full); \
+        "quiesce-bench block-compare: 1 GiB ext4 image, {files} files, {} MiB of content (about half full); \
          {rounds} rounds each, medians, page cache warm",
         bytes >> 20
     );

@@ -1,23 +1,47 @@
+//! `quiesce-bench`: the benchmarks' command line. Run it from a checkout with
+//! `cargo run --release -p quiesce-bench -- <benchmark>`: a debug build would measure
+//! unoptimised code against optimised baselines (dd, qemu-img, libvirt).
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use clap::Subcommand;
-
-use super::progress::Progress;
-use super::CliResult;
-use quiesce::bench::blockcmp::{self, BlockCompareBenchOptions};
-use quiesce::bench::freeze::{self, FreezeOptions};
-use quiesce::bench::manifest::{self, DiskBenchError, ManifestBenchOptions};
-use quiesce::bench::saved_state::{self, BenchOptions};
+use clap::{Parser, Subcommand};
 use quiesce::qemu::accel::AccelChoice;
+use quiesce_bench::blockcmp::{self, BlockCompareBenchOptions};
+use quiesce_bench::disk::{DiskBenchError, ROUNDS as DISK_ROUNDS};
+use quiesce_bench::freeze::{self, FreezeOptions};
+use quiesce_bench::manifest::{self, ManifestBenchOptions};
+use quiesce_bench::saved_state::{self, BenchOptions};
+
+/// The `quiesce` binary's progress line, so both programs report progress alike.
+#[path = "../../harness/src/cli/progress.rs"]
+mod progress;
+
+use progress::Progress;
+
+#[derive(Parser)]
+#[command(
+    name = "quiesce-bench",
+    version,
+    about = "Benchmarks of quiesce that print ratios against baselines measured in the same run"
+)]
+struct Cli {
+    /// Accelerator: auto (probe KVM, else TCG), kvm or tcg. Also $QUIESCE_ACCEL.
+    #[arg(long, global = true, value_parser = clap::value_parser!(AccelChoice))]
+    accel: Option<AccelChoice>,
+    #[command(subcommand)]
+    command: BenchCommand,
+}
 
 #[derive(Subcommand)]
-pub enum BenchCommand {
+enum BenchCommand {
     /// Save and restore a guest with filled RAM; print ratios against dd, a plain QMP
     /// migrate with QEMU's defaults, and libvirt's virsh save/restore, all from this run.
     SavedState {
         #[arg(long, default_value_t = 1024)]
         memory: u32,
+        /// Folder for the benchmark's files, on the filesystem to measure; this run's own
+        /// folder inside it is removed at the end.
         #[arg(long, default_value = "quiesce-bench")]
         work_dir: std::path::PathBuf,
         /// Skip the libvirt comparison.
@@ -38,24 +62,58 @@ pub enum BenchCommand {
     /// Compare two 1 GiB disk images block by block (qcow2 pair; overlay vs flat copy;
     /// identical and one byte apart); print ratios against `qemu-img compare` of the same pair.
     BlockCompare {
+        /// Folder for the benchmark's files, on the filesystem to measure; this run's own
+        /// folder inside it is removed at the end.
         #[arg(long, default_value = "quiesce-bench")]
         work_dir: std::path::PathBuf,
         /// Runs of each measurement; medians are compared.
-        #[arg(long, default_value_t = manifest::ROUNDS as u64, value_parser = clap::value_parser!(u64).range(1..=100))]
+        #[arg(long, default_value_t = DISK_ROUNDS as u64, value_parser = clap::value_parser!(u64).range(1..=100))]
         rounds: u64,
     },
     /// Manifest throughput (MB/s of file content hashed) on 1 GiB ext4 images, split into
     /// the qemu-img convert and walk parts; print ratios against a sequential read of the image.
     Manifest {
+        /// Folder for the benchmark's files, on the filesystem to measure; this run's own
+        /// folder inside it is removed at the end.
         #[arg(long, default_value = "quiesce-bench")]
         work_dir: std::path::PathBuf,
         /// Runs of each measurement; medians are compared.
-        #[arg(long, default_value_t = manifest::ROUNDS as u64, value_parser = clap::value_parser!(u64).range(1..=100))]
+        #[arg(long, default_value_t = DISK_ROUNDS as u64, value_parser = clap::value_parser!(u64).range(1..=100))]
         rounds: u64,
     },
 }
 
-pub async fn run(cmd: BenchCommand, accel: Option<AccelChoice>) -> CliResult {
+/// Exit codes: 0 ok, 1 failed, 2 bad usage (clap).
+const EXIT_FAILED: i32 = 1;
+
+fn main() {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("quiesce-bench: error: could not start the async runtime: {e}");
+            std::process::exit(EXIT_FAILED);
+        }
+    };
+    let result = runtime.block_on(run(cli.command, cli.accel));
+    // Drop the runtime (and with it every machine guard) before exiting.
+    drop(runtime);
+    match result {
+        Ok(text) => println!("{text}"),
+        Err(e) => {
+            eprintln!("quiesce-bench: error: {e}");
+            let mut source = std::error::Error::source(&*e);
+            while let Some(s) = source {
+                eprintln!("  caused by: {s}");
+                source = s.source();
+            }
+            std::process::exit(EXIT_FAILED);
+        }
+    }
+}
+
+/// Runs one benchmark and returns its report.
+async fn run(cmd: BenchCommand, accel: Option<AccelChoice>) -> Result<String, Box<dyn std::error::Error>> {
     let mut p = Progress::new();
     let text = match cmd {
         BenchCommand::SavedState { memory, work_dir, no_libvirt } => {
@@ -76,8 +134,7 @@ pub async fn run(cmd: BenchCommand, accel: Option<AccelChoice>) -> CliResult {
         }
     };
     p.finish();
-    println!("{text}");
-    Ok(0)
+    Ok(text)
 }
 
 /// Runs a synchronous disk benchmark on a thread of its own (it starts helper processes that

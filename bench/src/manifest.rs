@@ -1,190 +1,32 @@
-//! `quiesce bench manifest`: how fast a file-level manifest of a disk is made, on 1 GiB
+//! `quiesce-bench manifest`: how fast a file-level manifest of a disk is made, on 1 GiB
 //! ext4 images about half full (one of few large files, one of many small ones), split into
 //! its two parts (`qemu-img convert` of the qcow2 to a sparse raw file, then the walk that
 //! hashes every file), against baselines from the same run: a plain sequential read of the
 //! raw image, the same read with BLAKE3 over every byte, and `qemu-img compare` of a pair.
 //!
 //! Throughput is bytes of file content hashed per second. Every measurement is taken
-//! [`ROUNDS`] times with the page cache warm; medians are printed. Nothing is asserted.
-//!
-//! Also holds what `quiesce bench block-compare` shares: making the ext4 image.
+//! `--rounds` times (default [`ROUNDS`]) with the page cache warm; medians are printed.
+//! Nothing is asserted.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
 
-use super::rng::XorShift;
-use super::saved_state::{filesystem_of, median};
-use crate::image::manifest::{self, Limits, Manifest, ManifestError};
-use crate::qemu::DiskFormat;
-use crate::verify::blockcmp::tools::Tool;
-use crate::verify::blockcmp::BlockCompareError;
+use quiesce::image::manifest::{self, Limits, Manifest};
+use quiesce::qemu::DiskFormat;
+use quiesce::verify::blockcmp::tools::Tool;
 
-/// Runs of each measurement; the median is printed.
-pub const ROUNDS: usize = 3;
-/// Size of the benchmark disks.
-pub const DISK_SIZE: u64 = 1 << 30;
-/// Deadline of each external tool run (mkfs, qemu-img, qemu-io).
-const TOOL_TIMEOUT: Duration = Duration::from_secs(600);
+#[cfg(doc)]
+use crate::disk::ROUNDS;
+use crate::disk::{check, convert, ext4_image, run_dir, timed, werr, DiskBenchError, Fill, Filled, TOOL_TIMEOUT};
+use crate::stats::{median, runs};
 
 #[derive(Debug, Clone)]
 pub struct ManifestBenchOptions {
     /// Where the images are made (in a folder of their own, removed at the end).
     pub work_dir: PathBuf,
     pub rounds: usize,
-}
-
-/// What can stop a disk benchmark (this one and `block-compare`).
-#[derive(Debug, thiserror::Error)]
-pub enum DiskBenchError {
-    #[error("work folder {path}: {source}")]
-    WorkDir { path: PathBuf, source: std::io::Error },
-    #[error("{what}: {failure}")]
-    Tool { what: String, failure: String },
-    #[error(transparent)]
-    Manifest(#[from] ManifestError),
-    #[error(transparent)]
-    Compare(#[from] BlockCompareError),
-    #[error("a benchmark result is wrong: {0}")]
-    Check(String),
-    #[error("interrupted; the benchmark's files have been removed")]
-    Interrupted,
-}
-
-/// Which files fill the disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Fill {
-    /// About 500 MiB: mostly 4-260 KiB files, one 16 MiB file in 50, in 37 folders.
-    LargeFiles,
-    /// About 450 MiB: mostly 64 bytes to 16 KiB, one 8 MiB file in 1000, in 400 folders.
-    ManySmallFiles,
-}
-
-impl Fill {
-    pub fn name(self) -> &'static str {
-        match self {
-            Fill::LargeFiles => "large files",
-            Fill::ManySmallFiles => "many small files",
-        }
-    }
-}
-
-/// The files written into an image.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Filled {
-    pub files: usize,
-    pub bytes: u64,
-}
-
-fn werr(path: &Path) -> impl FnOnce(std::io::Error) -> DiskBenchError + '_ {
-    move |source| DiskBenchError::WorkDir { path: path.to_owned(), source }
-}
-
-/// Writes the pseudo-random files of `fill` under `root`.
-fn fill_folder(root: &Path, fill: Fill) -> Result<Filled, DiskBenchError> {
-    let (seed, target, dirs) = match fill {
-        Fill::LargeFiles => (42, 500u64 << 20, 37),
-        Fill::ManySmallFiles => (7, 450u64 << 20, 400),
-    };
-    let mut rng = XorShift(seed);
-    let (mut n, mut bytes) = (0usize, 0u64);
-    while bytes < target {
-        let size = match fill {
-            Fill::LargeFiles if n % 50 == 0 => 16 << 20,
-            Fill::LargeFiles => 4096 + (rng.next_u64() % (256 << 10)) as usize,
-            Fill::ManySmallFiles if n % 1000 == 0 => 8 << 20,
-            Fill::ManySmallFiles => 64 + (rng.next_u64() % (16 << 10)) as usize,
-        };
-        let d = root.join(format!("d{}", n % dirs));
-        std::fs::create_dir_all(&d).map_err(werr(&d))?;
-        let data: Vec<u8> = (0..size / 8).flat_map(|_| rng.next_u64().to_le_bytes()).collect();
-        let f = d.join(format!("f{n}"));
-        std::fs::write(&f, &data).map_err(werr(&f))?;
-        bytes += data.len() as u64;
-        n += 1;
-    }
-    Ok(Filled { files: n, bytes })
-}
-
-/// Runs a tool with the benchmark's deadline; `dir` takes its output.
-pub(super) fn tool(
-    dir: &Path,
-    what: &str,
-    program: &str,
-    args: &[&std::ffi::OsStr],
-) -> Result<Vec<u8>, DiskBenchError> {
-    Tool::run(program, args, dir, "tool", TOOL_TIMEOUT)
-        .map_err(|f| DiskBenchError::Tool { what: what.to_owned(), failure: f.to_string() })
-}
-
-/// A sparse 1 GiB raw image at `raw` holding an ext4 filesystem (mkfs.ext4 defaults) with
-/// the files of `fill`. The source folder is made next to it and removed.
-pub(super) fn ext4_image(dir: &Path, fill: Fill, raw: &Path) -> Result<Filled, DiskBenchError> {
-    let root = dir.join("root");
-    let filled = fill_folder(&root, fill)?;
-    std::fs::File::create(raw).and_then(|f| f.set_len(DISK_SIZE)).map_err(werr(raw))?;
-    tool(
-        dir,
-        "mkfs.ext4 -d",
-        "mkfs.ext4",
-        &["-q".as_ref(), "-F".as_ref(), "-d".as_ref(), root.as_os_str(), raw.as_os_str()],
-    )?;
-    std::fs::remove_dir_all(&root).map_err(werr(&root))?;
-    Ok(filled)
-}
-
-/// `qemu-img convert` with a deadline.
-pub(super) fn convert(
-    dir: &Path,
-    src: &Path,
-    sf: DiskFormat,
-    dst: &Path,
-    df: DiskFormat,
-) -> Result<(), DiskBenchError> {
-    let args = [
-        "convert".as_ref(),
-        "-f".as_ref(),
-        sf.driver().as_ref(),
-        "-O".as_ref(),
-        df.driver().as_ref(),
-        src.as_os_str(),
-        dst.as_os_str(),
-    ];
-    tool(dir, &format!("qemu-img convert of {}", src.display()), "qemu-img", &args).map(drop)
-}
-
-/// Stops a benchmark between steps once Ctrl-C was pressed.
-pub(super) fn check(cancel: &AtomicBool) -> Result<(), DiskBenchError> {
-    if cancel.load(Ordering::Relaxed) {
-        return Err(DiskBenchError::Interrupted);
-    }
-    Ok(())
-}
-
-/// Times `rounds` runs of `f`, in seconds.
-pub(super) fn timed<T>(
-    rounds: usize,
-    cancel: &AtomicBool,
-    mut f: impl FnMut() -> Result<T, DiskBenchError>,
-) -> Result<(Vec<f64>, T), DiskBenchError> {
-    let mut times = Vec::with_capacity(rounds);
-    let mut last = None;
-    for _ in 0..rounds.max(1) {
-        check(cancel)?;
-        let t = Instant::now();
-        last = Some(f()?);
-        times.push(t.elapsed().as_secs_f64());
-    }
-    Ok((times, last.expect("at least one round")))
-}
-
-/// Makes the run folder inside the work folder.
-pub(super) fn run_dir(work_dir: &Path) -> Result<(tempfile::TempDir, String), DiskBenchError> {
-    std::fs::create_dir_all(work_dir).map_err(werr(work_dir))?;
-    let work = std::fs::canonicalize(work_dir).map_err(werr(work_dir))?;
-    let dir = tempfile::Builder::new().prefix("run-").tempdir_in(&work).map_err(werr(&work))?;
-    Ok((dir, format!("{} ({})", work.display(), filesystem_of(&work))))
 }
 
 /// Reads a file from start to end in 1 MiB blocks, hashing what it reads if `hash`.
@@ -319,7 +161,7 @@ fn measure(
 }
 
 /// `qemu-img compare -U` of two qcow2 images with a deadline; checks its verdict.
-pub(super) fn qemu_img_compare(dir: &Path, a: &Path, b: &Path, expect_same: bool) -> Result<(), DiskBenchError> {
+fn qemu_img_compare(dir: &Path, a: &Path, b: &Path, expect_same: bool) -> Result<(), DiskBenchError> {
     let args = [
         "compare".as_ref(),
         "-U".as_ref(),
@@ -342,17 +184,12 @@ pub(super) fn qemu_img_compare(dir: &Path, a: &Path, b: &Path, expect_same: bool
     }
 }
 
-pub(super) fn runs(xs: &[f64]) -> String {
-    let v: Vec<String> = xs.iter().map(|x| format!("{x:.3}")).collect();
-    format!("[{}]", v.join(" "))
-}
-
 fn render(results: &[Measured], rounds: usize, work: &str) -> String {
     use std::fmt::Write;
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "quiesce bench manifest: 1 GiB ext4 images about half full (mkfs.ext4 -d, default features); \
+        "quiesce-bench manifest: 1 GiB ext4 images about half full (mkfs.ext4 -d, default features); \
          {rounds} rounds each, medians, page cache warm"
     );
     let _ = writeln!(s, "work dir: {work}");

@@ -7,14 +7,19 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+/// Why the dd baseline could not be measured.
 #[derive(Debug, thiserror::Error)]
 pub enum DdError {
+    /// dd could not be started (coreutils missing?) or waited for.
     #[error("could not start dd: {0}")]
     Spawn(std::io::Error),
+    /// dd missed its deadline and was killed: the filesystem is far slower than expected.
     #[error("`{cmdline}` did not finish within {waited:?}")]
     Timeout { cmdline: String, waited: Duration },
+    /// dd failed; `stderr` says why (a full filesystem, usually).
     #[error("`{cmdline}` failed ({status}): {stderr}")]
     Failed { cmdline: String, status: String, stderr: String },
+    /// The file dd wrote could not be removed.
     #[error("removing {path}: {source}")]
     Remove { path: PathBuf, source: std::io::Error },
 }
