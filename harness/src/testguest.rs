@@ -15,14 +15,19 @@ pub const AGENT_DEADLINE: Duration = Duration::from_secs(90);
 
 #[derive(Debug, thiserror::Error)]
 pub enum GuestError {
+    /// The guest image could not be built or found in the cache.
     #[error(transparent)]
     Image(#[from] ImageError),
+    /// QEMU did not start, or the guest's agent did not answer in time.
     #[error(transparent)]
     Machine(#[from] MachineError),
+    /// The private overlay over the cached root disk could not be made.
     #[error("creating the root overlay: {0}")]
     Overlay(#[from] QemuImgError),
+    /// The folder for the guest's disks could not be made.
     #[error("making a folder for the guest's disks: {0}")]
     Io(#[from] std::io::Error),
+    /// The accelerator asked for (`--accel`, `QUIESCE_ACCEL`) is not one this program knows.
     #[error("{0}")]
     Accel(String),
 }
