@@ -15,8 +15,8 @@ use super::report::{DiskReport, JournalReport, Report, RestoreReport, VmReport};
 use crate::backup::child_snapshot::SnapshotSettings;
 use crate::backup::job::Choice;
 use crate::backup::saved_state::SaveSettings;
-use crate::backup::set::{self, Member, SetError};
-use crate::backup::{runstate, Backup, Method};
+use crate::backup::set::{self, Member, SetError, Undone};
+use crate::backup::{runstate, Backup, Faults, Method};
 use crate::image::seed::{self, DiskSeed};
 use crate::image::{fsck, qemu_img};
 use crate::interrupt::Interrupt;
@@ -235,14 +235,14 @@ async fn run_inner(
         | (Err(e @ SetError::Interrupted { .. }), Expect::Interrupted) => {
             let text = e.to_string();
             // A VM whose QEMU a fault killed cannot be put back; every other one must be.
-            let undone = match &e {
-                SetError::Failed { undone, .. } | SetError::Interrupted { undone, .. } => undone.clone(),
-                _ => vec![],
+            let undone: &[(String, Undone)] = match &e {
+                SetError::Failed { undone, .. } | SetError::Interrupted { undone, .. } => undone,
+                _ => &[],
             };
             let all_undone = undone
                 .iter()
                 .filter(|(vm, _)| !has_fault(s, vm, FaultKind::QemuKilledAfterPrepare))
-                .all(|(_, what)| !what.contains("COULD NOT BE PUT BACK"));
+                .all(|(_, what)| !matches!(what, Undone::CouldNotPutBack(_)));
             report.check("*", "backup-failed-as-expected", true, text);
             report.check("*", "every-vm-put-back", all_undone, "see backup-failed-as-expected");
             if let SetError::Failed { vm, phase, .. } = &e {
@@ -347,19 +347,11 @@ pub(super) fn member<'a>(s: &Scenario, vm: &'a Vm, method: MethodChoice) -> Memb
     if let Some(ms) = &s.file.backup.freeze_deadline_ms {
         snapshot.freeze_deadline = std::time::Duration::from_millis(*ms.get_ref());
     }
-    let mut save = SaveSettings::default();
-    if has_fault(s, name, FaultKind::TransactionFails) {
-        // The last disk: with several, the others' snapshots must be rolled back with it.
-        snapshot.uncreatable_overlay_for = vm.guest.machine.config().disks.last().map(|d| d.node_name.clone());
-    }
-    if has_fault(s, name, FaultKind::SaveFails) {
-        save.state_path = Some(PathBuf::from("/nonexistent-quiesce-fault/state.bin"));
-    }
     Member {
         machine: &vm.guest.machine,
         method,
         snapshot,
-        save,
+        save: SaveSettings::default(),
         declared_iscsi: vm
             .spec
             .disks
@@ -368,10 +360,14 @@ pub(super) fn member<'a>(s: &Scenario, vm: &'a Vm, method: MethodChoice) -> Memb
             .filter(|d| d.attach == Attach::Iscsi)
             .map(|d| d.name.get_ref().clone())
             .collect(),
-        interrupt_after_freeze: has_fault(s, name, FaultKind::InterruptAfterFreeze),
-        sigint_after_freeze: has_fault(s, name, FaultKind::SigintAfterFreeze),
-        agent_stops_after_freeze: has_fault(s, name, FaultKind::AgentStopsAfterFreeze),
-        kill_after_prepare: has_fault(s, name, FaultKind::QemuKilledAfterPrepare),
+        faults: Faults {
+            transaction_fails: has_fault(s, name, FaultKind::TransactionFails),
+            save_fails: has_fault(s, name, FaultKind::SaveFails),
+            interrupt_after_freeze: has_fault(s, name, FaultKind::InterruptAfterFreeze),
+            sigint_after_freeze: has_fault(s, name, FaultKind::SigintAfterFreeze),
+            agent_stops_after_freeze: has_fault(s, name, FaultKind::AgentStopsAfterFreeze),
+            kill_after_prepare: has_fault(s, name, FaultKind::QemuKilledAfterPrepare),
+        },
     }
 }
 
