@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::image::qemu_img::{self, QemuImgError};
 use crate::image::{recipe, GuestImage, ImageError};
-use crate::qemu::accel::{self, AccelChoice, Verdict};
+use crate::qemu::accel::{self, AccelChoice, AccelError, Verdict};
 use crate::qemu::{DiskConfig, DiskFormat, Machine, MachineConfig, MachineError};
 
 /// Under TCG the guest is ready in about 5 s; this leaves room for a loaded CI machine.
@@ -15,16 +15,21 @@ pub const AGENT_DEADLINE: Duration = Duration::from_secs(90);
 
 #[derive(Debug, thiserror::Error)]
 pub enum GuestError {
+    /// The guest image could not be built or found in the cache.
     #[error(transparent)]
     Image(#[from] ImageError),
+    /// QEMU did not start, or the guest's agent did not answer in time.
     #[error(transparent)]
     Machine(#[from] MachineError),
+    /// The private overlay over the cached root disk could not be made.
     #[error("creating the root overlay: {0}")]
     Overlay(#[from] QemuImgError),
+    /// The folder for the guest's disks could not be made.
     #[error("making a folder for the guest's disks: {0}")]
     Io(#[from] std::io::Error),
-    #[error("{0}")]
-    Accel(String),
+    /// The accelerator asked for (`--accel`, `QUIESCE_ACCEL`) is not one this program knows.
+    #[error(transparent)]
+    Accel(#[from] AccelError),
 }
 
 #[derive(Debug, Clone)]
@@ -73,7 +78,7 @@ impl TestGuest {
 
 /// Resolves the accelerator for the cached Linux image.
 pub fn accel_for(image: &GuestImage, choice: Option<AccelChoice>) -> Result<Verdict, GuestError> {
-    let choice = AccelChoice::from_env(choice).map_err(GuestError::Accel)?;
+    let choice = AccelChoice::from_env(choice)?;
     let qemu = crate::qemu::config::default_qemu_binary();
     Ok(accel::resolve(choice, &qemu, &image.kernel, &crate::image::cache::cache_dir()))
 }

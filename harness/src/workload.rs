@@ -35,15 +35,15 @@ pub async fn read_file(agent: &GuestAgent, path: &str) -> Result<String, ExecErr
 /// Stops qemu-ga in the guest with SIGSTOP: installed but not answering, like a hung
 /// integration service. Confirmed from the host: returns once a ping goes unanswered.
 pub async fn stop_agent(agent: &GuestAgent, deadline: Duration) -> Result<(), crate::qemu::AgentError> {
-    use serde_json::json;
+    let stop = qapi::qga::guest_exec {
+        path: "/bin/sh".into(),
+        arg: Some(vec!["-c".into(), "kill -STOP $PPID".into()]),
+        capture_output: None,
+        env: None,
+        input_data: None,
+    };
     // The shell's parent is qemu-ga itself; the reply to guest-exec may or may not get out.
-    let _ = agent
-        .execute_raw(
-            "guest-exec",
-            json!({"path": "/bin/sh", "arg": ["-c", "kill -STOP $PPID"]}),
-            Duration::from_secs(2),
-        )
-        .await;
+    let _ = agent.execute_within(stop, Duration::from_secs(2)).await;
     agent.wait_silent(deadline).await
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use quiesce::backup::child_snapshot::{SnapshotSettings, Undo};
 use quiesce::backup::job::{self, JobSettings, MethodChoice};
 use quiesce::backup::saved_state::SaveSettings;
-use quiesce::backup::{BackupWriter, Method};
+use quiesce::backup::{BackupWriter, Faults, Method};
 use quiesce::image::seed::{self, DiskSeed};
 use quiesce::qemu::{caps, DiskFormat};
 use quiesce::timeline::Timeline;
@@ -33,7 +33,12 @@ async fn snapshot_keeps_writes_made_during_the_backup_and_restores_bootable() {
     assert_eq!(choice.method, Method::ChildSnapshot, "{}: {:?}", choice.reason, choice.conditions);
     let out = tempfile::tempdir().unwrap();
     let mut w = BackupWriter::create(&out.path().join("b"), &caps.version).unwrap();
-    let js = JobSettings { caps: &caps, save: SaveSettings::default(), snapshot: SnapshotSettings::new(snapdir) };
+    let js = JobSettings {
+        caps: &caps,
+        save: SaveSettings::default(),
+        snapshot: SnapshotSettings::new(snapdir),
+        faults: Faults::default(),
+    };
     let undo = Mutex::new(Undo::default());
     let vm = job::backup(m, &choice, &js, &mut w, &tl, &undo).await.unwrap();
     let backup = w.commit().unwrap();
@@ -82,10 +87,10 @@ async fn an_agent_that_never_answers_after_the_freeze_is_reported_not_hidden() {
     let choice = job::choose(m, MethodChoice::ChildSnapshot, disks.path(), &tl).await.unwrap();
     let mut snapshot = SnapshotSettings::new(disks.path());
     snapshot.thaw_deadline = Duration::from_secs(2);
-    snapshot.agent_stops_after_freeze = true;
     let out = tempfile::tempdir().unwrap();
     let mut w = BackupWriter::create(&out.path().join("b"), &caps.version).unwrap();
-    let js = JobSettings { caps: &caps, save: SaveSettings::default(), snapshot };
+    let faults = Faults { agent_stops_after_freeze: true, ..Faults::default() };
+    let js = JobSettings { caps: &caps, save: SaveSettings::default(), snapshot, faults };
     let undo = Mutex::new(Undo::default());
     let err = job::backup(m, &choice, &js, &mut w, &tl, &undo).await.unwrap_err().to_string();
     eprintln!("{err}");

@@ -34,7 +34,9 @@ pub(super) async fn ours_round(
     let tl = Timeline::new();
     let undo = Mutex::new(Undo::default());
     let t = Instant::now();
-    let frozen = child_snapshot::prepare(m, settings, &tl, &undo).await?;
+    // A production backup: no fault injected, nothing to interrupt it.
+    let (faults, interrupt) = (quiesce::backup::Faults::default(), quiesce::interrupt::Interrupt::new());
+    let frozen = child_snapshot::prepare(m, settings, &faults, &interrupt, &tl, &undo).await?;
     let prepare_ms = t.elapsed().as_secs_f64() * 1000.0;
     let snap = child_snapshot::post(m, settings, backup, &tl, &undo, frozen).await?;
     std::fs::remove_dir_all(backup).map_err(io("remove a backup folder"))?;

@@ -13,12 +13,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use qapi::qga::{guest_fsfreeze_freeze, guest_fsfreeze_thaw};
+use qapi::qmp::query_block;
 use serde_json::{json, Value};
 
+use super::faults::{Faults, UNCREATABLE_OVERLAY};
 use super::manifest::{DiskEntry, Timings};
-use super::saved_state::qmp;
+use super::saved_state::{qmp, qmp_typed};
 use super::BackupError;
 use crate::image::qemu_img;
+use crate::interrupt::Interrupt;
 use crate::qemu::{DiskConfig, Machine};
 use crate::timeline::Timeline;
 
@@ -34,16 +38,6 @@ pub struct SnapshotSettings {
     pub verify_capture: bool,
     /// Disks (node names) the host cannot back up (pass-through, iSCSI): left out.
     pub exclude: Vec<String>,
-    /// Fault injection: this disk's snapshot asks QEMU for an overlay at a path that cannot
-    /// be created, so the whole transaction fails (and, being atomic, changes nothing).
-    pub uncreatable_overlay_for: Option<String>,
-    /// Fault injection: fire this interruption as soon as the guest is frozen.
-    pub after_freeze: Option<crate::interrupt::Interrupt>,
-    /// Fault injection: send this process SIGINT as soon as the guest is frozen.
-    pub sigint_after_freeze: bool,
-    /// Fault injection: the guest stops its agent right after the freeze (a watcher in the
-    /// guest does it); wait until the agent is silent before going on to the snapshot.
-    pub agent_stops_after_freeze: bool,
 }
 
 impl SnapshotSettings {
@@ -55,10 +49,6 @@ impl SnapshotSettings {
             merge_deadline: Duration::from_secs(300),
             verify_capture: true,
             exclude: vec![],
-            uncreatable_overlay_for: None,
-            after_freeze: None,
-            sigint_after_freeze: false,
-            agent_stops_after_freeze: false,
         }
     }
 }
@@ -113,16 +103,18 @@ pub struct Frozen {
     host_ms: f64,
 }
 
-/// Backs up `m`'s disks into `dir`. On error the VM is put back (thawed, merged, overlays
-/// removed) before returning; if that fails too, the error says so.
+/// Backs up `m`'s disks into `dir`, with `faults` injected. On error the VM is put back
+/// (thawed, merged, overlays removed) before returning; if that fails too, the error says so.
 pub async fn snapshot(
     m: &Machine,
     settings: &SnapshotSettings,
+    faults: &Faults,
     dir: &Path,
     tl: &Timeline,
     undo: &Mutex<Undo>,
 ) -> Result<Snapshotted, BackupError> {
-    let frozen = prepare(m, settings, tl, undo).await?;
+    // Nothing races a one-VM backup against an interruption, so firing this one stops nothing.
+    let frozen = prepare(m, settings, faults, &Interrupt::new(), tl, undo).await?;
     post(m, settings, dir, tl, undo, frozen).await
 }
 
@@ -141,13 +133,16 @@ async fn undo_after(
 
 /// PrepareForSnapshot: overlays made and added, the guest frozen, every disk snapshotted
 /// in one transaction, the guest thawed. On an error everything is undone first.
+/// `interrupt` is the job's interruption, which only a fault in `faults` fires.
 pub async fn prepare(
     m: &Machine,
     settings: &SnapshotSettings,
+    faults: &Faults,
+    interrupt: &Interrupt,
     tl: &Timeline,
     undo: &Mutex<Undo>,
 ) -> Result<Frozen, BackupError> {
-    match prepare_inner(m, settings, tl, undo).await {
+    match prepare_inner(m, settings, faults, interrupt, tl, undo).await {
         Ok(f) => Ok(f),
         Err(e) => Err(undo_after(m, settings, undo, tl, e).await),
     }
@@ -171,39 +166,33 @@ pub async fn post(
 async fn prepare_inner(
     m: &Machine,
     settings: &SnapshotSettings,
+    faults: &Faults,
+    interrupt: &Interrupt,
     tl: &Timeline,
     undo: &Mutex<Undo>,
 ) -> Result<Frozen, BackupError> {
     let vm = Some(m.name());
-    tl.step(vm, "prepare overlays", prepare_overlays(m, settings, undo)).await?;
+    let faulty = faults.uncreatable_overlay_for(m);
+    tl.step(vm, "prepare overlays", prepare_overlays(m, settings, faulty.as_deref(), undo)).await?;
     let agent = m.agent().map_err(|e| BackupError::step(m.name(), "guest agent", e))?;
 
     let t_freeze = Instant::now();
     lock(undo).frozen = true;
     let frozen = tl
         .step(vm, "freeze", async {
-            agent.execute_raw("guest-fsfreeze-freeze", Value::Null, settings.freeze_deadline).await.map_err(|e| {
+            agent.execute_within(guest_fsfreeze_freeze {}, settings.freeze_deadline).await.map_err(|e| {
                 BackupError::Agent { vm: m.name().to_owned(), step: "guest-fsfreeze-freeze".into(), error: e }
             })
         })
         .await;
     let t_frozen = Instant::now();
     if frozen.is_ok() {
-        if let Some(i) = &settings.after_freeze {
-            i.trigger();
-        }
-        if settings.sigint_after_freeze {
-            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGINT);
-        }
-        if settings.agent_stops_after_freeze {
-            // Had the fault not fired, the backup succeeds and the scenario says so.
-            let _ = agent.wait_silent(settings.freeze_deadline).await;
-        }
+        faults.after_freeze(agent, interrupt, settings.freeze_deadline).await;
         // Let an interruption be seen here, between the freeze and the thaw.
         tokio::task::yield_now().await;
     }
     let snap = match frozen {
-        Ok(_) => tl.step(vm, "snapshot all disks (transaction)", transaction(m, settings, undo)).await,
+        Ok(_) => tl.step(vm, "snapshot all disks (transaction)", transaction(m, faulty.as_deref(), undo)).await,
         Err(e) => Err(e),
     };
     let t_thaw = Instant::now();
@@ -243,11 +232,18 @@ async fn post_inner(
     })
 }
 
-async fn prepare_overlays(m: &Machine, settings: &SnapshotSettings, undo: &Mutex<Undo>) -> Result<(), BackupError> {
+/// Makes and adds an overlay for each disk but the excluded ones and `faulty` (whose
+/// snapshot the transaction asks QEMU to make itself, at a path that cannot be created).
+async fn prepare_overlays(
+    m: &Machine,
+    settings: &SnapshotSettings,
+    faulty: Option<&str>,
+    undo: &Mutex<Undo>,
+) -> Result<(), BackupError> {
     let disks: Vec<DiskConfig> =
         m.config().disks.iter().filter(|d| !settings.exclude.contains(&d.node_name)).cloned().collect();
     for d in disks {
-        if settings.uncreatable_overlay_for.as_ref() == Some(&d.node_name) {
+        if faulty == Some(d.node_name.as_str()) {
             continue;
         }
         let node = format!("{}-snap", d.node_name);
@@ -271,16 +267,16 @@ async fn prepare_overlays(m: &Machine, settings: &SnapshotSettings, undo: &Mutex
     Ok(())
 }
 
-async fn transaction(m: &Machine, settings: &SnapshotSettings, undo: &Mutex<Undo>) -> Result<(), BackupError> {
+async fn transaction(m: &Machine, faulty: Option<&str>, undo: &Mutex<Undo>) -> Result<(), BackupError> {
     let mut actions: Vec<Value> = lock(undo)
         .overlays
         .iter()
         .map(|o| json!({"type": "blockdev-snapshot", "data": {"node": o.disk.node_name, "overlay": o.node}}))
         .collect();
-    if let Some(disk) = &settings.uncreatable_overlay_for {
+    if let Some(disk) = faulty {
         actions.push(json!({"type": "blockdev-snapshot-sync", "data": {
             "node-name": disk, "snapshot-node-name": format!("{disk}-snap"), "format": "qcow2",
-            "snapshot-file": "/nonexistent-quiesce-fault/overlay.qcow2"}}));
+            "snapshot-file": UNCREATABLE_OVERLAY}}));
     }
     // Logged before it is sent: if this future is dropped mid-way, recovery must look.
     lock(undo).snapshotted = true;
@@ -293,12 +289,10 @@ async fn thaw(m: &Machine, settings: &SnapshotSettings, undo: &Mutex<Undo>) -> R
         return Ok(());
     }
     let agent = m.agent().map_err(|e| BackupError::step(m.name(), "guest agent", e))?;
-    agent.execute_raw("guest-fsfreeze-thaw", Value::Null, settings.thaw_deadline).await.map_err(|e| {
-        BackupError::Agent {
-            vm: m.name().to_owned(),
-            step: "guest-fsfreeze-thaw (until it answers, the guest may stay frozen)".into(),
-            error: e,
-        }
+    agent.execute_within(guest_fsfreeze_thaw {}, settings.thaw_deadline).await.map_err(|e| BackupError::Agent {
+        vm: m.name().to_owned(),
+        step: "guest-fsfreeze-thaw (until it answers, the guest may stay frozen)".into(),
+        error: e,
     })?;
     lock(undo).frozen = false;
     Ok(())
@@ -348,14 +342,8 @@ async fn merge(m: &Machine, settings: &SnapshotSettings, undo: &Mutex<Undo>) -> 
 
 /// The node names attached to the VM's devices right now.
 async fn active_roots(m: &Machine) -> Result<Vec<String>, BackupError> {
-    let blocks = qmp(m, "query-block", Value::Null).await?;
-    Ok(blocks
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or(&[])
-        .iter()
-        .filter_map(|b| b["inserted"]["node-name"].as_str().map(str::to_owned))
-        .collect())
+    let blocks = qmp_typed(m, query_block {}).await?;
+    Ok(blocks.into_iter().filter_map(|b| b.inserted?.node_name).collect())
 }
 
 async fn commit_one(m: &Machine, o: &Overlay, deadline: Duration) -> Result<(), BackupError> {

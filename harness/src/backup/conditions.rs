@@ -7,17 +7,21 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::Duration;
 
+use qapi::qga::{
+    guest_get_disks, guest_get_fsinfo, guest_get_osinfo, guest_info, GuestAgentInfo, GuestDiskInfo,
+    GuestFilesystemInfo, GuestOSInfo,
+};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use crate::image::partition;
-use crate::qemu::{Machine, MachineConfig};
+use crate::qemu::{AgentError, GuestAgent, Machine, MachineConfig};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Condition {
     /// The Backup Integration Service: qemu-guest-agent answers and can freeze and thaw.
     AgentCanFreeze,
+    /// QEMU reports the VM running (a paused or saved VM has no guest to freeze).
     VmRunning,
     /// The snapshot location is on the same host filesystem as each disk image.
     SnapshotOnSameVolume,
@@ -25,6 +29,7 @@ pub enum Condition {
     BasicDisksOnly,
     /// Every filesystem on the backed-up disks can be snapshotted.
     FilesystemsSupportSnapshots,
+    /// The guest's operating system is one whose freeze is supported (never Windows 2000).
     GuestOsSupported,
 }
 
@@ -72,16 +77,35 @@ impl Verdict {
     }
 }
 
-/// Why a guest-side condition could not be checked.
-const NO_AGENT: &str = "not checked: the guest agent is not answering";
+/// What a rule found, with the reason a person reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Finding {
+    /// The condition holds; why.
+    Held(String),
+    /// The condition fails; why.
+    Failed(String),
+    /// The condition could not be evaluated (another one failed first); why.
+    NotChecked(String),
+}
 
-fn verdict(condition: Condition, r: Result<String, String>) -> Verdict {
-    match r {
-        Ok(reason) => Verdict { condition, outcome: Outcome::Held, reason },
-        Err(reason) if reason.starts_with("not checked") => Verdict { condition, outcome: Outcome::NotChecked, reason },
-        Err(reason) => Verdict { condition, outcome: Outcome::Failed, reason },
+impl Finding {
+    /// The verdict on `condition`.
+    pub fn verdict(self, condition: Condition) -> Verdict {
+        let (outcome, reason) = match self {
+            Finding::Held(r) => (Outcome::Held, r),
+            Finding::Failed(r) => (Outcome::Failed, r),
+            Finding::NotChecked(r) => (Outcome::NotChecked, r),
+        };
+        Verdict { condition, outcome, reason }
+    }
+
+    pub fn held(&self) -> bool {
+        matches!(self, Finding::Held(_))
     }
 }
+
+/// Why a guest-side condition could not be checked.
+const NO_AGENT: &str = "not checked: the guest agent is not answering";
 
 /// The failed conditions, as one sentence for a report (None when all hold). Conditions
 /// that could not be checked are named only if none failed outright.
@@ -100,94 +124,113 @@ pub fn failures(vs: &[Verdict]) -> Option<String> {
 pub async fn evaluate(m: &Machine, snapshot_dir: &Path, agent_deadline: Duration) -> Vec<Verdict> {
     let cfg = m.config();
     let running = crate::backup::runstate::query(m).await;
-    let mut out = vec![];
     let guest = GuestFacts::gather(m, agent_deadline).await;
-    out.push(verdict(
-        Condition::AgentCanFreeze,
-        guest.as_ref().map_err(Clone::clone).and_then(|g| agent_can_freeze(&g.info)),
-    ));
+    let agent = match &guest {
+        Ok(g) => agent_can_freeze(&g.info),
+        Err(e) => Finding::Failed(e.to_string()),
+    };
     // Without the agent the guest-side conditions cannot be evaluated: say so, not "failed".
-    let guest = guest.map_err(|_| NO_AGENT.to_owned());
-    out.push(verdict(
-        Condition::VmRunning,
-        match running {
-            Ok(s) if s.running => Ok("QEMU reports the VM running".into()),
-            Ok(s) => Err(format!("the VM is {} (QEMU: {})", s.label(), s.status)),
-            Err(e) => Err(format!("query-status failed: {e}")),
-        },
-    ));
-    out.push(verdict(Condition::SnapshotOnSameVolume, same_volume(cfg, snapshot_dir)));
+    let guest = guest.ok();
+    let unchecked = || Finding::NotChecked(NO_AGENT.to_owned());
+    let running = match running {
+        Ok(s) if s.running => Finding::Held("QEMU reports the VM running".into()),
+        Ok(s) => Finding::Failed(format!("the VM is {} (QEMU: {})", s.label(), s.status)),
+        Err(e) => Finding::Failed(format!("query-status failed: {e}")),
+    };
     let serials: Vec<&str> = cfg.disks.iter().map(|d| d.node_name.as_str()).collect();
-    out.push(verdict(
-        Condition::BasicDisksOnly,
-        host_disks_basic(cfg).and_then(|host| match &guest {
-            Ok(g) => guest_disks_basic(&g.disks, &serials).map(|guest| format!("{host}; {guest}")),
-            Err(e) => Err(format!("{e} (host side: {host})")),
-        }),
-    ));
-    out.push(verdict(
-        Condition::FilesystemsSupportSnapshots,
-        guest.as_ref().map_err(Clone::clone).and_then(|g| filesystems_support_snapshots(&g.fsinfo, &serials)),
-    ));
-    out.push(verdict(
-        Condition::GuestOsSupported,
-        guest.as_ref().map_err(Clone::clone).and_then(|g| os_supported(&g.osinfo)),
-    ));
-    out
+    let basic = match (host_disks_basic(cfg), &guest) {
+        (Finding::Held(host), Some(g)) => match guest_disks_basic(&g.disks, &serials) {
+            Finding::Held(guest) => Finding::Held(format!("{host}; {guest}")),
+            other => other,
+        },
+        (Finding::Held(host), None) => Finding::NotChecked(format!("{NO_AGENT} (host side: {host})")),
+        (host, _) => host,
+    };
+    let filesystems = guest.as_ref().map_or_else(unchecked, |g| filesystems_support_snapshots(&g.fsinfo, &serials));
+    let os = guest.as_ref().map_or_else(unchecked, |g| os_supported(&g.osinfo));
+    vec![
+        agent.verdict(Condition::AgentCanFreeze),
+        running.verdict(Condition::VmRunning),
+        same_volume(cfg, snapshot_dir).verdict(Condition::SnapshotOnSameVolume),
+        basic.verdict(Condition::BasicDisksOnly),
+        filesystems.verdict(Condition::FilesystemsSupportSnapshots),
+        os.verdict(Condition::GuestOsSupported),
+    ]
 }
 
-/// What the agent says about the guest, gathered once under one deadline.
+/// Why what the agent says about the guest could not be learnt. Each one fails condition 1
+/// and leaves the guest-side conditions unchecked.
+#[derive(Debug, thiserror::Error)]
+pub enum GuestFactsError {
+    /// The VM was started without a guest agent channel, so nothing can be asked of the guest.
+    #[error("the VM has no guest agent channel (the agent is not installed)")]
+    NoChannel,
+    /// The agent did not answer in time: not running, hung, or the guest is not up.
+    #[error("the guest agent did not answer {command} within {waited:?}")]
+    Silent { command: &'static str, waited: Duration },
+    /// The agent refused the command, or its reply does not fit QEMU's schema.
+    #[error("{command}: {error}")]
+    Agent { command: &'static str, error: AgentError },
+}
+
+/// What the agent says about the guest, gathered once under one deadline per command.
 struct GuestFacts {
-    info: Value,
-    fsinfo: Value,
-    disks: Value,
-    osinfo: Value,
+    info: GuestAgentInfo,
+    fsinfo: Vec<GuestFilesystemInfo>,
+    disks: Vec<GuestDiskInfo>,
+    osinfo: GuestOSInfo,
 }
 
 impl GuestFacts {
-    async fn gather(m: &Machine, deadline: Duration) -> Result<GuestFacts, String> {
-        let agent =
-            m.agent().map_err(|_| "the VM has no guest agent channel (the agent is not installed)".to_owned())?;
-        let ask = |cmd: &'static str| async move {
-            agent.execute_raw(cmd, Value::Null, deadline).await.map_err(|e| match e {
-                crate::qemu::AgentError::Timeout { .. } | crate::qemu::AgentError::NotResponding { .. } => {
-                    format!("the guest agent did not answer {cmd} within {deadline:?}")
-                }
-                e => format!("{cmd}: {e}"),
-            })
+    async fn gather(m: &Machine, deadline: Duration) -> Result<GuestFacts, GuestFactsError> {
+        let agent = m.agent().map_err(|_| GuestFactsError::NoChannel)?;
+        let info = ask(agent, guest_info {}, deadline).await?;
+        let fsinfo = ask(agent, guest_get_fsinfo {}, deadline).await?;
+        let disks = match ask(agent, guest_get_disks {}, deadline).await {
+            Ok(d) => d,
+            // Older agents lack guest-get-disks, or have it disabled: not a reason to refuse.
+            Err(GuestFactsError::Agent { error: AgentError::Command { .. }, .. }) => vec![],
+            Err(e) => return Err(e),
         };
-        let info = ask("guest-info").await?;
-        Ok(GuestFacts {
-            info,
-            fsinfo: ask("guest-get-fsinfo").await?,
-            // Older agents lack guest-get-disks; that is not a reason to refuse.
-            disks: ask("guest-get-disks").await.unwrap_or(Value::Array(vec![])),
-            osinfo: ask("guest-get-osinfo").await?,
-        })
+        Ok(GuestFacts { info, fsinfo, disks, osinfo: ask(agent, guest_get_osinfo {}, deadline).await? })
     }
 }
 
+/// Asks the agent one typed question; a reply that does not fit its type is an error.
+async fn ask<C: qapi::Command>(agent: &GuestAgent, cmd: C, deadline: Duration) -> Result<C::Ok, GuestFactsError> {
+    agent.execute_within(cmd, deadline).await.map_err(|e| match e {
+        AgentError::Timeout { .. } | AgentError::NotResponding { .. } => {
+            GuestFactsError::Silent { command: C::NAME, waited: deadline }
+        }
+        error => GuestFactsError::Agent { command: C::NAME, error },
+    })
+}
+
 /// Condition 1 on a `guest-info` reply.
-pub fn agent_can_freeze(info: &Value) -> Result<String, String> {
-    let cmds = info["supported_commands"].as_array().map(Vec::as_slice).unwrap_or(&[]);
-    let enabled = |name: &str| cmds.iter().any(|c| c["name"] == name && c["enabled"] == Value::Bool(true));
+pub fn agent_can_freeze(info: &GuestAgentInfo) -> Finding {
+    let enabled = |name: &str| info.supported_commands.iter().any(|c| c.name == name && c.enabled);
     let missing: Vec<&str> =
         ["guest-fsfreeze-freeze", "guest-fsfreeze-thaw"].into_iter().filter(|c| !enabled(c)).collect();
     if missing.is_empty() {
-        Ok(format!("qemu-ga {} answers and can freeze and thaw", info["version"].as_str().unwrap_or("?")))
+        Finding::Held(format!("qemu-ga {} answers and can freeze and thaw", info.version))
     } else {
-        Err(format!("the guest agent has {} disabled or missing", missing.join(" and ")))
+        Finding::Failed(format!("the guest agent has {} disabled or missing", missing.join(" and ")))
     }
 }
 
 /// Condition 3: every disk image on the same host filesystem (st_dev) as the snapshot dir.
-pub fn same_volume(cfg: &MachineConfig, snapshot_dir: &Path) -> Result<String, String> {
-    let snap =
-        std::fs::metadata(snapshot_dir).map_err(|e| format!("snapshot location {}: {e}", snapshot_dir.display()))?;
+pub fn same_volume(cfg: &MachineConfig, snapshot_dir: &Path) -> Finding {
+    let snap = match std::fs::metadata(snapshot_dir) {
+        Ok(m) => m,
+        Err(e) => return Finding::Failed(format!("snapshot location {}: {e}", snapshot_dir.display())),
+    };
     for d in &cfg.disks {
-        let m = std::fs::metadata(&d.path).map_err(|e| format!("disk {} ({}): {e}", d.node_name, d.path.display()))?;
+        let m = match std::fs::metadata(&d.path) {
+            Ok(m) => m,
+            Err(e) => return Finding::Failed(format!("disk {} ({}): {e}", d.node_name, d.path.display())),
+        };
         if m.dev() != snap.dev() {
-            return Err(format!(
+            return Finding::Failed(format!(
                 "snapshot location {} is on another host volume than disk {} ({})",
                 snapshot_dir.display(),
                 d.node_name,
@@ -195,44 +238,45 @@ pub fn same_volume(cfg: &MachineConfig, snapshot_dir: &Path) -> Result<String, S
             ));
         }
     }
-    Ok(format!("{} is on the same host volume as all {} disks", snapshot_dir.display(), cfg.disks.len()))
+    Finding::Held(format!("{} is on the same host volume as all {} disks", snapshot_dir.display(), cfg.disks.len()))
 }
 
 /// Condition 4, host side: no disk has a dynamic-disk partition table.
-pub fn host_disks_basic(cfg: &MachineConfig) -> Result<String, String> {
+pub fn host_disks_basic(cfg: &MachineConfig) -> Finding {
     for d in &cfg.disks {
-        let head = partition::read_head(&d.path, d.format)
-            .map_err(|e| format!("disk {}: cannot read its partition table: {e}", d.node_name))?;
+        let head = match partition::read_head(&d.path, d.format) {
+            Ok(h) => h,
+            Err(e) => return Finding::Failed(format!("disk {}: cannot read its partition table: {e}", d.node_name)),
+        };
         if let Some(why) = partition::parse(&head).dynamic_reason() {
-            return Err(format!("disk {} is dynamic: {why}", d.node_name));
+            return Finding::Failed(format!("disk {} is dynamic: {why}", d.node_name));
         }
     }
-    Ok("no dynamic partition tables".into())
+    Finding::Held("no dynamic partition tables".into())
 }
 
 /// Condition 4, guest side, on a `guest-get-disks` reply: no device-mapper, md or LVM
 /// volume built on the backed-up disks (those may span disks or be dynamic).
-pub fn guest_disks_basic(disks: &Value, serials: &[&str]) -> Result<String, String> {
-    let all = disks.as_array().map(Vec::as_slice).unwrap_or(&[]);
-    let ours: Vec<&str> = all
+pub fn guest_disks_basic(disks: &[GuestDiskInfo], serials: &[&str]) -> Finding {
+    let serial = |d: &GuestDiskInfo| d.address.as_ref().and_then(|a| a.serial.clone());
+    let ours: Vec<&str> = disks
         .iter()
-        .filter(|d| d["address"]["serial"].as_str().is_some_and(|s| serials.contains(&s)))
-        .filter_map(|d| d["name"].as_str())
+        .filter(|d| serial(d).is_some_and(|s| serials.contains(&s.as_str())))
+        .map(|d| d.name.as_str())
         .collect();
-    for d in all {
-        let name = d["name"].as_str().unwrap_or("?");
-        let deps: Vec<&str> =
-            d["dependencies"].as_array().map(|a| a.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
-        let virtual_volume = name.contains("/dm-") || name.contains("/md");
+    for d in disks {
+        let deps = d.dependencies.as_deref().unwrap_or_default();
+        let virtual_volume = d.name.contains("/dm-") || d.name.contains("/md");
         let on_ours = deps.iter().any(|dep| ours.iter().any(|o| dep.starts_with(o)));
         if virtual_volume && on_ours {
-            return Err(format!(
-                "guest volume {name} is built on {} (device-mapper/md/LVM: not a basic disk)",
+            return Finding::Failed(format!(
+                "guest volume {} is built on {} (device-mapper/md/LVM: not a basic disk)",
+                d.name,
                 deps.join(", ")
             ));
         }
     }
-    Ok("no spanned or device-mapper volumes in the guest".into())
+    Finding::Held("no spanned or device-mapper volumes in the guest".into())
 }
 
 /// Filesystems whose snapshots are consistent with the guest's cooperation (they freeze),
@@ -264,26 +308,23 @@ const NOT_SNAPSHOT_CAPABLE: &[(&str, &str)] = &[
 ];
 
 /// Condition 5 on a `guest-get-fsinfo` reply, for the filesystems on the backed-up disks.
-pub fn filesystems_support_snapshots(fsinfo: &Value, serials: &[&str]) -> Result<String, String> {
+pub fn filesystems_support_snapshots(fsinfo: &[GuestFilesystemInfo], serials: &[&str]) -> Finding {
     let mut seen = Vec::new();
-    for fs in fsinfo.as_array().map(Vec::as_slice).unwrap_or(&[]) {
-        let on_ours = fs["disk"]
-            .as_array()
-            .is_some_and(|ds| ds.iter().any(|d| d["serial"].as_str().is_some_and(|s| serials.contains(&s))));
+    for fs in fsinfo {
+        let on_ours = fs.disk.iter().any(|d| d.serial.as_deref().is_some_and(|s| serials.contains(&s)));
         if !on_ours {
             continue;
         }
-        let ty = fs["type"].as_str().unwrap_or("?");
-        let mnt = fs["mountpoint"].as_str().unwrap_or("?");
+        let (ty, mnt) = (&fs.type_, &fs.mountpoint);
         if let Some((_, why)) = NOT_SNAPSHOT_CAPABLE.iter().find(|(t, _)| t.eq_ignore_ascii_case(ty)) {
-            return Err(format!("{mnt} is {ty}: {why}"));
+            return Finding::Failed(format!("{mnt} is {ty}: {why}"));
         }
         if !SNAPSHOT_CAPABLE.iter().any(|t| t.eq_ignore_ascii_case(ty)) {
-            return Err(format!("{mnt} is {ty}, which is not known to support snapshots"));
+            return Finding::Failed(format!("{mnt} is {ty}, which is not known to support snapshots"));
         }
         seen.push(format!("{mnt} ({ty})"));
     }
-    Ok(format!("all filesystems support snapshots: {}", seen.join(", ")))
+    Finding::Held(format!("all filesystems support snapshots: {}", seen.join(", ")))
 }
 
 /// One row of the guest OS rule table: the first row that matches decides.
@@ -307,25 +348,42 @@ const OS_RULES: &[OsRule] = &[
 ];
 
 /// Condition 6 on a `guest-get-osinfo` reply.
-pub fn os_supported(osinfo: &Value) -> Result<String, String> {
-    let id = osinfo["id"].as_str().unwrap_or("");
-    let kv = osinfo["kernel-version"].as_str().unwrap_or("");
-    let name = osinfo["pretty-name"].as_str().or_else(|| osinfo["name"].as_str()).unwrap_or("unknown OS");
-    let rule = OS_RULES
-        .iter()
-        .find(|r| (r.id.is_empty() || r.id == id) && kv.starts_with(r.kernel_version))
-        .expect("the last rule matches everything");
-    if rule.supported {
-        Ok(format!("{name}: {}", rule.why))
-    } else {
-        Err(format!("{name}: {}", rule.why))
+pub fn os_supported(osinfo: &GuestOSInfo) -> Finding {
+    let id = osinfo.id.as_deref().unwrap_or("");
+    let kv = osinfo.kernel_version.as_deref().unwrap_or("");
+    let name = osinfo.pretty_name.as_deref().or(osinfo.name.as_deref()).unwrap_or("unknown OS");
+    // The last rule matches everything, so there is always one.
+    let rule = OS_RULES.iter().find(|r| (r.id.is_empty() || r.id == id) && kv.starts_with(r.kernel_version));
+    match rule {
+        Some(r) if r.supported => Finding::Held(format!("{name}: {}", r.why)),
+        Some(r) => Finding::Failed(format!("{name}: {}", r.why)),
+        None => Finding::Failed(format!("{name}: no rule for this guest OS")),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{json, Value};
+
+    /// A reply as the typed command would take it; a test fails if it does not fit.
+    fn typed<T: serde::de::DeserializeOwned>(reply: Value) -> T {
+        serde_json::from_value(reply).expect("the reply fits QEMU's schema")
+    }
+
+    fn held(f: &Finding) -> &str {
+        match f {
+            Finding::Held(r) => r,
+            other => panic!("expected it to hold: {other:?}"),
+        }
+    }
+
+    fn failed(f: &Finding) -> &str {
+        match f {
+            Finding::Failed(r) => r,
+            other => panic!("expected it to fail: {other:?}"),
+        }
+    }
 
     // Recorded facts: replies of qemu-ga's guest-get-osinfo. The Linux one is from this
     // project's test guest; the Windows Server 2022 one follows qemu-ga's Windows code (NT
@@ -350,75 +408,131 @@ mod tests {
 
     #[test]
     fn os_rule_table() {
-        assert!(os_supported(&linux()).is_ok());
-        assert!(os_supported(&windows_2022()).unwrap().contains("Windows Server 2022"));
-        let e = os_supported(&windows_2000()).unwrap_err();
-        assert!(e.contains("Windows 2000 (NT 5.0) is never supported"), "{e}");
+        assert!(os_supported(&typed(linux())).held());
+        assert!(held(&os_supported(&typed(windows_2022()))).contains("Windows Server 2022"));
+        let f = os_supported(&typed(windows_2000()));
+        assert!(failed(&f).contains("Windows 2000 (NT 5.0) is never supported"), "{f:?}");
         // NT 5.1 (XP) and 5.2 (2003) are not caught by the 2000 rule.
         let mut xp = windows_2000();
         xp["kernel-version"] = json!("5.1");
-        assert!(os_supported(&xp).is_ok());
-        assert!(os_supported(&json!({})).is_ok());
+        assert!(os_supported(&typed(xp)).held());
+        assert!(os_supported(&typed(json!({}))).held());
+    }
+
+    fn commands(freeze: bool, thaw: bool) -> Value {
+        json!({"version": "10.0.2", "supported_commands": [
+            {"name": "guest-fsfreeze-freeze", "enabled": freeze, "success-response": true},
+            {"name": "guest-fsfreeze-thaw", "enabled": thaw, "success-response": true}]})
     }
 
     #[test]
     fn agent_must_have_freeze_and_thaw_enabled() {
-        let ok = json!({"version": "10.0.2", "supported_commands": [
-            {"name": "guest-fsfreeze-freeze", "enabled": true}, {"name": "guest-fsfreeze-thaw", "enabled": true}]});
-        assert!(agent_can_freeze(&ok).is_ok());
-        let blocked = json!({"version": "10.0.2", "supported_commands": [
-            {"name": "guest-fsfreeze-freeze", "enabled": false}, {"name": "guest-fsfreeze-thaw", "enabled": true}]});
-        assert!(agent_can_freeze(&blocked).unwrap_err().contains("guest-fsfreeze-freeze"));
-        assert!(agent_can_freeze(&json!("garbage")).is_err());
+        assert_eq!(
+            held(&agent_can_freeze(&typed(commands(true, true)))),
+            "qemu-ga 10.0.2 answers and can freeze and thaw"
+        );
+        let f = agent_can_freeze(&typed(commands(false, true)));
+        assert_eq!(failed(&f), "the guest agent has guest-fsfreeze-freeze disabled or missing");
+        let f = agent_can_freeze(&typed(json!({"version": "1.0", "supported_commands": []})));
+        assert!(failed(&f).contains("guest-fsfreeze-freeze and guest-fsfreeze-thaw"), "{f:?}");
+        // A reply that does not fit the schema never reaches the rule.
+        assert!(serde_json::from_value::<GuestAgentInfo>(json!("garbage")).is_err());
     }
 
+    /// One entry of a guest-get-fsinfo reply, shaped as the test guest's qemu-ga 10 sends it
+    /// (recorded: every address field present, total-bytes-privileged on Linux).
     fn fs(mnt: &str, ty: &str, serial: &str) -> Value {
-        json!({"mountpoint": mnt, "type": ty, "name": "vdb", "disk": [{"serial": serial, "dev": "/dev/vdb"}]})
+        json!({"mountpoint": mnt, "type": ty, "name": "vdb", "total-bytes": 31334400,
+               "total-bytes-privileged": 33009664, "used-bytes": 24576,
+               "disk": [{"bus": 0, "bus-type": "virtio", "dev": "/dev/vdb", "serial": serial, "target": 0, "unit": 0,
+                         "pci-controller": {"bus": 0, "domain": 0, "function": 0, "slot": 3}}]})
+    }
+
+    /// A Windows guest's entry, constructed from qemu-ga's Windows code (not from a live
+    /// guest): the volume GUID path as name, no total-bytes-privileged.
+    fn windows_fs(mnt: &str, ty: &str, serial: &str) -> Value {
+        json!({"mountpoint": mnt, "type": ty, "name": "\\\\?\\Volume{6b1c3a2e-0000-0000-0000-100000000000}\\",
+               "total-bytes": 64424509440u64, "used-bytes": 21474836480u64,
+               "disk": [{"bus": 0, "bus-type": "scsi", "serial": serial, "target": 0, "unit": 0,
+                         "pci-controller": {"bus": 0, "domain": 0, "function": 0, "slot": 4}}]})
+    }
+
+    fn fsinfo(entries: Vec<Value>) -> Vec<GuestFilesystemInfo> {
+        typed(Value::Array(entries))
     }
 
     #[test]
     fn filesystem_table() {
         let ok =
-            json!([fs("/", "ext4", "root"), fs("/mnt/data", "xfs", "data"), fs("/boot/efi", "vfat", "other-vm-disk")]);
-        assert!(filesystems_support_snapshots(&ok, &["root", "data"]).is_ok());
-        let bad = json!([fs("/", "ext4", "root"), fs("/mnt/usb", "vfat", "data")]);
-        let e = filesystems_support_snapshots(&bad, &["root", "data"]).unwrap_err();
-        assert!(e.contains("/mnt/usb is vfat"), "{e}");
-        let unknown = json!([fs("/mnt/x", "weirdfs", "data")]);
-        assert!(filesystems_support_snapshots(&unknown, &["data"]).unwrap_err().contains("not known"));
+            fsinfo(vec![fs("/", "ext4", "root"), fs("/mnt/data", "xfs", "data"), fs("/boot/efi", "vfat", "other")]);
+        assert_eq!(
+            held(&filesystems_support_snapshots(&ok, &["root", "data"])),
+            "all filesystems support snapshots: / (ext4), /mnt/data (xfs)"
+        );
+        let bad = fsinfo(vec![fs("/", "ext4", "root"), fs("/mnt/usb", "vfat", "data")]);
+        let f = filesystems_support_snapshots(&bad, &["root", "data"]);
+        assert!(failed(&f).contains("/mnt/usb is vfat"), "{f:?}");
+        let unknown = fsinfo(vec![fs("/mnt/x", "weirdfs", "data")]);
+        assert!(failed(&filesystems_support_snapshots(&unknown, &["data"])).contains("not known"));
     }
 
     #[test]
     fn ntfs_is_refused_under_linux_ntfs3_and_fuse_but_not_under_windows() {
         // The ntfs3 entry of a guest-get-fsinfo reply recorded on the test guest (qemu-ga 10).
-        let ntfs3 = json!([fs("/", "ext4", "root"), {
-            "mountpoint": "/mnt/data", "name": "vdb", "type": "ntfs3", "total-bytes": 67104768,
-            "used-bytes": 2609152, "disk": [{"bus": 0, "bus-type": "virtio", "dev": "/dev/vdb",
-            "serial": "data", "target": 0, "unit": 0}]}]);
-        let e = filesystems_support_snapshots(&ntfs3, &["root", "data"]).unwrap_err();
-        assert!(e.starts_with("/mnt/data is ntfs3: the Linux ntfs3 driver cannot freeze"), "{e}");
+        let ntfs3 = fsinfo(vec![fs("/", "ext4", "root"), fs("/mnt/data", "ntfs3", "data")]);
+        let f = filesystems_support_snapshots(&ntfs3, &["root", "data"]);
+        assert!(failed(&f).starts_with("/mnt/data is ntfs3: the Linux ntfs3 driver cannot freeze"), "{f:?}");
         // Not one of ours: another VM's ntfs3 volume does not matter.
-        assert!(filesystems_support_snapshots(&ntfs3, &["root"]).is_ok());
-        let fuse = json!([fs("/mnt/data", "fuseblk", "data")]);
-        assert!(filesystems_support_snapshots(&fuse, &["data"]).unwrap_err().contains("FUSE"));
+        assert!(filesystems_support_snapshots(&ntfs3, &["root"]).held());
+        let fuse = fsinfo(vec![fs("/mnt/data", "fuseblk", "data")]);
+        assert!(failed(&filesystems_support_snapshots(&fuse, &["data"])).contains("FUSE"));
         // Windows guests report GetVolumeInformation's names; NTFS and ReFS freeze under VSS.
-        let windows = json!([fs("C:\\", "NTFS", "root"), fs("D:\\", "ReFS", "data")]);
-        let ok = filesystems_support_snapshots(&windows, &["root", "data"]).unwrap();
-        assert!(ok.contains("C:\\ (NTFS)") && ok.contains("D:\\ (ReFS)"), "{ok}");
-        let usb = json!([fs("E:\\", "FAT32", "data")]);
-        assert!(filesystems_support_snapshots(&usb, &["data"]).unwrap_err().contains("FAT has no journal"));
+        // Their entries have no total-bytes-privileged, and still fit the typed reply.
+        let windows = fsinfo(vec![windows_fs("C:\\", "NTFS", "root"), windows_fs("D:\\", "ReFS", "data")]);
+        let ok = filesystems_support_snapshots(&windows, &["root", "data"]);
+        assert!(held(&ok).contains("C:\\ (NTFS)") && held(&ok).contains("D:\\ (ReFS)"), "{ok:?}");
+        let usb = fsinfo(vec![windows_fs("E:\\", "FAT32", "data")]);
+        assert!(failed(&filesystems_support_snapshots(&usb, &["data"])).contains("FAT has no journal"));
+    }
+
+    /// One entry of a guest-get-disks reply, shaped as the test guest's qemu-ga 10 sends it.
+    fn disk(name: &str, serial: Option<&str>, deps: &[&str]) -> Value {
+        let mut d = json!({"name": name, "partition": false, "dependencies": deps});
+        if let Some(serial) = serial {
+            d["address"] = json!({"bus": 0, "bus-type": "virtio", "dev": name, "serial": serial, "target": 0,
+                                  "unit": 0, "pci-controller": {"bus": 0, "domain": 0, "function": 0, "slot": 2}});
+        }
+        d
     }
 
     #[test]
     fn guest_volumes_on_our_disks_are_not_basic() {
-        let disks = json!([
-            {"name": "/dev/vda", "partition": false, "address": {"serial": "root"}},
-            {"name": "/dev/vdb", "partition": false, "address": {"serial": "data"}},
-            {"name": "/dev/dm-0", "partition": false, "dependencies": ["/dev/vdb", "/dev/vdc"]}
-        ]);
-        let e = guest_disks_basic(&disks, &["root", "data"]).unwrap_err();
-        assert!(e.contains("/dev/dm-0"), "{e}");
-        assert!(guest_disks_basic(&disks, &["root"]).is_ok());
-        assert!(guest_disks_basic(&json!(null), &["root"]).is_ok());
+        let disks: Vec<GuestDiskInfo> = typed(json!([
+            disk("/dev/vda", Some("root"), &[]),
+            disk("/dev/vdb", Some("data"), &[]),
+            disk("/dev/dm-0", None, &["/dev/vdb", "/dev/vdc"]),
+        ]));
+        let f = guest_disks_basic(&disks, &["root", "data"]);
+        assert_eq!(
+            failed(&f),
+            "guest volume /dev/dm-0 is built on /dev/vdb, /dev/vdc (device-mapper/md/LVM: not a basic disk)"
+        );
+        assert!(guest_disks_basic(&disks, &["root"]).held());
+        assert!(guest_disks_basic(&[], &["root"]).held());
+    }
+
+    #[test]
+    fn findings_become_verdicts_with_their_reason_unchanged() {
+        let v = Finding::NotChecked(NO_AGENT.to_owned()).verdict(Condition::GuestOsSupported);
+        assert_eq!((v.outcome, v.reason.as_str()), (Outcome::NotChecked, NO_AGENT));
+        let v = Finding::Failed("x".into()).verdict(Condition::VmRunning);
+        assert_eq!((v.outcome, v.reason.as_str(), v.held()), (Outcome::Failed, "x", false));
+        let vs = [
+            Finding::NotChecked(NO_AGENT.into()).verdict(Condition::GuestOsSupported),
+            Finding::Held("fine".into()).verdict(Condition::VmRunning),
+        ];
+        assert_eq!(failures(&vs).as_deref(), Some("guest-os-supported: not checked: the guest agent is not answering"));
+        let vs = [vs[0].clone(), Finding::Failed("the VM is paused".into()).verdict(Condition::VmRunning)];
+        assert_eq!(failures(&vs).as_deref(), Some("vm-running: the VM is paused"));
     }
 }

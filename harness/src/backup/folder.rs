@@ -12,12 +12,18 @@ use super::manifest::{Manifest, VmBackup, FORMAT_VERSION};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FolderError {
+    /// A file or folder of the backup could not be created, written, synced or read (a full
+    /// or read-only target, missing permissions).
     #[error("backup {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+    /// A backup is never written over another: the path is taken.
     #[error("backup {0} already exists; choose another path or remove it")]
     Exists(PathBuf),
+    /// The folder has no manifest that this program can read: it is not a backup, or an
+    /// unfinished or damaged one.
     #[error("{path} is not a quiesce backup (no readable manifest.json: {why})")]
     NotABackup { path: PathBuf, why: String },
+    /// The backup was written by a version of quiesce with another manifest format.
     #[error("backup {path} has manifest format {found}; this quiesce reads format {FORMAT_VERSION}")]
     Version { path: PathBuf, found: u32 },
 }

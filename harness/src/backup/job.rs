@@ -6,10 +6,12 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use qapi::qmp::{query_migrate, MigrationInfo};
 use serde::Deserialize;
 
 use super::child_snapshot::{self, SnapshotSettings, Undo};
 use super::conditions::{self, Verdict};
+use super::faults::Faults;
 use super::folder::BackupWriter;
 use super::manifest::{MachineSpec, Method, VmBackup};
 use super::runstate;
@@ -78,7 +80,7 @@ async fn saved_state_possible(
 ) -> Result<Choice, BackupError> {
     let info = m
         .qmp()
-        .execute_raw("query-migrate", serde_json::Value::Null, CONDITION_AGENT_DEADLINE)
+        .execute_within(query_migrate {}, CONDITION_AGENT_DEADLINE)
         .await
         .map_err(|e| BackupError::step(m.name(), "query-migrate", m.qmp_err(e)))?;
     let blocked = migration_blockers(&info);
@@ -90,12 +92,10 @@ async fn saved_state_possible(
 }
 
 /// QEMU's reasons that a migration (and so a save) is impossible now (`blocked-reasons`,
-/// QEMU 6.0+; absent when nothing blocks it).
-pub fn migration_blockers(query_migrate: &serde_json::Value) -> Vec<String> {
-    query_migrate["blocked-reasons"]
-        .as_array()
-        .map(|a| a.iter().filter_map(|r| r.as_str()).map(|r| crate::qemu::message::snippet(r.as_bytes())).collect())
-        .unwrap_or_default()
+/// QEMU 6.0+; absent when nothing blocks it), each cut to a readable length.
+pub fn migration_blockers(info: &MigrationInfo) -> Vec<String> {
+    let reasons = info.blocked_reasons.as_deref().unwrap_or_default();
+    reasons.iter().map(|r| crate::qemu::message::snippet(r.as_bytes())).collect()
 }
 
 /// The machine configuration a restore needs, with kernel and initrd copied into `dir/boot`
@@ -125,6 +125,8 @@ pub struct JobSettings<'a> {
     pub caps: &'a Capabilities,
     pub save: SaveSettings,
     pub snapshot: SnapshotSettings,
+    /// Test-only fault injection; [`Faults::default`] injects none.
+    pub faults: Faults,
 }
 
 /// Backs `m` up by `choice.method` into `writer`. For Child VM Snapshot, `undo` records
@@ -141,12 +143,12 @@ pub async fn backup(
     let machine = machine_spec(m, &dir)?;
     let (before, disks, state, timings) = match choice.method {
         Method::SavedState => {
-            let saved = saved_state::save(m, settings.caps, &settings.save, &dir, tl).await?;
+            let saved = saved_state::save(m, settings.caps, &settings.save, &settings.faults, &dir, tl).await?;
             (saved.before, saved.disks, Some(saved.state), saved.timings)
         }
         Method::ChildSnapshot => {
             let before = runstate::query(m).await.map_err(|e| BackupError::step(m.name(), "query-status", e))?;
-            let snap = child_snapshot::snapshot(m, &settings.snapshot, &dir, tl, undo).await?;
+            let snap = child_snapshot::snapshot(m, &settings.snapshot, &settings.faults, &dir, tl, undo).await?;
             (before, snap.disks, None, snap.timings)
         }
     };
@@ -176,7 +178,12 @@ pub async fn saved_state(
     tl: &Timeline,
 ) -> Result<VmBackup, BackupError> {
     let choice = Choice { method: Method::SavedState, reason: reason.to_owned(), conditions: vec![] };
-    let js = JobSettings { caps, save: settings.clone(), snapshot: SnapshotSettings::new(Path::new(".")) };
+    let js = JobSettings {
+        caps,
+        save: settings.clone(),
+        snapshot: SnapshotSettings::new(Path::new(".")),
+        faults: Faults::default(),
+    };
     backup(m, &choice, &js, writer, tl, &Mutex::new(Undo::default())).await
 }
 
@@ -184,15 +191,22 @@ pub async fn saved_state(
 mod tests {
     use super::*;
 
+    fn info(reply: serde_json::Value) -> Result<MigrationInfo, serde_json::Error> {
+        serde_json::from_value(reply)
+    }
+
     #[test]
     fn migration_blockers_are_read_from_query_migrate() {
         // As QEMU 10.0 answers with a VHDX disk attached (recorded).
-        let blocked = serde_json::json!({"blocked-reasons": ["The vhdx format used by node 'd0' does not support live migration"]});
+        let blocked = info(
+            serde_json::json!({"blocked-reasons": ["The vhdx format used by node 'd0' does not support live migration"]}),
+        );
         assert_eq!(
-            migration_blockers(&blocked),
+            migration_blockers(&blocked.unwrap()),
             vec!["The vhdx format used by node 'd0' does not support live migration"]
         );
-        assert!(migration_blockers(&serde_json::json!({})).is_empty());
-        assert!(migration_blockers(&serde_json::json!({"blocked-reasons": "garbage"})).is_empty());
+        assert!(migration_blockers(&info(serde_json::json!({})).unwrap()).is_empty());
+        // A reply of the wrong shape is an error of its own, not "nothing blocks it".
+        assert!(info(serde_json::json!({"blocked-reasons": "garbage"})).is_err());
     }
 }

@@ -6,8 +6,8 @@
 use std::os::unix::fs::FileTypeExt;
 use std::time::Duration;
 
+use qapi::qmp::query_named_block_nodes;
 use serde::Serialize;
-use serde_json::{json, Value};
 
 use crate::qemu::{Machine, MachineError};
 
@@ -30,14 +30,14 @@ pub struct Excluded {
 
 pub const ADVICE: &str = "back this up inside the guest";
 
-/// Classifies one entry of `query-named-block-nodes` (flat).
-pub fn classify(node: &Value) -> Option<Kind> {
-    match node["drv"].as_str()? {
+/// Classifies a block node of `query-named-block-nodes` by its driver (`drv`, QEMU's own
+/// name for it) and the file it opens.
+pub fn classify(drv: &str, file: &str) -> Option<Kind> {
+    match drv {
         "host_device" | "host_cdrom" => Some(Kind::PassThrough),
         "iscsi" => Some(Kind::Iscsi),
         "file" => {
-            let path = node["file"].as_str()?;
-            let meta = std::fs::metadata(path).ok()?;
+            let meta = std::fs::metadata(file).ok()?;
             meta.file_type().is_block_device().then_some(Kind::PassThrough)
         }
         _ => None,
@@ -49,10 +49,9 @@ pub fn classify(node: &Value) -> Option<Kind> {
 pub async fn find(m: &Machine, declared_iscsi: &[String]) -> Result<Vec<Excluded>, MachineError> {
     let nodes = m
         .qmp()
-        .execute_raw("query-named-block-nodes", json!({"flat": true}), Duration::from_secs(30))
+        .execute_within(query_named_block_nodes { flat: Some(true) }, Duration::from_secs(30))
         .await
         .map_err(|e| m.qmp_err(e))?;
-    let nodes = nodes.as_array().cloned().unwrap_or_default();
     let mut out = Vec::new();
     for d in &m.config().disks {
         if declared_iscsi.contains(&d.node_name) {
@@ -69,8 +68,8 @@ pub async fn find(m: &Machine, declared_iscsi: &[String]) -> Result<Vec<Excluded
         let names = [d.node_name.clone(), format!("{}-file", d.node_name)];
         let kind = nodes
             .iter()
-            .filter(|n| n["node-name"].as_str().is_some_and(|x| names.iter().any(|y| y == x)))
-            .find_map(classify);
+            .filter(|n| n.node_name.as_ref().is_some_and(|x| names.contains(x)))
+            .find_map(|n| classify(&n.drv, &n.file));
         if let Some(kind) = kind {
             out.push(Excluded {
                 vm: m.name().to_owned(),
@@ -90,12 +89,12 @@ mod tests {
 
     #[test]
     fn classifies_block_graph_nodes() {
-        assert_eq!(classify(&json!({"drv": "host_device", "file": "/dev/sdb"})), Some(Kind::PassThrough));
-        assert_eq!(classify(&json!({"drv": "host_cdrom", "file": "/dev/sr0"})), Some(Kind::PassThrough));
-        assert_eq!(classify(&json!({"drv": "iscsi", "file": "iscsi://10.0.0.1/iqn.x/0"})), Some(Kind::Iscsi));
-        assert_eq!(classify(&json!({"drv": "qcow2", "file": "/x.qcow2"})), None);
+        assert_eq!(classify("host_device", "/dev/sdb"), Some(Kind::PassThrough));
+        assert_eq!(classify("host_cdrom", "/dev/sr0"), Some(Kind::PassThrough));
+        assert_eq!(classify("iscsi", "iscsi://10.0.0.1/iqn.x/0"), Some(Kind::Iscsi));
+        assert_eq!(classify("qcow2", "/x.qcow2"), None);
         let tmp = tempfile::NamedTempFile::new().unwrap();
-        assert_eq!(classify(&json!({"drv": "file", "file": tmp.path()})), None, "a regular file is not pass-through");
-        assert_eq!(classify(&json!({"drv": 3})), None);
+        assert_eq!(classify("file", tmp.path().to_str().unwrap()), None, "a regular file is not pass-through");
+        assert_eq!(classify("file", "/dev/null"), None, "a character device is not a disk");
     }
 }

@@ -2,11 +2,15 @@
 //! `migrate` to a `file:` URI, its disks are captured while it is saved, and it goes back
 //! to what it was doing before: running stays running, paused stays paused.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use qapi::qmp::{query_migrate, MigrationStatus, MIGRATION};
+use qapi::Enum;
+use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::faults::{Faults, UNWRITABLE_STATE};
 use super::folder::sha256_file;
 use super::manifest::{DiskEntry, StateEntry, Timings};
 use super::runstate::{self, RunState};
@@ -29,9 +33,6 @@ pub struct SaveSettings {
     pub verify_capture: bool,
     /// Disks (node names) the host cannot back up (pass-through, iSCSI): left out.
     pub exclude: Vec<String>,
-    /// Where the state is written, if not `state.bin` in the backup (fault injection uses
-    /// a target that cannot be written).
-    pub state_path: Option<std::path::PathBuf>,
 }
 
 impl Default for SaveSettings {
@@ -42,7 +43,6 @@ impl Default for SaveSettings {
             migrate_deadline: Duration::from_secs(300),
             verify_capture: true,
             exclude: vec![],
-            state_path: None,
         }
     }
 }
@@ -87,8 +87,15 @@ impl Plan {
     }
 }
 
+/// Runs a QMP command the schema of the `qapi` crate lacks, or whose arguments are built
+/// as JSON; an error names the command.
 pub(super) async fn qmp(m: &Machine, cmd: &str, args: Value) -> Result<Value, BackupError> {
     m.qmp().execute_raw(cmd, args, T).await.map_err(|e| BackupError::step(m.name(), cmd, m.qmp_err(e)))
+}
+
+/// Runs a typed QMP command; a reply that does not fit its type is an error naming it.
+pub(super) async fn qmp_typed<C: qapi::Command>(m: &Machine, cmd: C) -> Result<C::Ok, BackupError> {
+    m.qmp().execute_within(cmd, T).await.map_err(|e| BackupError::step(m.name(), C::NAME, m.qmp_err(e)))
 }
 
 /// What a save produced.
@@ -111,15 +118,17 @@ pub struct Prepared {
     mb_per_s: f64,
 }
 
-/// Saves `m` into `dir` (state file and disks) and returns it to its prior run state.
+/// Saves `m` into `dir` (state file and disks), with `faults` injected, and returns it to
+/// its prior run state.
 pub async fn save(
     m: &Machine,
     caps: &Capabilities,
     settings: &SaveSettings,
+    faults: &Faults,
     dir: &Path,
     tl: &Timeline,
 ) -> Result<Saved, BackupError> {
-    let prepared = prepare(m, caps, settings, dir, tl).await?;
+    let prepared = prepare(m, caps, settings, faults, dir, tl).await?;
     post(m, caps, settings, dir, tl, prepared).await
 }
 
@@ -129,6 +138,7 @@ pub async fn prepare(
     m: &Machine,
     caps: &Capabilities,
     settings: &SaveSettings,
+    faults: &Faults,
     dir: &Path,
     tl: &Timeline,
 ) -> Result<Prepared, BackupError> {
@@ -139,7 +149,8 @@ pub async fn prepare(
         })
         .await?;
     let stopped_at = Instant::now();
-    match save_state(m, caps, settings, dir, tl, &before).await {
+    let state_path = if faults.save_fails { PathBuf::from(UNWRITABLE_STATE) } else { dir.join("state.bin") };
+    match save_state(m, caps, settings, &state_path, tl, &before).await {
         Ok((plan, save_secs, mb_per_s)) => Ok(Prepared { before, plan, stopped_at, save_secs, mb_per_s }),
         Err(e) => Err(with_undo(m, e, undo(m, caps, &before, tl).await)),
     }
@@ -203,13 +214,13 @@ fn with_undo(m: &Machine, e: BackupError, undone: Result<(), BackupError>) -> Ba
     }
 }
 
-/// Stops the VM if it runs and saves its state; returns the plan, the seconds the save
-/// took and its throughput in MB/s.
+/// Stops the VM if it runs and saves its state to `state_path`; returns the plan, the
+/// seconds the save took and its throughput in MB/s.
 async fn save_state(
     m: &Machine,
     caps: &Capabilities,
     settings: &SaveSettings,
-    dir: &Path,
+    state_path: &Path,
     tl: &Timeline,
     before: &RunState,
 ) -> Result<(Plan, f64, f64), BackupError> {
@@ -232,9 +243,8 @@ async fn save_state(
     }
     let plan = Plan::for_qemu(caps, settings);
     plan.apply(m, Some(settings.max_bandwidth)).await?;
-    let state_path = settings.state_path.clone().unwrap_or_else(|| dir.join("state.bin"));
     let t = Instant::now();
-    tl.step(vm, "save state (migrate to file)", migrate_to_file(m, &state_path, settings.migrate_deadline)).await?;
+    tl.step(vm, "save state (migrate to file)", migrate_to_file(m, state_path, settings.migrate_deadline)).await?;
     let secs = t.elapsed().as_secs_f64();
     let bytes = migrated_bytes(m).await.unwrap_or(0);
     Ok((plan, secs, bytes as f64 / 1e6 / secs.max(1e-6)))
@@ -261,8 +271,21 @@ pub(super) async fn hash_files(vm: &str, dir: &Path, saved: &mut Saved) -> Resul
 
 /// RAM bytes the last migration moved, as QEMU counts them.
 async fn migrated_bytes(m: &Machine) -> Option<u64> {
-    let info = m.qmp().execute_raw("query-migrate", Value::Null, T).await.ok()?;
-    info["ram"]["transferred"].as_u64()
+    let info = qmp_typed(m, query_migrate {}).await.ok()?;
+    u64::try_from(info.ram?.transferred).ok()
+}
+
+/// The status a MIGRATION event reports; None if its data does not fit QEMU's schema.
+fn migration_status(data: &Value) -> Option<MigrationStatus> {
+    MIGRATION::deserialize(data).ok().map(|e| e.status)
+}
+
+/// True for a MIGRATION event saying the migration has ended, one way or another.
+fn migration_ended(data: &Value) -> bool {
+    matches!(
+        migration_status(data),
+        Some(MigrationStatus::completed | MigrationStatus::failed | MigrationStatus::cancelled)
+    )
 }
 
 /// `migrate` to a `file:` URI with whatever capabilities and parameters are set, waiting
@@ -273,22 +296,20 @@ pub async fn migrate_to_file(m: &Machine, path: &Path, deadline: Duration) -> Re
     qmp(m, "migrate", json!({"uri": format!("file:{}", path.display())})).await?;
     let ev = m
         .qmp()
-        .wait_event(
-            "MIGRATION",
-            |d| matches!(d["status"].as_str(), Some("completed" | "failed" | "cancelled")),
-            deadline,
-        )
+        .wait_event("MIGRATION", migration_ended, deadline)
         .await
         .map_err(|e| BackupError::step(m.name(), "wait for the save to complete", m.qmp_err(e)))?;
-    if ev.data["status"] != "completed" {
-        let info = m.qmp().execute_raw("query-migrate", Value::Null, T).await.unwrap_or(Value::Null);
-        return Err(BackupError::Migration {
-            vm: m.name().to_owned(),
-            status: ev.data["status"].as_str().unwrap_or("?").to_owned(),
-            desc: info["error-desc"].as_str().unwrap_or("QEMU gave no reason").to_owned(),
-        });
+    match migration_status(&ev.data) {
+        Some(MigrationStatus::completed) => Ok(()),
+        ended => {
+            let info = qmp_typed(m, query_migrate {}).await.ok();
+            Err(BackupError::Migration {
+                vm: m.name().to_owned(),
+                status: ended.map_or("?", |s| s.name()).to_owned(),
+                desc: info.and_then(|i| i.error_desc).unwrap_or_else(|| "QEMU gave no reason".to_owned()),
+            })
+        }
     }
-    Ok(())
 }
 
 /// Copies each disk as it stands at the save point. QEMU has flushed and inactivated them,
@@ -301,11 +322,20 @@ async fn capture_disks(m: &Machine, dir: &Path, settings: &SaveSettings) -> Resu
 /// Puts the VM back in `before`: cancels a save still under way, reactivates the disks,
 /// and resumes it if it was running. Also the undo after a failure or an interruption.
 pub async fn return_to(m: &Machine, before: &RunState, caps: &Capabilities) -> Result<(), BackupError> {
-    let info = qmp(m, "query-migrate", Value::Null).await?;
-    if matches!(info["status"].as_str(), Some("setup" | "active" | "device" | "pre-switchover")) {
+    let info = qmp_typed(m, query_migrate {}).await?;
+    let under_way = matches!(
+        info.status,
+        Some(
+            MigrationStatus::setup
+                | MigrationStatus::active
+                | MigrationStatus::device
+                | MigrationStatus::pre_switchover
+        )
+    );
+    if under_way {
         qmp(m, "migrate_cancel", Value::Null).await?;
         m.qmp()
-            .wait_event("MIGRATION", |d| matches!(d["status"].as_str(), Some("cancelled" | "completed" | "failed")), T)
+            .wait_event("MIGRATION", migration_ended, T)
             .await
             .map_err(|e| BackupError::step(m.name(), "wait for the save to cancel", m.qmp_err(e)))?;
     }

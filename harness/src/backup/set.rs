@@ -11,6 +11,7 @@ use std::sync::Mutex;
 use futures::future::join_all;
 
 use super::child_snapshot::{self, Frozen, SnapshotSettings, Undo};
+use super::faults::Faults;
 use super::folder::{Backup, BackupWriter};
 use super::job::{self, Choice, MethodChoice};
 use super::manifest::{Method, VmBackup};
@@ -30,15 +31,8 @@ pub struct Member<'a> {
     pub save: SaveSettings,
     /// Disks declared to be iSCSI LUNs (in addition to those QEMU's graph shows).
     pub declared_iscsi: Vec<String>,
-    /// Fault injection: fire the interruption right after this VM's guest is frozen.
-    pub interrupt_after_freeze: bool,
-    /// Fault injection: send this process a real SIGINT right after the freeze (for the CLI,
-    /// whose handler turns it into the interruption).
-    pub sigint_after_freeze: bool,
-    /// Fault injection: the guest's agent stops answering right after the freeze.
-    pub agent_stops_after_freeze: bool,
-    /// Fault injection: kill this VM's QEMU between PrepareForSnapshot and PostSnapshot.
-    pub kill_after_prepare: bool,
+    /// Test-only fault injection into this VM's backup; [`Faults::default`] injects none.
+    pub faults: Faults,
 }
 
 /// What the job did with each VM.
@@ -53,17 +47,70 @@ pub struct SetOutcome {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SetError {
+    /// A VM failed in a phase: no backup was produced, and every VM was put back as it was
+    /// (`undone` says how, per VM, and names any that could not be).
     #[error("{phase} failed: {}\nno VM was backed up; {}", naming_vm(vm, error), undone_text(.undone))]
-    Failed { vm: String, phase: &'static str, error: Box<BackupError>, undone: Vec<(String, String)> },
+    Failed { vm: String, phase: &'static str, error: Box<BackupError>, undone: Vec<(String, Undone)> },
+    /// The run was interrupted (SIGINT, SIGTERM): no backup was produced, and every VM was
+    /// put back as it was (`undone` says how, per VM, and names any that could not be).
     #[error("interrupted in {phase}; no VM was backed up; {}", undone_text(.undone))]
-    Interrupted { phase: &'static str, undone: Vec<(String, String)> },
+    Interrupted { phase: &'static str, undone: Vec<(String, Undone)> },
+    /// A VM's conditions ruled out the method the job demanded, or QEMU cannot save it; the
+    /// job was refused before any VM was touched.
     #[error("VM {vm}: Child VM Snapshot was required, but: {reasons}")]
     Refused { vm: String, reasons: String, choices: Vec<(String, Choice)> },
+    /// The job could not start, or its backup folder could not be written; no VM was
+    /// frozen or saved by then.
     #[error(transparent)]
     Backup(#[from] BackupError),
 }
 
-fn undone_text(undone: &[(String, String)]) -> String {
+/// What putting one VM back after a failed or interrupted job did.
+#[derive(Debug)]
+pub enum Undone {
+    /// The VM is as it was before the job (`before` is its run state then); `steps` is
+    /// what that took, empty when nothing needed undoing.
+    PutBack { steps: Vec<UndoStep>, before: RunState },
+    /// The VM could not be put back: it may be left frozen, paused, saved or on an overlay,
+    /// and needs a person to look at it.
+    CouldNotPutBack(BackupError),
+}
+
+/// One thing done to put a VM back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UndoStep {
+    /// The guest was thawed, the overlays merged and removed, here.
+    ThawedAndMerged,
+    /// The same, done already by the method's own undo when it failed.
+    ThawedAndMergedByItsOwnUndo,
+    /// The VM came back from its saved state to the run state it had.
+    BackFromSavedState,
+}
+
+impl std::fmt::Display for UndoStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            UndoStep::ThawedAndMerged => "thawed, merged and overlays removed",
+            UndoStep::ThawedAndMergedByItsOwnUndo => "thawed, merged and overlays removed by its own undo",
+            UndoStep::BackFromSavedState => "back from the saved state",
+        })
+    }
+}
+
+impl std::fmt::Display for Undone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Undone::PutBack { steps, before } if steps.is_empty() => write!(f, "as before ({})", before.label()),
+            Undone::PutBack { steps, before } => {
+                let steps: Vec<String> = steps.iter().map(UndoStep::to_string).collect();
+                write!(f, "{} ({})", steps.join(", "), before.label())
+            }
+            Undone::CouldNotPutBack(e) => write!(f, "COULD NOT BE PUT BACK: {e}"),
+        }
+    }
+}
+
+fn undone_text(undone: &[(String, Undone)]) -> String {
     if undone.is_empty() {
         return "nothing needed undoing".into();
     }
@@ -189,14 +236,7 @@ pub async fn run(
     tl.step(None, "Freeze", async { Ok::<_, SetError>(()) }).await?;
     tl.step(None, "Thaw", async { Ok::<_, SetError>(()) }).await?;
     for s in &slots {
-        if s.member.kill_after_prepare {
-            tl.mark(Some(s.member.machine.name()), "fault: QEMU killed");
-            // Killing through the process group, as a crash would.
-            let _ = nix::sys::signal::killpg(
-                nix::unistd::Pid::from_raw(s.member.machine.pid() as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
+        s.member.faults.after_prepare(s.member.machine, tl);
     }
 
     // PostSnapshot: every VM back to what it was doing, the images copied out.
@@ -256,17 +296,12 @@ async fn prepare_one(
         Method::SavedState => {
             let mut settings = s.member.save.clone();
             settings.exclude = exclude.to_vec();
-            Prepared::Saved(saved_state::prepare(m, caps, &settings, &s.dir, tl).await?)
+            Prepared::Saved(saved_state::prepare(m, caps, &settings, &s.member.faults, &s.dir, tl).await?)
         }
         Method::ChildSnapshot => {
             let mut settings = s.member.snapshot.clone();
             settings.exclude = exclude.to_vec();
-            if s.member.interrupt_after_freeze {
-                settings.after_freeze = Some(interrupt.clone());
-            }
-            settings.sigint_after_freeze = s.member.sigint_after_freeze;
-            settings.agent_stops_after_freeze = s.member.agent_stops_after_freeze;
-            Prepared::Snap(child_snapshot::prepare(m, &settings, tl, &s.undo).await?)
+            Prepared::Snap(child_snapshot::prepare(m, &settings, &s.member.faults, interrupt, tl, &s.undo).await?)
         }
     };
     *s.prepared.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
@@ -323,7 +358,7 @@ async fn post_one(
 
 /// Puts every VM back as it was before the job: thawed, overlays merged and removed, run
 /// state as before. Returns what was done (or why it could not be) per VM.
-async fn undo_all(slots: &[Slot<'_>], caps: &Capabilities, tl: &Timeline) -> Vec<(String, String)> {
+async fn undo_all(slots: &[Slot<'_>], caps: &Capabilities, tl: &Timeline) -> Vec<(String, Undone)> {
     let results = join_all(slots.iter().map(|s| async move {
         let m = s.member.machine;
         let name = m.name().to_owned();
@@ -340,28 +375,59 @@ async fn undo_all(slots: &[Slot<'_>], caps: &Capabilities, tl: &Timeline) -> Vec
                     child_snapshot::recover(m, &s.member.snapshot, &s.undo),
                 )
                 .await?;
-                done.push("thawed, merged and overlays removed");
+                done.push(UndoStep::ThawedAndMerged);
             } else if undid_itself {
-                done.push("thawed, merged and overlays removed by its own undo");
+                done.push(UndoStep::ThawedAndMergedByItsOwnUndo);
             }
             let now = runstate::query(m).await.map_err(|e| BackupError::step(m.name(), "query-status", e))?;
             if now.running != s.before.running
                 || !runstate::inactive_nodes(m).await.map(|v| v.is_empty()).unwrap_or(true)
             {
                 saved_state::undo(m, caps, &s.before, tl).await?;
-                done.push("back from the saved state");
+                done.push(UndoStep::BackFromSavedState);
             }
-            Ok::<_, BackupError>(if done.is_empty() { "as before".to_owned() } else { done.join(", ") })
+            Ok::<_, BackupError>(done)
         }
         .await;
         (
             name,
             match r {
-                Ok(what) => format!("{what} ({})", s.before.label()),
-                Err(e) => format!("COULD NOT BE PUT BACK: {e}"),
+                Ok(steps) => Undone::PutBack { steps, before: s.before.clone() },
+                Err(e) => Undone::CouldNotPutBack(e),
             },
         )
     }))
     .await;
     results
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::qemu::MachineError;
+
+    fn was(running: bool) -> RunState {
+        let (status, state) =
+            if running { ("running", qapi::qmp::RunState::running) } else { ("paused", qapi::qmp::RunState::paused) };
+        RunState { running, status: status.into(), state }
+    }
+
+    /// The text reports and fixtures show for each VM put back (or not).
+    #[test]
+    fn undone_reads_as_before() {
+        let as_before = Undone::PutBack { steps: vec![], before: was(true) };
+        assert_eq!(as_before.to_string(), "as before (running)");
+        let steps = vec![UndoStep::ThawedAndMergedByItsOwnUndo, UndoStep::BackFromSavedState];
+        let both = Undone::PutBack { steps, before: was(false) };
+        assert_eq!(
+            both.to_string(),
+            "thawed, merged and overlays removed by its own undo, back from the saved state (paused)"
+        );
+        let gone = MachineError::NoAgent { name: "vm2".into() };
+        let lost = Undone::CouldNotPutBack(BackupError::step("vm2", "query-status", gone));
+        assert!(lost.to_string().starts_with("COULD NOT BE PUT BACK: VM vm2: query-status: "), "{lost}");
+        let all = [("vm1".to_owned(), as_before), ("vm2".to_owned(), lost)];
+        assert!(undone_text(&all).starts_with("undone: vm1: as before (running); vm2: COULD NOT BE PUT BACK: "));
+        assert_eq!(undone_text(&[]), "nothing needed undoing");
+    }
 }

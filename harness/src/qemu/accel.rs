@@ -24,25 +24,36 @@ pub enum AccelChoice {
     Fixed(Accel),
 }
 
+/// An accelerator name that is not one of auto, kvm or tcg.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AccelError {
+    /// `--accel` was given a name this program does not know.
+    #[error("unknown accelerator {0:?}: use auto, kvm or tcg")]
+    Unknown(String),
+    /// `$QUIESCE_ACCEL` holds a name this program does not know.
+    #[error("QUIESCE_ACCEL: unknown accelerator {0:?}: use auto, kvm or tcg")]
+    UnknownInEnv(String),
+}
+
 impl std::str::FromStr for AccelChoice {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = AccelError;
+    fn from_str(s: &str) -> Result<Self, AccelError> {
         match s {
             "auto" => Ok(AccelChoice::Auto),
             "kvm" => Ok(AccelChoice::Fixed(Accel::Kvm)),
             "tcg" => Ok(AccelChoice::Fixed(Accel::Tcg)),
-            _ => Err(format!("unknown accelerator {s:?}: use auto, kvm or tcg")),
+            _ => Err(AccelError::Unknown(s.to_owned())),
         }
     }
 }
 
 impl AccelChoice {
     /// An explicit choice if given, else `$QUIESCE_ACCEL`, else auto.
-    pub fn from_env(explicit: Option<AccelChoice>) -> Result<Self, String> {
+    pub fn from_env(explicit: Option<AccelChoice>) -> Result<Self, AccelError> {
         match explicit {
             Some(c) => Ok(c),
             None => match std::env::var("QUIESCE_ACCEL") {
-                Ok(v) if !v.is_empty() => v.parse().map_err(|e| format!("QUIESCE_ACCEL: {e}")),
+                Ok(v) if !v.is_empty() => v.parse().map_err(|_| AccelError::UnknownInEnv(v)),
                 _ => Ok(AccelChoice::Auto),
             },
         }
@@ -190,7 +201,9 @@ mod tests {
     fn choice_parses() {
         assert_eq!("kvm".parse::<AccelChoice>().unwrap(), AccelChoice::Fixed(Accel::Kvm));
         assert_eq!("auto".parse::<AccelChoice>().unwrap(), AccelChoice::Auto);
-        assert!("hvf".parse::<AccelChoice>().unwrap_err().contains("auto, kvm or tcg"));
+        let e = "hvf".parse::<AccelChoice>().unwrap_err();
+        assert_eq!(e, AccelError::Unknown("hvf".into()));
+        assert_eq!(e.to_string(), "unknown accelerator \"hvf\": use auto, kvm or tcg");
     }
 
     #[test]

@@ -31,10 +31,13 @@ pub struct Capabilities {
 
 #[derive(Debug, thiserror::Error)]
 pub enum CapsError {
+    /// QEMU could not be started: it is not installed, or not at that path.
     #[error("could not start {program} to probe its capabilities: {source}")]
     Spawn { program: String, source: std::io::Error },
+    /// QEMU started but did not answer its monitor's questions as expected.
     #[error("probing QEMU capabilities: {0}")]
     Qmp(#[from] QmpError),
+    /// A temporary folder or socket for the probe could not be made.
     #[error("probing QEMU capabilities: {0}")]
     Io(#[from] std::io::Error),
 }

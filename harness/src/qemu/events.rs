@@ -23,8 +23,10 @@ pub struct Event {
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum WaitError {
+    /// The event did not come in time: what it marks did not happen, or not yet.
     #[error("no {name} event within {waited:?}")]
     Timeout { name: String, waited: Duration },
+    /// QEMU closed the connection (exited or crashed) before the event came.
     #[error("the connection closed before a {name} event came")]
     Closed { name: String },
 }

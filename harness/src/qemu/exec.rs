@@ -4,8 +4,7 @@
 
 use std::time::Duration;
 
-use base64::Engine;
-use serde_json::{json, Value};
+use qapi::qga::{guest_exec, guest_exec_status, GuestExecCaptureOutput, GuestExecStatus};
 use tokio::time::Instant;
 
 use super::qga::{AgentError, GuestAgent};
@@ -30,12 +29,14 @@ impl ExecOutput {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
+    /// The agent refused, failed or did not answer `guest-exec` or `guest-exec-status`, or
+    /// its reply does not fit QEMU's schema; the program's fate in the guest is unknown.
     #[error("guest-exec {argv:?}: {source}")]
     Agent { argv: Vec<String>, source: AgentError },
+    /// The program was still running in the guest at the deadline; it is left running there.
     #[error("guest-exec {argv:?} still running after {waited:?}")]
     Timeout { argv: Vec<String>, waited: Duration },
-    #[error("guest-exec {argv:?}: malformed status reply: {reply}")]
-    Malformed { argv: Vec<String>, reply: String },
+    /// The program ran and exited non-zero (or by a signal, as 128+signal).
     #[error("guest-exec {argv:?} exited with {exit_code}; stderr: {stderr}")]
     Failed { argv: Vec<String>, exit_code: i64, stderr: String },
 }
@@ -45,26 +46,21 @@ pub async fn run(agent: &GuestAgent, argv: &[&str], timeout: Duration) -> Result
     let argv_owned: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
     let agent_err = |source| ExecError::Agent { argv: argv_owned.clone(), source };
     let deadline = Instant::now() + timeout;
-    let started = agent
-        .execute_raw(
-            "guest-exec",
-            json!({"path": argv[0], "arg": &argv[1..], "capture-output": true}),
-            Duration::from_secs(10).min(timeout),
-        )
-        .await
-        .map_err(agent_err)?;
-    let pid = started["pid"].as_i64().ok_or_else(|| ExecError::Malformed {
-        argv: argv_owned.clone(),
-        reply: crate::qemu::message::snippet(started.to_string().as_bytes()),
-    })?;
+    let start = guest_exec {
+        path: argv[0].to_owned(),
+        arg: Some(argv_owned[1..].to_vec()),
+        capture_output: Some(GuestExecCaptureOutput::flag(true)),
+        env: None,
+        input_data: None,
+    };
+    let pid = agent.execute_within(start, Duration::from_secs(10).min(timeout)).await.map_err(agent_err)?.pid;
     let mut interval = Duration::from_millis(10);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let status =
-            agent.execute_raw("guest-exec-status", json!({"pid": pid}), left.max(Duration::from_secs(1))).await;
+        let status = agent.execute_within(guest_exec_status { pid }, left.max(Duration::from_secs(1))).await;
         let status = status.map_err(agent_err)?;
-        if status["exited"].as_bool() == Some(true) {
-            return Ok(decode(&status));
+        if status.exited {
+            return Ok(decode(status));
         }
         if left.is_zero() {
             return Err(ExecError::Timeout { argv: argv_owned, waited: timeout });
@@ -87,42 +83,56 @@ pub async fn sh(agent: &GuestAgent, script: &str, timeout: Duration) -> Result<S
     Ok(out.stdout)
 }
 
-fn decode(status: &Value) -> ExecOutput {
+/// The output of a finished program. The agent sends it base64-encoded; the typed reply
+/// has decoded it already, and a reply whose base64 is broken did not parse at all.
+fn decode(status: GuestExecStatus) -> ExecOutput {
     let mut truncated = false;
-    let mut field = |name: &str| {
-        let b64 = status[format!("{name}-data")].as_str().unwrap_or("");
-        truncated |= status[format!("{name}-truncated")].as_bool().unwrap_or(false);
-        let mut bytes = base64::engine::general_purpose::STANDARD.decode(b64).unwrap_or_default();
+    let mut field = |data: Option<Vec<u8>>, cut: Option<bool>| {
+        let mut bytes = data.unwrap_or_default();
+        truncated |= cut.unwrap_or(false);
         if bytes.len() > MAX_OUTPUT {
             bytes.truncate(MAX_OUTPUT);
             truncated = true;
         }
         String::from_utf8_lossy(&bytes).into_owned()
     };
-    let stdout = field("out");
-    let stderr = field("err");
+    let stdout = field(status.out_data, status.out_truncated);
+    let stderr = field(status.err_data, status.err_truncated);
     // A signal death has no exit code; report it as 128+signal like a shell would.
-    let exit_code = status["exitcode"].as_i64().or_else(|| status["signal"].as_i64().map(|s| 128 + s)).unwrap_or(-1);
+    let exit_code = status.exitcode.or_else(|| status.signal.map(|s| 128 + s)).unwrap_or(-1);
     ExecOutput { exit_code, stdout, stderr, truncated }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine;
+    use serde_json::json;
+
+    fn status(reply: serde_json::Value) -> Result<GuestExecStatus, serde_json::Error> {
+        serde_json::from_value(reply)
+    }
 
     #[test]
     fn decodes_output_and_signals() {
-        let s = json!({"exited": true, "exitcode": 0, "out-data": "aGkK", "err-data": ""});
-        assert_eq!(decode(&s), ExecOutput { exit_code: 0, stdout: "hi\n".into(), stderr: "".into(), truncated: false });
-        let s = json!({"exited": true, "signal": 9, "out-truncated": true});
-        let d = decode(&s);
+        let s = status(json!({"exited": true, "exitcode": 0, "out-data": "aGkK", "err-data": ""})).unwrap();
+        assert_eq!(decode(s), ExecOutput { exit_code: 0, stdout: "hi\n".into(), stderr: "".into(), truncated: false });
+        let d = decode(status(json!({"exited": true, "signal": 9, "out-truncated": true})).unwrap());
         assert_eq!(d.exit_code, 137);
         assert!(d.truncated);
     }
 
     #[test]
-    fn bad_base64_is_empty_not_a_panic() {
-        let s = json!({"exited": true, "exitcode": 1, "out-data": "!!!not base64"});
-        assert_eq!(decode(&s).stdout, "");
+    fn output_is_capped() {
+        let big = base64::engine::general_purpose::STANDARD.encode(vec![b'x'; MAX_OUTPUT + 10]);
+        let d = decode(status(json!({"exited": true, "exitcode": 0, "out-data": big})).unwrap());
+        assert_eq!(d.stdout.len(), MAX_OUTPUT);
+        assert!(d.truncated);
+    }
+
+    #[test]
+    fn bad_base64_is_an_error_not_a_panic() {
+        assert!(status(json!({"exited": true, "exitcode": 1, "out-data": "!!!not base64"})).is_err());
+        assert!(status(json!({"exited": "yes"})).is_err());
     }
 }

@@ -25,4 +25,4 @@ pub use qmp::{Qmp, QmpError};
 pub use transcript::Transcript;
 
 #[cfg(test)]
-mod wire_tests;
+pub(crate) mod wire_tests;

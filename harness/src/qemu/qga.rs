@@ -25,22 +25,35 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
+    /// The agent answered with an error: it refused the command (disabled, unknown, not
+    /// allowed while frozen) or the command failed in the guest; `desc` is its reason.
     #[error("guest agent {command} failed: {class}: {desc}")]
     Command { command: String, class: String, desc: String },
+    /// The agent answered the resync but not this command in time: it may be hung in the
+    /// command (a freeze hook that never returns), or the guest is overloaded.
     #[error("guest agent gave no reply to {command} within {waited:?}")]
     Timeout { command: String, waited: Duration },
+    /// Nothing answered on the agent's channel: qemu-ga is not running, is stopped, or the
+    /// guest has not booted that far.
     #[error("guest agent did not answer guest-sync-delimited within {waited:?} (is qemu-ga running in the guest?)")]
     NotResponding { waited: Duration },
+    /// The channel closed: QEMU exited or the serial port was removed.
     #[error("guest agent channel closed during {command}")]
     Disconnected { command: String },
+    /// The guest sent a reply longer than this client accepts; it was discarded unread.
     #[error("guest agent reply to {command} is longer than {max} bytes ({len}); discarded")]
     ReplyTooLong { command: String, len: usize, max: usize },
+    /// The guest sent something that is not a reply (not JSON, or of no known shape).
     #[error("guest agent reply to {command} is malformed ({why}): {text}")]
     Malformed { command: String, why: &'static str, text: String },
+    /// The reply is JSON but does not fit QEMU's schema for the command (a missing field, an
+    /// unknown enum value): it is not used, and the raw reply is shown.
     #[error("guest agent reply to {command} does not fit the qapi types ({error}); raw reply: {raw}")]
     UnexpectedReply { command: String, raw: Value, error: String },
+    /// The command's arguments could not be encoded as JSON (a bug here, not in the guest).
     #[error("could not encode the arguments of {command}: {error}")]
     Encode { command: String, error: String },
+    /// Reading or writing the agent's socket failed.
     #[error("guest agent channel: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -142,7 +155,7 @@ impl GuestAgent {
     pub async fn wait_silent(&self, deadline: Duration) -> Result<(), AgentError> {
         let until = Instant::now() + deadline;
         loop {
-            match self.execute_raw("guest-ping", Value::Null, Duration::from_secs(1)).await {
+            match self.execute_within(qapi::qga::guest_ping {}, Duration::from_secs(1)).await {
                 Err(AgentError::Timeout { .. } | AgentError::NotResponding { .. }) => return Ok(()),
                 _ if Instant::now() >= until => {
                     return Err(AgentError::Timeout {

@@ -25,20 +25,30 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum QmpError {
+    /// QEMU refused the command; `class` and `desc` are QEMU's own, the arguments are shown.
     #[error("QMP {command} failed: {class}: {desc} (arguments: {arguments})")]
     Command { command: String, arguments: Value, class: String, desc: String },
+    /// QEMU did not answer in time: it is hung or overloaded (the command may still run).
     #[error("QMP {command} got no reply within {waited:?}")]
     Timeout { command: String, waited: Duration },
+    /// The connection ended before the reply came: QEMU exited or crashed.
     #[error("QMP connection closed while waiting for {command} (did QEMU exit?)")]
     Disconnected { command: String },
+    /// QEMU's reply does not fit the schema the `qapi` crate knows (a newer or older QEMU);
+    /// it is not used, and the raw reply is shown.
     #[error("QMP {command} replied with JSON the qapi types don't accept ({error}); raw reply: {raw}")]
     UnexpectedReply { command: String, raw: Value, error: String },
+    /// The connection did not start as QMP does (no greeting in time, or not a greeting):
+    /// the socket is not QEMU's monitor, or QEMU failed as it started.
     #[error("QMP greeting: {0}")]
     Greeting(String),
+    /// The command's arguments could not be encoded as JSON (a bug here, not in QEMU).
     #[error("could not encode the arguments of {command}: {error}")]
     Encode { command: String, error: String },
+    /// An awaited event did not come in time, or the connection closed first.
     #[error(transparent)]
     Event(#[from] WaitError),
+    /// Reading or writing the monitor socket failed.
     #[error("QMP socket: {0}")]
     Io(#[from] std::io::Error),
 }

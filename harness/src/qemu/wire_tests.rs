@@ -1,6 +1,7 @@
 //! Both clients against a scripted peer on a socketpair. Real QEMU is used everywhere it
 //! can serve; these cases (garbage, over-long lines, replies from a future QEMU) are ones
-//! a real QEMU or agent will not produce on demand.
+//! a real QEMU or agent will not produce on demand. The peer's helpers serve the layers
+//! above too, for the same kind of case.
 
 use std::time::Duration;
 
@@ -19,7 +20,7 @@ fn transcript() -> (tempfile::TempDir, Transcript) {
 }
 
 /// Reads one request line written by the client (skipping a leading 0xFF).
-async fn request(peer: &mut BufReader<UnixStream>) -> Value {
+pub(crate) async fn request(peer: &mut BufReader<UnixStream>) -> Value {
     let mut buf = Vec::new();
     peer.read_until(b'\n', &mut buf).await.unwrap();
     let start = buf.iter().position(|&b| b != 0xFF).unwrap_or(0);
@@ -138,8 +139,16 @@ async fn agent_silence_is_a_timeout_naming_the_command() {
     assert!(err.to_string().contains("guest-sync-delimited"));
 }
 
-async fn qmp_pair() -> (Qmp, BufReader<UnixStream>, tempfile::TempDir) {
+/// A connected QMP client and the scripted peer at the other end.
+pub(crate) async fn qmp_pair() -> (Qmp, BufReader<UnixStream>, tempfile::TempDir) {
     qmp_pair_after(b"").await
+}
+
+/// Answers the next QMP command with `{"return": <value>}` (raw JSON text), under its id.
+pub(crate) async fn answer_once(peer: &mut BufReader<UnixStream>, value: &str) {
+    let req = request(peer).await;
+    let id = &req["id"];
+    peer.get_mut().write_all(format!("{{\"return\": {value}, \"id\": {id}}}\n").as_bytes()).await.unwrap();
 }
 
 /// A connected client; the peer sends `before` ahead of the greeting.

@@ -14,7 +14,8 @@ use super::ctx::{Vm, GUEST_COMMAND};
 use super::error::{io, At, RunError};
 use crate::backup::child_snapshot::SnapshotSettings;
 use crate::backup::saved_state::SaveSettings;
-use crate::backup::set::{Member, SetError};
+use crate::backup::set::{Member, SetError, Undone};
+use crate::backup::Faults;
 use crate::workload;
 
 /// The set member for one VM: its method, where its overlays go, and its faults.
@@ -24,19 +25,12 @@ pub(super) fn member<'a>(s: &Scenario, vm: &'a Vm, method: MethodChoice) -> Memb
     if let Some(ms) = &s.backup().freeze_deadline_ms {
         snapshot.freeze_deadline = Duration::from_millis(*ms.get_ref());
     }
-    let mut save = SaveSettings::default();
-    if s.has_fault(name, FaultKind::TransactionFails) {
-        // The last disk: with several, the others' snapshots must be rolled back with it.
-        snapshot.uncreatable_overlay_for = vm.guest.machine.config().disks.last().map(|d| d.node_name.clone());
-    }
-    if s.has_fault(name, FaultKind::SaveFails) {
-        save.state_path = Some(PathBuf::from("/nonexistent-quiesce-fault/state.bin"));
-    }
+    let has = |kind| s.has_fault(name, kind);
     Member {
         machine: &vm.guest.machine,
         method,
         snapshot,
-        save,
+        save: SaveSettings::default(),
         declared_iscsi: vm
             .spec
             .disks
@@ -45,10 +39,14 @@ pub(super) fn member<'a>(s: &Scenario, vm: &'a Vm, method: MethodChoice) -> Memb
             .filter(|d| d.attach == Attach::Iscsi)
             .map(|d| d.name.get_ref().clone())
             .collect(),
-        interrupt_after_freeze: s.has_fault(name, FaultKind::InterruptAfterFreeze),
-        sigint_after_freeze: s.has_fault(name, FaultKind::SigintAfterFreeze),
-        agent_stops_after_freeze: s.has_fault(name, FaultKind::AgentStopsAfterFreeze),
-        kill_after_prepare: s.has_fault(name, FaultKind::QemuKilledAfterPrepare),
+        faults: Faults {
+            transaction_fails: has(FaultKind::TransactionFails),
+            save_fails: has(FaultKind::SaveFails),
+            interrupt_after_freeze: has(FaultKind::InterruptAfterFreeze),
+            sigint_after_freeze: has(FaultKind::SigintAfterFreeze),
+            agent_stops_after_freeze: has(FaultKind::AgentStopsAfterFreeze),
+            kill_after_prepare: has(FaultKind::QemuKilledAfterPrepare),
+        },
     }
 }
 
@@ -62,7 +60,7 @@ pub(super) fn every_vm_put_back(s: &Scenario, e: &SetError) -> bool {
     undone
         .iter()
         .filter(|(vm, _)| !s.has_fault(vm, FaultKind::QemuKilledAfterPrepare))
-        .all(|(_, what)| !what.contains("COULD NOT BE PUT BACK"))
+        .all(|(_, what)| !matches!(what, Undone::CouldNotPutBack(_)))
 }
 
 /// Installs the faults that live in a VM's guest before the backup starts: freeze hooks
