@@ -5,7 +5,6 @@
 //! on them.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -13,24 +12,31 @@ use serde_json::{json, Value};
 use crate::backup::manifest::{Method, StateEntry, VmBackup};
 use crate::backup::saved_state::Plan;
 use crate::backup::Backup;
-use crate::image::qemu_img::{self, QemuImgError};
+use crate::image::qemu_img::{self, qemu_img, QemuImgError};
 use crate::qemu::{DiskConfig, DiskFormat, KernelBoot, Machine, MachineConfig, MachineError};
+use crate::sys::{deadline, ToolError};
 use crate::timeline::Timeline;
-
-const T: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
+    /// The backup holds no VM of that name.
     #[error("backup {backup} has no VM named {vm}")]
     NoSuchVm { backup: PathBuf, vm: String },
+    /// The VM was backed up by Child VM Snapshot (disks only): there is no saved state to
+    /// load; boot it instead.
     #[error("VM {vm} in backup {backup} has no saved state to restore")]
     NoState { backup: PathBuf, vm: String },
+    /// The restored machine failed at `step` (launch, boot, a QMP command).
     #[error("restoring VM {vm}: {step}: {error}")]
     Machine { vm: String, step: String, error: MachineError },
+    /// QEMU could not load the saved state; `desc` is QEMU's reason.
     #[error("restoring VM {vm}: the incoming migration ended {status}: {desc}")]
     Incoming { vm: String, status: String, desc: String },
+    /// An overlay over a backed-up disk (or a blank disk for an excluded one) could not be
+    /// made.
     #[error("restoring VM {vm}, disk {disk}: {error}")]
     Image { vm: String, disk: String, error: QemuImgError },
+    /// A folder for the restored disks could not be made, or a host task failed.
     #[error("restoring VM {vm}: {0}", vm = .1)]
     Io(std::io::Error, String),
     /// The VM to restore in place does not have the disks the backup holds (checked before
@@ -73,9 +79,12 @@ impl RestoreOptions {
 /// Continues a restored VM and waits for it to run.
 pub async fn resume(m: &Machine) -> Result<(), RestoreError> {
     let merr = |step: &str, error| RestoreError::Machine { vm: m.name().to_owned(), step: step.to_owned(), error };
-    crate::backup::runstate::settle(m, T).await.map_err(|e| merr("query-status", e))?;
-    m.qmp().execute_raw("cont", Value::Null, T).await.map_err(|e| merr("cont", m.qmp_err(e)))?;
-    m.qmp().wait_event("RESUME", |_| true, T).await.map_err(|e| merr("wait for RESUME", m.qmp_err(e)))?;
+    crate::backup::runstate::settle(m, deadline::QMP_COMMAND).await.map_err(|e| merr("query-status", e))?;
+    m.qmp().execute_raw("cont", Value::Null, deadline::QMP_COMMAND).await.map_err(|e| merr("cont", m.qmp_err(e)))?;
+    m.qmp()
+        .wait_event("RESUME", |_| true, deadline::RUN_STATE_EVENT)
+        .await
+        .map_err(|e| merr("wait for RESUME", m.qmp_err(e)))?;
     Ok(())
 }
 
@@ -200,7 +209,7 @@ async fn load_state(
     let path = backup.vm_dir(&vm.name).join(&state.file);
     tl.step(Some(&opts.name), "load state (incoming migration)", async {
         m.qmp()
-            .execute_raw("migrate-incoming", json!({"uri": format!("file:{}", path.display())}), T)
+            .execute_raw("migrate-incoming", json!({"uri": format!("file:{}", path.display())}), deadline::QMP_COMMAND)
             .await
             .map_err(|e| merr("migrate-incoming", m.qmp_err(e)))?;
         let ev = m
@@ -213,7 +222,8 @@ async fn load_state(
             .await
             .map_err(|e| merr("wait for the state to load", m.qmp_err(e)))?;
         if ev.data["status"] != "completed" {
-            let info = m.qmp().execute_raw("query-migrate", Value::Null, T).await.unwrap_or(Value::Null);
+            let info =
+                m.qmp().execute_raw("query-migrate", Value::Null, deadline::QMP_COMMAND).await.unwrap_or(Value::Null);
             return Err(RestoreError::Incoming {
                 vm: vm.name.clone(),
                 status: ev.data["status"].as_str().unwrap_or("?").to_owned(),
@@ -398,7 +408,8 @@ async fn write_back(backup: &Backup, vm: &VmBackup, disks: &[DiskConfig]) -> Res
             .await
             .map_err(|e| RestoreError::Io(std::io::Error::other(e), vm.name.clone()))?;
         if let Err(error) = result {
-            let in_use = matches!(&error, QemuImgError::Failed { stderr, .. } if stderr.contains("lock"));
+            let in_use =
+                matches!(&error, QemuImgError::Tool(ToolError::Failed { stderr, .. }) if stderr.contains("lock"));
             let hint = if in_use {
                 " (the disk is in use: stop the VM's QEMU before restoring it in place)".to_owned()
             } else {
@@ -423,25 +434,14 @@ async fn write_back(backup: &Backup, vm: &VmBackup, disks: &[DiskConfig]) -> Res
 /// every area that is zero in `src` reads as zero in `dst` afterwards. Without `-U`, qemu-img
 /// takes the images' locks, so an image that a running QEMU holds is refused.
 fn write_into(src: &Path, src_format: DiskFormat, dst: &Path, dst_format: DiskFormat) -> Result<(), QemuImgError> {
-    let out = Command::new("qemu-img")
-        .args(["convert", "-n", "-q", "-f", src_format.driver(), "-O", dst_format.driver()])
-        .arg(src)
-        .arg(dst)
-        .output()
-        .map_err(QemuImgError::Spawn)?;
-    if !out.status.success() {
-        return Err(QemuImgError::Failed {
-            args: format!(
-                "convert -n -f {} -O {} {} {}",
-                src_format.driver(),
-                dst_format.driver(),
-                src.display(),
-                dst.display()
-            ),
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        });
-    }
+    let (f, o) = (src_format.driver().as_ref(), dst_format.driver().as_ref());
+    qemu_img(
+        deadline::QEMU_IMG_COPY,
+        &["convert".as_ref(), "-n".as_ref(), "-q".as_ref(), "-f".as_ref(), f, "-O".as_ref(), o],
+    )
+    .arg(src)
+    .arg(dst)
+    .run()?;
     Ok(())
 }
 
