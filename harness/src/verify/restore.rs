@@ -4,6 +4,7 @@
 //! disk contents are written back onto the VM's own disk files and the VM is started again
 //! on them.
 
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -14,7 +15,7 @@ use crate::backup::saved_state::Plan;
 use crate::backup::Backup;
 use crate::image::qemu_img::{self, qemu_img, QemuImgError};
 use crate::qemu::{DiskConfig, DiskFormat, KernelBoot, Machine, MachineConfig, MachineError};
-use crate::sys::{deadline, ToolError};
+use crate::sys::deadline;
 use crate::timeline::Timeline;
 
 #[derive(Debug, thiserror::Error)]
@@ -408,9 +409,7 @@ async fn write_back(backup: &Backup, vm: &VmBackup, disks: &[DiskConfig]) -> Res
             .await
             .map_err(|e| RestoreError::Io(std::io::Error::other(e), vm.name.clone()))?;
         if let Err(error) = result {
-            let in_use =
-                matches!(&error, QemuImgError::Tool(ToolError::Failed { stderr, .. }) if stderr.contains("lock"));
-            let hint = if in_use {
+            let hint = if held_for_writing(&t.path) {
                 " (the disk is in use: stop the VM's QEMU before restoring it in place)".to_owned()
             } else {
                 String::new()
@@ -427,6 +426,28 @@ async fn write_back(backup: &Backup, vm: &VmBackup, disks: &[DiskConfig]) -> Res
         written.push(d.node_name.clone());
     }
     Ok(())
+}
+
+/// True if another process holds `path` the way a running QEMU holds its disks: writing to
+/// it, or refusing other writers. QEMU says so with open-file-description locks on single
+/// bytes of the file (block/file-posix.c): byte 100 + n while it uses permission n, byte
+/// 200 + n while it refuses to share it, and writing is permission 1. Asked with
+/// F_OFD_GETLK, which takes no lock.
+fn held_for_writing(path: &Path) -> bool {
+    const QEMU_WRITES: i64 = 101;
+    const QEMU_REFUSES_WRITERS: i64 = 201;
+    let Ok(file) = std::fs::File::open(path) else { return false };
+    [QEMU_WRITES, QEMU_REFUSES_WRITERS].into_iter().any(|byte| {
+        let mut lock = libc::flock {
+            l_type: libc::F_WRLCK as libc::c_short,
+            l_whence: libc::SEEK_SET as libc::c_short,
+            l_start: byte,
+            l_len: 1,
+            l_pid: 0,
+        };
+        let asked = nix::fcntl::fcntl(file.as_raw_fd(), nix::fcntl::FcntlArg::F_OFD_GETLK(&mut lock));
+        asked.is_ok() && lock.l_type != libc::F_UNLCK as libc::c_short
+    })
 }
 
 /// Writes the guest-visible content of `src` into the existing image `dst` (`qemu-img
@@ -543,5 +564,34 @@ mod tests {
 
         let e = write_into(&p("backup.qcow2"), DiskFormat::Qcow2, &p("missing.qcow2"), DiskFormat::Qcow2).unwrap_err();
         assert!(e.to_string().contains("convert -n"), "{e}");
+    }
+
+    #[test]
+    fn a_disk_another_qemu_writes_is_seen_as_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("disk.raw");
+        std::fs::File::create(&disk).unwrap().set_len(1 << 20).unwrap();
+        assert!(!held_for_writing(&disk));
+        // qemu-io holds the image open for writing while it sleeps (its `sleep` is in ms).
+        // First it calls an unknown command: it says so on stderr, unbuffered, once it has
+        // opened (and locked) the image, and goes on; that line is the sign to look.
+        let mut writer = crate::sys::Spawn::new("qemu-io")
+            .args(["-f", "raw", "-c", "quiesce-ready", "-c", "sleep 60000"])
+            .arg(&disk)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = writer.take_stderr().unwrap();
+        let mut ready = [nix::poll::PollFd::new(std::os::fd::AsFd::as_fd(&stderr), nix::poll::PollFlags::POLLIN)];
+        assert_eq!(nix::poll::poll(&mut ready, 20_000u16), Ok(1), "qemu-io said nothing within 20 s");
+        let mut said = std::io::BufReader::new(stderr);
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut said, &mut line).unwrap();
+        assert!(line.contains("quiesce-ready"), "{line}");
+        assert!(held_for_writing(&disk), "qemu-io's write lock was not seen");
+        let e = write_into(&disk, DiskFormat::Raw, &disk, DiskFormat::Raw).unwrap_err();
+        assert!(e.to_string().contains("lock"), "qemu-img meets the same lock: {e}");
+        writer.kill();
+        assert!(!held_for_writing(&disk));
     }
 }
