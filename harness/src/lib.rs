@@ -8,6 +8,7 @@ pub mod image;
 pub mod interrupt;
 pub mod qemu;
 pub mod scenario;
+pub mod sys;
 pub mod testguest;
 pub mod timeline;
 pub mod verify;

@@ -2,10 +2,10 @@
 //! any chain), with no mount and no root: the "auto-recoverable" check of a backup image.
 
 use std::path::Path;
-use std::process::Command;
 
 use super::qemu_img::{self, QemuImgError};
 use crate::qemu::DiskFormat;
+use crate::sys::{deadline, Tool, ToolError};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FsckResult {
@@ -18,9 +18,15 @@ pub struct FsckResult {
 
 #[derive(Debug, thiserror::Error)]
 pub enum FsckError {
+    /// The image could not be read as a raw disk for e2fsck (qemu-img failed on it).
     #[error(transparent)]
     Image(#[from] QemuImgError),
-    #[error("e2fsck: {0}")]
+    /// e2fsck could not run or did not finish (it is in Debian's e2fsprogs). Its verdict
+    /// on the filesystem, even a bad one, is no error: it is in [`FsckResult`].
+    #[error(transparent)]
+    Tool(#[from] ToolError),
+    /// A temporary folder for the raw copy could not be made.
+    #[error("e2fsck: a temporary folder for the raw disk: {0}")]
     Io(#[from] std::io::Error),
 }
 
@@ -28,9 +34,10 @@ pub fn ext4(path: &Path, format: DiskFormat) -> Result<FsckResult, FsckError> {
     let dir = tempfile::Builder::new().prefix("quiesce-fsck-").tempdir()?;
     let raw = dir.path().join("disk.raw");
     qemu_img::convert(path, format, &raw, DiskFormat::Raw)?;
-    let out = Command::new("e2fsck").args(["-f", "-n"]).arg(&raw).output()?;
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    // Its exit code is the verdict, so any code is an answer.
+    let out = Tool::new("e2fsck", deadline::E2FSCK).args(["-f", "-n"]).arg(&raw).output()?;
+    let text = format!("{}{}", out.stdout_text(), out.stderr);
     let lines: Vec<&str> = text.lines().collect();
-    let exit_code = out.status.code().unwrap_or(-1);
+    let exit_code = out.code().unwrap_or(-1);
     Ok(FsckResult { clean: exit_code == 0, exit_code, tail: lines[lines.len().saturating_sub(5)..].join("\n") })
 }

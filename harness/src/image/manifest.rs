@@ -14,15 +14,15 @@ mod diff;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 pub use self::diff::{diff, ignored, Change, Field, Ignore, PatternError, Summary};
 use super::fsread::{self, volumes, Walk, Window};
-use super::qemu_img::{self, QemuImgError};
+use super::qemu_img::{self, qemu_img, QemuImgError};
 use crate::qemu::DiskFormat;
+use crate::sys::deadline;
 
 /// The files of every filesystem quiesce reads on one disk.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -161,29 +161,39 @@ impl Default for Limits {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
+    /// qemu-img could not read the image (it is damaged, in use without sharing, or not an
+    /// image of the format given), or did not finish in time.
     #[error("{path}: {error}")]
     Image { path: PathBuf, error: QemuImgError },
+    /// The image, or a temporary copy of it, could not be read or written on the host.
     #[error("{path}: {error}")]
     Io { path: PathBuf, error: std::io::Error },
+    /// The image is in a format quiesce does not read.
     #[error("{path} is a {format} image; quiesce reads qcow2, raw, vpc (VHD) and vhdx")]
     UnsupportedFormat { path: PathBuf, format: String },
+    /// The qcow2 image's own metadata is damaged or cut short: the copy is broken.
     #[error("{path} is damaged (qemu-img check): {report}")]
     DamagedImage { path: PathBuf, report: String },
+    /// The disk's partition table is damaged or impossible.
     #[error("{0}")]
     Volumes(#[from] volumes::VolumeError),
+    /// A filesystem on the disk is damaged where the error says.
     #[error("{} ({kind}): {path}: {error}", place(*partition))]
     Filesystem { partition: Option<u32>, kind: FsKind, path: String, error: String },
+    /// The disk holds more paths than the limit allows; raise the limit to read it.
     #[error(
         "{}: more than {limit} paths (stopped at {at}); a disk this large needs a higher Limits::max_entries",
         place(*partition)
     )]
     TooManyEntries { partition: Option<u32>, limit: usize, at: String },
+    /// The disk holds more file content than the limit allows; raise the limit to read it.
     #[error(
         "{}: more than {limit} bytes of file content to hash (stopped at {at}); \
          a disk this large needs a higher Limits::max_hash_bytes",
         place(*partition)
     )]
     TooManyBytes { partition: Option<u32>, limit: u64, at: String },
+    /// The filesystem reader gave up on data too damaged to make sense of.
     #[error("{} ({kind}): the reader failed on damaged data ({what}): the filesystem is damaged", place(*partition))]
     ReaderPanicked { partition: Option<u32>, kind: FsKind, what: String },
 }
@@ -217,20 +227,15 @@ pub fn probe_format(path: &Path) -> Result<DiskFormat, ManifestError> {
 /// `dst`. `-U`: a disk a running QEMU holds can be read (what is read is then whatever the
 /// file holds at that moment).
 pub fn to_raw(src: &Path, format: DiskFormat, dst: &Path) -> Result<(), ManifestError> {
-    let out = Command::new("qemu-img")
-        .args(["convert", "-U", "-q", "-f", format.driver(), "-O", "raw"])
-        .arg(src)
-        .arg(dst)
-        .output()
-        .map_err(|e| ManifestError::Image { path: src.to_owned(), error: QemuImgError::Spawn(e) })?;
-    if !out.status.success() {
-        let error = QemuImgError::Failed {
-            args: format!("convert -U -f {} -O raw {} {}", format.driver(), src.display(), dst.display()),
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        };
-        return Err(ManifestError::Image { path: src.to_owned(), error });
-    }
+    let f = format.driver().as_ref();
+    qemu_img(
+        deadline::QEMU_IMG_COPY,
+        &["convert".as_ref(), "-U".as_ref(), "-q".as_ref(), "-f".as_ref(), f, "-O".as_ref(), "raw".as_ref()],
+    )
+    .arg(src)
+    .arg(dst)
+    .run()
+    .map_err(|e| ManifestError::Image { path: src.to_owned(), error: e.into() })?;
     Ok(())
 }
 
@@ -261,15 +266,14 @@ pub fn check_qcow2(path: &Path) -> Result<(), ManifestError> {
             )));
         }
     }
-    let out = Command::new("qemu-img")
-        .args(["check", "-U", "-f", "qcow2"])
-        .arg(path)
+    let check = ["check".as_ref(), "-U".as_ref(), "-f".as_ref(), "qcow2".as_ref(), path.as_os_str()];
+    let out = qemu_img(deadline::QEMU_IMG_METADATA, &check)
         .output()
-        .map_err(|e| ManifestError::Image { path: path.to_owned(), error: QemuImgError::Spawn(e) })?;
-    match out.status.code() {
+        .map_err(|e| ManifestError::Image { path: path.to_owned(), error: e.into() })?;
+    match out.code() {
         Some(0) | Some(3) => Ok(()),
         _ => {
-            let text = format!("{}{}", String::from_utf8_lossy(&out.stderr), String::from_utf8_lossy(&out.stdout));
+            let text = format!("{}{}", out.stderr, out.stdout_text());
             let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
             let report = lines[..lines.len().min(4)].join("; ");
             Err(ManifestError::DamagedImage { path: path.to_owned(), report })

@@ -4,9 +4,9 @@
 //! from [`read_head`], which reads through QEMU's own drivers (any format, any chain).
 
 use std::path::Path;
-use std::process::Command;
 
 use crate::qemu::DiskFormat;
+use crate::sys::{deadline, Tool, ToolError};
 
 /// Bytes needed to see an MBR, a GPT header and 128 GPT entries (LBA 0 to 33).
 pub const HEAD_BYTES: usize = 34 * 512;
@@ -130,20 +130,24 @@ pub fn mbr_with(ptype: u8, disk_bytes: u64) -> [u8; 512] {
 
 /// The first [`HEAD_BYTES`] of the disk as the guest sees them, read through QEMU's block
 /// layer (`qemu-io -U`, so a disk in use can be read).
-pub fn read_head(path: &Path, format: DiskFormat) -> std::io::Result<Vec<u8>> {
-    let out = Command::new("qemu-io")
-        .args(["-U", "-r", "-f", format.driver(), "-c", &format!("read -v 0 {HEAD_BYTES}")])
+pub fn read_head(path: &Path, format: DiskFormat) -> Result<Vec<u8>, ToolError> {
+    read_bytes(path, format, 0, HEAD_BYTES)
+}
+
+/// `len` bytes of the disk from `offset` as the guest sees them (fewer at its end), read
+/// through QEMU's block layer (`qemu-io -U`, so a disk in use can be read). For the few
+/// bytes a check looks at, not for bulk reads.
+pub fn read_bytes(path: &Path, format: DiskFormat, offset: u64, len: usize) -> Result<Vec<u8>, ToolError> {
+    let out = Tool::new("qemu-io", deadline::QEMU_IMG_METADATA)
+        .args(["-U", "-r", "-f", format.driver(), "-c", &format!("read -v {offset} {len}")])
         .arg(path)
-        .output()?;
-    if !out.status.success() {
-        return Err(std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_owned()));
-    }
-    Ok(parse_hexdump(&String::from_utf8_lossy(&out.stdout)))
+        .run()?;
+    Ok(parse_hexdump(&out.stdout_text()))
 }
 
 /// Parses `qemu-io read -v` output: lines of `OFFSET:  xx xx ... (16 bytes)  ascii`.
 fn parse_hexdump(text: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEAD_BYTES);
+    let mut out = Vec::new();
     for line in text.lines() {
         let Some((off, rest)) = line.split_once(':') else { continue };
         if usize::from_str_radix(off.trim(), 16).is_err() {

@@ -1,31 +1,32 @@
-//! Thin, typed calls of `qemu-img`. Overlays always name their backing format: QEMU must
-//! never probe a format.
+//! Thin, typed calls of `qemu-img`, each with a deadline for its kind of work. Overlays
+//! always name their backing format: QEMU must never probe a format.
 
+use std::ffi::OsStr;
 use std::path::Path;
-use std::process::Command;
+use std::time::Duration;
 
 use crate::qemu::DiskFormat;
+use crate::sys::{deadline, Tool, ToolError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum QemuImgError {
-    #[error("could not run qemu-img: {0}")]
-    Spawn(std::io::Error),
-    #[error("`qemu-img {args}` failed ({status}): {stderr}")]
-    Failed { args: String, status: String, stderr: String },
+    /// qemu-img could not run, ran past its deadline, or failed; the error names the
+    /// command and ends with qemu-img's own words.
+    #[error(transparent)]
+    Tool(#[from] ToolError),
+    /// qemu-img succeeded but printed JSON we could not read (a qemu-img too different
+    /// from the ones quiesce knows).
     #[error("`qemu-img {args}` printed JSON we could not read: {error}")]
     Json { args: String, error: String },
 }
 
-fn run(args: &[&std::ffi::OsStr]) -> Result<Vec<u8>, QemuImgError> {
-    let out = Command::new("qemu-img").args(args).output().map_err(QemuImgError::Spawn)?;
-    if !out.status.success() {
-        return Err(QemuImgError::Failed {
-            args: args.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" "),
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        });
-    }
-    Ok(out.stdout)
+/// `qemu-img args...`, which must finish within `timeout`.
+pub(crate) fn qemu_img<'a>(timeout: Duration, args: &[&OsStr]) -> Tool<'a> {
+    Tool::new("qemu-img", timeout).args(args)
+}
+
+fn run(timeout: Duration, args: &[&OsStr]) -> Result<Vec<u8>, QemuImgError> {
+    Ok(qemu_img(timeout, args).run()?.stdout)
 }
 
 /// Creates a qcow2 overlay at `path` over `base`, whose format is given explicitly.
@@ -41,11 +42,11 @@ pub fn create_overlay_unsafe(base: &Path, base_format: DiskFormat, size: u64, pa
 
 fn overlay(base: &Path, base_format: DiskFormat, size: Option<u64>, path: &Path) -> Result<(), QemuImgError> {
     let size = size.map(|s| s.to_string());
-    let mut args: Vec<&std::ffi::OsStr> = vec!["create".as_ref(), "-q".as_ref()];
+    let mut args: Vec<&OsStr> = vec!["create".as_ref(), "-q".as_ref()];
     if size.is_some() {
         args.push("-u".as_ref());
     }
-    args.extend::<[&std::ffi::OsStr; 6]>([
+    args.extend::<[&OsStr; 6]>([
         "-f".as_ref(),
         "qcow2".as_ref(),
         "-F".as_ref(),
@@ -57,13 +58,16 @@ fn overlay(base: &Path, base_format: DiskFormat, size: Option<u64>, path: &Path)
     if let Some(s) = &size {
         args.push(s.as_ref());
     }
-    run(&args)?;
+    run(deadline::QEMU_IMG_METADATA, &args)?;
     Ok(())
 }
 
 /// `qemu-img info` as JSON; `-U` so an image in use by a running QEMU can be inspected.
 pub fn info(path: &Path) -> Result<serde_json::Value, QemuImgError> {
-    let out = run(&["info".as_ref(), "-U".as_ref(), "--output=json".as_ref(), path.as_os_str()])?;
+    let out = run(
+        deadline::QEMU_IMG_METADATA,
+        &["info".as_ref(), "-U".as_ref(), "--output=json".as_ref(), path.as_os_str()],
+    )?;
     serde_json::from_slice(&out)
         .map_err(|e| QemuImgError::Json { args: format!("info {}", path.display()), error: e.to_string() })
 }
@@ -71,34 +75,43 @@ pub fn info(path: &Path) -> Result<serde_json::Value, QemuImgError> {
 /// Copies the guest-visible content of `src` (through its backing chain) into a standalone
 /// image `dst` of `dst_format`. Sparse regions stay sparse.
 pub fn convert(src: &Path, src_format: DiskFormat, dst: &Path, dst_format: DiskFormat) -> Result<(), QemuImgError> {
-    run(&[
-        "convert".as_ref(),
-        "-f".as_ref(),
-        src_format.driver().as_ref(),
-        "-O".as_ref(),
-        dst_format.driver().as_ref(),
-        src.as_os_str(),
-        dst.as_os_str(),
-    ])?;
+    run(
+        deadline::QEMU_IMG_COPY,
+        &[
+            "convert".as_ref(),
+            "-f".as_ref(),
+            src_format.driver().as_ref(),
+            "-O".as_ref(),
+            dst_format.driver().as_ref(),
+            src.as_os_str(),
+            dst.as_os_str(),
+        ],
+    )?;
     Ok(())
 }
 
 /// True if the two images hold the same guest-visible content.
 pub fn identical(a: &Path, a_format: DiskFormat, b: &Path, b_format: DiskFormat) -> Result<bool, QemuImgError> {
-    let out = Command::new("qemu-img")
-        .args(["compare", "-U", "-q", "-f", a_format.driver(), "-F", b_format.driver()])
-        .arg(a)
-        .arg(b)
-        .output()
-        .map_err(QemuImgError::Spawn)?;
-    match out.status.code() {
+    let out = qemu_img(
+        deadline::QEMU_IMG_COPY,
+        &[
+            "compare".as_ref(),
+            "-U".as_ref(),
+            "-q".as_ref(),
+            "-f".as_ref(),
+            a_format.driver().as_ref(),
+            "-F".as_ref(),
+            b_format.driver().as_ref(),
+            a.as_os_str(),
+            b.as_os_str(),
+        ],
+    )
+    .output()?;
+    // 0: identical; 1: they differ; anything else: the comparison itself failed.
+    match out.code() {
         Some(0) => Ok(true),
         Some(1) => Ok(false),
-        _ => Err(QemuImgError::Failed {
-            args: format!("compare {} {}", a.display(), b.display()),
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        }),
+        _ => Err(out.into_failure().into()),
     }
 }
 
@@ -112,13 +125,16 @@ pub fn virtual_size(path: &Path) -> Result<u64, QemuImgError> {
 
 /// A new, empty image.
 pub fn create(path: &Path, format: DiskFormat, size: u64) -> Result<(), QemuImgError> {
-    run(&[
-        "create".as_ref(),
-        "-q".as_ref(),
-        "-f".as_ref(),
-        format.driver().as_ref(),
-        path.as_os_str(),
-        size.to_string().as_ref(),
-    ])?;
+    run(
+        deadline::QEMU_IMG_METADATA,
+        &[
+            "create".as_ref(),
+            "-q".as_ref(),
+            "-f".as_ref(),
+            format.driver().as_ref(),
+            path.as_os_str(),
+            size.to_string().as_ref(),
+        ],
+    )?;
     Ok(())
 }

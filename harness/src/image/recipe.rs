@@ -3,14 +3,14 @@
 //! processes with a file lock, and land in the cache by an atomic rename, so a half-built
 //! image is never used.
 
-use std::io::{BufRead, BufReader};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 use sha2::{Digest, Sha256};
 
 use super::cache::cache_dir;
 use crate::qemu::KernelBoot;
+use crate::sys::{deadline, Tool, ToolError};
 
 include!(concat!(env!("OUT_DIR"), "/recipes.rs"));
 
@@ -19,12 +19,20 @@ const OUTPUTS: [&str; 4] = ["vmlinuz", "initrd.img", "root.img", "cmdline"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
+    /// No recipe of that name is built into this quiesce; the known ones are listed.
     #[error("no guest image recipe named {0:?} (known: {1})")]
     UnknownRecipe(String, String),
+    /// The image cache (see `QUIESCE_CACHE_DIR`) could not be read or written.
     #[error("guest image cache {path}: {source}")]
     Cache { path: PathBuf, source: std::io::Error },
+    /// The recipe's build script failed; its log says why, and its last lines are shown.
     #[error("building guest image {recipe} failed ({status}); its log is {log}\nlast lines:\n{tail}")]
     BuildFailed { recipe: String, status: String, log: PathBuf, tail: String },
+    /// The build script could not start, or ran past its deadline (a stalled download) and
+    /// was killed; its log shows how far it got.
+    #[error("building guest image {recipe}: {error}; its log is {log}")]
+    BuildDidNotFinish { recipe: String, log: PathBuf, error: ToolError },
+    /// The build script succeeded but did not make every file an image needs.
     #[error("guest image {recipe} build produced no {missing}")]
     Incomplete { recipe: String, missing: String },
 }
@@ -151,31 +159,30 @@ pub fn ensure(name: &str, rebuild: bool, progress: &mut dyn FnMut(&str)) -> Resu
     let mut log = std::fs::File::create(&log_path).map_err(cache_err(&log_path))?;
     let debs = cache_dir().join("debs");
     std::fs::create_dir_all(&debs).map_err(cache_err(&debs))?;
-    let mut child = Command::new("sh")
+    let stdout_log = log.try_clone().map_err(cache_err(&log_path))?;
+    let mut tail: Vec<String> = Vec::new();
+    let mut on_line = |line: &str| {
+        let _ = writeln!(log, "{line}");
+        if let Some(step) = line.strip_prefix("==> ") {
+            progress(step);
+        }
+        tail.push(line.to_owned());
+        if tail.len() > 20 {
+            tail.remove(0);
+        }
+    };
+    let build = Tool::new("sh", deadline::IMAGE_BUILD)
         .arg(recipe_dir.join("build.sh"))
         .arg(&out)
         .current_dir(&recipe_dir)
         .env("QUIESCE_DEB_CACHE", &debs)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().map_err(cache_err(&log_path))?)
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(cache_err(&recipe_dir))?;
-    let mut tail: Vec<String> = Vec::new();
-    if let Some(stderr) = child.stderr.take() {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            use std::io::Write;
-            let _ = writeln!(log, "{line}");
-            if let Some(step) = line.strip_prefix("==> ") {
-                progress(step);
-            }
-            tail.push(line);
-            if tail.len() > 20 {
-                tail.remove(0);
-            }
-        }
-    }
-    let status = child.wait().map_err(cache_err(&recipe_dir))?;
+        .stdout_to(stdout_log)
+        .on_stderr_line(&mut on_line)
+        .output();
+    let status = match build {
+        Ok(done) => done.status,
+        Err(error) => return Err(ImageError::BuildDidNotFinish { recipe: name.to_owned(), log: log_path, error }),
+    };
     if !status.success() {
         return Err(ImageError::BuildFailed {
             recipe: name.to_owned(),

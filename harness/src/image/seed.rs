@@ -7,13 +7,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::qemu_img::{self, QemuImgError};
 use crate::qemu::DiskFormat;
+use crate::sys::{deadline, Output, Tool, ToolError};
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -75,19 +75,40 @@ impl DiskSeed {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SeedError {
+    /// Staging the disk's files or writing its image on the host failed (a full or
+    /// read-only folder).
     #[error("disk {disk}: {error}")]
     Io { disk: String, error: std::io::Error },
+    /// A filesystem tool ran and refused or failed; `stderr` is what it said about it.
     #[error("disk {disk}: {tool} failed: {stderr}")]
     Mkfs { disk: String, tool: &'static str, stderr: String },
+    /// A filesystem tool could not run to its end: it could not start, or ran past its
+    /// deadline and was killed.
+    #[error("disk {disk}: {error}")]
+    Tool { disk: String, error: ToolError },
+    /// The raw disk could not be converted to the disk's format (qemu-img failed).
     #[error("disk {disk}: {error}")]
     Image { disk: String, error: QemuImgError },
+    /// A tool the seed needs is not installed; install the named Debian package.
     #[error("disk {disk}: {tool} is not installed (Debian package {package})")]
     MissingTool { disk: String, tool: &'static str, package: &'static str },
     /// The seed asks for something this filesystem's tools cannot make.
     #[error("disk {disk}: {reason}")]
     Unsupported { disk: String, reason: String },
+    /// mkntfs made a volume whose boot sectors are not as expected, so its serial number
+    /// could not be set; nothing was written.
     #[error("disk {disk}: cannot set the NTFS volume serial number: {reason}")]
     BootSector { disk: String, reason: String },
+}
+
+/// Runs a filesystem tool of `package` for `seed` to its end, whatever its exit status.
+fn run_tool(seed: &DiskSeed, tool: Tool, name: &'static str, package: &'static str) -> Result<Output, SeedError> {
+    tool.output().map_err(|error| match &error {
+        ToolError::Spawn { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            SeedError::MissingTool { disk: seed.name.clone(), tool: name, package }
+        }
+        _ => SeedError::Tool { disk: seed.name.clone(), error },
+    })
 }
 
 /// A fixed time for every seeded filesystem (2025-01-01), so seeds are reproducible.
@@ -114,18 +135,14 @@ pub fn create(dir: &Path, seed: &DiskSeed) -> Result<PathBuf, SeedError> {
         Filesystem::Ntfs => mkfs_ntfs(seed, staging.path(), &raw)?,
         Filesystem::Vfat => {
             let volid = &fixed_uuid(&seed.name)[..8];
-            let out = Command::new("mkfs.vfat")
-                .args(["-F", "32", "-i", volid, "-n", &seed.name.to_uppercase().chars().take(11).collect::<String>()])
+            let label: String = seed.name.to_uppercase().chars().take(11).collect();
+            let mkfs = Tool::new("mkfs.vfat", deadline::MKFS)
+                .args(["-F", "32", "-i", volid, "-n", &label])
                 .arg(&raw)
-                .env("SOURCE_DATE_EPOCH", SEED_TIME)
-                .output()
-                .map_err(|e| SeedError::Mkfs {
-                    disk: seed.name.clone(),
-                    tool: "mkfs.vfat (dosfstools)",
-                    stderr: e.to_string(),
-                })?;
+                .env("SOURCE_DATE_EPOCH", SEED_TIME);
+            let out = run_tool(seed, mkfs, "mkfs.vfat", "dosfstools")?;
             if !out.status.success() {
-                let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+                let stderr = out.stderr.trim().to_owned();
                 return Err(SeedError::Mkfs { disk: seed.name.clone(), tool: "mkfs.vfat", stderr });
             }
         }
@@ -146,18 +163,17 @@ fn mkfs_ext4(seed: &DiskSeed, staging: &Path, raw: &Path) -> Result<(), SeedErro
         std::fs::write(&p, content).map_err(io)?;
     }
     let uuid = fixed_uuid(&seed.name);
-    let out = Command::new("mkfs.ext4")
+    let mkfs = Tool::new("mkfs.ext4", deadline::MKFS)
         .args(["-q", "-F", "-L", &seed.name, "-U", &uuid, "-E"])
         .arg(format!("root_owner=0:0,hash_seed={uuid}"))
         .arg("-d")
         .arg(&root)
         .arg(raw)
         .env("E2FSPROGS_FAKE_TIME", SEED_TIME)
-        .env("MKE2FS_CONFIG", "/dev/null")
-        .output()
-        .map_err(io)?;
+        .env("MKE2FS_CONFIG", "/dev/null");
+    let out = run_tool(seed, mkfs, "mkfs.ext4", "e2fsprogs")?;
     if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        let stderr = out.stderr.trim().to_owned();
         return Err(SeedError::Mkfs { disk: seed.name.clone(), tool: "mkfs.ext4", stderr });
     }
     fix_ext4_times(seed, &root, raw)
@@ -182,17 +198,16 @@ fn fix_ext4_times(seed: &DiskSeed, root: &Path, raw: &Path) -> Result<(), SeedEr
         .collect();
     let cmd_file = root.with_file_name("debugfs.cmds");
     std::fs::write(&cmd_file, cmds).map_err(|error| SeedError::Io { disk: seed.name.clone(), error })?;
-    let out = Command::new("debugfs")
+    let debugfs = Tool::new("debugfs", deadline::DEBUGFS)
         .arg("-w")
         .arg("-f")
         .arg(&cmd_file)
         .arg(raw)
-        .env("E2FSPROGS_FAKE_TIME", SEED_TIME)
-        .output()
-        .map_err(|error| SeedError::Io { disk: seed.name.clone(), error })?;
+        .env("E2FSPROGS_FAKE_TIME", SEED_TIME);
+    let out = run_tool(seed, debugfs, "debugfs", "e2fsprogs")?;
     // debugfs exits 0 even when a request fails; its complaints are the lines it adds
     // beyond echoing each request.
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!("{}{}", out.stdout_text(), out.stderr);
     let complaints: Vec<&str> = text.lines().filter(|l| !l.starts_with("debugfs")).collect();
     if !out.status.success() || !complaints.is_empty() {
         return Err(SeedError::Mkfs { disk: seed.name.clone(), tool: "debugfs", stderr: complaints.join("; ") });
@@ -231,15 +246,14 @@ fn mkfs_ntfs(seed: &DiskSeed, staging: &Path, raw: &Path) -> Result<(), SeedErro
     // -Q: no zeroing or bad-sector scan; -F: the target is a file, not a block device;
     // -s, -p, -H, -S: the sector size and BIOS geometry mkntfs cannot ask a file for (it
     // would guess these same values and warn about each); a data disk is never booted.
-    let out = Command::new(mkntfs)
+    let make = Tool::new(mkntfs, deadline::MKFS)
         .args(["-Q", "-F", "-q", "-T", "-s", "512", "-p", "0", "-H", "0", "-S", "0", "-L", &seed.name])
-        .arg(raw)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .map_err(io)?;
+        .arg(raw);
+    let out = run_tool(seed, make, "mkntfs", "ntfs-3g")?;
     if !out.status.success() {
         // Left out: its notes that the target is a file, which -F asked for.
-        let stderr = String::from_utf8_lossy(&out.stderr)
+        let stderr = out
+            .stderr
             .lines()
             .filter(|l| !l.ends_with("is not a block device.") && *l != "mkntfs forced anyway.")
             .collect::<Vec<_>>()
@@ -257,16 +271,10 @@ fn mkfs_ntfs(seed: &DiskSeed, staging: &Path, raw: &Path) -> Result<(), SeedErro
     for (name, content) in &seed.files {
         std::fs::write(&src, content).map_err(io)?;
         std::fs::File::options().write(true).open(&src).and_then(|f| f.set_modified(seed_time)).map_err(io)?;
-        let out = Command::new(&ntfscp)
-            .args(["-q", "-t"])
-            .arg(raw)
-            .arg(&src)
-            .arg(name)
-            .stdin(std::process::Stdio::null())
-            .output()
-            .map_err(io)?;
+        let copy = Tool::new(&ntfscp, deadline::MKFS).args(["-q", "-t"]).arg(raw).arg(&src).arg(name);
+        let out = run_tool(seed, copy, "ntfscp", "ntfs-3g")?;
         if !out.status.success() {
-            let stderr = format!("{name}: {}", String::from_utf8_lossy(&out.stderr).trim());
+            let stderr = format!("{name}: {}", out.stderr.trim());
             return Err(SeedError::Mkfs { disk: seed.name.clone(), tool: "ntfscp", stderr });
         }
     }
@@ -394,8 +402,8 @@ mod tests {
         seed.files.insert("a/b.txt".into(), "hello\n".into());
         let p = create(dir.path(), &seed).unwrap();
         for path in ["/", "/a", "/a/b.txt"] {
-            let out = Command::new("debugfs").args(["-R", &format!("stat {path}")]).arg(&p).output().unwrap();
-            let text = String::from_utf8_lossy(&out.stdout);
+            let out = Tool::new("debugfs", deadline::DEBUGFS).args(["-R", &format!("stat {path}")]).arg(&p).run();
+            let text = out.unwrap().stdout_text();
             let times: Vec<&str> = text.lines().filter(|l| l.trim_start().contains("time: 0x")).collect();
             assert!(times.len() >= 3, "{text}");
             // 1735689600 = 0x67748580 (small inodes have no crtime)
@@ -519,11 +527,14 @@ mod tests {
         // ntfs-3g's own checks: ntfsfix -n compares the two boot sectors and the MFT mirror;
         // the probe is what mount.ntfs-3g asks first.
         for (tool, args) in [("ntfsfix", &["-n"][..]), ("ntfs-3g.probe", &["--readwrite"][..])] {
-            let Ok(out) = Command::new(tool).args(args).arg(&raw).output() else {
-                eprintln!("SKIPPED {tool}: not installed");
-                continue;
+            let out = match Tool::new(tool, deadline::MKFS).args(args).arg(&raw).output() {
+                Err(ToolError::Spawn { .. }) => {
+                    eprintln!("SKIPPED {tool}: not installed");
+                    continue;
+                }
+                out => out.unwrap(),
             };
-            let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            let text = format!("{}{}", out.stdout_text(), out.stderr);
             assert!(out.status.success(), "{tool}: {text}");
             if tool == "ntfsfix" {
                 assert!(text.contains("Checking the alternate boot sector... OK"), "{text}");

@@ -5,16 +5,15 @@
 //! QEMU, host kernel and guest kernel.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::config::Accel;
 use super::process::QemuProcess;
+use crate::sys::{deadline, Tool};
 
-/// How long a KVM probe boot may take. A working KVM boots to the panic in about a second.
-pub const PROBE_DEADLINE: Duration = Duration::from_secs(6);
 /// What the guest kernel prints when it has run all the way to mounting root.
 const PROBE_MARK: &str = "Kernel panic";
 
@@ -118,7 +117,8 @@ fn auto(qemu: &str, kernel: &Path, cache: &Path) -> Verdict {
 
 fn cache_key(qemu: &str, kernel: &Path) -> String {
     let mut h = Sha256::new();
-    let version = std::process::Command::new(qemu).arg("--version").output().map(|o| o.stdout).unwrap_or_default();
+    // A QEMU that cannot say its version still gets a key: the probe then says what is wrong.
+    let version = Tool::new(qemu, deadline::QEMU_VERSION).arg("--version").run().map(|o| o.stdout).unwrap_or_default();
     h.update(&version);
     h.update(nix::sys::utsname::uname().map(|u| u.release().as_encoded_bytes().to_vec()).unwrap_or_default());
     h.update(kernel.as_os_str().as_encoded_bytes());
@@ -166,9 +166,9 @@ pub fn probe_kvm(qemu: &str, kernel: &Path) -> Verdict {
         Ok(p) => p,
         Err(e) => return tcg(format!("KVM probe could not start {qemu}: {e}")),
     };
-    let status = proc.wait_timeout(PROBE_DEADLINE);
+    let status = proc.wait_timeout(deadline::KVM_PROBE_BOOT);
     let took = started.elapsed();
-    proc.terminate(Duration::from_millis(200));
+    proc.terminate(deadline::KVM_PROBE_STOP);
     let serial = std::fs::read_to_string(&log).unwrap_or_default();
     match status {
         Some(_) if serial.contains(PROBE_MARK) => Verdict {
@@ -187,7 +187,7 @@ pub fn probe_kvm(qemu: &str, kernel: &Path) -> Verdict {
         None => tcg(format!(
             "/dev/kvm is present but a guest kernel under KVM did not finish booting within {}s \
              (it printed {} bytes); this host's KVM cannot run normal guests (a PVM host does this)",
-            PROBE_DEADLINE.as_secs(),
+            deadline::KVM_PROBE_BOOT.as_secs(),
             serial.len()
         )),
     }

@@ -2,10 +2,9 @@
 //! the QMP and agent transcript, QEMU's own output, the command line, and `qemu-img info`
 //! of each disk.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
 use super::config::MachineConfig;
+use crate::sys::{deadline, Tool};
+use std::path::{Path, PathBuf};
 
 /// Copies the evidence of one machine into a fresh folder under the config's artifacts
 /// folder and returns that folder.
@@ -24,12 +23,14 @@ pub fn keep(cfg: &MachineConfig, run_dir: &Path, cmdline: &str, why: &str) -> st
     for d in &cfg.disks {
         info.push_str(&format!("== {} ({})\n", d.node_name, d.path.display()));
         // -U: QEMU may still hold its image lock if it could not be stopped.
-        match Command::new("qemu-img").args(["info", "-U", "--backing-chain"]).arg(&d.path).output() {
+        let run =
+            Tool::new("qemu-img", deadline::QEMU_IMG_METADATA).args(["info", "-U", "--backing-chain"]).arg(&d.path);
+        match run.output() {
             Ok(o) => {
-                info.push_str(&String::from_utf8_lossy(&o.stdout));
-                info.push_str(&String::from_utf8_lossy(&o.stderr));
+                info.push_str(&o.stdout_text());
+                info.push_str(&o.stderr);
             }
-            Err(e) => info.push_str(&format!("qemu-img info could not run: {e}\n")),
+            Err(e) => info.push_str(&format!("{e}\n")),
         }
     }
     std::fs::write(dir.join("qemu-img-info.txt"), info)?;

@@ -70,19 +70,6 @@ pub fn qemu_args(cfg: &MachineConfig, fds: Fds, serial_log: &Path) -> Vec<String
     a
 }
 
-/// The command line as a shell would need it, for evidence and error messages.
-pub fn shell_line(program: &str, args: &[String]) -> String {
-    std::iter::once(program).chain(args.iter().map(String::as_str)).map(shell_quote).collect::<Vec<_>>().join(" ")
-}
-
-fn shell_quote(s: &str) -> String {
-    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_=,.:/+@".contains(&b)) {
-        s.to_owned()
-    } else {
-        format!("'{}'", s.replace('\'', r"'\''"))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -133,11 +120,5 @@ mod tests {
         assert!(!args.contains("virtserialport"));
         assert!(args.contains("-accel kvm -cpu host"));
         assert!(args.ends_with("-S -incoming defer"));
-    }
-
-    #[test]
-    fn shell_line_quotes_what_needs_it() {
-        let line = shell_line("qemu", &["-append".into(), "a b".into(), "it's".into(), "x=1,y".into()]);
-        assert_eq!(line, r"qemu -append 'a b' 'it'\''s' x=1,y");
     }
 }

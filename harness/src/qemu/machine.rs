@@ -21,27 +21,38 @@ use super::qga::{AgentError, GuestAgent};
 use super::qmp::{Qmp, QmpError};
 use super::serial::{tail_of, SerialLog};
 use super::transcript::Transcript;
-
-/// How long Drop gives QEMU to honour `quit`, and then SIGTERM.
-const GRACE: Duration = Duration::from_secs(3);
-const QMP_CONNECT: Duration = Duration::from_secs(20);
+use crate::sys::deadline;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MachineError {
+    /// QEMU could not be started: the binary is missing or not executable (see
+    /// `QUIESCE_QEMU`), or the system refused a new process.
     #[error("could not start {program} for machine {name}: {source}")]
     Spawn { name: String, program: String, source: std::io::Error },
+    /// The machine's private run folder or its sockets could not be made (a full or
+    /// read-only temporary folder).
     #[error("machine {name}: could not set up its run folder or sockets: {source}")]
     Setup { name: String, source: std::io::Error },
+    /// QEMU exited (or never greeted): most often it refused an argument; what it said,
+    /// its command line and the guest's serial output show why, and the evidence folder
+    /// keeps them.
     #[error("QEMU for machine {name} exited ({status}).\ncommand: {cmdline}\nQEMU said:\n{output}\nserial tail:\n{serial}\nevidence: {evidence}")]
     Exited { name: String, status: String, cmdline: String, output: String, serial: String, evidence: String },
+    /// A QMP command failed or went unanswered.
     #[error("machine {name}: {source}")]
     Qmp { name: String, source: QmpError },
+    /// A guest agent command failed or went unanswered.
     #[error("machine {name}: {source}")]
     Agent { name: String, source: AgentError },
+    /// The guest agent never answered while QEMU kept running: the guest did not boot, or
+    /// its agent did not start; the serial tail shows how far the guest got.
     #[error("machine {name}: the guest agent did not answer within {waited:?}.\nserial tail:\n{serial}")]
     AgentNotReady { name: String, waited: Duration, serial: String },
+    /// The machine was configured without an agent channel, and something needs the agent.
     #[error("machine {name} has no guest agent channel configured")]
     NoAgent { name: String },
+    /// The guest was asked to power off and QEMU did not exit in time; it is killed when
+    /// the machine is dropped.
     #[error("machine {name}: QEMU did not exit within {waited:?} after the guest was asked to power off")]
     ShutdownTimeout { name: String, waited: Duration },
 }
@@ -109,7 +120,7 @@ impl Machine {
         let serial = SerialLog::new(&run_dir.path().join("serial.log"));
         let args = launch::qemu_args(&cfg, socks.fds, serial.path());
         let program = cfg.qemu_binary.to_string_lossy().into_owned();
-        let cmdline = launch::shell_line(&program, &args);
+        let cmdline = crate::sys::shell_line(&program, &args);
         let keep: Vec<i32> = socks.listeners.iter().map(|l| l.as_raw_fd()).collect();
         let mut process = QemuProcess::spawn(&program, &args, &keep, &run_dir.path().join("qemu.out"))
             .map_err(|source| MachineError::Spawn { name: name.clone(), program: program.clone(), source })?;
@@ -123,11 +134,13 @@ impl Machine {
             Some(s) => Some(GuestAgent::new(to_tokio(s).map_err(setup)?, transcript.clone())),
             None => None,
         };
-        let qmp = match Qmp::connect(to_tokio(socks.qmp).map_err(setup)?, transcript, QMP_CONNECT).await {
+        let qmp = match Qmp::connect(to_tokio(socks.qmp).map_err(setup)?, transcript, deadline::QMP_CONNECT).await {
             Ok(q) => q,
             Err(e) => {
                 // Most often QEMU refused its arguments and exited; say what it printed.
-                let status = process.wait_timeout(Duration::from_secs(2)).or_else(|| process.terminate(GRACE));
+                let status = process
+                    .wait_timeout(deadline::QEMU_FAILED_START_EXIT)
+                    .or_else(|| process.terminate(deadline::QEMU_QUIT));
                 let output = std::fs::read_to_string(run_dir.path().join("qemu.out")).unwrap_or_default();
                 let evidence = super::evidence::keep(&cfg, run_dir.path(), &cmdline, &e.to_string())
                     .map(|p| p.display().to_string())
@@ -228,8 +241,7 @@ impl Machine {
 
     /// Kills QEMU at once (SIGKILL), as a fault would. The guard still cleans up.
     pub fn kill(&mut self) -> Option<ExitStatus> {
-        self.process.signal_group(nix::sys::signal::Signal::SIGKILL);
-        self.process.wait_timeout(GRACE)
+        self.process.kill()
     }
 
     /// Marks the machine as failed, so Drop keeps its evidence.
@@ -263,8 +275,8 @@ impl Machine {
         }
         // A leading newline ends any half-written command a cancelled future left behind.
         let _ = self.qmp_sync.write_all(b"\n{\"execute\":\"quit\"}\n");
-        if self.process.wait_timeout(GRACE).is_none() {
-            self.process.terminate(GRACE);
+        if self.process.wait_timeout(deadline::QEMU_QUIT).is_none() {
+            self.process.terminate(deadline::QEMU_QUIT);
         }
     }
 }

@@ -41,12 +41,13 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use self::map::{Map, Source};
 use self::nbd::Client;
-use self::tools::{ExportSpec, Server, Tool, ToolFailure};
+use self::tools::{ExportSpec, Server};
 use crate::qemu::DiskFormat;
+use crate::sys::{deadline, Output, Running, Tool, ToolError};
 
 /// What to read an image through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,7 +65,7 @@ pub struct Options {
     /// Threads comparing chunks (each with its own NBD connections).
     pub workers: usize,
     pub read_path: ReadPath,
-    /// Deadline for each qemu-img run.
+    /// Deadline for each qemu-img run (`info`, `map`).
     pub tool_timeout: Duration,
     /// Deadline of each NBD exchange: the handshake, sending a batch of requests, and each
     /// reply from when we start waiting for it.
@@ -82,7 +83,7 @@ impl Default for Options {
             chunk: 2 << 20,
             workers: cores.clamp(2, 8),
             read_path: ReadPath::Auto,
-            tool_timeout: Duration::from_secs(300),
+            tool_timeout: deadline::QEMU_IMG_MAP,
             io_timeout: Duration::from_secs(60),
             // Four 512 KiB reads in flight per 2 MiB chunk: the daemon reads the next while
             // it sends one. Measured on 2 cores: within the noise of one 2 MiB read at a
@@ -162,26 +163,35 @@ fn human(bytes: u64) -> String {
 
 #[derive(Debug, thiserror::Error)]
 pub enum BlockCompareError {
+    /// The private folder for the NBD socket and the daemon's log could not be made.
     #[error("comparing disk images: a private folder for sockets and tool output: {0}")]
     TempDir(std::io::Error),
-    #[error("{image}: could not run {tool} ({step}): {error}")]
-    Spawn { image: PathBuf, tool: &'static str, step: &'static str, error: std::io::Error },
-    #[error("{image}: {tool} ({step}) did not finish within {waited:?}; it was killed")]
-    Timeout { image: PathBuf, tool: &'static str, step: &'static str, waited: Duration },
-    #[error("{image}: {tool} ({step}) failed ({status}): {stderr}")]
-    Failed { image: PathBuf, tool: &'static str, step: &'static str, status: String, stderr: String },
+    /// `qemu-img info` or `map` of an image did not give its answer: it could not run, ran
+    /// past [`Options::tool_timeout`], or failed (the image is missing, damaged, or not of
+    /// the format given); qemu-img's own words end the message.
+    #[error("{image}: {step}: {error}")]
+    Failed { image: PathBuf, step: &'static str, error: ToolError },
+    /// qemu-img answered with something we cannot use (bad JSON, an impossible map).
     #[error("{image}: {step}: {problem}")]
     BadOutput { image: PathBuf, step: &'static str, problem: String },
+    /// An image file could not be opened to read its data straight from it.
     #[error("{image}: {error}")]
     Open { image: PathBuf, error: std::io::Error },
+    /// Reading an image file at an offset its map gave failed (the file shrank, or the
+    /// disk under it failed).
     #[error("{image}: reading {len} bytes at host offset {offset}: {error}")]
     Read { image: PathBuf, offset: u64, len: u64, error: std::io::Error },
+    /// qemu-storage-daemon, which exports the images read through QEMU, could not start.
     #[error("could not start qemu-storage-daemon to export the images over NBD: {0}")]
     Server(std::io::Error),
+    /// Reading through the NBD export failed; the daemon's state and log follow.
     #[error("{image}: reading through NBD ({step}): {error}; {evidence}")]
     Nbd { image: PathBuf, step: String, error: String, evidence: String },
+    /// The export and qemu-img disagree on the image's size: the image changed while it
+    /// was compared.
     #[error("{image}: the NBD export is {export} bytes but qemu-img says {expected}")]
     ExportSize { image: PathBuf, export: u64, expected: u64 },
+    /// A comparison thread panicked (a bug in quiesce); the panic's message follows.
     #[error("a comparison worker panicked: {0}")]
     Worker(String),
 }
@@ -213,13 +223,14 @@ pub fn compare_with(
     opts: &Options,
 ) -> Result<BlockComparison, BlockCompareError> {
     let dir = tempfile::Builder::new().prefix("quiesce-blockcmp-").tempdir().map_err(BlockCompareError::TempDir)?;
-    let deadline = Instant::now() + opts.tool_timeout;
-    // All four qemu-img runs at once: they are independent and mostly start-up time.
-    let ia = Inspect::start(a, a_fmt, dir.path(), "a")?;
-    let ib = Inspect::start(b, b_fmt, dir.path(), "b")?;
-    let ia = ia.finish(deadline, opts.read_path)?;
-    let ib = ib.finish(deadline, opts.read_path)?;
-    let images = [ia, ib];
+    // All four qemu-img runs at once: they are independent and mostly start-up time. Each
+    // image's two are read on a thread of their own, so neither waits on a full pipe.
+    let (ia, ib) = std::thread::scope(|s| {
+        let ia = s.spawn(|| Inspect::start(a, a_fmt, opts, "a")?.finish(opts.read_path));
+        let ib = Inspect::start(b, b_fmt, opts, "b").and_then(|i| i.finish(opts.read_path));
+        (ia.join().unwrap_or_else(|p| Err(BlockCompareError::Worker(panic_text(&p)))), ib)
+    });
+    let images = [ia?, ib?];
 
     // Each worker holds two buffers of a chunk: keep them between a page and 64 MiB.
     let plan = map::plan(&images[0].map, &images[1].map, opts.chunk.clamp(4096, 64 << 20));
@@ -237,7 +248,7 @@ pub fn compare_with(
     let outcome = run_workers(&images, &plan.pieces, server.as_ref().map(|s| s.socket.as_path()), opts);
     let outcome = match outcome {
         Err(WorkerError::Nbd { image, step, error }) => {
-            let evidence = server.as_mut().map(|s| s.evidence(Duration::from_secs(2))).unwrap_or_default();
+            let evidence = server.as_mut().map(|s| s.evidence(deadline::STORAGE_DAEMON_EXIT)).unwrap_or_default();
             return Err(BlockCompareError::Nbd { image, step, error, evidence });
         }
         Err(WorkerError::Other(e)) => return Err(e),
@@ -263,19 +274,27 @@ struct Inspect<'p> {
     path: &'p Path,
     format: DiskFormat,
     export: &'static str,
-    info: Tool,
-    map: Tool,
+    info: Running<'static>,
+    map: Running<'static>,
 }
 
 impl<'p> Inspect<'p> {
-    fn start(path: &'p Path, format: DiskFormat, dir: &Path, export: &'static str) -> Result<Self, BlockCompareError> {
+    fn start(
+        path: &'p Path,
+        format: DiskFormat,
+        opts: &Options,
+        export: &'static str,
+    ) -> Result<Self, BlockCompareError> {
         let spawn = |step: &'static str, args: &[&std::ffi::OsStr]| {
-            Tool::spawn("qemu-img", args, dir, &format!("{export}-{step}"))
-                .map_err(|f| tool_error(path, if step == "info" { "qemu-img info" } else { "qemu-img map" }, f))
+            Tool::new("qemu-img", opts.tool_timeout)
+                .args(args)
+                .stdout_cap(tools::MAX_OUTPUT)
+                .spawn()
+                .map_err(|error| BlockCompareError::Failed { image: path.to_owned(), step, error })
         };
         let f = format.driver().as_ref();
         let info = spawn(
-            "info",
+            "qemu-img info",
             &[
                 "info".as_ref(),
                 "-U".as_ref(),
@@ -287,16 +306,17 @@ impl<'p> Inspect<'p> {
             ],
         )?;
         let map = spawn(
-            "map",
+            "qemu-img map",
             &["map".as_ref(), "-U".as_ref(), "--output=json".as_ref(), "-f".as_ref(), f, path.as_os_str()],
         )?;
         Ok(Inspect { path, format, export, info, map })
     }
 
-    fn finish(self, deadline: Instant, read_path: ReadPath) -> Result<Image<'p>, BlockCompareError> {
+    fn finish(self, read_path: ReadPath) -> Result<Image<'p>, BlockCompareError> {
         let path = self.path;
-        let info = self.info.finish(deadline).map_err(|f| tool_error(path, "qemu-img info", f))?;
-        let map = self.map.finish(deadline).map_err(|f| tool_error(path, "qemu-img map", f))?;
+        let failed = |step, error| BlockCompareError::Failed { image: path.to_owned(), step, error };
+        let info = self.info.wait().and_then(Output::into_success).map_err(|e| failed("qemu-img info", e))?.stdout;
+        let map = self.map.wait().and_then(Output::into_success).map_err(|e| failed("qemu-img map", e))?.stdout;
         let bad = |step, problem: String| BlockCompareError::BadOutput { image: path.to_owned(), step, problem };
         let chain: Vec<serde_json::Value> =
             serde_json::from_slice(&info).map_err(|e| bad("qemu-img info", format!("not a list of images: {e}")))?;
@@ -348,15 +368,10 @@ fn stores_verbatim(layer: &serde_json::Value, expected: Option<&str>) -> bool {
     }
 }
 
-fn tool_error(image: &Path, step: &'static str, f: ToolFailure) -> BlockCompareError {
-    let image = image.to_owned();
-    let tool = "qemu-img";
-    match f {
-        ToolFailure::Spawn(error) => BlockCompareError::Spawn { image, tool, step, error },
-        ToolFailure::Timeout(waited) => BlockCompareError::Timeout { image, tool, step, waited },
-        ToolFailure::Failed { status, stderr } => BlockCompareError::Failed { image, tool, step, status, stderr },
-        ToolFailure::Output(problem) => BlockCompareError::BadOutput { image, step, problem },
-    }
+/// What a panicking thread said.
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    let what = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned());
+    what.unwrap_or_else(|| "unknown".into())
 }
 
 /// What the workers found.
@@ -420,9 +435,7 @@ fn run_workers(
             .collect();
         for h in handles {
             if let Err(p) = h.join() {
-                let what =
-                    p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned());
-                let e = WorkerError::Other(BlockCompareError::Worker(what.unwrap_or_else(|| "unknown".into())));
+                let e = WorkerError::Other(BlockCompareError::Worker(panic_text(&*p)));
                 error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
             }
         }

@@ -4,8 +4,8 @@
 //! disk contents are written back onto the VM's own disk files and the VM is started again
 //! on them.
 
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -13,24 +13,31 @@ use serde_json::{json, Value};
 use crate::backup::manifest::{Method, StateEntry, VmBackup};
 use crate::backup::saved_state::Plan;
 use crate::backup::Backup;
-use crate::image::qemu_img::{self, QemuImgError};
+use crate::image::qemu_img::{self, qemu_img, QemuImgError};
 use crate::qemu::{DiskConfig, DiskFormat, KernelBoot, Machine, MachineConfig, MachineError};
+use crate::sys::deadline;
 use crate::timeline::Timeline;
-
-const T: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
+    /// The backup holds no VM of that name.
     #[error("backup {backup} has no VM named {vm}")]
     NoSuchVm { backup: PathBuf, vm: String },
+    /// The VM was backed up by Child VM Snapshot (disks only): there is no saved state to
+    /// load; boot it instead.
     #[error("VM {vm} in backup {backup} has no saved state to restore")]
     NoState { backup: PathBuf, vm: String },
+    /// The restored machine failed at `step` (launch, boot, a QMP command).
     #[error("restoring VM {vm}: {step}: {error}")]
     Machine { vm: String, step: String, error: MachineError },
+    /// QEMU could not load the saved state; `desc` is QEMU's reason.
     #[error("restoring VM {vm}: the incoming migration ended {status}: {desc}")]
     Incoming { vm: String, status: String, desc: String },
+    /// An overlay over a backed-up disk (or a blank disk for an excluded one) could not be
+    /// made.
     #[error("restoring VM {vm}, disk {disk}: {error}")]
     Image { vm: String, disk: String, error: QemuImgError },
+    /// A folder for the restored disks could not be made, or a host task failed.
     #[error("restoring VM {vm}: {0}", vm = .1)]
     Io(std::io::Error, String),
     /// The VM to restore in place does not have the disks the backup holds (checked before
@@ -73,9 +80,12 @@ impl RestoreOptions {
 /// Continues a restored VM and waits for it to run.
 pub async fn resume(m: &Machine) -> Result<(), RestoreError> {
     let merr = |step: &str, error| RestoreError::Machine { vm: m.name().to_owned(), step: step.to_owned(), error };
-    crate::backup::runstate::settle(m, T).await.map_err(|e| merr("query-status", e))?;
-    m.qmp().execute_raw("cont", Value::Null, T).await.map_err(|e| merr("cont", m.qmp_err(e)))?;
-    m.qmp().wait_event("RESUME", |_| true, T).await.map_err(|e| merr("wait for RESUME", m.qmp_err(e)))?;
+    crate::backup::runstate::settle(m, deadline::QMP_COMMAND).await.map_err(|e| merr("query-status", e))?;
+    m.qmp().execute_raw("cont", Value::Null, deadline::QMP_COMMAND).await.map_err(|e| merr("cont", m.qmp_err(e)))?;
+    m.qmp()
+        .wait_event("RESUME", |_| true, deadline::RUN_STATE_EVENT)
+        .await
+        .map_err(|e| merr("wait for RESUME", m.qmp_err(e)))?;
     Ok(())
 }
 
@@ -200,7 +210,7 @@ async fn load_state(
     let path = backup.vm_dir(&vm.name).join(&state.file);
     tl.step(Some(&opts.name), "load state (incoming migration)", async {
         m.qmp()
-            .execute_raw("migrate-incoming", json!({"uri": format!("file:{}", path.display())}), T)
+            .execute_raw("migrate-incoming", json!({"uri": format!("file:{}", path.display())}), deadline::QMP_COMMAND)
             .await
             .map_err(|e| merr("migrate-incoming", m.qmp_err(e)))?;
         let ev = m
@@ -213,7 +223,8 @@ async fn load_state(
             .await
             .map_err(|e| merr("wait for the state to load", m.qmp_err(e)))?;
         if ev.data["status"] != "completed" {
-            let info = m.qmp().execute_raw("query-migrate", Value::Null, T).await.unwrap_or(Value::Null);
+            let info =
+                m.qmp().execute_raw("query-migrate", Value::Null, deadline::QMP_COMMAND).await.unwrap_or(Value::Null);
             return Err(RestoreError::Incoming {
                 vm: vm.name.clone(),
                 status: ev.data["status"].as_str().unwrap_or("?").to_owned(),
@@ -398,8 +409,7 @@ async fn write_back(backup: &Backup, vm: &VmBackup, disks: &[DiskConfig]) -> Res
             .await
             .map_err(|e| RestoreError::Io(std::io::Error::other(e), vm.name.clone()))?;
         if let Err(error) = result {
-            let in_use = matches!(&error, QemuImgError::Failed { stderr, .. } if stderr.contains("lock"));
-            let hint = if in_use {
+            let hint = if held_for_writing(&t.path) {
                 " (the disk is in use: stop the VM's QEMU before restoring it in place)".to_owned()
             } else {
                 String::new()
@@ -418,30 +428,41 @@ async fn write_back(backup: &Backup, vm: &VmBackup, disks: &[DiskConfig]) -> Res
     Ok(())
 }
 
+/// True if another process holds `path` the way a running QEMU holds its disks: writing to
+/// it, or refusing other writers. QEMU says so with open-file-description locks on single
+/// bytes of the file (block/file-posix.c): byte 100 + n while it uses permission n, byte
+/// 200 + n while it refuses to share it, and writing is permission 1. Asked with
+/// F_OFD_GETLK, which takes no lock.
+fn held_for_writing(path: &Path) -> bool {
+    const QEMU_WRITES: i64 = 101;
+    const QEMU_REFUSES_WRITERS: i64 = 201;
+    let Ok(file) = std::fs::File::open(path) else { return false };
+    [QEMU_WRITES, QEMU_REFUSES_WRITERS].into_iter().any(|byte| {
+        let mut lock = libc::flock {
+            l_type: libc::F_WRLCK as libc::c_short,
+            l_whence: libc::SEEK_SET as libc::c_short,
+            l_start: byte,
+            l_len: 1,
+            l_pid: 0,
+        };
+        let asked = nix::fcntl::fcntl(file.as_raw_fd(), nix::fcntl::FcntlArg::F_OFD_GETLK(&mut lock));
+        asked.is_ok() && lock.l_type != libc::F_UNLCK as libc::c_short
+    })
+}
+
 /// Writes the guest-visible content of `src` into the existing image `dst` (`qemu-img
 /// convert -n`): `dst` keeps its path, its format and its backing file, if it has one, and
 /// every area that is zero in `src` reads as zero in `dst` afterwards. Without `-U`, qemu-img
 /// takes the images' locks, so an image that a running QEMU holds is refused.
 fn write_into(src: &Path, src_format: DiskFormat, dst: &Path, dst_format: DiskFormat) -> Result<(), QemuImgError> {
-    let out = Command::new("qemu-img")
-        .args(["convert", "-n", "-q", "-f", src_format.driver(), "-O", dst_format.driver()])
-        .arg(src)
-        .arg(dst)
-        .output()
-        .map_err(QemuImgError::Spawn)?;
-    if !out.status.success() {
-        return Err(QemuImgError::Failed {
-            args: format!(
-                "convert -n -f {} -O {} {} {}",
-                src_format.driver(),
-                dst_format.driver(),
-                src.display(),
-                dst.display()
-            ),
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        });
-    }
+    let (f, o) = (src_format.driver().as_ref(), dst_format.driver().as_ref());
+    qemu_img(
+        deadline::QEMU_IMG_COPY,
+        &["convert".as_ref(), "-n".as_ref(), "-q".as_ref(), "-f".as_ref(), f, "-O".as_ref(), o],
+    )
+    .arg(src)
+    .arg(dst)
+    .run()?;
     Ok(())
 }
 
@@ -543,5 +564,34 @@ mod tests {
 
         let e = write_into(&p("backup.qcow2"), DiskFormat::Qcow2, &p("missing.qcow2"), DiskFormat::Qcow2).unwrap_err();
         assert!(e.to_string().contains("convert -n"), "{e}");
+    }
+
+    #[test]
+    fn a_disk_another_qemu_writes_is_seen_as_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("disk.raw");
+        std::fs::File::create(&disk).unwrap().set_len(1 << 20).unwrap();
+        assert!(!held_for_writing(&disk));
+        // qemu-io holds the image open for writing while it sleeps (its `sleep` is in ms).
+        // First it calls an unknown command: it says so on stderr, unbuffered, once it has
+        // opened (and locked) the image, and goes on; that line is the sign to look.
+        let mut writer = crate::sys::Spawn::new("qemu-io")
+            .args(["-f", "raw", "-c", "quiesce-ready", "-c", "sleep 60000"])
+            .arg(&disk)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = writer.take_stderr().unwrap();
+        let mut ready = [nix::poll::PollFd::new(std::os::fd::AsFd::as_fd(&stderr), nix::poll::PollFlags::POLLIN)];
+        assert_eq!(nix::poll::poll(&mut ready, 20_000u16), Ok(1), "qemu-io said nothing within 20 s");
+        let mut said = std::io::BufReader::new(stderr);
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut said, &mut line).unwrap();
+        assert!(line.contains("quiesce-ready"), "{line}");
+        assert!(held_for_writing(&disk), "qemu-io's write lock was not seen");
+        let e = write_into(&disk, DiskFormat::Raw, &disk, DiskFormat::Raw).unwrap_err();
+        assert!(e.to_string().contains("lock"), "qemu-img meets the same lock: {e}");
+        writer.kill();
+        assert!(!held_for_writing(&disk));
     }
 }

@@ -55,6 +55,8 @@ pub enum NbdError {
     /// The socket failed; `during` says what we were doing.
     #[error("{during}: {source}")]
     Io { during: String, source: io::Error },
+    /// The server said something the protocol does not allow, refused the export, or
+    /// failed a read; the text says which (and, for a failed read, where and why).
     #[error("{0}")]
     Protocol(String),
 }

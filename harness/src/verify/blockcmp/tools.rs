@@ -1,152 +1,57 @@
-//! The external processes a comparison runs, each owned by a guard that kills and reaps it
-//! on every path: `qemu-img` (map, info) with a deadline, and `qemu-storage-daemon`
-//! exporting images over NBD on a unix socket in a private folder.
+//! The external processes a comparison runs besides `qemu-img` (which it runs as
+//! [`sys::Tool`](crate::sys::Tool)s): `qemu-storage-daemon` exporting images over NBD on a
+//! unix socket in a private folder, owned by a guard that stops and reaps it on every path.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::io::Read;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{killpg, Signal};
-use nix::unistd::Pid;
 use serde_json::json;
 
-use crate::qemu::process::QemuProcess;
 use crate::qemu::DiskFormat;
+use crate::sys::{deadline, Child, Spawn, ToolError};
 
-/// Output of a tool larger than this is refused (a map of a huge, fragmented disk).
-pub const MAX_OUTPUT: u64 = 1 << 30;
+/// Stdout of a tool larger than this is refused (a map of a huge, fragmented disk).
+pub const MAX_OUTPUT: usize = 1 << 30;
 
-/// How a tool run went wrong, without the image: the caller adds which image and step.
-#[derive(Debug)]
-pub enum ToolFailure {
-    Spawn(std::io::Error),
-    Timeout(Duration),
-    Failed { status: String, stderr: String },
-    Output(String),
-}
-
-impl std::fmt::Display for ToolFailure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ToolFailure::Spawn(e) => write!(f, "could not run it: {e}"),
-            ToolFailure::Timeout(waited) => write!(f, "did not finish within {waited:?}; it was killed"),
-            ToolFailure::Failed { status, stderr } => write!(f, "failed ({status}): {stderr}"),
-            ToolFailure::Output(problem) => write!(f, "its output: {problem}"),
-        }
-    }
-}
-
-/// A running tool: its own process group, stdout and stderr in files of a private folder.
+/// The interface the benchmarks use, kept until they move to their own crate and run their
+/// tools as [`sys::Tool`](crate::sys::Tool)s; nothing else uses it.
 pub struct Tool {
-    child: Child,
-    pidfd: Option<OwnedFd>,
-    stdout: PathBuf,
-    stderr: PathBuf,
-    reaped: bool,
+    program: String,
+    args: Vec<std::ffi::OsString>,
 }
 
 impl Tool {
-    /// Starts `program args`; `dir` (private, removed by the caller) takes its output as
-    /// `<name>.out` and `<name>.err`.
-    pub fn spawn(program: &str, args: &[&std::ffi::OsStr], dir: &Path, name: &str) -> Result<Tool, ToolFailure> {
-        let (stdout, stderr) = (dir.join(format!("{name}.out")), dir.join(format!("{name}.err")));
-        let out = File::create(&stdout).map_err(ToolFailure::Spawn)?;
-        let err = File::create(&stderr).map_err(ToolFailure::Spawn)?;
-        let child = Command::new(program)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .process_group(0)
-            .spawn()
-            .map_err(ToolFailure::Spawn)?;
-        // Without a pidfd (an old kernel) the wait below cannot have a deadline; fail then.
-        let pidfd = pidfd_open(child.id() as libc::pid_t).ok();
-        Ok(Tool { child, pidfd, stdout, stderr, reaped: false })
+    /// Prepares `program args`; [`Tool::status`] runs it. (`_dir` and `_name` named files
+    /// for its output, which is now read through pipes.)
+    pub fn spawn(program: &str, args: &[&std::ffi::OsStr], _dir: &Path, _name: &str) -> Result<Tool, ToolError> {
+        Ok(Tool { program: program.to_owned(), args: args.iter().map(|a| a.to_os_string()).collect() })
     }
 
-    /// Starts `program args`, waits for it up to `timeout`, and returns its stdout if it
-    /// succeeded.
+    /// Runs `program args` within `timeout` and returns its stdout if it succeeded.
     pub fn run(
         program: &str,
         args: &[&std::ffi::OsStr],
-        dir: &Path,
-        name: &str,
+        _dir: &Path,
+        _name: &str,
         timeout: Duration,
-    ) -> Result<Vec<u8>, ToolFailure> {
-        let deadline = Instant::now() + timeout;
-        Tool::spawn(program, args, dir, name)?.finish(deadline)
+    ) -> Result<Vec<u8>, ToolError> {
+        Ok(crate::sys::Tool::new(program, timeout).args(args).stdout_cap(MAX_OUTPUT).run()?.stdout)
     }
 
-    /// Waits for the tool to exit, up to `deadline`: how it ended, and its stderr (capped).
-    pub fn status(mut self, deadline: Instant) -> Result<(ExitStatus, String), ToolFailure> {
-        let status = self.wait(deadline)?;
-        Ok((status, read_capped(&self.stderr, 64 << 10)))
+    /// Runs the tool until `deadline`: how it ended, and the end of its stderr.
+    pub fn status(self, deadline: Instant) -> Result<(std::process::ExitStatus, String), ToolError> {
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        let out = crate::sys::Tool::new(&self.program, timeout).args(&self.args).stdout_cap(MAX_OUTPUT).output()?;
+        Ok((out.status, out.stderr))
     }
-
-    /// Waits for the tool to exit, up to `deadline`; returns its stdout if it succeeded.
-    pub fn finish(mut self, deadline: Instant) -> Result<Vec<u8>, ToolFailure> {
-        let status = self.wait(deadline)?;
-        let stderr = read_capped(&self.stderr, 64 << 10);
-        if !status.success() {
-            return Err(ToolFailure::Failed { status: status.to_string(), stderr: stderr.trim().to_owned() });
-        }
-        let len = std::fs::metadata(&self.stdout).map_err(|e| ToolFailure::Output(e.to_string()))?.len();
-        if len > MAX_OUTPUT {
-            return Err(ToolFailure::Output(format!("{len} bytes of output, more than the {MAX_OUTPUT} we accept")));
-        }
-        std::fs::read(&self.stdout).map_err(|e| ToolFailure::Output(e.to_string()))
-    }
-
-    fn wait(&mut self, deadline: Instant) -> Result<ExitStatus, ToolFailure> {
-        let Some(fd) = &self.pidfd else {
-            return Err(ToolFailure::Spawn(std::io::Error::other("pidfd_open failed: no way to wait with a deadline")));
-        };
-        let started = Instant::now();
-        loop {
-            if let Some(s) = self.child.try_wait().map_err(ToolFailure::Spawn)? {
-                self.reaped = true;
-                return Ok(s);
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(ToolFailure::Timeout(started.elapsed()));
-            }
-            let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-            let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
-            // SAFETY: one valid pollfd for the duration of the call. EINTR just loops.
-            unsafe { libc::poll(&mut pfd, 1, ms) };
-        }
-    }
-}
-
-impl Drop for Tool {
-    fn drop(&mut self) {
-        if !self.reaped && self.child.try_wait().ok().flatten().is_none() {
-            // ESRCH: gone already.
-            let _ = killpg(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL);
-            let _ = self.child.wait();
-        }
-    }
-}
-
-fn pidfd_open(pid: libc::pid_t) -> std::io::Result<OwnedFd> {
-    // SAFETY: a plain syscall; on success the kernel hands us a new fd that we then own.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: the fd was just returned by the kernel and nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// At most `cap` bytes of a text file, lossily decoded ("" if it cannot be read).
-pub fn read_capped(path: &Path, cap: u64) -> String {
-    use std::io::Read;
+fn read_capped(path: &Path, cap: u64) -> String {
     let mut buf = Vec::new();
     if let Ok(f) = File::open(path) {
         let _ = f.take(cap).read_to_end(&mut buf);
@@ -173,7 +78,7 @@ pub struct ExportSpec<'a> {
 /// images with `force-share`, so images a running QEMU holds can be read; backing files are
 /// opened from each image's header, with the format it names.
 pub struct Server {
-    process: Option<QemuProcess>,
+    process: Option<Child>,
     pub socket: PathBuf,
     log: PathBuf,
 }
@@ -226,9 +131,17 @@ impl Server {
             Ok(theirs) if !theirs.is_empty() => format!("GLIBC_TUNABLES={MALLOC_TUNABLES}:{theirs}"),
             _ => format!("GLIBC_TUNABLES={MALLOC_TUNABLES}"),
         };
-        let mut argv = vec![tunables, "qemu-storage-daemon".to_owned()];
-        argv.extend(args);
-        let process = QemuProcess::spawn("env", &argv, &[fd], &log)?;
+        let out = File::create(&log)?;
+        // PDEATHSIG: the daemon ends inside the comparison, on the thread that started it.
+        let process = Spawn::new("env")
+            .arg(tunables)
+            .arg("qemu-storage-daemon")
+            .args(args)
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .keep_fd(fd)
+            .die_with_parent()
+            .spawn()?;
         // The daemon has its own copy; ours must go, so that if it dies, connections fail
         // at once instead of waiting in a backlog nobody accepts.
         drop(listener);
@@ -251,7 +164,7 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         if let Some(mut p) = self.process.take() {
-            p.terminate(Duration::from_secs(5));
+            p.terminate(deadline::STORAGE_DAEMON_STOP);
         }
     }
 }

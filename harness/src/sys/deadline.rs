@@ -1,0 +1,95 @@
+//! Every deadline quiesce puts on a wait, one per kind of wait, named for what it bounds.
+//!
+//! A deadline is how long quiesce believes the wait can honestly take, with room for a
+//! loaded 2-core host running guests under TCG; past it, something is stuck, and the caller
+//! says what it waited for. Waits whose length the user chooses (the freeze and thaw
+//! windows, a migration, a block job) are options of their own, not constants here.
+
+use std::time::Duration;
+
+// --- QEMU and its guest -------------------------------------------------------------------
+
+/// A QMP command that QEMU answers at once (`query-*`, `cont`, `stop`, `migrate-incoming`,
+/// `human-monitor-command`...). QEMU answers these in milliseconds; its main loop can be
+/// held a few seconds by a slow storage call or a starved vCPU thread under TCG.
+pub const QMP_COMMAND: Duration = Duration::from_secs(30);
+
+/// A run-state event a command just caused (`RESUME` after `cont`, `STOP` after `stop`):
+/// QEMU sends it as part of handling the command, so it takes as long as a command.
+pub const RUN_STATE_EVENT: Duration = QMP_COMMAND;
+
+/// Connecting to a QEMU that was just started and reading its QMP greeting: QEMU greets once
+/// it has parsed its arguments and opened its disks, under a second here.
+pub const QMP_CONNECT: Duration = Duration::from_secs(20);
+
+/// A QEMU whose QMP greeting failed, exiting by itself: it is most often exiting already,
+/// on an argument it refused, and only its exit status and words are wanted.
+pub const QEMU_FAILED_START_EXIT: Duration = Duration::from_secs(2);
+
+/// QEMU honouring `quit`, and then SIGTERM, when a machine is dropped: it flushes its disks
+/// and exits in well under a second; a QEMU that needs longer is killed.
+pub const QEMU_QUIT: Duration = Duration::from_secs(3);
+
+/// A short command in the guest through the agent (`guest-exec` of a small script, and the
+/// status polls until it ends): the guest runs it in milliseconds, and under TCG with a
+/// busy workload in a few seconds.
+pub const GUEST_EXEC: Duration = Duration::from_secs(30);
+
+/// A guest agent command that the agent answers at once (`guest-ping`,
+/// `guest-fsfreeze-status`, `guest-get-fsinfo`...).
+pub const AGENT_COMMAND: Duration = Duration::from_secs(30);
+
+/// A boot of the guest kernel under KVM, probing whether KVM works: a working KVM boots to
+/// the kernel's deliberate panic in about a second.
+pub const KVM_PROBE_BOOT: Duration = Duration::from_secs(6);
+
+/// The KVM probe's QEMU after SIGTERM: it has finished, or hangs in KVM and is killed.
+pub const KVM_PROBE_STOP: Duration = Duration::from_millis(200);
+
+/// `qemu-system-* --version`, which prints a line and exits.
+pub const QEMU_VERSION: Duration = Duration::from_secs(10);
+
+// --- helper tools on images -----------------------------------------------------------------
+
+/// `qemu-img` on an image's metadata (`info`, `create`, `check`) and `qemu-io` reading a
+/// disk's first sectors: headers and tables only, milliseconds to a second for any image.
+pub const QEMU_IMG_METADATA: Duration = Duration::from_secs(60);
+
+/// `qemu-img map` of one image: it walks every allocation table, which takes seconds on a
+/// large, fragmented image.
+pub const QEMU_IMG_MAP: Duration = Duration::from_secs(300);
+
+/// `qemu-img convert` and `compare`: they read (and write) whole disks, so their time grows
+/// with the data. Scenario disks (at most 1 GiB) copy in seconds; this leaves room for
+/// images of tens of GiB given on the command line, at the speed of a slow disk.
+pub const QEMU_IMG_COPY: Duration = Duration::from_secs(15 * 60);
+
+/// `e2fsck -fn` of a disk: it reads every inode and directory, seconds for a scenario disk.
+pub const E2FSCK: Duration = Duration::from_secs(300);
+
+/// One `debugfs` or `dumpe2fs` session on a disk image (reading a superblock, mapping a
+/// file's block, setting a few inodes' times): milliseconds.
+pub const DEBUGFS: Duration = Duration::from_secs(60);
+
+/// Making and filling a seeded filesystem (`mkfs.ext4 -d`, `mkfs.vfat`, `mkntfs`, one
+/// `ntfscp`): a second for the small disks scenarios seed.
+pub const MKFS: Duration = Duration::from_secs(120);
+
+/// Building a guest image from its recipe: downloading its Debian packages (the first time)
+/// and making its root filesystem. A minute or two here; a slow mirror may take far longer.
+pub const IMAGE_BUILD: Duration = Duration::from_secs(30 * 60);
+
+// --- processes ------------------------------------------------------------------------------
+
+/// A process after SIGKILL: the kernel ends it at once unless it is stuck in an
+/// uninterruptible wait (a dead NFS server, a failing disk). Past this it is left to be
+/// reaped by a thread of its own, so the caller is not held up and no zombie is left.
+pub const KILLED_EXIT: Duration = Duration::from_secs(10);
+
+/// `qemu-storage-daemon` after SIGTERM, when a block comparison is done with it: it closes
+/// its exports and exits at once.
+pub const STORAGE_DAEMON_STOP: Duration = Duration::from_secs(5);
+
+/// Seeing whether `qemu-storage-daemon` has exited, for the evidence of an NBD failure (a
+/// daemon that hung up on us is usually exiting already).
+pub const STORAGE_DAEMON_EXIT: Duration = Duration::from_secs(2);

@@ -1,0 +1,27 @@
+//! The bottom layer: the processes quiesce starts, and how long it waits for anything. It
+//! knows nothing of QEMU, images or backups; every layer above starts its children here.
+//!
+//! - [`Spawn`] and [`Child`]: a child in its own process group, watched through a pidfd, so
+//!   every wait on it takes a deadline and none is a sleep loop; dropping it kills the
+//!   whole group and reaps the child, so nothing it started outlives it and no zombie is
+//!   left.
+//! - [`Tool`]: a helper program (`qemu-img`, `e2fsck`, `debugfs`...) run to its end
+//!   within a deadline, its output captured and capped, its failure a typed [`ToolError`]
+//!   that names the command.
+//! - [`deadline`]: one named deadline per kind of wait.
+//! - [`shell_quote`]: command lines written for people to paste into a shell.
+//!
+//! This module holds the crate's only `unsafe` code: opening a pidfd, and the hook that
+//! runs in a child between fork and exec.
+
+mod child;
+pub mod deadline;
+mod quote;
+mod tool;
+
+pub use child::{Child, Spawn};
+pub use quote::{shell_line, shell_quote};
+pub use tool::{Output, Running, Tool, ToolError};
+
+#[cfg(test)]
+mod tests;

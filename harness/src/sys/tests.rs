@@ -1,0 +1,155 @@
+//! The runner's promises, each checked against real processes: deadlines kill whole
+//! groups, output is capped, failures carry stderr, and nothing is left unreaped.
+
+use std::io::Read;
+use std::os::fd::AsFd;
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::sys::wait::{waitpid, WaitPidFlag};
+use nix::unistd::Pid;
+
+use super::child::{pidfd_open, readable};
+use super::*;
+
+/// True once process `pid` has exited (or is gone), waiting up to 10 s for it.
+fn exits(pid: u32) -> bool {
+    match pidfd_open(pid) {
+        Ok(fd) => readable(fd.as_fd(), Duration::from_secs(10)),
+        Err(e) => e.raw_os_error() == Some(libc::ESRCH),
+    }
+}
+
+/// Reads the first line a child prints, waiting up to 10 s for it.
+fn first_line(child: &mut Child) -> String {
+    let mut out = child.take_stdout().expect("stdout is piped");
+    let mut line = Vec::new();
+    let mut b = [0u8];
+    while b[0] != b'\n' {
+        assert!(readable(out.as_fd(), Duration::from_secs(10)), "the child printed no line");
+        assert_eq!(out.read(&mut b).unwrap(), 1, "the child closed its stdout");
+        line.push(b[0]);
+    }
+    String::from_utf8(line).unwrap().trim().to_owned()
+}
+
+#[test]
+fn a_deadline_that_fires_kills_the_whole_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let pidfile = dir.path().join("grandchild");
+    let script = format!("sleep 300 & echo $! > {}; wait", shell_quote(&pidfile.to_string_lossy()));
+    let e = Tool::new("sh", Duration::from_secs(3)).args(["-c", &script]).run().unwrap_err();
+    assert!(matches!(e, ToolError::TimedOut { waited, .. } if waited == Duration::from_secs(3)), "{e:?}");
+    assert!(e.to_string().starts_with("`sh -c ") && e.to_string().contains("it was killed"), "{e}");
+    let grandchild: u32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    assert!(exits(grandchild), "the grandchild sleep {grandchild} outlived the deadline");
+}
+
+#[test]
+fn output_past_the_cap_is_refused_and_the_tool_killed() {
+    let e = Tool::new("sh", Duration::from_secs(60))
+        .args(["-c", "head -c 100000 /dev/zero; exec sleep 300"])
+        .stdout_cap(1000)
+        .run()
+        .unwrap_err();
+    assert!(matches!(e, ToolError::OutputTooLarge { cap: 1000, .. }), "{e:?}");
+    // Exactly the cap is accepted, whole.
+    let out = Tool::new("head", Duration::from_secs(60)).args(["-c", "1000", "/dev/zero"]).stdout_cap(1000).run();
+    assert_eq!(out.unwrap().stdout, vec![0u8; 1000]);
+}
+
+#[test]
+fn a_failing_exit_is_reported_with_its_stderr() {
+    let tool = || Tool::new("sh", Duration::from_secs(60)).args(["-c", "echo out; echo 'disk on fire' >&2; exit 3"]);
+    let e = tool().run().unwrap_err();
+    let ToolError::Failed { program, status, stderr, .. } = &e else { panic!("{e:?}") };
+    assert_eq!((program.as_str(), status.code(), stderr.as_str()), ("sh", Some(3), "disk on fire"));
+    assert_eq!(
+        e.to_string(),
+        "`sh -c 'echo out; echo '\\''disk on fire'\\'' >&2; exit 3'` failed (exit status: 3): disk on fire"
+    );
+    // The exit code as an answer: no error, and both outputs.
+    let out = tool().output().unwrap();
+    assert_eq!((out.code(), out.stdout_text().as_str(), out.stderr.as_str()), (Some(3), "out\n", "disk on fire\n"));
+}
+
+#[test]
+fn stderr_keeps_its_end_and_is_given_line_by_line() {
+    let mut lines = Vec::new();
+    let mut on_line = |l: &str| lines.push(l.to_owned());
+    let script = "i=0; while [ $i -lt 5000 ]; do echo \"noise $i ....................................\" >&2; \
+                  i=$((i+1)); done; printf 'the end' >&2";
+    let out = Tool::new("sh", Duration::from_secs(60)).args(["-c", script]).on_stderr_line(&mut on_line).run().unwrap();
+    assert!(
+        out.stderr.len() <= tool::STDERR_TAIL
+            && out.stderr.ends_with("noise 4999 ....................................\nthe end")
+    );
+    assert_eq!(lines.len(), 5001);
+    assert_eq!((lines[0].as_str(), lines[5000].as_str()), ("noise 0 ....................................", "the end"));
+}
+
+#[test]
+fn a_program_that_cannot_start_is_named() {
+    let e = Tool::new("/nonexistent/quiesce-tool", Duration::from_secs(5)).arg("x").run().unwrap_err();
+    assert!(matches!(&e, ToolError::Spawn { program, .. } if program == "/nonexistent/quiesce-tool"), "{e:?}");
+    assert!(e.to_string().contains("`/nonexistent/quiesce-tool x`"), "{e}");
+}
+
+#[test]
+fn drop_kills_the_group_and_reaps_the_child() {
+    let mut child = Spawn::new("sh")
+        .args(["-c", "sleep 300 & echo $!; wait"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let grandchild: u32 = first_line(&mut child).parse().unwrap();
+    let pid = Pid::from_raw(child.pid() as i32);
+    drop(child);
+    // Reaped: it is no child of ours any more (a zombie would still be one).
+    assert_eq!(waitpid(pid, Some(WaitPidFlag::WNOHANG)), Err(Errno::ECHILD));
+    assert!(exits(grandchild), "the grandchild sleep {grandchild} outlived the drop");
+}
+
+#[test]
+fn an_exited_child_takes_what_it_left_running_with_it() {
+    let mut child =
+        Spawn::new("sh").args(["-c", "sleep 300 & echo $!"]).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let grandchild: u32 = first_line(&mut child).parse().unwrap();
+    assert!(child.wait_timeout(Duration::from_secs(10)).unwrap().success());
+    assert!(exits(grandchild), "the grandchild sleep {grandchild} outlived its parent's reaping");
+}
+
+#[test]
+fn a_child_dies_with_the_thread_that_started_it() {
+    let mut child =
+        std::thread::spawn(|| Spawn::new("sleep").arg("300").die_with_parent().spawn().unwrap()).join().unwrap();
+    let status = child.wait_timeout(Duration::from_secs(10)).expect("PDEATHSIG killed it");
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGKILL));
+}
+
+#[test]
+fn kept_fds_are_inherited_under_their_number() {
+    let (rx, tx) = nix::unistd::pipe().unwrap();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&tx);
+    let mut child = Spawn::new("sh").args(["-c", &format!("echo hello >&{fd}")]).keep_fd(fd).spawn().unwrap();
+    drop(tx);
+    assert!(child.wait_timeout(Duration::from_secs(10)).unwrap().success());
+    let mut got = String::new();
+    std::fs::File::from(rx).read_to_string(&mut got).unwrap();
+    assert_eq!(got, "hello\n");
+}
+
+#[test]
+fn blocking_waits_end_at_their_deadline() {
+    let mut child = Spawn::new("sleep").arg("300").spawn().unwrap();
+    assert_eq!(child.wait_timeout(Duration::from_millis(50)), None);
+    assert!(child.terminate(Duration::from_secs(5)).is_some());
+}
+
+#[tokio::test]
+async fn async_waits_end_at_their_deadline_or_the_exit() {
+    let mut sleeping = Spawn::new("sleep").arg("300").spawn().unwrap();
+    assert_eq!(sleeping.wait_async(Duration::from_millis(50)).await, None);
+    let mut quick = Spawn::new("true").spawn().unwrap();
+    assert!(quick.wait_async(Duration::from_secs(10)).await.unwrap().success());
+}
