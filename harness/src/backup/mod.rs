@@ -13,6 +13,9 @@ pub mod saved_state;
 pub mod set;
 pub mod vss;
 
+#[cfg(test)]
+mod windows_peer_tests;
+
 pub use faults::Faults;
 pub use folder::{Backup, BackupWriter, FolderError};
 pub use manifest::{Manifest, Method, VmBackup};

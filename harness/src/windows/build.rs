@@ -95,13 +95,36 @@ fn choose_accel(opts: &BuildOptions, progress: &mut dyn FnMut(Step)) -> Result<R
             let linux = recipe::ensure("linux", false, &mut |s| progress(Step::Phase(s.to_owned())))?;
             let qemu = crate::qemu::config::default_qemu_binary();
             let v = accel::resolve(AccelChoice::Auto, &qemu, &linux.kernel, &crate::image::cache::cache_dir());
-            Ok(match v.accel {
-                Accel::Kvm => Ok(Accel::Kvm),
-                Accel::Tcg => {
-                    Err(BuildError::NeedsKvm { reason: v.reason, deadline_h: opts.deadline.as_secs().div_ceil(3600) })
-                }
-            })
+            Ok(auto_verdict(v, opts.deadline))
         }
+    }
+}
+
+/// What `auto` may take: KVM, or a refusal that says why TCG is not taken unasked.
+pub fn auto_verdict(v: accel::Verdict, deadline: Duration) -> Result<Accel, BuildError> {
+    match v.accel {
+        Accel::Kvm => Ok(Accel::Kvm),
+        Accel::Tcg => Err(BuildError::NeedsKvm { reason: v.reason, deadline_h: deadline.as_secs().div_ceil(3600) }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_never_takes_tcg_for_the_install() {
+        let tcg =
+            accel::Verdict { accel: Accel::Tcg, reason: "KVM hung booting the guest kernel".into(), cached: true };
+        let err = auto_verdict(tcg, Duration::from_secs(7200)).unwrap_err().to_string();
+        assert!(err.starts_with("refusing to install Windows under TCG: KVM hung booting the guest kernel."), "{err}");
+        assert!(
+            err.contains("With KVM the install takes 20-60 minutes") && err.contains("past the 2 h deadline"),
+            "{err}"
+        );
+        assert!(err.contains("pass --accel tcg"), "{err}");
+        let kvm = accel::Verdict { accel: Accel::Kvm, reason: "KVM works".into(), cached: false };
+        assert_eq!(auto_verdict(kvm, Duration::from_secs(60)).unwrap(), Accel::Kvm);
     }
 }
 
@@ -136,6 +159,20 @@ pub async fn build(opts: &BuildOptions, progress: &mut dyn FnMut(Step)) -> Resul
     media::build_iso(&stage, &media_iso)?;
 
     let accel = choose_accel(opts, progress)?;
+    // A dry run keeps its CD (a small file) outside the cache, for a person to look at;
+    // everything else it made goes with the work folder.
+    let kept = if opts.dry_run {
+        let dir = tempfile::Builder::new()
+            .prefix("quiesce-windows-media-")
+            .tempdir()
+            .map_err(WindowsImageError::io("creating a folder in", &std::env::temp_dir()))?
+            .keep();
+        let to = dir.join("provision.iso");
+        std::fs::copy(&media_iso, &to).map_err(WindowsImageError::io("copying the CD to", &to))?;
+        Some(to)
+    } else {
+        None
+    };
     let plan = InstallPlan {
         qemu_binary: crate::qemu::config::default_qemu_binary().into(),
         accel: *accel.as_ref().unwrap_or(&Accel::Tcg),
@@ -143,21 +180,19 @@ pub async fn build(opts: &BuildOptions, progress: &mut dyn FnMut(Step)) -> Resul
         cpus: plan::CPUS,
         windows_iso: absolute(&opts.windows_iso),
         virtio_iso: absolute(&opts.virtio_iso),
-        provisioning_iso: media_iso.clone(),
+        provisioning_iso: kept.clone().unwrap_or(media_iso),
         disk: work.path().join("disk.qcow2"),
         serial_log: work.path().join("serial.log"),
         qmp_socket: work.path().join("qmp.sock"),
         agent_socket: work.path().join("qga.sock"),
     };
-    if opts.dry_run {
+    if let Some(media) = kept {
         let program = plan.qemu_binary.to_string_lossy().into_owned();
         let command_line = crate::sys::shell_line(&program, &plan::qemu_args(&plan));
-        // Kept, so the CD can be looked at; it holds no image and is never used as one.
-        let kept = work.keep();
         return Ok(Built::DryRun(DryRun {
             edition,
             os,
-            media: kept.join("provision.iso"),
+            media,
             command_line,
             would_refuse: accel.err().map(|e| e.to_string()),
         }));
