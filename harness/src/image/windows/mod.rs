@@ -13,6 +13,7 @@
 //! It is tested with stub ISOs laid out as the real ones are (see `tests/windows_image.rs`).
 
 pub mod cache;
+pub mod disk;
 pub mod editions;
 pub mod iso;
 pub mod media;
