@@ -376,8 +376,7 @@ async fn a_vss_writer_that_fails_the_freeze_is_reported_in_the_agents_words() {
         &Interrupt::new(),
     )
     .await
-    .err()
-    .expect("the freeze fails");
+    .expect_err("the freeze fails");
     let SetError::Failed { error, .. } = &err else { panic!("{err}") };
     let BackupError::Vss { error: e, step, .. } = error.as_ref() else { panic!("{err}") };
     assert_eq!(

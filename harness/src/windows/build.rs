@@ -108,26 +108,6 @@ pub fn auto_verdict(v: accel::Verdict, deadline: Duration) -> Result<Accel, Buil
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn auto_never_takes_tcg_for_the_install() {
-        let tcg =
-            accel::Verdict { accel: Accel::Tcg, reason: "KVM hung booting the guest kernel".into(), cached: true };
-        let err = auto_verdict(tcg, Duration::from_secs(7200)).unwrap_err().to_string();
-        assert!(err.starts_with("refusing to install Windows under TCG: KVM hung booting the guest kernel."), "{err}");
-        assert!(
-            err.contains("With KVM the install takes 20-60 minutes") && err.contains("past the 2 h deadline"),
-            "{err}"
-        );
-        assert!(err.contains("pass --accel tcg"), "{err}");
-        let kvm = accel::Verdict { accel: Accel::Kvm, reason: "KVM works".into(), cached: false };
-        assert_eq!(auto_verdict(kvm, Duration::from_secs(60)).unwrap(), Accel::Kvm);
-    }
-}
-
 /// Builds the Windows image (or, with `dry_run`, everything up to the boot).
 pub async fn build(opts: &BuildOptions, progress: &mut dyn FnMut(Step)) -> Result<Built, BuildError> {
     phase(progress, "checking the ISOs");
@@ -265,4 +245,24 @@ fn compress(src: &Path, dst: &Path) -> Result<(), QemuImgError> {
     ];
     qemu_img::qemu_img(crate::sys::deadline::QEMU_IMG_COPY, &args).output()?.into_success()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_never_takes_tcg_for_the_install() {
+        let tcg =
+            accel::Verdict { accel: Accel::Tcg, reason: "KVM hung booting the guest kernel".into(), cached: true };
+        let err = auto_verdict(tcg, Duration::from_secs(7200)).unwrap_err().to_string();
+        assert!(err.starts_with("refusing to install Windows under TCG: KVM hung booting the guest kernel."), "{err}");
+        assert!(
+            err.contains("With KVM the install takes 20-60 minutes") && err.contains("past the 2 h deadline"),
+            "{err}"
+        );
+        assert!(err.contains("pass --accel tcg"), "{err}");
+        let kvm = accel::Verdict { accel: Accel::Kvm, reason: "KVM works".into(), cached: false };
+        assert_eq!(auto_verdict(kvm, Duration::from_secs(60)).unwrap(), Accel::Kvm);
+    }
 }

@@ -94,7 +94,7 @@ pub fn built_in(images: &Path) -> Vec<BuiltImage> {
             disk.is_file().then_some(BuiltImage { dir, disk, info })
         })
         .collect();
-    out.sort_by(|a, b| b.info.built_at.cmp(&a.info.built_at));
+    out.sort_by_key(|b| std::cmp::Reverse(b.info.built_at));
     out
 }
 
