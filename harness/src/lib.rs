@@ -12,4 +12,5 @@ pub mod sys;
 pub mod testguest;
 pub mod timeline;
 pub mod verify;
+pub mod windows;
 pub mod workload;

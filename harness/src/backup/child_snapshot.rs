@@ -180,9 +180,10 @@ async fn prepare_inner(
     lock(undo).frozen = true;
     let frozen = tl
         .step(vm, "freeze", async {
-            agent.execute_within(guest_fsfreeze_freeze {}, settings.freeze_deadline).await.map_err(|e| {
-                BackupError::Agent { vm: m.name().to_owned(), step: "guest-fsfreeze-freeze".into(), error: e }
-            })
+            agent
+                .execute_within(guest_fsfreeze_freeze {}, settings.freeze_deadline)
+                .await
+                .map_err(|e| super::vss::agent_failure(m.name(), "guest-fsfreeze-freeze", e))
         })
         .await;
     let t_frozen = Instant::now();
@@ -289,11 +290,11 @@ async fn thaw(m: &Machine, settings: &SnapshotSettings, undo: &Mutex<Undo>) -> R
         return Ok(());
     }
     let agent = m.agent().map_err(|e| BackupError::step(m.name(), "guest agent", e))?;
-    agent.execute_within(guest_fsfreeze_thaw {}, settings.thaw_deadline).await.map_err(|e| BackupError::Agent {
-        vm: m.name().to_owned(),
-        step: "guest-fsfreeze-thaw (until it answers, the guest may stay frozen)".into(),
-        error: e,
-    })?;
+    let step = "guest-fsfreeze-thaw (until it answers, the guest may stay frozen)";
+    agent
+        .execute_within(guest_fsfreeze_thaw {}, settings.thaw_deadline)
+        .await
+        .map_err(|e| super::vss::agent_failure(m.name(), step, e))?;
     lock(undo).frozen = false;
     Ok(())
 }

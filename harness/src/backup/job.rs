@@ -104,7 +104,13 @@ pub fn machine_spec(m: &Machine, dir: &Path) -> Result<MachineSpec, BackupError>
     let cfg = m.config();
     let boot = dir.join("boot");
     std::fs::create_dir_all(&boot).map_err(|e| BackupError::io(m.name(), "create the boot folder", e))?;
-    for (from, to) in [(&cfg.boot.kernel, "vmlinuz"), (&cfg.boot.initrd, "initrd.img")] {
+    // A firmware boot (a Windows guest) boots its own disk: there is nothing to copy.
+    let files = if cfg.boot.is_firmware() {
+        vec![]
+    } else {
+        vec![(&cfg.boot.kernel, "vmlinuz"), (&cfg.boot.initrd, "initrd.img")]
+    };
+    for (from, to) in files {
         std::fs::copy(from, boot.join(to)).map_err(|e| BackupError::io(m.name(), "copy the kernel and initrd", e))?;
     }
     Ok(MachineSpec {
@@ -113,8 +119,8 @@ pub fn machine_spec(m: &Machine, dir: &Path) -> Result<MachineSpec, BackupError>
         memory_mib: cfg.memory_mib,
         cpus: cfg.cpus,
         agent: cfg.agent,
-        kernel: "boot/vmlinuz".into(),
-        initrd: "boot/initrd.img".into(),
+        kernel: if cfg.boot.is_firmware() { "".into() } else { "boot/vmlinuz".into() },
+        initrd: if cfg.boot.is_firmware() { "".into() } else { "boot/initrd.img".into() },
         append: cfg.boot.append.clone(),
         disk_order: cfg.disks.iter().map(|d| d.node_name.clone()).collect(),
     })

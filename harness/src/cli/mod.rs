@@ -68,13 +68,15 @@ enum Command {
 
 /// Exit codes: 0 ok, 1 failed, 2 bad usage (clap), 130 interrupted.
 pub const EXIT_FAILED: i32 = 1;
+/// A command given arguments that do not go together (clap's own code for bad usage).
+pub const EXIT_USAGE: i32 = 2;
 pub const EXIT_INTERRUPTED: i32 = 130;
 
 pub async fn run(cli: Cli) -> i32 {
     let result = match cli.command {
         Command::Doctor { no_build } => doctor::run(cli.accel, no_build).await,
         Command::Vm { command } => vm::run(command, cli.accel).await,
-        Command::Image { command } => image::run(command).await,
+        Command::Image { command } => image::run(command, cli.accel).await,
         Command::Run { paths, report_dir, keep_backups } => run::run(paths, report_dir, keep_backups, cli.accel).await,
         Command::Verify { backup } => run::verify(backup).await,
         Command::Diff { a, b, ignore, blocks } => diff::run(a, b, ignore, blocks).await,

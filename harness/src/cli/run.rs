@@ -70,7 +70,7 @@ pub async fn run(
         let report = scenario::run(s, &opts, &mut |m: &str| p.step(m)).await;
         let path = report_dir.join(format!("{}.json", s.name));
         std::fs::write(&path, serde_json::to_vec_pretty(&report)?).map_err(|e| format!("{}: {e}", path.display()))?;
-        p.step(&format!("{}: {}", s.name, if report.passed { "passed" } else { "FAILED" }));
+        p.step(&format!("{}: {}", s.name, result(&report)));
         reports.push(report);
         if interrupt.is_triggered() {
             break;
@@ -84,7 +84,16 @@ pub async fn run(
         eprintln!("quiesce: interrupted; every VM was put back before its machine was stopped (see the report)");
         return Ok(EXIT_INTERRUPTED);
     }
-    Ok(if reports.iter().all(|r| r.passed) { 0 } else { EXIT_FAILED })
+    // A skipped scenario (a Windows one with no Windows image) is neither passed nor failed.
+    Ok(if reports.iter().all(|r| r.passed || r.skipped.is_some()) { 0 } else { EXIT_FAILED })
+}
+
+fn result(r: &Report) -> &'static str {
+    match (r.passed, &r.skipped) {
+        (_, Some(_)) => "skipped",
+        (true, None) => "passed",
+        (false, None) => "FAILED",
+    }
 }
 
 fn ms(v: Option<f64>) -> String {
@@ -102,7 +111,11 @@ fn print_summary(reports: &[Report]) {
         println!(
             "{:<36} {:<7} {:<15} {:>10} {:>10} {:>10} {:>7.1}s",
             r.scenario,
-            if r.passed { "pass" } else { "FAIL" },
+            match result(r) {
+                "skipped" => "skip",
+                "passed" => "pass",
+                _ => "FAIL",
+            },
             vm.and_then(|v| v.method.as_deref()).unwrap_or("-"),
             ms(t.and_then(|t| t.downtime_ms)),
             t.and_then(|t| t.save_mb_per_s).map(|v| format!("{v:.0}")).unwrap_or_else(|| "-".into()),
@@ -110,7 +123,12 @@ fn print_summary(reports: &[Report]) {
             r.duration_ms / 1000.0
         );
     }
-    for r in reports.iter().filter(|r| !r.passed) {
+    let count = |what| reports.iter().filter(|r| result(r) == what).count();
+    println!("\n{} passed, {} failed, {} skipped", count("passed"), count("FAILED"), count("skipped"));
+    for r in reports.iter().filter(|r| r.skipped.is_some()) {
+        println!("{} skipped: {}", r.scenario, r.skipped.as_deref().unwrap_or(""));
+    }
+    for r in reports.iter().filter(|r| !r.passed && r.skipped.is_none()) {
         println!("\n{} failed:", r.scenario);
         if let Some(e) = &r.error {
             println!("  error: {e}");

@@ -174,6 +174,14 @@ impl Machine {
         self.agent.as_ref().ok_or_else(|| MachineError::NoAgent { name: self.cfg.name.clone() })
     }
 
+    /// Puts a scripted agent on a machine launched without an agent channel: the one place
+    /// a scripted peer stands in for a guest's agent (a Windows guest, which cannot run
+    /// here), with real QEMU under it (`backup/windows_peer_tests.rs`).
+    #[cfg(test)]
+    pub(crate) fn attach_scripted_agent(&mut self, agent: GuestAgent) {
+        self.agent = Some(agent);
+    }
+
     pub fn serial(&self) -> &SerialLog {
         &self.serial
     }

@@ -109,10 +109,11 @@ async fn launch_like(
     let vm_dir = backup.vm_dir(&vm.name);
     let disk_dir = tempfile::Builder::new().prefix(&format!("quiesce-{}-restore-", opts.name)).tempdir().map_err(io)?;
     let spec = &vm.machine;
-    let boot = KernelBoot {
-        kernel: vm_dir.join(&spec.kernel),
-        initrd: vm_dir.join(&spec.initrd),
-        append: spec.append.clone(),
+    // No kernel in the backup: the VM boots its own disk through the firmware (Windows).
+    let boot = if spec.kernel.is_empty() {
+        KernelBoot::firmware()
+    } else {
+        KernelBoot { kernel: vm_dir.join(&spec.kernel), initrd: vm_dir.join(&spec.initrd), append: spec.append.clone() }
     };
     let mut cfg = MachineConfig::new(&opts.name, spec.accel, boot);
     cfg.machine_type = spec.machine_type.clone();

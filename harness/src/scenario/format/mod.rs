@@ -10,6 +10,7 @@ mod check;
 mod spec;
 #[cfg(test)]
 mod tests;
+mod windows;
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};

@@ -18,10 +18,18 @@ use crate::backup::set::{Member, SetError, Undone};
 use crate::backup::Faults;
 use crate::workload;
 
+/// How long `hold-past-vss-limit` keeps the guest frozen: past VSS's 10 s hold.
+const HOLD_PAST_VSS_LIMIT: Duration = Duration::from_secs(12);
+
 /// The set member for one VM: its method, where its overlays go, and its faults.
 pub(super) fn member<'a>(s: &Scenario, vm: &'a Vm, method: MethodChoice) -> Member<'a> {
     let name = vm.name();
     let mut snapshot = SnapshotSettings::new(&vm.snapshot_dir(s));
+    if vm.spec.is_windows() {
+        // VSS takes far longer than a Linux freeze (crate::windows::deadline says why).
+        (snapshot.freeze_deadline, snapshot.thaw_deadline) =
+            (crate::windows::deadline::FREEZE, crate::windows::deadline::THAW);
+    }
     if let Some(ms) = &s.backup().freeze_deadline_ms {
         snapshot.freeze_deadline = Duration::from_millis(*ms.get_ref());
     }
@@ -46,6 +54,7 @@ pub(super) fn member<'a>(s: &Scenario, vm: &'a Vm, method: MethodChoice) -> Memb
             sigint_after_freeze: has(FaultKind::SigintAfterFreeze),
             agent_stops_after_freeze: has(FaultKind::AgentStopsAfterFreeze),
             kill_after_prepare: has(FaultKind::QemuKilledAfterPrepare),
+            hold_frozen_for: has(FaultKind::HoldPastVssLimit).then_some(HOLD_PAST_VSS_LIMIT),
         },
     }
 }
