@@ -3,6 +3,8 @@
 //! Layers, lowest first: [`qemu`] (machines, QMP, the guest agent), [`image`] (guest images
 //! and disk formats), then [`testguest`], which puts the two together.
 
+#![deny(unsafe_code)]
+
 pub mod backup;
 pub mod image;
 pub mod interrupt;
