@@ -7,12 +7,12 @@ use std::time::Instant;
 
 use quiesce::image::{qemu_img, seed, GuestImage};
 use quiesce::qemu::{Accel, DiskFormat};
-use quiesce::testguest;
+use quiesce::sys::deadline;
 #[cfg(doc)]
 use quiesce::workload;
 
 use super::report::disks_label;
-use super::{data_seed, LibvirtCase, COMMIT_DEADLINE, MEMORY_MIB, SNAPSHOT_DEADLINE, T};
+use super::{data_seed, LibvirtCase, MEMORY_MIB, SNAPSHOT_DEADLINE};
 use crate::libvirt::{self, DataDisk, DomainSpec, Libvirt, LibvirtError};
 
 /// The mount script of [`workload::mount_disk`], for a guest reached through libvirt.
@@ -91,9 +91,9 @@ pub(super) async fn domain_up(
     };
     progress(&format!("{}: booting the same guest under libvirt ({name})", disks_label(n)));
     lv.create(&spec).await?;
-    lv.wait_agent(&name, &serial_log, testguest::AGENT_DEADLINE).await?;
+    lv.wait_agent(&name, &serial_log, deadline::BOOT_TO_AGENT).await?;
     for d in &data_disks {
-        lv.guest_sh(&name, &mount_script(&d.serial, "ext4"), T).await?;
+        lv.guest_sh(&name, &mount_script(&d.serial, "ext4"), deadline::GUEST_EXEC).await?;
     }
     let chains = lv.disks(&name).await?;
     Ok(Domain { name, dir, chains })
@@ -120,7 +120,7 @@ pub(super) async fn libvirt_round(lv: &Libvirt, d: &Domain, i: usize, c: &mut Li
     };
     let on = lv.disks(name).await?;
     for (target, _) in &on {
-        lv.commit_top(name, target, COMMIT_DEADLINE).await?;
+        lv.commit_top(name, target, deadline::BLOCK_MERGE).await?;
     }
     let now = lv.disks(name).await?;
     if now != d.chains {

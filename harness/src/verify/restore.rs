@@ -73,7 +73,12 @@ pub struct RestoreOptions {
 
 impl RestoreOptions {
     pub fn named(name: &str) -> Self {
-        Self { name: name.to_owned(), artifacts_dir: None, incoming_deadline: Duration::from_secs(300), resume: true }
+        Self {
+            name: name.to_owned(),
+            artifacts_dir: None,
+            incoming_deadline: deadline::STATE_FILE_MIGRATION,
+            resume: true,
+        }
     }
 }
 
@@ -83,7 +88,7 @@ pub async fn resume(m: &Machine) -> Result<(), RestoreError> {
     crate::backup::runstate::settle(m, deadline::QMP_COMMAND).await.map_err(|e| merr("query-status", e))?;
     m.qmp().execute_raw("cont", Value::Null, deadline::QMP_COMMAND).await.map_err(|e| merr("cont", m.qmp_err(e)))?;
     m.qmp()
-        .wait_event("RESUME", |_| true, deadline::RUN_STATE_EVENT)
+        .wait_event("RESUME", |_| true, deadline::COMMAND_EVENT)
         .await
         .map_err(|e| merr("wait for RESUME", m.qmp_err(e)))?;
     Ok(())
@@ -181,7 +186,7 @@ async fn start(
 async fn boot_until_agent(m: &mut Machine, vm: &str, opts: &RestoreOptions, tl: &Timeline) -> Result<(), RestoreError> {
     tl.step(Some(&opts.name), "boot until the agent answers", async {
         resume(m).await?;
-        m.wait_agent(BOOT_DEADLINE).await.map_err(|error| RestoreError::Machine {
+        m.wait_agent(deadline::BOOT_TO_AGENT).await.map_err(|error| RestoreError::Machine {
             vm: vm.to_owned(),
             step: "boot".into(),
             error,
@@ -243,9 +248,6 @@ async fn load_state(
 fn find<'a>(backup: &'a Backup, vm: &str) -> Result<&'a VmBackup, RestoreError> {
     backup.vm(vm).ok_or_else(|| RestoreError::NoSuchVm { backup: backup.path.clone(), vm: vm.to_owned() })
 }
-
-/// How long a restored VM booting from its backup has to bring its agent up.
-pub const BOOT_DEADLINE: Duration = Duration::from_secs(90);
 
 /// Restores a disk-only (Child VM Snapshot) backup: a new VM on the backed-up disks, the
 /// backed-up root disk itself included. With `opts.resume` it boots and its agent is
