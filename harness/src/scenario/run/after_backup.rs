@@ -10,11 +10,12 @@ use qapi::qga::GuestFsfreezeStatus;
 
 use super::super::format::{AgentState, FaultKind};
 use super::super::report::{JournalReport, Report};
-use super::ctx::{label, RunCtx, Vm, GUEST_COMMAND, PROGRESS, QMP_REPLY};
+use super::ctx::{label, RunCtx, Vm, PROGRESS};
 use super::error::{on, RunError};
 use crate::backup::{runstate, Method};
 use crate::qemu::{GuestAgent, Machine};
-use crate::workload;
+use crate::sys::deadline;
+use crate::workload::{self, AppStatus};
 
 /// The VM is back as it was: same run state, disks active and its own (no overlay left),
 /// workloads running on with nothing lost.
@@ -72,7 +73,8 @@ pub(super) async fn nothing_changed(ctx: &mut RunCtx<'_>, vms: &[Vm], backup_pat
         if ctx.s.has_fault(name, FaultKind::QemuKilledAfterPrepare) {
             let mut dead = m.qmp().is_closed();
             if !dead {
-                dead = m.qmp().execute_raw("query-status", serde_json::Value::Null, QMP_REPLY).await.is_err();
+                dead =
+                    m.qmp().execute_raw("query-status", serde_json::Value::Null, deadline::QMP_COMMAND).await.is_err();
             }
             report.check(name, "killed-vm-reported", dead, "its QEMU was killed by the fault; it cannot be put back");
             continue;
@@ -94,7 +96,7 @@ pub(super) async fn nothing_changed(ctx: &mut RunCtx<'_>, vms: &[Vm], backup_pat
         }
         let agent = m.agent().map_err(vm.fail("the guest agent"))?;
         let status = agent
-            .execute_within(qapi::qga::guest_fsfreeze_status {}, GUEST_COMMAND)
+            .execute_within(qapi::qga::guest_fsfreeze_status {}, deadline::AGENT_COMMAND)
             .await
             .map_err(vm.fail("guest-fsfreeze-status"))?;
         let thawed = status == GuestFsfreezeStatus::thawed;
@@ -123,12 +125,8 @@ fn names_in(dir: &Path, keep: impl Fn(&str) -> bool) -> Vec<String> {
 /// (no thaw after a failed freeze) stands still.
 async fn app_commits_on(vm: &Vm, agent: &GuestAgent, dir: &str) -> Result<(bool, String), RunError> {
     let transfers = || async {
-        let out = crate::qemu::exec::sh(agent, &format!("quiesce-app status {dir}"), GUEST_COMMAND)
-            .await
-            .map_err(vm.fail("reading the app's status"))?;
-        // "running pid=N transfers=M" or "stopped transfers=M"
-        let n = out.split_whitespace().find_map(|w| w.strip_prefix("transfers=")).and_then(|n| n.parse::<u64>().ok());
-        Ok::<_, RunError>((out.starts_with("running"), n.unwrap_or(0)))
+        let status = workload::app_status(agent, dir).await.map_err(vm.fail("reading the app's status"))?;
+        Ok::<_, RunError>((matches!(status, AppStatus::Running { .. }), status.transfers().unwrap_or(0)))
     };
     let (running, first) = transfers().await?;
     if !running {
@@ -170,7 +168,7 @@ async fn journal_kept(vm: &Vm, path: &str, report: &mut Report) -> Result<(bool,
 async fn own_images(m: &Machine) -> Result<(bool, String), RunError> {
     let blocks = m
         .qmp()
-        .execute_raw("query-block", serde_json::Value::Null, QMP_REPLY)
+        .execute_raw("query-block", serde_json::Value::Null, deadline::QMP_COMMAND)
         .await
         .map_err(on(m.name(), "query-block"))?;
     let mut wrong = Vec::new();
