@@ -207,6 +207,9 @@ async fn run_inner(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Resul
     let caps = caps::probe(&qemu_bin).await?;
     let settings = SaveSettings::default();
     let plan = Plan::for_qemu(&caps, &settings);
+    // Local to this benchmark: its saves include one with QEMU's default (throttled)
+    // bandwidth, and all write the guest's RAM, so the deadline grows with it: 2 minutes,
+    // and a second per 4 MiB.
     let migrate_deadline = Duration::from_secs(120 + u64::from(opts.memory_mib) / 4);
 
     let mut gopts = GuestOptions::named(VM);
