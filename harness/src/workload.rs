@@ -17,14 +17,20 @@ use crate::sys::{deadline, shell_quote};
 /// Mounts the disk whose serial (the host's node name) is `serial` at `/mnt/<serial>`.
 /// Without udev in the guest, the disk is found through sysfs.
 pub async fn mount_disk(agent: &GuestAgent, serial: &str, fstype: &str) -> Result<String, ExecError> {
-    let mnt = format!("/mnt/{serial}");
-    let script = format!(
-        "dev=; for b in /sys/block/vd*; do [ \"$(cat $b/serial 2>/dev/null)\" = '{serial}' ] && dev=/dev/${{b##*/}}; done; \
-         [ -n \"$dev\" ] || {{ echo 'no disk with serial {serial}' >&2; exit 1; }}; \
+    exec::sh(agent, &mount_script(serial, fstype), deadline::GUEST_EXEC).await?;
+    Ok(format!("/mnt/{serial}"))
+}
+
+/// The guest shell script [`mount_disk`] runs, for guests reached another way (the
+/// benchmarks' libvirt guests).
+pub fn mount_script(serial: &str, fstype: &str) -> String {
+    let (mnt, serial_word) = (shell_quote(&format!("/mnt/{serial}")), shell_quote(serial));
+    let fstype = shell_quote(fstype);
+    format!(
+        "dev=; for b in /sys/block/vd*; do [ \"$(cat $b/serial 2>/dev/null)\" = {serial_word} ] && dev=/dev/${{b##*/}}; done; \
+         [ -n \"$dev\" ] || {{ echo no disk with serial {serial_word} >&2; exit 1; }}; \
          mkdir -p {mnt} && mount -t {fstype} $dev {mnt}"
-    );
-    exec::sh(agent, &script, deadline::GUEST_EXEC).await?;
-    Ok(mnt)
+    )
 }
 
 /// Reads a file in the guest (bounded by guest-exec's output limit).
@@ -305,6 +311,14 @@ mod tests {
         for odd in ["", "running", "running pid=x transfers=1", "runningpid=1 transfers=1", "stopped 7"] {
             assert_eq!(AppStatus::parse(odd), AppStatus::Unknown { said: odd.into() }, "{odd:?}");
         }
+    }
+
+    #[test]
+    fn the_mount_script_finds_the_disk_by_serial_and_quotes_it() {
+        let s = mount_script("data2", "ext4");
+        assert!(s.contains("= data2 ]") && s.ends_with("mount -t ext4 $dev /mnt/data2"), "{s}");
+        let odd = mount_script("it's", "ext4");
+        assert!(odd.contains(r"= 'it'\''s' ]") && odd.ends_with(r"$dev '/mnt/it'\''s'"), "{odd}");
     }
 
     #[test]

@@ -201,8 +201,8 @@ impl Libvirt {
         r.map(drop)
     }
 
-    pub async fn state(&self, domain: &str) -> Result<String, LibvirtError> {
-        Ok(self.virsh(&["domstate", domain], VIRSH_COMMAND).await?.trim().to_owned())
+    pub async fn state(&self, domain: &str) -> Result<DomainState, LibvirtError> {
+        Ok(DomainState::parse(&self.virsh(&["domstate", domain], VIRSH_COMMAND).await?))
     }
 
     /// Destroys a domain this run created and waits (on its pidfd) until its QEMU is gone.
@@ -301,8 +301,11 @@ impl Libvirt {
                 Err(e) => return Err(e),
             }
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let state = self.state(domain).await.unwrap_or_default();
-            if left.is_zero() || (!state.is_empty() && state != "running") {
+            // A state that cannot be read (or is blank) is not taken for a stopped domain.
+            let state = self.state(domain).await.ok();
+            let stopped = matches!(&state, Some(DomainState::Other(s)) if !s.is_empty());
+            if left.is_zero() || stopped {
+                let state = state.map_or_else(|| "unknown".to_owned(), |s| s.to_string());
                 let serial = fs::read_to_string(serial_log).unwrap_or_default();
                 let serial = quiesce::qemu::serial::tail_of(&serial, 20);
                 return Err(LibvirtError::AgentNotReady {
@@ -398,6 +401,33 @@ fn stop_domain_qemu(qemu: &Process) -> bool {
     qemu.wait_exit(DOMAIN_QEMU_EXIT) || qemu.terminate(deadline::QEMU_QUIT)
 }
 
+/// A domain's state, as `virsh domstate` prints it: one line, libvirt's word for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DomainState {
+    /// `running`.
+    Running,
+    /// Any other state (`paused`, `shut off`, `crashed`, ...), in libvirt's words.
+    Other(String),
+}
+
+impl DomainState {
+    pub fn parse(out: &str) -> DomainState {
+        match out.trim() {
+            "running" => DomainState::Running,
+            other => DomainState::Other(other.to_owned()),
+        }
+    }
+}
+
+impl std::fmt::Display for DomainState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DomainState::Running => f.write_str("running"),
+            DomainState::Other(s) => f.write_str(s),
+        }
+    }
+}
+
 /// `virsh -q domblklist --details` lines: type, device, target, source. Disks with no
 /// source (`-`) are left out.
 fn parse_domblklist(out: &str) -> Vec<(String, PathBuf)> {
@@ -419,6 +449,13 @@ fn parse_domblklist(out: &str) -> Vec<(String, PathBuf)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn domain_states() {
+        assert_eq!(DomainState::parse("running\n\n"), DomainState::Running);
+        assert_eq!(DomainState::parse("shut off\n"), DomainState::Other("shut off".into()));
+        assert_eq!(DomainState::parse("shut off\n").to_string(), "shut off");
+    }
 
     #[test]
     fn domblklist_details() {

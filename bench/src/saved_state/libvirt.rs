@@ -12,7 +12,7 @@ use quiesce::sys::deadline;
 use super::report::LibvirtNumbers;
 use super::{settle, ROUNDS};
 use crate::fill;
-use crate::libvirt::{self, DomainSpec, Libvirt, LibvirtError};
+use crate::libvirt::{self, DomainSpec, DomainState, Libvirt, LibvirtError};
 
 /// What the libvirt guest is made of and where its files go.
 pub(super) struct LibvirtRun<'a> {
@@ -105,7 +105,7 @@ async fn libvirt_rounds(
         n.restore.push(t.elapsed().as_secs_f64());
         let _ = std::fs::remove_file(&file);
         let state = lv.state(&name).await?;
-        if state != "running" {
+        if state != DomainState::Running {
             return Err(LibvirtError::GuestExec {
                 domain: name.clone(),
                 what: format!("is {state} after virsh restore, not running"),

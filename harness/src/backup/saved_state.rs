@@ -281,12 +281,12 @@ async fn migrated_bytes(m: &Machine) -> Option<u64> {
 }
 
 /// The status a MIGRATION event reports; None if its data does not fit QEMU's schema.
-fn migration_status(data: &Value) -> Option<MigrationStatus> {
+pub(crate) fn migration_status(data: &Value) -> Option<MigrationStatus> {
     MIGRATION::deserialize(data).ok().map(|e| e.status)
 }
 
 /// True for a MIGRATION event saying the migration has ended, one way or another.
-fn migration_ended(data: &Value) -> bool {
+pub(crate) fn migration_ended(data: &Value) -> bool {
     matches!(
         migration_status(data),
         Some(MigrationStatus::completed | MigrationStatus::failed | MigrationStatus::cancelled)

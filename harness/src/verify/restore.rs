@@ -8,10 +8,12 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use qapi::qmp::{query_migrate, MigrationStatus};
+use qapi::Enum;
 use serde_json::{json, Value};
 
 use crate::backup::manifest::{Method, StateEntry, VmBackup};
-use crate::backup::saved_state::Plan;
+use crate::backup::saved_state::{migration_ended, migration_status, Plan};
 use crate::backup::Backup;
 use crate::image::qemu_img::{self, qemu_img, QemuImgError};
 use crate::qemu::{DiskConfig, DiskFormat, KernelBoot, Machine, MachineConfig, MachineError};
@@ -220,23 +222,20 @@ async fn load_state(
             .map_err(|e| merr("migrate-incoming", m.qmp_err(e)))?;
         let ev = m
             .qmp()
-            .wait_event(
-                "MIGRATION",
-                |d| matches!(d["status"].as_str(), Some("completed" | "failed" | "cancelled")),
-                opts.incoming_deadline,
-            )
+            .wait_event("MIGRATION", migration_ended, opts.incoming_deadline)
             .await
             .map_err(|e| merr("wait for the state to load", m.qmp_err(e)))?;
-        if ev.data["status"] != "completed" {
-            let info =
-                m.qmp().execute_raw("query-migrate", Value::Null, deadline::QMP_COMMAND).await.unwrap_or(Value::Null);
-            return Err(RestoreError::Incoming {
-                vm: vm.name.clone(),
-                status: ev.data["status"].as_str().unwrap_or("?").to_owned(),
-                desc: info["error-desc"].as_str().unwrap_or("QEMU gave no reason").to_owned(),
-            });
+        match migration_status(&ev.data) {
+            Some(MigrationStatus::completed) => Ok(()),
+            ended => {
+                let info = m.qmp().execute_within(query_migrate {}, deadline::QMP_COMMAND).await.ok();
+                Err(RestoreError::Incoming {
+                    vm: vm.name.clone(),
+                    status: ended.map_or("?", |s| s.name()).to_owned(),
+                    desc: info.and_then(|i| i.error_desc).unwrap_or_else(|| "QEMU gave no reason".to_owned()),
+                })
+            }
         }
-        Ok(())
     })
     .await?;
     if opts.resume && vm.run_state_before == "running" {

@@ -164,24 +164,45 @@ async fn journal_kept(vm: &Vm, path: &str, report: &mut Report) -> Result<(bool,
     Ok((j.intact() && lost == 0, detail))
 }
 
+/// True if `qdev` (query-block's QOM path of a block backend, or a device id) is the device
+/// quiesce attached disk `node` to: the device with id `<node>-dev` (see `qemu::launch`),
+/// or its backend, a child in the QOM tree under it.
+fn held_by(qdev: &str, node: &str) -> bool {
+    let id = format!("{node}-dev");
+    qdev.split('/').any(|part| part == id)
+}
+
 /// True if every disk is back on its own image file and no overlay file is left beside it.
 async fn own_images(m: &Machine) -> Result<(bool, String), RunError> {
     let blocks = m
         .qmp()
-        .execute_raw("query-block", serde_json::Value::Null, deadline::QMP_COMMAND)
+        .execute_within(qapi::qmp::query_block {}, deadline::QMP_COMMAND)
         .await
         .map_err(on(m.name(), "query-block"))?;
     let mut wrong = Vec::new();
     for d in &m.config().disks {
-        let dev = format!("{}-dev", d.node_name);
         let file = blocks
-            .as_array()
-            .and_then(|a| a.iter().find(|b| b["qdev"].as_str().is_some_and(|q| q.contains(&dev))))
-            .and_then(|b| b["inserted"]["file"].as_str())
-            .unwrap_or("?");
+            .iter()
+            .find(|b| b.qdev.as_deref().is_some_and(|q| held_by(q, &d.node_name)))
+            .and_then(|b| b.inserted.as_ref())
+            .map_or("?", |i| i.file.as_str());
         if Path::new(file) != d.path {
             wrong.push(format!("{} on {file}", d.node_name));
         }
     }
     Ok((wrong.is_empty(), if wrong.is_empty() { "every disk is on its own image".into() } else { wrong.join(", ") }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::held_by;
+
+    #[test]
+    fn a_disk_is_found_by_its_device_in_the_qom_path() {
+        assert!(held_by("/machine/peripheral/data-dev/virtio-backend", "data"));
+        assert!(held_by("data-dev", "data"));
+        assert!(!held_by("/machine/peripheral/data-dev/virtio-backend", "dat"));
+        assert!(!held_by("/machine/peripheral/xdata-dev/virtio-backend", "data"));
+        assert!(!held_by("/machine/peripheral/root-dev/virtio-backend", "data"));
+    }
 }
