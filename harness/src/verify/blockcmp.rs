@@ -380,6 +380,7 @@ struct Outcome {
     compared: u64,
 }
 
+/// Why a comparison worker stopped; the caller turns it into a [`BlockCompareError`].
 enum WorkerError {
     /// An NBD failure: the caller adds the daemon's evidence.
     Nbd {
@@ -387,6 +388,7 @@ enum WorkerError {
         step: String,
         error: String,
     },
+    /// Any other failure, already in the words a user gets.
     Other(BlockCompareError),
 }
 
