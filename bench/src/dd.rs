@@ -56,3 +56,21 @@ pub async fn write(path: &Path, mib: u64, fsync: bool, timeout: Duration) -> Res
     removed.map_err(|source| DdError::Remove { path: path.to_owned(), source })?;
     Ok(DdRun { bytes: mib << 20, secs })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn dd_writes_times_and_removes_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dd.bin");
+        let run = write(&path, 2, true, Duration::from_secs(60)).await.unwrap();
+        assert_eq!(run.bytes, 2 << 20);
+        assert!(run.secs > 0.0 && !path.exists());
+        // A failure is dd's own, with its command line and words.
+        let e = write(&dir.path().join("no/such/dir/dd.bin"), 1, false, Duration::from_secs(60)).await.unwrap_err();
+        assert!(matches!(&e, DdError::Run(ToolError::Failed { .. })), "{e:?}");
+        assert!(e.to_string().contains("dd if=/dev/zero"), "{e}");
+    }
+}
