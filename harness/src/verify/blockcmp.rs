@@ -383,11 +383,7 @@ struct Outcome {
 /// Why a comparison worker stopped; the caller turns it into a [`BlockCompareError`].
 enum WorkerError {
     /// An NBD failure: the caller adds the daemon's evidence.
-    Nbd {
-        image: PathBuf,
-        step: String,
-        error: String,
-    },
+    Nbd { image: PathBuf, step: String, error: String },
     /// Any other failure, already in the words a user gets.
     Other(BlockCompareError),
 }
