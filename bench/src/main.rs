@@ -2,6 +2,8 @@
 //! `cargo run --release -p quiesce-bench -- <benchmark>`: a debug build would measure
 //! unoptimised code against optimised baselines (dd, qemu-img, libvirt).
 
+#![deny(unsafe_code)]
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 

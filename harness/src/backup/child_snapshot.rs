@@ -24,13 +24,14 @@ use super::BackupError;
 use crate::image::qemu_img;
 use crate::interrupt::Interrupt;
 use crate::qemu::{DiskConfig, Machine};
+use crate::sys::deadline;
 use crate::timeline::Timeline;
 
 #[derive(Debug, Clone)]
 pub struct SnapshotSettings {
     /// Where the overlays go; must be on the disks' host volume (a condition checks it).
     pub snapshot_dir: PathBuf,
-    /// The freeze must return within this; well inside VSS's 10 s hold limit.
+    /// The freeze must return within this ([`deadline::GUEST_FREEZE`] unless changed).
     pub freeze_deadline: Duration,
     pub thaw_deadline: Duration,
     pub merge_deadline: Duration,
@@ -44,9 +45,9 @@ impl SnapshotSettings {
     pub fn new(snapshot_dir: &Path) -> Self {
         Self {
             snapshot_dir: snapshot_dir.to_owned(),
-            freeze_deadline: Duration::from_secs(8),
-            thaw_deadline: Duration::from_secs(10),
-            merge_deadline: Duration::from_secs(300),
+            freeze_deadline: deadline::GUEST_FREEZE,
+            thaw_deadline: deadline::GUEST_THAW,
+            merge_deadline: deadline::BLOCK_MERGE,
             verify_capture: true,
             exclude: vec![],
         }

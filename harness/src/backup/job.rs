@@ -4,7 +4,6 @@
 
 use std::path::Path;
 use std::sync::Mutex;
-use std::time::Duration;
 
 use qapi::qmp::{query_migrate, MigrationInfo};
 use serde::Deserialize;
@@ -19,6 +18,7 @@ use super::saved_state::{self, SaveSettings};
 use super::BackupError;
 use crate::qemu::caps::Capabilities;
 use crate::qemu::Machine;
+use crate::sys::deadline;
 use crate::timeline::Timeline;
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -40,9 +40,6 @@ pub struct Choice {
     pub conditions: Vec<Verdict>,
 }
 
-/// How long the agent has to answer while the conditions are checked.
-pub const CONDITION_AGENT_DEADLINE: Duration = Duration::from_secs(3);
-
 pub async fn choose(
     m: &Machine,
     choice: MethodChoice,
@@ -54,7 +51,7 @@ pub async fn choose(
     }
     let verdicts = tl
         .step(Some(m.name()), "check the six conditions", async {
-            Ok::<_, BackupError>(conditions::evaluate(m, snapshot_dir, CONDITION_AGENT_DEADLINE).await)
+            Ok::<_, BackupError>(conditions::evaluate(m, snapshot_dir, deadline::CONDITION_AGENT_COMMAND).await)
         })
         .await?;
     match (conditions::failures(&verdicts), choice) {
@@ -80,7 +77,7 @@ async fn saved_state_possible(
 ) -> Result<Choice, BackupError> {
     let info = m
         .qmp()
-        .execute_within(query_migrate {}, CONDITION_AGENT_DEADLINE)
+        .execute_within(query_migrate {}, deadline::QMP_COMMAND)
         .await
         .map_err(|e| BackupError::step(m.name(), "query-migrate", m.qmp_err(e)))?;
     let blocked = migration_blockers(&info);

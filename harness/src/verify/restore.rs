@@ -8,10 +8,12 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use qapi::qmp::{query_migrate, MigrationStatus};
+use qapi::Enum;
 use serde_json::{json, Value};
 
 use crate::backup::manifest::{Method, StateEntry, VmBackup};
-use crate::backup::saved_state::Plan;
+use crate::backup::saved_state::{migration_ended, migration_status, Plan};
 use crate::backup::Backup;
 use crate::image::qemu_img::{self, qemu_img, QemuImgError};
 use crate::qemu::{DiskConfig, DiskFormat, KernelBoot, Machine, MachineConfig, MachineError};
@@ -73,7 +75,12 @@ pub struct RestoreOptions {
 
 impl RestoreOptions {
     pub fn named(name: &str) -> Self {
-        Self { name: name.to_owned(), artifacts_dir: None, incoming_deadline: Duration::from_secs(300), resume: true }
+        Self {
+            name: name.to_owned(),
+            artifacts_dir: None,
+            incoming_deadline: deadline::STATE_FILE_MIGRATION,
+            resume: true,
+        }
     }
 }
 
@@ -83,7 +90,7 @@ pub async fn resume(m: &Machine) -> Result<(), RestoreError> {
     crate::backup::runstate::settle(m, deadline::QMP_COMMAND).await.map_err(|e| merr("query-status", e))?;
     m.qmp().execute_raw("cont", Value::Null, deadline::QMP_COMMAND).await.map_err(|e| merr("cont", m.qmp_err(e)))?;
     m.qmp()
-        .wait_event("RESUME", |_| true, deadline::RUN_STATE_EVENT)
+        .wait_event("RESUME", |_| true, deadline::COMMAND_EVENT)
         .await
         .map_err(|e| merr("wait for RESUME", m.qmp_err(e)))?;
     Ok(())
@@ -182,7 +189,7 @@ async fn start(
 async fn boot_until_agent(m: &mut Machine, vm: &str, opts: &RestoreOptions, tl: &Timeline) -> Result<(), RestoreError> {
     tl.step(Some(&opts.name), "boot until the agent answers", async {
         resume(m).await?;
-        m.wait_agent(BOOT_DEADLINE).await.map_err(|error| RestoreError::Machine {
+        m.wait_agent(deadline::BOOT_TO_AGENT).await.map_err(|error| RestoreError::Machine {
             vm: vm.to_owned(),
             step: "boot".into(),
             error,
@@ -216,23 +223,20 @@ async fn load_state(
             .map_err(|e| merr("migrate-incoming", m.qmp_err(e)))?;
         let ev = m
             .qmp()
-            .wait_event(
-                "MIGRATION",
-                |d| matches!(d["status"].as_str(), Some("completed" | "failed" | "cancelled")),
-                opts.incoming_deadline,
-            )
+            .wait_event("MIGRATION", migration_ended, opts.incoming_deadline)
             .await
             .map_err(|e| merr("wait for the state to load", m.qmp_err(e)))?;
-        if ev.data["status"] != "completed" {
-            let info =
-                m.qmp().execute_raw("query-migrate", Value::Null, deadline::QMP_COMMAND).await.unwrap_or(Value::Null);
-            return Err(RestoreError::Incoming {
-                vm: vm.name.clone(),
-                status: ev.data["status"].as_str().unwrap_or("?").to_owned(),
-                desc: info["error-desc"].as_str().unwrap_or("QEMU gave no reason").to_owned(),
-            });
+        match migration_status(&ev.data) {
+            Some(MigrationStatus::completed) => Ok(()),
+            ended => {
+                let info = m.qmp().execute_within(query_migrate {}, deadline::QMP_COMMAND).await.ok();
+                Err(RestoreError::Incoming {
+                    vm: vm.name.clone(),
+                    status: ended.map_or("?", |s| s.name()).to_owned(),
+                    desc: info.and_then(|i| i.error_desc).unwrap_or_else(|| "QEMU gave no reason".to_owned()),
+                })
+            }
         }
-        Ok(())
     })
     .await?;
     if opts.resume && vm.run_state_before == "running" {
@@ -244,9 +248,6 @@ async fn load_state(
 fn find<'a>(backup: &'a Backup, vm: &str) -> Result<&'a VmBackup, RestoreError> {
     backup.vm(vm).ok_or_else(|| RestoreError::NoSuchVm { backup: backup.path.clone(), vm: vm.to_owned() })
 }
-
-/// How long a restored VM booting from its backup has to bring its agent up.
-pub const BOOT_DEADLINE: Duration = Duration::from_secs(90);
 
 /// Restores a disk-only (Child VM Snapshot) backup: a new VM on the backed-up disks, the
 /// backed-up root disk itself included. With `opts.resume` it boots and its agent is
