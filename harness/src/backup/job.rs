@@ -166,6 +166,7 @@ pub async fn backup(
         state,
         excluded: vec![],
         timings,
+        files: vec![],
     };
     writer.add(vm.clone());
     Ok(vm)

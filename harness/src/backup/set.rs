@@ -353,6 +353,7 @@ async fn post_one(
             })
             .collect(),
         timings,
+        files: vec![],
     }))
 }
 

@@ -12,9 +12,9 @@ use qapi::qmp::{query_migrate, MigrationStatus};
 use qapi::Enum;
 use serde_json::{json, Value};
 
-use crate::backup::manifest::{Method, StateEntry, VmBackup};
+use crate::backup::manifest::{Entry, Method, StateEntry, VmBackup};
 use crate::backup::saved_state::{migration_ended, migration_status, Plan};
-use crate::backup::Backup;
+use crate::backup::{Backup, FolderError};
 use crate::image::qemu_img::{self, qemu_img, QemuImgError};
 use crate::qemu::{DiskConfig, DiskFormat, KernelBoot, Machine, MachineConfig, MachineError};
 use crate::sys::deadline;
@@ -25,6 +25,10 @@ pub enum RestoreError {
     /// The backup holds no VM of that name.
     #[error("backup {backup} has no VM named {vm}")]
     NoSuchVm { backup: PathBuf, vm: String },
+    /// A file the backup names is refused (its path would lead outside the backup's folder)
+    /// or is missing; nothing was started or written.
+    #[error(transparent)]
+    Backup(#[from] FolderError),
     /// The VM was backed up by Child VM Snapshot (disks only): there is no saved state to
     /// load; boot it instead.
     #[error("VM {vm} in backup {backup} has no saved state to restore")]
@@ -113,14 +117,18 @@ async fn launch_like(
     incoming: bool,
 ) -> Result<(Machine, Vec<(String, PathBuf)>, tempfile::TempDir), RestoreError> {
     let io = |e| RestoreError::Io(e, vm.name.clone());
-    let vm_dir = backup.vm_dir(&vm.name);
     let disk_dir = tempfile::Builder::new().prefix(&format!("quiesce-{}-restore-", opts.name)).tempdir().map_err(io)?;
     let spec = &vm.machine;
     // No kernel in the backup: the VM boots its own disk through the firmware (Windows).
+    // Otherwise every path is checked again as it is used: the manifest is input from elsewhere.
     let boot = if spec.kernel.is_empty() {
         KernelBoot::firmware()
     } else {
-        KernelBoot { kernel: vm_dir.join(&spec.kernel), initrd: vm_dir.join(&spec.initrd), append: spec.append.clone() }
+        KernelBoot {
+            kernel: backup.file_path(&vm.name, &Entry::Kernel, &spec.kernel)?,
+            initrd: backup.file_path(&vm.name, &Entry::Initrd, &spec.initrd)?,
+            append: spec.append.clone(),
+        }
     };
     let mut cfg = MachineConfig::new(&opts.name, spec.accel, boot);
     cfg.machine_type = spec.machine_type.clone();
@@ -130,7 +138,8 @@ async fn launch_like(
     let mut disks = Vec::new();
     for d in &vm.disks {
         let overlay = disk_dir.path().join(format!("{}.qcow2", d.node_name));
-        qemu_img::create_overlay(&vm_dir.join(&d.file), d.format, &overlay).map_err(|error| RestoreError::Image {
+        let image = backup.file_path(&vm.name, &Entry::Disk(d.node_name.clone()), &d.file)?;
+        qemu_img::create_overlay(&image, d.format, &overlay).map_err(|error| RestoreError::Image {
             vm: vm.name.clone(),
             disk: d.node_name.clone(),
             error,
@@ -215,7 +224,7 @@ async fn load_state(
         status: "not started".into(),
         desc: e.to_string(),
     })?;
-    let path = backup.vm_dir(&vm.name).join(&state.file);
+    let path = backup.file_path(&vm.name, &Entry::State, &state.file)?;
     tl.step(Some(&opts.name), "load state (incoming migration)", async {
         m.qmp()
             .execute_raw("migrate-incoming", json!({"uri": format!("file:{}", path.display())}), deadline::QMP_COMMAND)
@@ -403,9 +412,14 @@ fn in_place_disks(vm: &VmBackup, target: &MachineConfig, saved: bool) -> Result<
 
 /// Writes each backed-up disk onto its target file, one after the other, off the runtime.
 async fn write_back(backup: &Backup, vm: &VmBackup, disks: &[DiskConfig]) -> Result<(), RestoreError> {
+    // Every source is checked before the first disk is written.
+    let sources = vm
+        .disks
+        .iter()
+        .map(|d| backup.file_path(&vm.name, &Entry::Disk(d.node_name.clone()), &d.file))
+        .collect::<Result<Vec<_>, _>>()?;
     let mut written = Vec::new();
-    for (d, t) in vm.disks.iter().zip(disks) {
-        let src = backup.vm_dir(&vm.name).join(&d.file);
+    for ((d, t), src) in vm.disks.iter().zip(disks).zip(sources) {
         let (dst, fmt, dst_fmt) = (t.path.clone(), d.format, t.format);
         let result = tokio::task::spawn_blocking(move || write_into(&src, fmt, &dst, dst_fmt))
             .await
