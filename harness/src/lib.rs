@@ -7,6 +7,7 @@ pub mod backup;
 pub mod image;
 pub mod interrupt;
 pub mod qemu;
+pub mod report;
 pub mod scenario;
 pub mod sys;
 pub mod testguest;
