@@ -169,3 +169,41 @@ fn report_rebuilds_the_page_and_junit_from_json_reports() {
     assert_eq!(bad.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("notes.json: not a quiesce scenario report"), "{stderr}");
 }
+
+/// `quiesce run --junit FILE` on a real guest: the JUnit file has the scenario as a passed
+/// test case with its time, and the report folder has the page with the VM's timeline.
+#[test]
+fn run_writes_junit_and_the_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("paused.toml");
+    std::fs::write(
+        &file,
+        "description = \"a paused VM saved\"\n\n[[vm]]\nname = \"vm1\"\nstate = \"paused\"\n\n[backup]\nmethod = \"saved-state\"\n",
+    )
+    .unwrap();
+    let reports = dir.path().join("reports");
+    let junit = dir.path().join("ci/junit.xml");
+    let out = quiesce()
+        .arg("run")
+        .arg(&file)
+        .arg("--report-dir")
+        .arg(&reports)
+        .arg("--junit")
+        .arg(&junit)
+        .env("CI", "true")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // In CI, plain progress lines: the scenario, its steps, its result.
+    assert!(stderr.contains("[1/1] paused\n") && stderr.contains("[1/1] paused: passed ("), "{stderr}");
+    let xml = std::fs::read_to_string(&junit).unwrap();
+    let back = quick_junit::Report::deserialize_from_str(&xml).unwrap();
+    let case = &back.test_suites[0].test_cases[0];
+    assert_eq!(case.name.as_str(), "paused");
+    assert!(matches!(case.status, quick_junit::TestCaseStatus::Success { .. }), "{xml}");
+    assert!(case.time.is_some_and(|t| t.as_secs_f64() > 0.5), "{xml}");
+    let page = std::fs::read_to_string(reports.join("index.html")).unwrap();
+    assert!(page.contains(r#"id="s-paused" data-status="passed""#), "{page}");
+    assert!(page.contains(r#"<svg class="timeline" data-vm="vm1""#) && page.contains("none: the VM was paused"));
+}
