@@ -314,8 +314,11 @@ fn facts(s: &mut String, r: &ScenarioReport, vm: &Vm) {
 fn legend(s: &mut String, t: &lanes::VmTimeline) {
     s.push_str(r#"<p class="legend">"#);
     for (i, name) in PHASES.iter().enumerate() {
-        let ms: f64 = t.lane(Lane::Phases).filter(|b| b.kind == Kind::Phase(i)).map(|b| b.ms()).sum();
-        let _ = write!(s, r#"<span><i class="sw k-phase{i}"></i>{name} {}</span>"#, duration(ms));
+        let ms: Vec<f64> = t.lane(Lane::Phases).filter(|b| b.kind == Kind::Phase(i)).map(|b| b.ms()).collect();
+        // Rollback cycles run a job each: the phase's total, and over how many jobs.
+        let jobs = if ms.len() > 1 { format!(" in {} jobs", ms.len()) } else { String::new() };
+        let total = duration(ms.iter().sum());
+        let _ = write!(s, r#"<span><i class="sw k-phase{i}"></i>{name} {total}{jobs}</span>"#);
     }
     let swatches = [
         ("k-freeze", "freeze window"),
