@@ -20,7 +20,11 @@ const LAYERS: &[(&str, u32)] = &[
     // The test guest: a cached image booted as a machine.
     ("testguest", 3),
     ("verify", 4),
+    // Windows guests: building their image, and when one is ready (over `backup::vss`).
+    ("windows", 4),
     ("scenario", 5),
+    // Views of the JSON reports for people and CI: JUnit, the HTML page, the summary table.
+    ("report", 6),
 ];
 
 fn layer(module: &str) -> Option<u32> {

@@ -12,7 +12,8 @@
 //! | 3 | [`backup`] | the two methods, the six conditions, backup sets and their phases, run state, the backup folder and its manifest |
 //! | 4 | [`verify`] | restore (to a new VM, or in place), block-level compare, checks inside a restored guest, deliberate corruption |
 //! | 5 | [`scenario`] | the scenario format, the runner (`scenario/run/`), reports and fixtures |
-//! | 6 | `cli` | the `quiesce` binary (`src/main.rs` and `src/cli/`), over this library |
+//! | 6 | [`report`] | views of the JSON reports for people and CI: the JUnit file, the HTML page with SVG timelines, the summary table |
+//! | 7 | `cli` | the `quiesce` binary (`src/main.rs` and `src/cli/`), over this library, and its progress line |
 //!
 //! Shared, beside the layers:
 //!
@@ -22,6 +23,8 @@
 //! - [`workload`] (layer 2, over `qemu`): the guest workloads that make a backup's
 //!   correctness visible (the RAM counter, the journal, the transactional app).
 //! - [`testguest`] (layer 3, over `image` and `qemu`): boots quiesce's own Linux test guest.
+//! - [`windows`] (layer 4, over `image`, `qemu` and `backup`): builds a Windows test guest's
+//!   image from the user's ISOs, and tells when a Windows guest is ready for VSS.
 //!
 //! The benchmarks are a crate of their own (`bench/`, `quiesce-bench`) over this library's
 //! public API; nothing here depends on them.
@@ -32,6 +35,7 @@ pub mod backup;
 pub mod image;
 pub mod interrupt;
 pub mod qemu;
+pub mod report;
 pub mod scenario;
 pub mod sys;
 pub mod testguest;

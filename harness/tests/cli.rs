@@ -271,3 +271,74 @@ fn diff_blocks_finds_what_lies_below_the_files() {
     assert!(stdout.contains(&format!("= blocks: differ at byte {at}")), "{stdout}");
     assert!(stdout.contains("1 disk(s) differ block by block"), "{stdout}");
 }
+
+/// `quiesce report DIR` rebuilds the page and the JUnit file from the JSON reports a run
+/// left, and prints the summary: one row per VM, and the counts.
+#[test]
+fn report_rebuilds_the_page_and_junit_from_json_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/reports");
+    for e in std::fs::read_dir(&data).unwrap().flatten() {
+        if e.path().extension().is_some_and(|x| x == "json") {
+            std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
+        }
+    }
+    let junit = dir.path().join("out/junit.xml");
+    let out = quiesce().arg("report").arg(dir.path()).arg("--junit").arg(&junit).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("5 passed, 2 failed, 1 skipped"), "{stdout}");
+    // The set of three VMs: a row each, with its own method.
+    let set: Vec<&str> = stdout.lines().skip_while(|l| !l.starts_with("set-three-vms-mixed")).take(3).collect();
+    assert!(set[0].contains("web") && set[0].contains("child-snapshot"), "{stdout}");
+    assert!(set[2].contains("batch") && set[2].contains("saved-state") && set[2].contains("none (paused)"), "{stdout}");
+    let page = std::fs::read_to_string(dir.path().join("index.html")).unwrap();
+    assert!(page.contains(r#"id="s-qemu-killed-unexpectedly" data-status="failed""#));
+    let xml = std::fs::read_to_string(&junit).unwrap();
+    assert!(xml.contains(r#"<testcase name="windows-child-snapshot" classname="quiesce.scenarios""#), "{xml}");
+
+    // A file in the folder that is not a report is named, and nothing is written over.
+    std::fs::write(dir.path().join("notes.json"), "{\"hello\": 1}").unwrap();
+    let bad = quiesce().arg("report").arg(dir.path()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("notes.json: not a quiesce scenario report"), "{stderr}");
+}
+
+/// `quiesce run --junit FILE` on a real guest: the JUnit file has the scenario as a passed
+/// test case with its time, and the report folder has the page with the VM's timeline.
+#[test]
+fn run_writes_junit_and_the_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("paused.toml");
+    std::fs::write(
+        &file,
+        "description = \"a paused VM saved\"\n\n[[vm]]\nname = \"vm1\"\nstate = \"paused\"\n\n[backup]\nmethod = \"saved-state\"\n",
+    )
+    .unwrap();
+    let reports = dir.path().join("reports");
+    let junit = dir.path().join("ci/junit.xml");
+    let out = quiesce()
+        .arg("run")
+        .arg(&file)
+        .arg("--report-dir")
+        .arg(&reports)
+        .arg("--junit")
+        .arg(&junit)
+        .env("CI", "true")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // In CI, plain progress lines: the scenario, its steps, its result.
+    assert!(stderr.contains("[1/1] paused\n") && stderr.contains("[1/1] paused: passed ("), "{stderr}");
+    let xml = std::fs::read_to_string(&junit).unwrap();
+    let back = quick_junit::Report::deserialize_from_str(&xml).unwrap();
+    let case = &back.test_suites[0].test_cases[0];
+    assert_eq!(case.name.as_str(), "paused");
+    assert!(matches!(case.status, quick_junit::TestCaseStatus::Success { .. }), "{xml}");
+    assert!(case.time.is_some_and(|t| t.as_secs_f64() > 0.5), "{xml}");
+    let page = std::fs::read_to_string(reports.join("index.html")).unwrap();
+    assert!(page.contains(r#"id="s-paused" data-status="passed""#), "{page}");
+    assert!(page.contains(r#"<svg class="timeline" data-vm="vm1""#) && page.contains("none: the VM was paused"));
+}
