@@ -11,8 +11,10 @@
 //! conditions, method and set code, with real QEMU doing the block work.
 
 pub mod build;
+pub mod guest;
 pub mod install;
 pub mod ready;
+pub mod workload;
 
 use std::time::Duration;
 
