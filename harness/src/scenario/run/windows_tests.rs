@@ -51,6 +51,10 @@ struct Peer {
     /// The PowerShell scripts run, in order (what the runner asked of "Windows").
     scripts: Vec<String>,
     freezes: u32,
+    /// Files the guest reads back (`D:\\hello.txt` -> content): what the host seeded.
+    files: HashMap<String, String>,
+    /// Programs other than PowerShell run, by path.
+    programs: Vec<String>,
 }
 
 impl Peer {
@@ -63,6 +67,8 @@ impl Peer {
             exec: HashMap::new(),
             scripts: Vec::new(),
             freezes: 0,
+            files: HashMap::new(),
+            programs: Vec::new(),
         }
     }
 
@@ -75,6 +81,12 @@ impl Peer {
                                {"Disk": 0, "Partition": 2, "Serial": "root", "Style": "MBR", "MbrType": 7, "GptType": null},
                                {"Disk": 1, "Partition": 1, "Serial": "data", "Style": "MBR", "MbrType": 7, "GptType": null}]);
             ok(format!("{parts}\r\n"))
+        } else if let Some(rest) = script.split("ReadAllBytes('").nth(1) {
+            let file = rest.split("')").next().unwrap_or("");
+            match self.files.get(file) {
+                Some(content) => ok(format!("{}\r\n", base64::engine::general_purpose::STANDARD.encode(content))),
+                None => (1, String::new(), format!("Exception calling \"ReadAllBytes\": Could not find file '{file}'.\r\n")),
+            }
         } else if script.contains("quiesce-boot") {
             ok(format!("{}\r\n", self.boot_id))
         } else if let Some(rest) = script.split("$above = ").nth(1) {
@@ -144,6 +156,10 @@ impl Peer {
                     let bytes = base64::engine::general_purpose::STANDARD.decode(encoded).unwrap_or_default();
                     let units: Vec<u16> = bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
                     self.powershell(&String::from_utf16_lossy(&units))
+                } else if path.ends_with("chkdsk.exe") {
+                    self.programs.push(format!("{path} {}", argv.join(" ")));
+                    let out = "The type of the file system is NTFS.\r\nWindows has scanned the file system and found no problems.\r\nNo further action is required.\r\n";
+                    (0, out.to_owned(), String::new())
                 } else {
                     (1, String::new(), format!("scripted peer: no program {path}"))
                 };
@@ -319,4 +335,46 @@ fn win_hold_past_the_vss_limit_fails_the_backup_and_loses_nothing() {
     assert_eq!(p.freezes, 1);
     // Each host read of the journal came after a flush of its volume in the guest.
     assert!(p.scripts.iter().filter(|s| s.contains("journal.ps1' -Action flush -Path 'D:\\journal'")).count() >= 2);
+}
+
+#[test]
+fn win_child_snapshot_journal_restores_boots_and_is_checked_with_chkdsk() {
+    let (path, text) = windows_scenario("win-child-snapshot-journal.toml");
+    // The host seeds the journal (no Windows writes it here). The restored guest cannot be
+    // shut down by a scripted agent, so the files are compared in the guest
+    // (files-match-seed) and chkdsk is asked for, instead of the host-side manifests.
+    let edited = text
+        .replace(
+            "files = { \"hello.txt\" = \"hello from the host\\n\" }",
+            "files = { \"hello.txt\" = \"hello from the host\\n\", \"journal\" = \"1\\r\\n2\\r\\n3\\r\\n\" }",
+        )
+        .replace("\"manifest-matches-backup\"", "\"guest-fsck\"");
+    let edited = edited[..edited.find("[[restore.manifest]]").unwrap()].to_owned();
+    assert!(edited.contains("\"journal\" = ") && edited.contains("guest-fsck"), "{edited}");
+    let s = scenario::parse(&path, &edited).unwrap();
+    let mut p = Peer::new();
+    p.files.insert("D:\\hello.txt".into(), "hello from the host\n".into());
+    // The seeded journal is a seeded file too: this stand-in's journal does not grow.
+    p.files.insert("D:\\journal".into(), "1\r\n2\r\n3\r\n".into());
+    let peer = Arc::new(Mutex::new(p));
+    let (report, _dir) = run_with_peer(&s, peer.clone());
+    assert_eq!(report.skipped, None);
+    assert!(report.passed, "{:#?}", (&report.error, &report.checks));
+    for check in [
+        "overlays-merged",
+        "nothing-lost-after-backup",
+        "blocks-match-backup",
+        "state-after-restore",
+        "guest-fsck",
+        "files-match-seed",
+        "journal-intact",
+    ] {
+        assert_eq!(passed(&report, check), Some(true), "{check}: {:#?}", report.checks);
+    }
+    assert_eq!(report.vms[0].method.as_deref(), Some("child-snapshot"));
+    let p = peer.lock().unwrap();
+    assert_eq!(p.freezes, 1);
+    assert_eq!(p.programs, ["C:\\Windows\\System32\\chkdsk.exe D:"]);
+    // The restored guest's data disk got its letter again before it was checked.
+    assert!(p.scripts.iter().filter(|s| s.contains("Win32_Volume")).count() >= 2);
 }
