@@ -85,7 +85,9 @@ impl Peer {
             let file = rest.split("')").next().unwrap_or("");
             match self.files.get(file) {
                 Some(content) => ok(format!("{}\r\n", base64::engine::general_purpose::STANDARD.encode(content))),
-                None => (1, String::new(), format!("Exception calling \"ReadAllBytes\": Could not find file '{file}'.\r\n")),
+                None => {
+                    (1, String::new(), format!("Exception calling \"ReadAllBytes\": Could not find file '{file}'.\r\n"))
+                }
             }
         } else if script.contains("quiesce-boot") {
             ok(format!("{}\r\n", self.boot_id))
