@@ -34,6 +34,7 @@ use crate::qemu::stand_in::{self, Factory};
 use crate::qemu::{Accel, DiskFormat};
 use crate::scenario::{self, Report, RunOptions, Scenario};
 
+const VSS_INIT: &str = "fsfreeze not possible as VSS failed to initialize";
 const HOLD_LIMIT: &str = "couldn't hold writes: fsfreeze is limited up to 10 seconds";
 /// Windows caps VSS's hold of writes at 10 s; after that the guest writes again by itself.
 const VSS_HOLD: Duration = Duration::from_secs(10);
@@ -55,6 +56,10 @@ struct Peer {
     files: HashMap<String, String>,
     /// Programs other than PowerShell run, by path.
     programs: Vec<String>,
+    /// The QEMU-GA service was stopped: nothing answers any more.
+    stopped: bool,
+    /// qemu-ga's VSS provider was unregistered (and the agent restarted).
+    vss_init_failed: bool,
 }
 
 impl Peer {
@@ -69,6 +74,8 @@ impl Peer {
             freezes: 0,
             files: HashMap::new(),
             programs: Vec::new(),
+            stopped: false,
+            vss_init_failed: false,
         }
     }
 
@@ -89,6 +96,9 @@ impl Peer {
                     (1, String::new(), format!("Exception calling \"ReadAllBytes\": Could not find file '{file}'.\r\n"))
                 }
             }
+        } else if script.contains("-s vss-uninstall") {
+            self.vss_init_failed = true;
+            ok(String::new())
         } else if script.contains("quiesce-boot") {
             ok(format!("{}\r\n", self.boot_id))
         } else if let Some(rest) = script.split("$above = ").nth(1) {
@@ -137,6 +147,7 @@ impl Peer {
             "guest-get-osinfo" => Ok(json!({"name": "Microsoft Windows", "kernel-release": "20348",
                 "version": "Microsoft Windows Server 2022", "variant": "server", "pretty-name": "Windows Server 2022 Standard Evaluation",
                 "version-id": "2022", "variant-id": "server", "kernel-version": "10.0", "machine": "x86_64", "id": "mswindows"})),
+            "guest-fsfreeze-status" | "guest-fsfreeze-freeze" if self.vss_init_failed => Err(VSS_INIT.into()),
             // After the 10 s hold the guest writes again, but the status still says frozen.
             "guest-fsfreeze-status" => Ok(json!(if self.frozen_at.is_some() { "frozen" } else { "thawed" })),
             "guest-fsfreeze-freeze" => {
@@ -158,6 +169,10 @@ impl Peer {
                     let bytes = base64::engine::general_purpose::STANDARD.decode(encoded).unwrap_or_default();
                     let units: Vec<u16> = bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
                     self.powershell(&String::from_utf16_lossy(&units))
+                } else if path.ends_with("sc.exe") && argv == ["stop", "QEMU-GA"] {
+                    // The service stops before its answer gets out.
+                    self.stopped = true;
+                    (0, String::new(), String::new())
                 } else if path.ends_with("chkdsk.exe") {
                     self.programs.push(format!("{path} {}", argv.join(" ")));
                     let out = "The type of the file system is NTFS.\r\nWindows has scanned the file system and found no problems.\r\nNo further action is required.\r\n";
@@ -207,6 +222,9 @@ async fn serve(stream: UnixStream, peer: Arc<Mutex<Peer>>) {
             }
             format!("{reply}\n").into_bytes()
         };
+        if peer.lock().unwrap().stopped {
+            continue;
+        }
         if chan.get_mut().write_all(&out).await.is_err() {
             return;
         }
@@ -379,4 +397,68 @@ fn win_child_snapshot_journal_restores_boots_and_is_checked_with_chkdsk() {
     assert_eq!(p.programs, ["C:\\Windows\\System32\\chkdsk.exe D:"]);
     // The restored guest's data disk got its letter again before it was checked.
     assert!(p.scripts.iter().filter(|s| s.contains("Win32_Volume")).count() >= 2);
+}
+
+#[test]
+fn win_saved_state_paused_stays_paused_and_continues_its_boot() {
+    let (path, text) = windows_scenario("win-saved-state-paused.toml");
+    let s = scenario::parse(&path, &text).unwrap();
+    let (report, _dir) = run_with_peer(&s, Arc::new(Mutex::new(Peer::new())));
+    assert!(report.passed, "{:#?}", (&report.error, &report.checks));
+    for check in ["state-restored-after-backup", "blocks-match-backup", "same-boot", "state-after-restore"] {
+        assert_eq!(passed(&report, check), Some(true), "{check}: {:#?}", report.checks);
+    }
+    assert_eq!(report.vms[0].state_after_backup.as_deref(), Some("paused"));
+    assert_eq!(report.vms[0].method.as_deref(), Some("saved-state"));
+}
+
+#[test]
+fn win_agent_stopped_falls_back_to_saved_state() {
+    let (path, text) = windows_scenario("win-agent-stopped.toml");
+    let s = scenario::parse(&path, &text).unwrap();
+    let peer = Arc::new(Mutex::new(Peer::new()));
+    let (report, _dir) = run_with_peer(&s, peer.clone());
+    assert!(report.passed, "{:#?}", (&report.error, &report.checks));
+    assert_eq!(passed(&report, "disks-match-backup"), Some(true));
+    let vm = &report.vms[0];
+    assert_eq!(vm.method.as_deref(), Some("saved-state"));
+    assert!(vm.conditions.iter().any(|(c, o)| c == "agent-can-freeze" && *o == crate::backup::conditions::Outcome::Failed));
+    let p = peer.lock().unwrap();
+    assert_eq!((p.stopped, p.freezes), (true, 0));
+}
+
+#[test]
+fn win_vss_provider_unregistered_falls_back_in_the_agents_words() {
+    let (path, text) = windows_scenario("win-vss-provider-unregistered.toml");
+    let s = scenario::parse(&path, &text).unwrap();
+    let peer = Arc::new(Mutex::new(Peer::new()));
+    let (report, _dir) = run_with_peer(&s, peer.clone());
+    assert!(report.passed, "{:#?}", (&report.error, &report.checks));
+    for check in ["blocks-match-backup", "same-boot", "counter-continues"] {
+        assert_eq!(passed(&report, check), Some(true), "{check}: {:#?}", report.checks);
+    }
+    let vm = &report.vms[0];
+    assert_eq!(vm.method.as_deref(), Some("saved-state"));
+    assert!(vm.method_reason.as_deref().is_some_and(|r| r.contains("VSS")), "{:?}", vm.method_reason);
+    let p = peer.lock().unwrap();
+    assert!(p.vss_init_failed && p.freezes == 0);
+}
+
+#[tokio::test]
+async fn with_an_image_built_only_rollback_cycles_are_still_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = blank_image(dir.path());
+    let load = |f: &str| {
+        let (path, text) = windows_scenario(f);
+        scenario::parse(&path, &text).unwrap()
+    };
+    let (running, rollback) = (load("win-saved-state-running.toml"), load("win-rollback-cycles.toml"));
+    let (a, b) = crate::windows::guest::with_image(image, async {
+        (scenario::skip_reason(&running), scenario::skip_reason(&rollback))
+    })
+    .await;
+    assert_eq!(a, None);
+    assert!(b.is_some_and(|why| why.contains("rollback cycles of a Windows VM are not wired")));
+    // Without one, both are skipped with the command that builds it.
+    assert!(scenario::skip_reason(&running).is_some_and(|why| why.contains("quiesce image build windows")));
 }
