@@ -422,7 +422,10 @@ fn win_agent_stopped_falls_back_to_saved_state() {
     assert_eq!(passed(&report, "disks-match-backup"), Some(true));
     let vm = &report.vms[0];
     assert_eq!(vm.method.as_deref(), Some("saved-state"));
-    assert!(vm.conditions.iter().any(|(c, o)| c == "agent-can-freeze" && *o == crate::backup::conditions::Outcome::Failed));
+    assert!(vm
+        .conditions
+        .iter()
+        .any(|(c, o)| c == "agent-can-freeze" && *o == crate::backup::conditions::Outcome::Failed));
     let p = peer.lock().unwrap();
     assert_eq!((p.stopped, p.freezes), (true, 0));
 }
