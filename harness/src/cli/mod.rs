@@ -9,6 +9,7 @@ mod vm;
 
 use clap::{Parser, Subcommand};
 use quiesce::qemu::accel::AccelChoice;
+use quiesce::qemu::compat::{self, QemuRelease};
 
 #[derive(Parser)]
 #[command(name = "quiesce", version, about = "Reproduce VM backup scenarios on QEMU and prove the restore is right")]
@@ -16,6 +17,10 @@ pub struct Cli {
     /// Accelerator: auto (probe KVM, else TCG), kvm or tcg. Also $QUIESCE_ACCEL.
     #[arg(long, global = true, value_parser = clap::value_parser!(AccelChoice))]
     accel: Option<AccelChoice>,
+    /// Behave as on an older QEMU: use only what that release had (such as 8.2, Ubuntu
+    /// 24.04's). Also $QUIESCE_QEMU_COMPAT.
+    #[arg(long, global = true, value_name = "MAJOR.MINOR")]
+    qemu_compat: Option<QemuRelease>,
     #[command(subcommand)]
     command: Command,
 }
@@ -71,6 +76,15 @@ pub const EXIT_FAILED: i32 = 1;
 pub const EXIT_INTERRUPTED: i32 = 130;
 
 pub async fn run(cli: Cli) -> i32 {
+    // The profile is fixed for the process before anything probes QEMU; a bad
+    // $QUIESCE_QEMU_COMPAT stops here, not in the middle of a run.
+    if cli.qemu_compat.is_some() {
+        compat::choose(cli.qemu_compat);
+    }
+    if let Err(e) = compat::profile() {
+        eprintln!("quiesce: error: {e}");
+        return EXIT_FAILED;
+    }
     let result = match cli.command {
         Command::Doctor { no_build } => doctor::run(cli.accel, no_build).await,
         Command::Vm { command } => vm::run(command, cli.accel).await,

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
+use crate::qemu::programs::QemuProgram;
 use crate::qemu::DiskFormat;
 use crate::sys::{deadline, Child, Spawn, ToolError};
 
@@ -135,7 +136,7 @@ impl Server {
         // PDEATHSIG: the daemon ends inside the comparison, on the thread that started it.
         let process = Spawn::new("env")
             .arg(tunables)
-            .arg("qemu-storage-daemon")
+            .arg(QemuProgram::StorageDaemon.path())
             .args(args)
             .stdout(out.try_clone()?)
             .stderr(out)
