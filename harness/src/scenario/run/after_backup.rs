@@ -17,8 +17,14 @@ use crate::qemu::{GuestAgent, Machine};
 use crate::workload;
 
 /// The VM is back as it was: same run state, disks active and its own (no overlay left),
-/// workloads running on with nothing lost.
-pub(super) async fn after_backup_checks(vm: &Vm, method: Method, report: &mut Report) -> Result<(), RunError> {
+/// workloads running on with nothing lost. `until_continued`: the disks the backup says
+/// its QEMU left inactive until the VM is continued (a paused VM, QEMU before 10.0).
+pub(super) async fn after_backup_checks(
+    vm: &Vm,
+    method: Method,
+    until_continued: &[String],
+    report: &mut Report,
+) -> Result<(), RunError> {
     let m = &vm.guest.machine;
     let name = vm.name();
     let st = runstate::query(m).await.map_err(vm.fail("query-status"))?;
@@ -33,7 +39,20 @@ pub(super) async fn after_backup_checks(vm: &Vm, method: Method, report: &mut Re
         format!("{want} before, {} after ({})", st.label(), st.status),
     );
     let inactive = runstate::inactive_nodes(m).await.map_err(vm.fail("query block nodes"))?;
-    report.check(name, "disks-active-after-backup", inactive.is_empty(), format!("inactive: {inactive:?}"));
+    if until_continued.is_empty() {
+        report.check(name, "disks-active-after-backup", inactive.is_empty(), format!("inactive: {inactive:?}"));
+    } else {
+        // What the backup says must be what QEMU shows, on a VM still paused.
+        let (mut said, mut seen) = (until_continued.to_vec(), inactive.clone());
+        said.sort();
+        seen.sort();
+        report.check(
+            name,
+            "disks-inactive-until-continued",
+            said == seen && !st.running,
+            format!("the backup says {said:?} stay inactive until the VM is continued; inactive: {seen:?}"),
+        );
+    }
     if method == Method::ChildSnapshot {
         let (ok, detail) = own_images(m).await?;
         report.check(name, "overlays-merged", ok, detail);

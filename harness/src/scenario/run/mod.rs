@@ -86,8 +86,10 @@ async fn run_inner(
     let Some(backup) = backup(&mut ctx, &mut vms, &path).await? else { return Ok(()) };
 
     for vm in &vms {
-        let method = backup.vm(vm.name()).map(|b| b.method).unwrap_or(Method::SavedState);
-        after_backup::after_backup_checks(vm, method, ctx.report).await?;
+        let entry = backup.vm(vm.name());
+        let method = entry.map(|b| b.method).unwrap_or(Method::SavedState);
+        let until_continued = entry.and_then(|b| b.state.as_ref()).map_or(&[][..], |s| &s.inactive_until_continued);
+        after_backup::after_backup_checks(vm, method, until_continued, ctx.report).await?;
     }
     if ctx.interrupted() {
         return Err(RunError::Interrupted(Interruption::AfterBackup));
