@@ -162,6 +162,9 @@ fn print_limits(c: &Capabilities) -> bool {
         println!("{label:<13} {} (QEMU {}+): {}", f.name(), f.since(), f.without());
         ok &= !fatal;
     }
+    if snapshot_missing.is_empty() && !c.file_migration {
+        println!("works         Child VM Snapshot; a VM it cannot take (paused, no agent...) is refused, not saved");
+    }
     if !ok {
         println!("              quiesce is developed on QEMU 10.0; on Debian 12 take it from bookworm-backports (sh ci/setup.sh)");
     }
