@@ -152,7 +152,7 @@ pub async fn prepare(
     let state_path = if faults.save_fails { PathBuf::from(UNWRITABLE_STATE) } else { dir.join("state.bin") };
     match save_state(m, caps, settings, &state_path, tl, &before).await {
         Ok((plan, save_secs, mb_per_s)) => Ok(Prepared { before, plan, stopped_at, save_secs, mb_per_s }),
-        Err(e) => Err(with_undo(m, e, undo(m, caps, &before, tl).await)),
+        Err(e) => Err(with_undo(m, e, undo(m, caps, &before, tl).await.map(drop))),
     }
 }
 
@@ -207,9 +207,10 @@ pub async fn post(
     Ok(saved)
 }
 
-/// Undoes a prepared (or half-prepared) save: the VM goes back to `before`.
-pub async fn undo(m: &Machine, caps: &Capabilities, before: &RunState, tl: &Timeline) -> Result<(), BackupError> {
-    tl.step(Some(m.name()), "undo: return to prior state", return_to(m, before, caps)).await.map(drop)
+/// Undoes a prepared (or half-prepared) save: the VM goes back to `before`; says where its
+/// disks stand.
+pub async fn undo(m: &Machine, caps: &Capabilities, before: &RunState, tl: &Timeline) -> Result<Disks, BackupError> {
+    tl.step(Some(m.name()), "undo: return to prior state", return_to(m, before, caps)).await
 }
 
 fn with_undo(m: &Machine, e: BackupError, undone: Result<(), BackupError>) -> BackupError {

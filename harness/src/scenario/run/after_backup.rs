@@ -80,7 +80,14 @@ pub(super) async fn after_backup_checks(
 
 /// A refused or failed backup must leave everything as it was: no backup (not even a
 /// partial folder), no overlays, every VM in its run state, thawed, nothing lost.
-pub(super) async fn nothing_changed(ctx: &mut RunCtx<'_>, vms: &[Vm], backup_path: &Path) -> Result<(), RunError> {
+/// `until_continued`: the VMs put back with their disks inactive until they are continued
+/// (paused, on a QEMU before 10.0).
+pub(super) async fn nothing_changed(
+    ctx: &mut RunCtx<'_>,
+    vms: &[Vm],
+    backup_path: &Path,
+    until_continued: &[String],
+) -> Result<(), RunError> {
     let report = &mut *ctx.report;
     let parent = backup_path.parent().unwrap_or(Path::new("."));
     let partial = names_in(parent, |n| n.contains("backup"));
@@ -104,7 +111,12 @@ pub(super) async fn nothing_changed(ctx: &mut RunCtx<'_>, vms: &[Vm], backup_pat
         let want = label(vm.spec.state);
         report.check(name, "state-unchanged", st.label() == want, format!("{want} before, {} after", st.label()));
         let inactive = runstate::inactive_nodes(m).await.map_err(vm.fail("query block nodes"))?;
-        report.check(name, "disks-active", inactive.is_empty(), format!("inactive: {inactive:?}"));
+        if until_continued.iter().any(|v| v == name) {
+            let detail = format!("put back paused with its disks inactive until it is continued; inactive: {inactive:?}");
+            report.check(name, "disks-inactive-until-continued", !inactive.is_empty() && !st.running, detail);
+        } else {
+            report.check(name, "disks-active", inactive.is_empty(), format!("inactive: {inactive:?}"));
+        }
         if let Some(r) = report.vm_mut(name) {
             r.state_after_backup = Some(st.label().into());
         }

@@ -152,7 +152,7 @@ async fn backup(ctx: &mut RunCtx<'_>, vms: &mut [Vm], backup_path: &Path) -> Res
                 record_choice(ctx.report, vm, choice);
             }
             ctx.report.check("*", "backup-refused", true, reasons);
-            after_backup::nothing_changed(ctx, vms, backup_path).await?;
+            after_backup::nothing_changed(ctx, vms, backup_path, &[]).await?;
             Ok(None)
         }
         (Err(e @ SetError::Failed { .. }), Expect::Failed)
@@ -165,7 +165,7 @@ async fn backup(ctx: &mut RunCtx<'_>, vms: &mut [Vm], backup_path: &Path) -> Res
                 SetError::Interrupted { phase, .. } => Some(format!("interrupted in {phase}")),
                 _ => None,
             };
-            after_backup::nothing_changed(ctx, vms, backup_path).await?;
+            after_backup::nothing_changed(ctx, vms, backup_path, &e.inactive_until_continued()).await?;
             Ok(None)
         }
         (Err(e), _) => Err(step("backup")(e)),
