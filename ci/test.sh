@@ -1,7 +1,8 @@
 #!/bin/sh
-# Runs quiesce's checks and tests the way CI does. Needs ci/setup-debian.sh first.
+# Runs quiesce's checks and tests the way CI does. Needs ci/setup.sh first.
 # The end-to-end tests boot real guests (TCG where KVM does not work), so they need the
 # guest image: `quiesce doctor` builds it once into the cache and reports the accelerator.
+# They are behind the vm-tests feature (plain `cargo test` leaves them out); this runs all.
 set -eu
 cd "$(dirname "$0")/.."
 
@@ -12,7 +13,7 @@ if cargo fmt --version >/dev/null 2>&1 && cargo clippy --version >/dev/null 2>&1
     echo "==> cargo fmt --check"
     cargo fmt --all -- --check
     echo "==> cargo clippy"
-    cargo clippy --workspace --all-targets --locked -- -D warnings
+    cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 else
     echo "==> skipping fmt and clippy: this toolchain has no rustfmt/clippy"
 fi
@@ -22,7 +23,7 @@ echo "==> shellcheck"
 # without being listed here. -S warning: a warning fails CI, info and style notes do not.
 # A missing shellcheck fails too: a lint that skips itself would pass with scripts broken.
 if ! command -v shellcheck >/dev/null 2>&1; then
-    echo "shellcheck is not installed: apt-get install shellcheck (ci/setup-debian.sh does)" >&2
+    echo "shellcheck is not installed: apt-get install shellcheck (ci/setup.sh does)" >&2
     exit 1
 fi
 scripts=$(find guest-images ci .ci -type f -exec awk 'FNR == 1 && /^#!\/bin\/sh/ { print FILENAME }' {} + | sort)
@@ -31,9 +32,9 @@ scripts=$(find guest-images ci .ci -type f -exec awk 'FNR == 1 && /^#!\/bin\/sh/
 shellcheck -S warning $scripts
 echo "==> quiesce doctor"
 cargo run --locked -q -p quiesce -- doctor
-echo "==> cargo test"
+echo "==> cargo test (with the guest tests)"
 # --no-fail-fast: a red run should show every failing test binary, not only the first.
-cargo test --workspace --locked --no-fail-fast
+cargo test --workspace --locked --no-fail-fast --all-features
 
 left=$(pgrep -a qemu-system || true)
 if [ -n "$left" ]; then

@@ -2,6 +2,7 @@
 
 mod diff;
 mod doctor;
+mod durations;
 mod image;
 mod progress;
 mod run;
@@ -48,6 +49,18 @@ enum Command {
         /// Keep each scenario's backup in the report folder.
         #[arg(long)]
         keep_backups: bool,
+        /// Run only the K-th of N shares of the scenarios (for a CI matrix of N jobs); the
+        /// shares are balanced by the durations recorded in durations.txt beside them.
+        #[arg(long, value_name = "K/N")]
+        shard: Option<quiesce::scenario::shard::Shard>,
+    },
+    /// Record how long each scenario took, from a run's JSON reports, for `run --shard`.
+    Durations {
+        /// The report folder of a run (its NAME.json files).
+        report_dir: std::path::PathBuf,
+        /// Merge them into this durations file (scenarios/durations.txt) instead of printing.
+        #[arg(long)]
+        write: Option<std::path::PathBuf>,
     },
     /// Re-check a backup's files against the checksums in its manifest.
     Verify { backup: std::path::PathBuf },
@@ -89,7 +102,10 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Doctor { no_build } => doctor::run(cli.accel, no_build).await,
         Command::Vm { command } => vm::run(command, cli.accel).await,
         Command::Image { command } => image::run(command).await,
-        Command::Run { paths, report_dir, keep_backups } => run::run(paths, report_dir, keep_backups, cli.accel).await,
+        Command::Run { paths, report_dir, keep_backups, shard } => {
+            run::run(paths, report_dir, keep_backups, shard, cli.accel).await
+        }
+        Command::Durations { report_dir, write } => durations::run(report_dir, write),
         Command::Verify { backup } => run::verify(backup).await,
         Command::Diff { a, b, ignore, blocks } => diff::run(a, b, ignore, blocks).await,
     };

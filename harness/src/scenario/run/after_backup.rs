@@ -112,7 +112,8 @@ pub(super) async fn nothing_changed(
         report.check(name, "state-unchanged", st.label() == want, format!("{want} before, {} after", st.label()));
         let inactive = runstate::inactive_nodes(m).await.map_err(vm.fail("query block nodes"))?;
         if until_continued.iter().any(|v| v == name) {
-            let detail = format!("put back paused with its disks inactive until it is continued; inactive: {inactive:?}");
+            let detail =
+                format!("put back paused with its disks inactive until it is continued; inactive: {inactive:?}");
             report.check(name, "disks-inactive-until-continued", !inactive.is_empty() && !st.running, detail);
         } else {
             report.check(name, "disks-active", inactive.is_empty(), format!("inactive: {inactive:?}"));
