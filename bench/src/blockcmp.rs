@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
+use quiesce::qemu::programs::QemuProgram;
 use quiesce::qemu::DiskFormat;
 use quiesce::verify::blockcmp::tools::Tool;
 use quiesce::verify::blockcmp::{self, BlockComparison, Options, ReadPath};
@@ -79,7 +80,9 @@ pub fn run(
     }
     flip_byte(d, &vb_diff, DiskFormat::Vhdx)?;
     std::fs::remove_file(&raw).map_err(|source| DiskBenchError::WorkDir { path: raw.clone(), source })?;
-    let q = |args: &[&std::ffi::OsStr]| tool(d, "qemu-img create (overlay)", "qemu-img", args).map(drop);
+    let q = |args: &[&std::ffi::OsStr]| {
+        tool(d, "qemu-img create (overlay)", &QemuProgram::Img.path().to_string_lossy(), args).map(drop)
+    };
     q(&[
         "create".as_ref(),
         "-q".as_ref(),
@@ -150,7 +153,8 @@ pub fn run(
 
 fn qemu_io(dir: &Path, image: &Path, format: DiskFormat, cmd: &str) -> Result<(), DiskBenchError> {
     let args = ["-f".as_ref(), format.driver().as_ref(), "-c".as_ref(), cmd.as_ref(), image.as_os_str()];
-    tool(dir, &format!("qemu-io -c '{cmd}' {}", image.display()), "qemu-io", &args).map(drop)
+    tool(dir, &format!("qemu-io -c '{cmd}' {}", image.display()), &QemuProgram::Io.path().to_string_lossy(), &args)
+        .map(drop)
 }
 
 fn flip_byte(dir: &Path, image: &Path, format: DiskFormat) -> Result<(), DiskBenchError> {
@@ -176,7 +180,8 @@ fn qemu_img_compare(dir: &Path, c: &Case) -> Result<(), DiskBenchError> {
         c.b.as_os_str(),
     ];
     let failed = |failure: String| DiskBenchError::Tool { what: format!("qemu-img compare ({})", c.name), failure };
-    let t = Tool::spawn("qemu-img", &args, dir, "compare").map_err(|f| failed(f.to_string()))?;
+    let t = Tool::spawn(&QemuProgram::Img.path().to_string_lossy(), &args, dir, "compare")
+        .map_err(|f| failed(f.to_string()))?;
     let (status, stderr) = t.status(Instant::now() + COMPARE_TIMEOUT).map_err(|f| failed(f.to_string()))?;
     match (status.code(), c.differ_at.is_none()) {
         (Some(0), true) | (Some(1), false) => Ok(()),

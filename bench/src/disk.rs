@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use quiesce::image::manifest::ManifestError;
+use quiesce::qemu::programs::QemuProgram;
 use quiesce::qemu::DiskFormat;
 use quiesce::verify::blockcmp::tools::Tool;
 use quiesce::verify::blockcmp::BlockCompareError;
@@ -148,7 +149,8 @@ pub(crate) fn convert(
         src.as_os_str(),
         dst.as_os_str(),
     ];
-    tool(dir, &format!("qemu-img convert of {}", src.display()), "qemu-img", &args).map(drop)
+    tool(dir, &format!("qemu-img convert of {}", src.display()), &QemuProgram::Img.path().to_string_lossy(), &args)
+        .map(drop)
 }
 
 /// Stops a benchmark between steps once Ctrl-C was pressed.

@@ -14,6 +14,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use quiesce::image::manifest::{self, Limits, Manifest};
+use quiesce::qemu::programs::QemuProgram;
 use quiesce::qemu::DiskFormat;
 use quiesce::verify::blockcmp::tools::Tool;
 
@@ -174,7 +175,8 @@ fn qemu_img_compare(dir: &Path, a: &Path, b: &Path, expect_same: bool) -> Result
         b.as_os_str(),
     ];
     let failed = |failure: String| DiskBenchError::Tool { what: "qemu-img compare".into(), failure };
-    let t = Tool::spawn("qemu-img", &args, dir, "compare").map_err(|f| failed(f.to_string()))?;
+    let t = Tool::spawn(&QemuProgram::Img.path().to_string_lossy(), &args, dir, "compare")
+        .map_err(|f| failed(f.to_string()))?;
     let (status, stderr) = t.status(Instant::now() + TOOL_TIMEOUT).map_err(|f| failed(f.to_string()))?;
     match status.code() {
         Some(0) if expect_same => Ok(()),
