@@ -54,7 +54,11 @@ async fn run_inner(
     progress: &mut dyn FnMut(&str),
 ) -> Result<(), RunError> {
     let caps = caps::probe(&default_qemu_binary()).await.map_err(RunError::Probe)?;
-    report.qemu_version = caps.version.clone();
+    // A compatibility profile is part of what ran: "10.0.2 as 8.2".
+    report.qemu_version = match caps.profile {
+        Some(p) => format!("{} as {p}", caps.version),
+        None => caps.version.clone(),
+    };
     let at = || At::run("creating the work folder");
     std::fs::create_dir_all(&opts.work_dir).map_err(io(at(), &opts.work_dir))?;
     let work = tempfile::Builder::new()
