@@ -1,5 +1,5 @@
 #!/bin/sh
-# Runs quiesce's checks and tests the way CI does. Needs ci/setup.sh first.
+# Runs quiesce's checks and tests the way CI does. Needs ci/setup-debian.sh first.
 # The end-to-end tests boot real guests (TCG where KVM does not work), so they need the
 # guest image: `quiesce doctor` builds it once into the cache and reports the accelerator.
 # They are behind the vm-tests feature (plain `cargo test` leaves them out); this runs all.
@@ -23,7 +23,7 @@ echo "==> shellcheck"
 # without being listed here. -S warning: a warning fails CI, info and style notes do not.
 # A missing shellcheck fails too: a lint that skips itself would pass with scripts broken.
 if ! command -v shellcheck >/dev/null 2>&1; then
-    echo "shellcheck is not installed: apt-get install shellcheck (ci/setup.sh does)" >&2
+    echo "shellcheck is not installed: apt-get install shellcheck (ci/setup-debian.sh does)" >&2
     exit 1
 fi
 scripts=$(find guest-images ci .ci -type f -exec awk 'FNR == 1 && /^#!\/bin\/sh/ { print FILENAME }' {} + | sort)
@@ -33,6 +33,9 @@ shellcheck -S warning $scripts
 echo "==> quiesce doctor"
 cargo run --locked -q -p quiesce -- doctor
 echo "==> cargo test (with the guest tests)"
+# The fuzz targets (harness/tests/fuzz) share this many seconds; a plain `cargo test`
+# gives them 4.
+export QUIESCE_FUZZ_SECS="${QUIESCE_FUZZ_SECS:-60}"
 # --no-fail-fast: a red run should show every failing test binary, not only the first.
 cargo test --workspace --locked --no-fail-fast --all-features
 

@@ -38,6 +38,9 @@ pub struct Faults {
     pub agent_stops_after_freeze: bool,
     /// Backup sets: this VM's QEMU is killed between PrepareForSnapshot and PostSnapshot.
     pub kill_after_prepare: bool,
+    /// Child VM Snapshot: the host holds the guest frozen this long before the transaction
+    /// (past Windows VSS's 10 s hold limit, its thaw reports that writes went on).
+    pub hold_frozen_for: Option<Duration>,
 }
 
 impl Faults {
@@ -57,6 +60,9 @@ impl Faults {
         }
         if self.sigint_after_freeze {
             let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGINT);
+        }
+        if let Some(hold) = self.hold_frozen_for {
+            tokio::time::sleep(hold).await;
         }
         if self.agent_stops_after_freeze {
             // Had the fault not fired, the backup succeeds and the scenario says so.

@@ -9,8 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::qemu::compat::{self, Feature};
 use crate::qemu::locks::held_for_writing;
 use crate::qemu::{Machine, MachineError, Qmp, QmpError};
-
-const T: Duration = Duration::from_secs(30);
+use crate::sys::deadline;
 
 /// A VM's run state as the backup sees it: running, or not (paused, or saved and waiting).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,7 +45,7 @@ pub async fn query(m: &Machine) -> Result<RunState, MachineError> {
 /// `query-status` on a QMP connection. A reply that does not fit QEMU's schema (a missing
 /// field, a run state this build does not know) is an error, never taken for "paused".
 pub async fn query_on(qmp: &Qmp) -> Result<RunState, QmpError> {
-    let st = qmp.execute_within(query_status {}, T).await?;
+    let st = qmp.execute_within(query_status {}, deadline::QMP_COMMAND).await?;
     Ok(RunState { running: st.running, status: st.status.name().to_owned(), state: st.status })
 }
 
@@ -104,7 +103,7 @@ pub async fn inactive_nodes(m: &Machine) -> Result<Vec<String>, MachineError> {
 /// The nodes QEMU reports inactive on a QMP connection, or None when it reports no node's
 /// activity (QEMU before 10.0, or a profile of one).
 pub async fn inactive_nodes_on(qmp: &Qmp) -> Result<Option<Vec<String>>, QmpError> {
-    let nodes = qmp.execute_within(QueryNodeActivity { flat: true }, T).await?;
+    let nodes = qmp.execute_within(QueryNodeActivity { flat: true }, deadline::QMP_COMMAND).await?;
     if !compat::allows(Feature::NodeActivity) || nodes.iter().all(|n| n.active.is_none()) {
         return Ok(None);
     }

@@ -374,6 +374,7 @@ async fn post_one(
             })
             .collect(),
         timings,
+        files: vec![],
     }))
 }
 

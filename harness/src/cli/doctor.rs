@@ -57,7 +57,7 @@ pub async fn run(accel: Option<quiesce::qemu::accel::AccelChoice>, no_build: boo
         }
         Err(e) => {
             println!("qemu          {qemu}: {e}");
-            println!("              nothing will work without it: install QEMU (sh ci/setup.sh), or point $QUIESCE_QEMU at one");
+            println!("              nothing will work without it: install QEMU (sh ci/setup-debian.sh), or point $QUIESCE_QEMU at one");
             ok = false;
         }
     }
@@ -81,6 +81,15 @@ pub async fn run(accel: Option<quiesce::qemu::accel::AccelChoice>, no_build: boo
             println!("image cache   linux {} not built (run `quiesce image build linux`)", recipe::recipe_key("linux")?)
         }
     }
+    match quiesce::image::windows::cache::latest() {
+        Some(w) => {
+            println!("              windows {} built in {} ({})", w.info.input_key, w.dir.display(), w.info.edition)
+        }
+        None => println!(
+            "              windows not built (Windows scenarios are skipped); on a KVM host run `{}`",
+            quiesce::image::windows::BUILD_COMMAND
+        ),
+    }
     println!("cache folder  {}", quiesce::image::cache::cache_dir().display());
     Ok(if ok { 0 } else { super::EXIT_FAILED })
 }
@@ -103,7 +112,7 @@ fn print_programs(emulator_version: &str) -> bool {
             }
             Err(e) => {
                 println!("{:<13} MISSING: {e}", prog.name().trim_start_matches("qemu-"));
-                println!("              set ${} or install it (sh ci/setup.sh)", prog.env());
+                println!("              set ${} or install it (sh ci/setup-debian.sh)", prog.env());
                 ok = false;
             }
         }
@@ -166,7 +175,7 @@ fn print_limits(c: &Capabilities) -> bool {
         println!("works         Child VM Snapshot; a VM it cannot take (paused, no agent...) is refused, not saved");
     }
     if !ok {
-        println!("              quiesce is developed on QEMU 10.0; on Debian 12 take it from bookworm-backports (sh ci/setup.sh)");
+        println!("              quiesce is developed on QEMU 10.0; on Debian 12 take it from bookworm-backports (sh ci/setup-debian.sh)");
     }
     ok
 }

@@ -5,6 +5,7 @@ mod doctor;
 mod durations;
 mod image;
 mod progress;
+mod report;
 mod run;
 mod vm;
 
@@ -53,6 +54,18 @@ enum Command {
         /// shares are balanced by the durations recorded in durations.txt beside them.
         #[arg(long, value_name = "K/N")]
         shard: Option<quiesce::scenario::shard::Shard>,
+        /// Also write a JUnit XML report here: one test case per scenario.
+        #[arg(long, value_name = "FILE")]
+        junit: Option<std::path::PathBuf>,
+    },
+    /// Rebuild the page (index.html) of a report folder from its JSON reports.
+    Report {
+        /// The report folder (quiesce-reports by default).
+        #[arg(default_value = "quiesce-reports")]
+        dir: std::path::PathBuf,
+        /// Also write a JUnit XML report here.
+        #[arg(long, value_name = "FILE")]
+        junit: Option<std::path::PathBuf>,
     },
     /// Record how long each scenario took, from a run's JSON reports, for `run --shard`.
     Durations {
@@ -86,6 +99,8 @@ enum Command {
 
 /// Exit codes: 0 ok, 1 failed, 2 bad usage (clap), 130 interrupted.
 pub const EXIT_FAILED: i32 = 1;
+/// A command given arguments that do not go together (clap's own code for bad usage).
+pub const EXIT_USAGE: i32 = 2;
 pub const EXIT_INTERRUPTED: i32 = 130;
 
 pub async fn run(cli: Cli) -> i32 {
@@ -101,10 +116,11 @@ pub async fn run(cli: Cli) -> i32 {
     let result = match cli.command {
         Command::Doctor { no_build } => doctor::run(cli.accel, no_build).await,
         Command::Vm { command } => vm::run(command, cli.accel).await,
-        Command::Image { command } => image::run(command).await,
-        Command::Run { paths, report_dir, keep_backups, shard } => {
-            run::run(paths, report_dir, keep_backups, shard, cli.accel).await
+        Command::Image { command } => image::run(command, cli.accel).await,
+        Command::Run { paths, report_dir, keep_backups, shard, junit } => {
+            run::run(paths, report_dir, keep_backups, shard, junit, cli.accel).await
         }
+        Command::Report { dir, junit } => report::run(dir, junit),
         Command::Durations { report_dir, write } => durations::run(report_dir, write),
         Command::Verify { backup } => run::verify(backup).await,
         Command::Diff { a, b, ignore, blocks } => diff::run(a, b, ignore, blocks).await,

@@ -98,6 +98,12 @@ pub enum FaultKind {
     FlipByteInRestore,
     /// A file is truncated to half its size in the restored guest (`disk`, `path`).
     TruncateInRestore,
+    /// Windows: the host holds the guest frozen for 12 s before the snapshot transaction,
+    /// past VSS's 10 s hold limit, so the thaw reports that writes went on.
+    HoldPastVssLimit,
+    /// Windows: qemu-ga's VSS provider is unregistered in the guest before the backup
+    /// (`qemu-ga.exe -s vss-uninstall`), so VSS fails to initialise.
+    VssProviderUnregistered,
 }
 
 impl FaultKind {

@@ -5,10 +5,11 @@
 
 use super::super::super::format::{Check, FaultKind};
 use super::super::super::report::Report;
-use super::super::ctx::{RunCtx, Vm, AGENT_READY, GUEST_COMMAND, GUEST_FSCK, PROGRESS, ROOT_TOKEN};
+use super::super::ctx::{RunCtx, Vm, PROGRESS, ROOT_TOKEN};
 use super::super::error::{on, RunError};
 use crate::backup::Method;
 use crate::qemu::GuestAgent;
+use crate::sys::{deadline, shell_quote};
 use crate::verify::{self, Restored};
 use crate::workload;
 
@@ -36,7 +37,10 @@ pub(super) async fn checks(
     let vm = asked.vm;
     let rname = restored.machine.name();
     let agent = restored.machine.agent().map_err(on(rname, "the restored guest's agent"))?;
-    agent.wait_ready(AGENT_READY).await.map_err(on(rname, "waiting for the restored guest's agent"))?;
+    agent
+        .wait_ready(deadline::AGENT_AFTER_RESUME)
+        .await
+        .map_err(on(rname, "waiting for the restored guest's agent"))?;
     if asked.method == Method::ChildSnapshot {
         if asked.wants(Check::GuestFsck) {
             guest_fsck(vm, agent, rname, ctx.report).await?;
@@ -67,8 +71,8 @@ pub(super) async fn checks(
         let file = format!("/mnt/{disk}{path}");
         crate::qemu::exec::sh(
             agent,
-            &format!("s=$(stat -c %s '{file}') && truncate -s $((s / 2)) '{file}' && sync"),
-            GUEST_COMMAND,
+            &format!("s=$(stat -c %s {file}) && truncate -s $((s / 2)) {file} && sync", file = shell_quote(&file)),
+            deadline::GUEST_EXEC,
         )
         .await
         .map_err(on(rname, "truncating a restored file"))?;
@@ -82,7 +86,7 @@ async fn guest_fsck(vm: &Vm, agent: &GuestAgent, rname: &str, report: &mut Repor
     let mut bad = Vec::new();
     let disks = vm.ext4_disks();
     for disk in &disks {
-        let r = verify::guest::fsck_ext4(agent, disk, GUEST_FSCK)
+        let r = verify::guest::fsck_ext4(agent, disk, deadline::GUEST_FSCK)
             .await
             .map_err(on(rname, "e2fsck in the restored guest"))?;
         if !r.clean() {
@@ -159,12 +163,12 @@ async fn guest_check(
             Some(dir) => {
                 if method == Method::SavedState {
                     // Same boot: the writer runs on; stop it so the check sees a settled store.
-                    crate::qemu::exec::sh(agent, &format!("quiesce-app stop {dir}"), GUEST_COMMAND)
+                    crate::qemu::exec::sh(agent, &format!("quiesce-app stop {dir}"), deadline::GUEST_EXEC)
                         .await
                         .map_err(on(rname, "stopping the app"))?;
                 }
                 let r = workload::check_app(agent, dir).await.map_err(on(rname, "checking the app"))?;
-                report.check(name, "app-consistent", r.is_ok(), r.unwrap_or_else(|e| e));
+                report.check(name, "app-consistent", r.is_consistent(), r.to_string());
             }
         },
     }
