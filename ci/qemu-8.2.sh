@@ -13,12 +13,12 @@ reports=target/quiesce-reports-8.2
 rm -rf "$reports"
 echo "==> scenarios under the QEMU 8.2 profile:" $files
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT INT TERM
-status=0
+trap 'rm -f "$log" "$log.status"' EXIT INT TERM
+# Shown as it goes (tee), its exit status kept aside: a pipe would hide it.
 # shellcheck disable=SC2086 # one path per word: no scenario file name has a blank
-QUIESCE_QEMU_COMPAT=8.2 cargo run -q --locked -p quiesce -- run --report-dir "$reports" \
-    --junit "$reports/junit.xml" $files >"$log" 2>&1 || status=$?
-cat "$log"
+{ QUIESCE_QEMU_COMPAT=8.2 cargo run -q --locked -p quiesce -- run --report-dir "$reports" \
+    --junit "$reports/junit.xml" $files 2>&1 || echo "$?" >"$log.status"; } | tee "$log"
+status=$(cat "$log.status" 2>/dev/null || echo 0)
 # quiesce's own count line ("N passed, N failed, N skipped"), as the closing line.
 counts=$(grep -E '^[0-9]+ passed, [0-9]+ failed, [0-9]+ skipped$' "$log" | tail -n 1)
 echo "qemu-8.2: ${counts:-0 passed, 1 failed}"
