@@ -8,6 +8,7 @@
 
 pub mod ext4;
 pub mod ntfs;
+pub mod state;
 pub mod volumes;
 
 use std::fs::File;
