@@ -38,6 +38,10 @@ pub struct Faults {
     pub agent_stops_after_freeze: bool,
     /// Backup sets: this VM's QEMU is killed between PrepareForSnapshot and PostSnapshot.
     pub kill_after_prepare: bool,
+    /// Child VM Snapshot: everything as usual, but no freeze is sent, so the guest is never
+    /// quiesced and the images are a crash-consistent copy of a live guest. It proves that
+    /// the consistency checks fail on such a copy (they must, every time).
+    pub skip_freeze: bool,
 }
 
 impl Faults {

@@ -52,6 +52,9 @@ pub struct VmBackup {
     #[serde(default)]
     pub excluded: Vec<ExcludedDisk>,
     pub timings: Timings,
+    /// Child VM Snapshot: what the guest's writers acknowledged at the freeze.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freeze: Option<super::freeze_log::FreezeRecord>,
 }
 
 /// The machine and device configuration a restore must reproduce.
@@ -142,5 +145,6 @@ pub(crate) fn sample_vm(disks: Vec<DiskEntry>) -> VmBackup {
         state: None,
         excluded: vec![],
         timings: Timings::default(),
+        freeze: None,
     }
 }

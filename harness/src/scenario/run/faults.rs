@@ -46,6 +46,7 @@ pub(super) fn member<'a>(s: &Scenario, vm: &'a Vm, method: MethodChoice) -> Memb
             sigint_after_freeze: has(FaultKind::SigintAfterFreeze),
             agent_stops_after_freeze: has(FaultKind::AgentStopsAfterFreeze),
             kill_after_prepare: has(FaultKind::QemuKilledAfterPrepare),
+            skip_freeze: false,
         },
     }
 }
