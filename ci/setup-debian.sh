@@ -34,6 +34,9 @@ echo "==> installing QEMU 10 from bookworm-backports"
 apt-get install -y -q -t bookworm-backports qemu-system-x86 qemu-utils qemu-guest-agent >/dev/null
 echo "==> installing host tools (guest image recipe, disk seeding, NTFS, a C compiler for blake3, shellcheck)"
 apt-get install -y -q cpio e2fsprogs dosfstools ntfs-3g xz-utils kmod gzip ca-certificates gcc libc6-dev shellcheck >/dev/null
+echo "==> installing the Windows image tools (xorriso, mtools, wimtools, msitools, p7zip-full)"
+apt-get install -y -q xorriso mtools wimtools msitools p7zip-full >/dev/null
+echo "==> installing Chromium and xmllint (the HTML report's browser test, the JUnit schema check)"; apt-get install -y -q chromium libxml2-utils >/dev/null
 
 if ! command -v cargo >/dev/null 2>&1; then
     # Debian 12 ships a current Rust as cargo-web/rustc-web (bookworm's plain cargo is too old).

@@ -32,6 +32,9 @@ shellcheck -S warning $scripts
 echo "==> quiesce doctor"
 cargo run --locked -q -p quiesce -- doctor
 echo "==> cargo test"
+# The fuzz targets (harness/tests/fuzz) share this many seconds; a plain `cargo test`
+# gives them 4.
+export QUIESCE_FUZZ_SECS="${QUIESCE_FUZZ_SECS:-60}"
 # --no-fail-fast: a red run should show every failing test binary, not only the first.
 cargo test --workspace --locked --no-fail-fast
 

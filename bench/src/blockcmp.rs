@@ -18,10 +18,9 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
-use std::time::{Duration, Instant};
 
 use quiesce::qemu::DiskFormat;
-use quiesce::verify::blockcmp::tools::Tool;
+use quiesce::sys::{deadline, Tool};
 use quiesce::verify::blockcmp::{self, BlockComparison, Options, ReadPath};
 
 use crate::disk::{check, convert, ext4_image, run_dir, timed, tool, DiskBenchError, Fill, DISK_SIZE};
@@ -68,18 +67,20 @@ pub fn run(
 
     progress("making the qcow2 pair, the overlay and the flat copies");
     let (a, b, b_diff) = (d.join("a.qcow2"), d.join("b.qcow2"), d.join("b-diff.qcow2"));
-    convert(d, &raw, DiskFormat::Raw, &a, DiskFormat::Qcow2)?;
-    convert(d, &raw, DiskFormat::Raw, &b, DiskFormat::Qcow2)?;
-    convert(d, &raw, DiskFormat::Raw, &b_diff, DiskFormat::Qcow2)?;
+    convert(&raw, DiskFormat::Raw, &a, DiskFormat::Qcow2)?;
+    convert(&raw, DiskFormat::Raw, &b, DiskFormat::Qcow2)?;
+    convert(&raw, DiskFormat::Raw, &b_diff, DiskFormat::Qcow2)?;
     let (base, top) = (d.join("base.qcow2"), d.join("top.qcow2"));
-    convert(d, &raw, DiskFormat::Raw, &base, DiskFormat::Qcow2)?;
+    convert(&raw, DiskFormat::Raw, &base, DiskFormat::Qcow2)?;
     let (va, vb, vb_diff) = (d.join("a.vhdx"), d.join("b.vhdx"), d.join("b-diff.vhdx"));
     for v in [&va, &vb, &vb_diff] {
-        convert(d, &raw, DiskFormat::Raw, v, DiskFormat::Vhdx)?;
+        convert(&raw, DiskFormat::Raw, v, DiskFormat::Vhdx)?;
     }
-    flip_byte(d, &vb_diff, DiskFormat::Vhdx)?;
+    flip_byte(&vb_diff, DiskFormat::Vhdx)?;
     std::fs::remove_file(&raw).map_err(|source| DiskBenchError::WorkDir { path: raw.clone(), source })?;
-    let q = |args: &[&std::ffi::OsStr]| tool(d, "qemu-img create (overlay)", "qemu-img", args).map(drop);
+    let q = |args: &[&std::ffi::OsStr]| {
+        tool("qemu-img create (overlay)", "qemu-img", deadline::QEMU_IMG_METADATA, args).map(drop)
+    };
     q(&[
         "create".as_ref(),
         "-q".as_ref(),
@@ -94,13 +95,13 @@ pub fn run(
     // What a guest might have written since the base: new data over old, in free space,
     // and a discarded range.
     for cmd in ["write -P 0xa5 96M 24M", "write -P 0x3c 700M 40M", "write -z 300M 8M"] {
-        qemu_io(d, &top, DiskFormat::Qcow2, cmd)?;
+        qemu_io(&top, DiskFormat::Qcow2, cmd)?;
     }
     let (flat, flat_diff) = (d.join("flat.qcow2"), d.join("flat-diff.qcow2"));
-    convert(d, &top, DiskFormat::Qcow2, &flat, DiskFormat::Qcow2)?;
-    convert(d, &top, DiskFormat::Qcow2, &flat_diff, DiskFormat::Qcow2)?;
-    flip_byte(d, &flat_diff, DiskFormat::Qcow2)?;
-    flip_byte(d, &b_diff, DiskFormat::Qcow2)?;
+    convert(&top, DiskFormat::Qcow2, &flat, DiskFormat::Qcow2)?;
+    convert(&top, DiskFormat::Qcow2, &flat_diff, DiskFormat::Qcow2)?;
+    flip_byte(&flat_diff, DiskFormat::Qcow2)?;
+    flip_byte(&b_diff, DiskFormat::Qcow2)?;
 
     let q2 = DiskFormat::Qcow2;
     let vx = DiskFormat::Vhdx;
@@ -136,33 +137,30 @@ pub fn run(
         progress(&format!("{}: warming up", c.name));
         // One untimed run of each: the page cache then holds both images for all three.
         ours(c, ReadPath::Auto)?;
-        qemu_img_compare(d, c)?;
+        qemu_img_compare(c)?;
         progress(&format!("{}: ours", c.name));
         let (t_ours, result) = timed(opts.rounds, cancel, || ours(c, ReadPath::Auto))?;
         progress(&format!("{}: ours, everything through NBD", c.name));
         let (t_nbd, _) = timed(opts.rounds, cancel, || ours(c, ReadPath::ExportOnly))?;
         progress(&format!("{}: qemu-img compare", c.name));
-        let (t_qemu, _) = timed(opts.rounds, cancel, || qemu_img_compare(d, c))?;
+        let (t_qemu, _) = timed(opts.rounds, cancel, || qemu_img_compare(c))?;
         results.push(Measured { name: c.name, ours: t_ours, nbd_only: t_nbd, qemu_img: t_qemu, result });
     }
     Ok(render(&results, opts.rounds, &work, filled.files, filled.bytes))
 }
 
-fn qemu_io(dir: &Path, image: &Path, format: DiskFormat, cmd: &str) -> Result<(), DiskBenchError> {
+fn qemu_io(image: &Path, format: DiskFormat, cmd: &str) -> Result<(), DiskBenchError> {
     let args = ["-f".as_ref(), format.driver().as_ref(), "-c".as_ref(), cmd.as_ref(), image.as_os_str()];
-    tool(dir, &format!("qemu-io -c '{cmd}' {}", image.display()), "qemu-io", &args).map(drop)
+    tool(&format!("qemu-io -c '{cmd}' {}", image.display()), "qemu-io", deadline::QEMU_IMG_METADATA, &args).map(drop)
 }
 
-fn flip_byte(dir: &Path, image: &Path, format: DiskFormat) -> Result<(), DiskBenchError> {
-    qemu_io(dir, image, format, &format!("write -P 0x5a {DIFF_AT} 1"))
+fn flip_byte(image: &Path, format: DiskFormat) -> Result<(), DiskBenchError> {
+    qemu_io(image, format, &format!("write -P 0x5a {DIFF_AT} 1"))
 }
-
-/// Deadline of one `qemu-img compare`.
-const COMPARE_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// `qemu-img compare` of a case's pair (in the case's format), checked against what the
 /// case expects: exit 0 for identical, 1 for different.
-fn qemu_img_compare(dir: &Path, c: &Case) -> Result<(), DiskBenchError> {
+fn qemu_img_compare(c: &Case) -> Result<(), DiskBenchError> {
     let f = c.format.driver();
     let args = [
         "compare".as_ref(),
@@ -175,15 +173,15 @@ fn qemu_img_compare(dir: &Path, c: &Case) -> Result<(), DiskBenchError> {
         c.a.as_os_str(),
         c.b.as_os_str(),
     ];
-    let failed = |failure: String| DiskBenchError::Tool { what: format!("qemu-img compare ({})", c.name), failure };
-    let t = Tool::spawn("qemu-img", &args, dir, "compare").map_err(|f| failed(f.to_string()))?;
-    let (status, stderr) = t.status(Instant::now() + COMPARE_TIMEOUT).map_err(|f| failed(f.to_string()))?;
-    match (status.code(), c.differ_at.is_none()) {
+    let failed = |source| DiskBenchError::Tool { what: format!("qemu-img compare ({})", c.name), source };
+    let out = Tool::new("qemu-img", deadline::QEMU_IMG_COPY).args(args).output().map_err(failed)?;
+    match (out.code(), c.differ_at.is_none()) {
         (Some(0), true) | (Some(1), false) => Ok(()),
-        (Some(0 | 1), _) => {
-            Err(DiskBenchError::Check(format!("{}: qemu-img compare said {status}, expected the opposite", c.name)))
-        }
-        _ => Err(failed(format!("{status}: {}", stderr.trim()))),
+        (Some(0 | 1), _) => Err(DiskBenchError::Check(format!(
+            "{}: qemu-img compare said {}, expected the opposite",
+            c.name, out.status
+        ))),
+        _ => Err(failed(out.into_failure())),
     }
 }
 

@@ -7,18 +7,16 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use quiesce::sys::{Tool, ToolError};
+
 /// Why the dd baseline could not be measured.
 #[derive(Debug, thiserror::Error)]
 pub enum DdError {
-    /// dd could not be started (coreutils missing?) or waited for.
-    #[error("could not start dd: {0}")]
-    Spawn(std::io::Error),
-    /// dd missed its deadline and was killed: the filesystem is far slower than expected.
-    #[error("`{cmdline}` did not finish within {waited:?}")]
-    Timeout { cmdline: String, waited: Duration },
-    /// dd failed; `stderr` says why (a full filesystem, usually).
-    #[error("`{cmdline}` failed ({status}): {stderr}")]
-    Failed { cmdline: String, status: String, stderr: String },
+    /// dd could not be started (coreutils missing?), missed its deadline and was killed (the
+    /// filesystem is far slower than expected), or failed (a full filesystem, usually); the
+    /// error names the command and holds what dd said.
+    #[error(transparent)]
+    Run(#[from] ToolError),
     /// The file dd wrote could not be removed.
     #[error("removing {path}: {source}")]
     Remove { path: PathBuf, source: std::io::Error },
@@ -45,32 +43,34 @@ pub fn cmdline(path: &Path, mib: u64, fsync: bool) -> String {
 
 /// Writes `mib` MiB to `path` (with `conv=fsync` if `fsync`), times it, and removes the file.
 pub async fn write(path: &Path, mib: u64, fsync: bool, timeout: Duration) -> Result<DdRun, DdError> {
-    let line = cmdline(path, mib, fsync);
-    let started = Instant::now();
-    let child = tokio::process::Command::new("dd")
+    let dd = Tool::new("dd", timeout)
         .arg("if=/dev/zero")
         .arg(format!("of={}", path.display()))
         .args(["bs=1M".to_owned(), format!("count={mib}"), "status=none".to_owned()])
-        .args(fsync.then_some("conv=fsync"))
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(DdError::Spawn)?;
-    let out = match tokio::time::timeout(timeout, child.wait_with_output()).await {
-        Err(_) => return Err(DdError::Timeout { cmdline: line, waited: timeout }),
-        Ok(r) => r.map_err(DdError::Spawn)?,
-    };
+        .args(fsync.then_some("conv=fsync"));
+    let started = Instant::now();
+    let out = dd.output_async().await;
     let secs = started.elapsed().as_secs_f64();
     let removed = std::fs::remove_file(path);
-    if !out.status.success() {
-        return Err(DdError::Failed {
-            cmdline: line,
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        });
-    }
+    out?.into_success()?;
     removed.map_err(|source| DdError::Remove { path: path.to_owned(), source })?;
     Ok(DdRun { bytes: mib << 20, secs })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn dd_writes_times_and_removes_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dd.bin");
+        let run = write(&path, 2, true, Duration::from_secs(60)).await.unwrap();
+        assert_eq!(run.bytes, 2 << 20);
+        assert!(run.secs > 0.0 && !path.exists());
+        // A failure is dd's own, with its command line and words.
+        let e = write(&dir.path().join("no/such/dir/dd.bin"), 1, false, Duration::from_secs(60)).await.unwrap_err();
+        assert!(matches!(&e, DdError::Run(ToolError::Failed { .. })), "{e:?}");
+        assert!(e.to_string().contains("dd if=/dev/zero"), "{e}");
+    }
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use quiesce::image::manifest::ManifestError;
 use quiesce::qemu::DiskFormat;
-use quiesce::verify::blockcmp::tools::Tool;
+use quiesce::sys::{deadline, Tool, ToolError};
 use quiesce::verify::blockcmp::BlockCompareError;
 
 use crate::rng::XorShift;
@@ -18,8 +18,6 @@ use crate::stats::filesystem_of;
 pub const ROUNDS: usize = 3;
 /// Size of the benchmark disks.
 pub const DISK_SIZE: u64 = 1 << 30;
-/// Deadline of each external tool run (mkfs, qemu-img, qemu-io).
-pub(crate) const TOOL_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// What can stop a disk benchmark (`manifest` and `block-compare`). Whatever stops it, the
 /// run folder and every image in it are removed.
@@ -30,9 +28,9 @@ pub enum DiskBenchError {
     #[error("work folder {path}: {source}")]
     WorkDir { path: PathBuf, source: std::io::Error },
     /// A helper tool (mkfs.ext4, qemu-img, qemu-io) could not start, failed, or missed its
-    /// deadline; `failure` holds its exit status and what it printed.
-    #[error("{what}: {failure}")]
-    Tool { what: String, failure: String },
+    /// deadline; the error holds its command line, exit status and what it printed.
+    #[error("{what}: {source}")]
+    Tool { what: String, source: ToolError },
     /// quiesce could not make a manifest of a benchmark image: a bug in the manifest code or
     /// an image the benchmark itself made wrong, since the images are made here.
     #[error(transparent)]
@@ -104,15 +102,15 @@ fn fill_folder(root: &Path, fill: Fill) -> Result<Filled, DiskBenchError> {
     Ok(Filled { files: n, bytes })
 }
 
-/// Runs a tool with the benchmark's deadline; `dir` takes its output.
+/// Runs a tool that must succeed within `timeout`; its stdout.
 pub(crate) fn tool(
-    dir: &Path,
     what: &str,
     program: &str,
+    timeout: Duration,
     args: &[&std::ffi::OsStr],
 ) -> Result<Vec<u8>, DiskBenchError> {
-    Tool::run(program, args, dir, "tool", TOOL_TIMEOUT)
-        .map_err(|f| DiskBenchError::Tool { what: what.to_owned(), failure: f.to_string() })
+    let out = Tool::new(program, timeout).args(args).run();
+    out.map(|o| o.stdout).map_err(|source| DiskBenchError::Tool { what: what.to_owned(), source })
 }
 
 /// A sparse 1 GiB raw image at `raw` holding an ext4 filesystem (mkfs.ext4 defaults) with
@@ -122,9 +120,9 @@ pub(crate) fn ext4_image(dir: &Path, fill: Fill, raw: &Path) -> Result<Filled, D
     let filled = fill_folder(&root, fill)?;
     std::fs::File::create(raw).and_then(|f| f.set_len(DISK_SIZE)).map_err(werr(raw))?;
     tool(
-        dir,
         "mkfs.ext4 -d",
         "mkfs.ext4",
+        deadline::MKFS,
         &["-q".as_ref(), "-F".as_ref(), "-d".as_ref(), root.as_os_str(), raw.as_os_str()],
     )?;
     std::fs::remove_dir_all(&root).map_err(werr(&root))?;
@@ -132,13 +130,7 @@ pub(crate) fn ext4_image(dir: &Path, fill: Fill, raw: &Path) -> Result<Filled, D
 }
 
 /// `qemu-img convert` with a deadline.
-pub(crate) fn convert(
-    dir: &Path,
-    src: &Path,
-    sf: DiskFormat,
-    dst: &Path,
-    df: DiskFormat,
-) -> Result<(), DiskBenchError> {
+pub(crate) fn convert(src: &Path, sf: DiskFormat, dst: &Path, df: DiskFormat) -> Result<(), DiskBenchError> {
     let args = [
         "convert".as_ref(),
         "-f".as_ref(),
@@ -148,7 +140,7 @@ pub(crate) fn convert(
         src.as_os_str(),
         dst.as_os_str(),
     ];
-    tool(dir, &format!("qemu-img convert of {}", src.display()), "qemu-img", &args).map(drop)
+    tool(&format!("qemu-img convert of {}", src.display()), "qemu-img", deadline::QEMU_IMG_COPY, &args).map(drop)
 }
 
 /// Stops a benchmark between steps once Ctrl-C was pressed.

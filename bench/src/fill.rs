@@ -9,6 +9,10 @@
 //! The script is plain busybox sh, so the same text runs through quiesce's own agent
 //! client and through `virsh qemu-agent-command`.
 
+/// Running [`script`] in a guest: it writes some hundreds of MiB from a shell under TCG, a
+/// minute or two on a loaded host.
+pub const FILL_DEADLINE: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Size of the random seed, MiB; the fill is a whole number of these.
 pub const SEED_MIB: u32 = 16;
 /// Least left available to the guest kernel and qemu-ga, MiB (no swap: tmpfs pages stay).

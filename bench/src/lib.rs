@@ -7,6 +7,8 @@
 //! The libvirt driver the comparisons need ([`libvirt`]) lives here, not in the library:
 //! nothing but a benchmark has a use for it.
 
+#![deny(unsafe_code)]
+
 pub mod blockcmp;
 pub mod dd;
 pub mod disk;

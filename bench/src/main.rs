@@ -2,6 +2,8 @@
 //! `cargo run --release -p quiesce-bench -- <benchmark>`: a debug build would measure
 //! unoptimised code against optimised baselines (dd, qemu-img, libvirt).
 
+#![deny(unsafe_code)]
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -15,6 +17,8 @@ use quiesce_bench::saved_state::{self, BenchOptions};
 
 /// The `quiesce` binary's progress line, so both programs report progress alike.
 #[path = "../../harness/src/cli/progress.rs"]
+// The benchmarks report steps only; a scenario's line (begin, end) is `quiesce run`'s.
+#[allow(dead_code)]
 mod progress;
 
 use progress::Progress;

@@ -11,15 +11,14 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
-use std::time::Instant;
 
 use quiesce::image::manifest::{self, Limits, Manifest};
 use quiesce::qemu::DiskFormat;
-use quiesce::verify::blockcmp::tools::Tool;
+use quiesce::sys::{deadline, Tool};
 
 #[cfg(doc)]
 use crate::disk::ROUNDS;
-use crate::disk::{check, convert, ext4_image, run_dir, timed, werr, DiskBenchError, Fill, Filled, TOOL_TIMEOUT};
+use crate::disk::{check, convert, ext4_image, run_dir, timed, werr, DiskBenchError, Fill, Filled};
 use crate::stats::{median, runs};
 
 #[derive(Debug, Clone)]
@@ -92,8 +91,8 @@ fn measure(
     check(cancel)?;
     let (qa, qb) = (dir.join("a.qcow2"), dir.join("b.qcow2"));
     progress(&format!("{what}: converting it to a pair of qcow2 images"));
-    convert(dir, &raw, DiskFormat::Raw, &qa, DiskFormat::Qcow2)?;
-    convert(dir, &raw, DiskFormat::Raw, &qb, DiskFormat::Qcow2)?;
+    convert(&raw, DiskFormat::Raw, &qa, DiskFormat::Qcow2)?;
+    convert(&raw, DiskFormat::Raw, &qb, DiskFormat::Qcow2)?;
     let read = |p: &Path, f| manifest::read_image(p, f, &Limits::default());
 
     // Warm the page cache for everything that is read, so every measurement starts alike.
@@ -141,7 +140,7 @@ fn measure(
         }
     })?;
     progress(&format!("{what}: qemu-img compare"));
-    let (compare, _) = timed(rounds, cancel, || qemu_img_compare(dir, &qa, &qb, true))?;
+    let (compare, _) = timed(rounds, cancel, || qemu_img_compare(&qa, &qb, true))?;
     for p in [&raw, &qa, &qb] {
         std::fs::remove_file(p).map_err(werr(p))?;
     }
@@ -161,7 +160,7 @@ fn measure(
 }
 
 /// `qemu-img compare -U` of two qcow2 images with a deadline; checks its verdict.
-fn qemu_img_compare(dir: &Path, a: &Path, b: &Path, expect_same: bool) -> Result<(), DiskBenchError> {
+fn qemu_img_compare(a: &Path, b: &Path, expect_same: bool) -> Result<(), DiskBenchError> {
     let args = [
         "compare".as_ref(),
         "-U".as_ref(),
@@ -173,14 +172,15 @@ fn qemu_img_compare(dir: &Path, a: &Path, b: &Path, expect_same: bool) -> Result
         a.as_os_str(),
         b.as_os_str(),
     ];
-    let failed = |failure: String| DiskBenchError::Tool { what: "qemu-img compare".into(), failure };
-    let t = Tool::spawn("qemu-img", &args, dir, "compare").map_err(|f| failed(f.to_string()))?;
-    let (status, stderr) = t.status(Instant::now() + TOOL_TIMEOUT).map_err(|f| failed(f.to_string()))?;
-    match status.code() {
+    let failed = |source| DiskBenchError::Tool { what: "qemu-img compare".into(), source };
+    let out = Tool::new("qemu-img", deadline::QEMU_IMG_COPY).args(args).output().map_err(failed)?;
+    match out.code() {
         Some(0) if expect_same => Ok(()),
         Some(1) if !expect_same => Ok(()),
-        Some(0 | 1) => Err(DiskBenchError::Check(format!("qemu-img compare said {status}, expected the opposite"))),
-        _ => Err(failed(format!("{status}: {}", stderr.trim()))),
+        Some(0 | 1) => {
+            Err(DiskBenchError::Check(format!("qemu-img compare said {}, expected the opposite", out.status)))
+        }
+        _ => Err(failed(out.into_failure())),
     }
 }
 

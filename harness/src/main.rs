@@ -1,3 +1,7 @@
+//! The `quiesce` command line (its subcommands are in `cli/`), over the library.
+
+#![deny(unsafe_code)]
+
 mod cli;
 
 use clap::Parser;

@@ -10,9 +10,6 @@ use crate::image::{recipe, GuestImage, ImageError};
 use crate::qemu::accel::{self, AccelChoice, AccelError, Verdict};
 use crate::qemu::{DiskConfig, DiskFormat, Machine, MachineConfig, MachineError};
 
-/// Under TCG the guest is ready in about 5 s; this leaves room for a loaded CI machine.
-pub const AGENT_DEADLINE: Duration = Duration::from_secs(90);
-
 #[derive(Debug, thiserror::Error)]
 pub enum GuestError {
     /// The guest image could not be built or found in the cache.
@@ -108,6 +105,6 @@ pub async fn boot(opts: GuestOptions, progress: &mut dyn FnMut(&str)) -> Result<
     progress(&format!("booting {} under {}", opts.name, verdict.accel.as_str().to_uppercase()));
     let started = Instant::now();
     let mut machine = Machine::launch(cfg).await?;
-    machine.wait_agent(AGENT_DEADLINE).await?;
+    machine.wait_agent(crate::sys::deadline::BOOT_TO_AGENT).await?;
     Ok(TestGuest { machine, image, accel: verdict, boot_time: started.elapsed(), disks })
 }

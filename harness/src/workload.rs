@@ -7,29 +7,35 @@
 //! Both are started detached (`setsid`) through guest-exec and write their first value
 //! before guest-exec returns, so a read right after the start never races them.
 
+use std::fmt;
 use std::time::Duration;
 
 use crate::qemu::exec::{self, ExecError};
 use crate::qemu::GuestAgent;
-
-const T: Duration = Duration::from_secs(30);
+use crate::sys::{deadline, shell_quote};
 
 /// Mounts the disk whose serial (the host's node name) is `serial` at `/mnt/<serial>`.
 /// Without udev in the guest, the disk is found through sysfs.
 pub async fn mount_disk(agent: &GuestAgent, serial: &str, fstype: &str) -> Result<String, ExecError> {
-    let mnt = format!("/mnt/{serial}");
-    let script = format!(
-        "dev=; for b in /sys/block/vd*; do [ \"$(cat $b/serial 2>/dev/null)\" = '{serial}' ] && dev=/dev/${{b##*/}}; done; \
-         [ -n \"$dev\" ] || {{ echo 'no disk with serial {serial}' >&2; exit 1; }}; \
+    exec::sh(agent, &mount_script(serial, fstype), deadline::GUEST_EXEC).await?;
+    Ok(format!("/mnt/{serial}"))
+}
+
+/// The guest shell script [`mount_disk`] runs, for guests reached another way (the
+/// benchmarks' libvirt guests).
+pub fn mount_script(serial: &str, fstype: &str) -> String {
+    let (mnt, serial_word) = (shell_quote(&format!("/mnt/{serial}")), shell_quote(serial));
+    let fstype = shell_quote(fstype);
+    format!(
+        "dev=; for b in /sys/block/vd*; do [ \"$(cat $b/serial 2>/dev/null)\" = {serial_word} ] && dev=/dev/${{b##*/}}; done; \
+         [ -n \"$dev\" ] || {{ echo no disk with serial {serial_word} >&2; exit 1; }}; \
          mkdir -p {mnt} && mount -t {fstype} $dev {mnt}"
-    );
-    exec::sh(agent, &script, T).await?;
-    Ok(mnt)
+    )
 }
 
 /// Reads a file in the guest (bounded by guest-exec's output limit).
 pub async fn read_file(agent: &GuestAgent, path: &str) -> Result<String, ExecError> {
-    exec::sh(agent, &format!("cat '{}'", path.replace('\'', "'\\''")), T).await
+    exec::sh(agent, &format!("cat {}", shell_quote(path)), deadline::GUEST_EXEC).await
 }
 
 /// Stops qemu-ga in the guest with SIGSTOP: installed but not answering, like a hung
@@ -42,7 +48,8 @@ pub async fn stop_agent(agent: &GuestAgent, deadline: Duration) -> Result<(), cr
         env: None,
         input_data: None,
     };
-    // The shell's parent is qemu-ga itself; the reply to guest-exec may or may not get out.
+    // The shell's parent is qemu-ga itself; the reply to guest-exec may or may not get out
+    // before it stops, so it is given a short wait and not relied on: the silence is.
     let _ = agent.execute_within(stop, Duration::from_secs(2)).await;
     agent.wait_silent(deadline).await
 }
@@ -63,20 +70,113 @@ pub async fn stop_agent_after_next_freeze(agent: &GuestAgent, silence: Duration)
          kill -STOP $p; sleep {secs}; kill -CONT $p' </dev/null >/dev/null 2>&1 &",
         secs = silence.as_secs().max(1)
     );
-    exec::sh(agent, &script, T).await.map(drop)
+    exec::sh(agent, &script, deadline::GUEST_EXEC).await.map(drop)
 }
 
 /// Starts the guest's transactional app (a VSS-writer analogue) on a mounted data folder.
 pub async fn start_app(agent: &GuestAgent, dir: &str) -> Result<(), ExecError> {
-    exec::sh(agent, &format!("quiesce-app start {dir}"), T).await.map(drop)
+    exec::sh(agent, &format!("quiesce-app start {dir}"), deadline::GUEST_EXEC).await.map(drop)
 }
 
-/// The app's own consistency check on `dir`: Ok(line) when consistent, Err(line) if not.
-pub async fn check_app(agent: &GuestAgent, dir: &str) -> Result<Result<String, String>, ExecError> {
-    let out = exec::run(agent, &["/bin/sh", "-c", &format!("quiesce-app check {dir} 2>&1")], Duration::from_secs(120))
-        .await?;
-    let line = out.stdout.lines().last().unwrap_or("").trim().to_owned();
-    Ok(if out.success() && line.starts_with("consistent") { Ok(line) } else { Err(line) })
+/// The app's own consistency check on `dir` (it never writes there).
+pub async fn check_app(agent: &GuestAgent, dir: &str) -> Result<AppCheck, ExecError> {
+    let out =
+        exec::run(agent, &["/bin/sh", "-c", &format!("quiesce-app check {dir} 2>&1")], deadline::APP_CHECK).await?;
+    Ok(AppCheck::parse(out.exit_code, &out.stdout))
+}
+
+/// The app's writer on `dir`, as `quiesce-app status` tells it.
+pub async fn app_status(agent: &GuestAgent, dir: &str) -> Result<AppStatus, ExecError> {
+    let out = exec::sh(agent, &format!("quiesce-app status {dir}"), deadline::GUEST_EXEC).await?;
+    Ok(AppStatus::parse(&out))
+}
+
+/// What `quiesce-app check` found. Its exit code and last line are the app's documented
+/// protocol (its usage text, in the guest image): read once, by [`AppCheck::parse`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AppCheck {
+    /// `consistent transfers=N total=T` (exit 0): every committed transfer is there and the
+    /// balances add up, so the store is one the app itself could have left.
+    Consistent { transfers: u64, total: i64 },
+    /// `inconsistent: REASON` (exit 1): the store is torn, as an unquiesced copy can be.
+    Inconsistent { reason: String },
+    /// Any other answer: the check itself could not run (no database, sqlite3 failed; the
+    /// app exits 2) or said something outside its protocol. `said` is its last line.
+    NotChecked { exit_code: i64, said: String },
+}
+
+impl AppCheck {
+    /// The check's answer from its exit code and output (stdout and stderr together).
+    pub fn parse(exit_code: i64, output: &str) -> AppCheck {
+        let said = output.lines().last().unwrap_or("").trim();
+        let consistent = || {
+            let rest = said.strip_prefix("consistent ")?;
+            let (transfers, total) = rest.split_once(' ')?;
+            Some(AppCheck::Consistent {
+                transfers: transfers.strip_prefix("transfers=")?.parse().ok()?,
+                total: total.strip_prefix("total=")?.parse().ok()?,
+            })
+        };
+        let answer = match exit_code {
+            0 => consistent(),
+            1 => said.strip_prefix("inconsistent: ").map(|r| AppCheck::Inconsistent { reason: r.to_owned() }),
+            _ => None,
+        };
+        answer.unwrap_or_else(|| AppCheck::NotChecked { exit_code, said: said.to_owned() })
+    }
+
+    pub fn is_consistent(&self) -> bool {
+        matches!(self, AppCheck::Consistent { .. })
+    }
+}
+
+/// The app's own words, as reports show them.
+impl fmt::Display for AppCheck {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AppCheck::Consistent { transfers, total } => write!(f, "consistent transfers={transfers} total={total}"),
+            AppCheck::Inconsistent { reason } => write!(f, "inconsistent: {reason}"),
+            AppCheck::NotChecked { said, .. } => f.write_str(said),
+        }
+    }
+}
+
+/// The app's writer, from `quiesce-app status` (its documented protocol), read by
+/// [`AppStatus::parse`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AppStatus {
+    /// `running pid=P transfers=N`: the writer runs and has committed N transfers.
+    Running { pid: u32, transfers: u64 },
+    /// `stopped transfers=N`: no writer runs; N transfers are in the store.
+    Stopped { transfers: u64 },
+    /// A line outside the protocol, as it was: no writer is known to run.
+    Unknown { said: String },
+}
+
+impl AppStatus {
+    pub fn parse(output: &str) -> AppStatus {
+        let said = output.trim();
+        let count = |w: &str| w.strip_prefix("transfers=")?.parse().ok();
+        let words: Vec<&str> = said.split_whitespace().collect();
+        let status = match words[..] {
+            ["running", pid, transfers] => pid
+                .strip_prefix("pid=")
+                .and_then(|p| p.parse().ok())
+                .zip(count(transfers))
+                .map(|(pid, transfers)| AppStatus::Running { pid, transfers }),
+            ["stopped", transfers] => count(transfers).map(|transfers| AppStatus::Stopped { transfers }),
+            _ => None,
+        };
+        status.unwrap_or_else(|| AppStatus::Unknown { said: said.to_owned() })
+    }
+
+    /// The transfers committed, if the app said.
+    pub fn transfers(&self) -> Option<u64> {
+        match self {
+            AppStatus::Running { transfers, .. } | AppStatus::Stopped { transfers } => Some(*transfers),
+            AppStatus::Unknown { .. } => None,
+        }
+    }
 }
 
 /// Starts the RAM counter, ticking about every 20 ms.
@@ -85,14 +185,14 @@ pub async fn start_counter(agent: &GuestAgent) -> Result<(), ExecError> {
         agent,
         "echo 0 > /run/counter && setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i > /run/c.tmp; \
          mv /run/c.tmp /run/counter; usleep 20000; done' </dev/null >/dev/null 2>&1 &",
-        T,
+        deadline::GUEST_EXEC,
     )
     .await
     .map(drop)
 }
 
 pub async fn read_counter(agent: &GuestAgent) -> Result<u64, ExecError> {
-    let out = exec::sh(agent, "cat /run/counter", T).await?;
+    let out = exec::sh(agent, "cat /run/counter", deadline::GUEST_EXEC).await?;
     Ok(out.trim().parse().unwrap_or(0))
 }
 
@@ -106,7 +206,7 @@ pub async fn wait_counter_above(agent: &GuestAgent, value: u64, timeout: Duratio
 
 /// The guest's boot id: the same value proves a restore continued the same boot.
 pub async fn boot_id(agent: &GuestAgent) -> Result<String, ExecError> {
-    Ok(exec::sh(agent, "cat /proc/sys/kernel/random/boot_id", T).await?.trim().to_owned())
+    Ok(exec::sh(agent, "cat /proc/sys/kernel/random/boot_id", deadline::GUEST_EXEC).await?.trim().to_owned())
 }
 
 /// Starts appending 1, 2, 3, ... (one per line) to `path`, syncing every 20 lines. Each
@@ -121,7 +221,7 @@ pub async fn start_journal(agent: &GuestAgent, path: &str) -> Result<(), ExecErr
          [ $((i % 20)) -eq 0 ] && sync; usleep 5000; done' </dev/null >/dev/null 2>&1 & \
          echo $! > /run/journal.pid"
     );
-    exec::sh(agent, &script, T).await.map(drop)
+    exec::sh(agent, &script, deadline::GUEST_EXEC).await.map(drop)
 }
 
 /// Stops the journal writer, leaving its file complete up to its last line.
@@ -135,7 +235,7 @@ pub async fn stop_journal(agent: &GuestAgent) -> Result<(), ExecError> {
 pub async fn stop_background(agent: &GuestAgent, pidfile: &str) -> Result<(), ExecError> {
     let script =
         format!("p=$(cat {pidfile}) && kill -TERM -$p && while kill -0 -$p 2>/dev/null; do usleep 10000; done; sync");
-    exec::sh(agent, &script, T).await.map(drop)
+    exec::sh(agent, &script, deadline::GUEST_EXEC).await.map(drop)
 }
 
 /// Checks a journal: every number from 1 to its last, once each, in order.
@@ -166,7 +266,7 @@ pub async fn check_journal(agent: &GuestAgent, path: &str) -> Result<JournalChec
     let script = format!(
         "sync && echo 3 > /proc/sys/vm/drop_caches && awk 'BEGIN{{b=\"\"}} {{ if (b == \"\" && $0 != NR) b = NR \" \" $0 }} END {{ print NR; print b }}' {path}"
     );
-    let out = exec::sh(agent, &script, T).await?;
+    let out = exec::sh(agent, &script, deadline::GUEST_EXEC).await?;
     Ok(parse_journal_verdict(&out))
 }
 
@@ -178,11 +278,6 @@ fn parse_journal_verdict(out: &str) -> JournalCheck {
         (at.parse().unwrap_or(0), held.to_owned())
     });
     JournalCheck { lines: n, first_break }
-}
-
-/// The transfer count of the app's check line ("consistent transfers=N total=T").
-pub fn transfers_in(check_line: &str) -> Option<u64> {
-    check_line.split_whitespace().find_map(|w| w.strip_prefix("transfers="))?.parse().ok()
 }
 
 /// Where the journal writer logs when each line was issued and acknowledged (a tmpfs).
@@ -212,7 +307,7 @@ pub async fn journal_at_freeze(agent: &GuestAgent, freeze_cs: u64, thaw_cs: u64)
         f = at(freeze_cs),
         t = at(thaw_cs)
     );
-    let out = exec::sh(agent, &script, T).await?;
+    let out = exec::sh(agent, &script, deadline::GUEST_EXEC).await?;
     let mut lines = out.lines().map(str::trim);
     let mut num = || lines.next().and_then(|l| l.parse::<u64>().ok());
     Ok(JournalAtFreeze {
@@ -244,19 +339,54 @@ mod tests {
     use super::*;
 
     #[test]
-    fn transfer_counts_of_check_lines() {
-        assert_eq!(transfers_in("consistent transfers=1712 total=10000"), Some(1712));
-        assert_eq!(transfers_in("inconsistent: transfers.seq is not 1..N"), None);
-        assert_eq!(transfers_in("consistent transfers=x"), None);
-    }
-
-    #[test]
     fn journals_read_from_an_image() {
         assert_eq!(journal_of(b"1\n2\n3\n"), JournalCheck { lines: 3, first_break: None });
         assert_eq!(journal_of(b"1\n2\n4\n").first_break, Some((3, "4".into())));
         assert_eq!(journal_of(b"1\n2\n\0\0\0\n").first_break, Some((3, "\0\0\0".into())));
         assert_eq!(journal_of(b"1\n2").first_break, Some((2, "(no end of line)".into())));
         assert!(!journal_of(b"").intact());
+    }
+
+    #[test]
+    fn the_app_check_is_read_from_its_exit_code_and_last_line() {
+        let check = AppCheck::parse(0, "some noise\nconsistent transfers=1207 total=10000\n");
+        assert_eq!(check, AppCheck::Consistent { transfers: 1207, total: 10000 });
+        assert!(check.is_consistent());
+        assert_eq!(check.to_string(), "consistent transfers=1207 total=10000");
+        let torn = AppCheck::parse(1, "inconsistent: total 9913, expected 10000\n");
+        assert_eq!(torn, AppCheck::Inconsistent { reason: "total 9913, expected 10000".into() });
+        assert_eq!(torn.to_string(), "inconsistent: total 9913, expected 10000");
+        // The check could not run, or its words and exit code disagree: never consistent.
+        for (code, out) in [
+            (2, "quiesce-app: no database /mnt/data/app.db\n"),
+            (1, "consistent transfers=3 total=10000"),
+            (0, "inconsistent: x"),
+            (0, "consistent transfers=many total=10000"),
+            (0, "consistently wrong"),
+            (0, ""),
+        ] {
+            let c = AppCheck::parse(code, out);
+            assert!(matches!(c, AppCheck::NotChecked { .. }), "{code} {out:?}: {c:?}");
+            assert_eq!(c.to_string(), out.trim());
+        }
+    }
+
+    #[test]
+    fn the_app_status_is_read_from_its_line() {
+        assert_eq!(AppStatus::parse("running pid=412 transfers=88\n"), AppStatus::Running { pid: 412, transfers: 88 });
+        assert_eq!(AppStatus::parse("stopped transfers=7"), AppStatus::Stopped { transfers: 7 });
+        assert_eq!(AppStatus::parse("stopped transfers=7").transfers(), Some(7));
+        for odd in ["", "running", "running pid=x transfers=1", "runningpid=1 transfers=1", "stopped 7"] {
+            assert_eq!(AppStatus::parse(odd), AppStatus::Unknown { said: odd.into() }, "{odd:?}");
+        }
+    }
+
+    #[test]
+    fn the_mount_script_finds_the_disk_by_serial_and_quotes_it() {
+        let s = mount_script("data2", "ext4");
+        assert!(s.contains("= data2 ]") && s.ends_with("mount -t ext4 $dev /mnt/data2"), "{s}");
+        let odd = mount_script("it's", "ext4");
+        assert!(odd.contains(r"= 'it'\''s' ]") && odd.ends_with(r"$dev '/mnt/it'\''s'"), "{odd}");
     }
 
     #[test]

@@ -107,6 +107,141 @@ fn verify_catches_a_flipped_byte_in_a_kept_backup() {
     let stdout = String::from_utf8_lossy(&bad.stdout);
     assert_eq!(bad.status.code(), Some(1), "{stdout}");
     assert!(stdout.contains("MISMATCH") && stdout.contains("vms/vm1/root.qcow2"), "{stdout}");
+
+    // The boot files a restore boots are checked too.
+    let kernel = backup.join("vms/vm1/boot/vmlinuz");
+    let mut bytes = std::fs::read(&kernel).unwrap();
+    bytes[100] ^= 0x01;
+    std::fs::write(&kernel, bytes).unwrap();
+    let bad = quiesce().arg("verify").arg(&backup).output().unwrap();
+    let stdout = String::from_utf8_lossy(&bad.stdout);
+    assert_eq!(bad.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains(&format!("MISMATCH {}", kernel.display())), "{stdout}");
+    assert!(stdout.contains("2 of "), "{stdout}");
+}
+
+/// A backup of one VM written by quiesce's own writer, with no guest: a disk, a state and
+/// the boot files, as a Saved State backup has them.
+fn small_backup(dir: &std::path::Path) -> std::path::PathBuf {
+    use quiesce::backup::folder::sha256_file;
+    let path = dir.join("backup");
+    let mut w = quiesce::backup::BackupWriter::create(&path, "10.0.2").unwrap();
+    let vm_dir = w.vm_dir("vm1").unwrap();
+    std::fs::create_dir_all(vm_dir.join("boot")).unwrap();
+    for (f, content) in [
+        ("root.qcow2", "a disk"),
+        ("state.bin", "a state"),
+        ("boot/vmlinuz", "a kernel"),
+        ("boot/initrd.img", "an initrd"),
+    ] {
+        std::fs::write(vm_dir.join(f), content).unwrap();
+    }
+    let (disk_sha, disk_bytes) = sha256_file(&vm_dir.join("root.qcow2")).unwrap();
+    let (state_sha, state_bytes) = sha256_file(&vm_dir.join("state.bin")).unwrap();
+    let vm = serde_json::from_value(serde_json::json!({
+        "name": "vm1", "method": "saved-state", "method_reason": "test", "run_state_before": "running",
+        "machine": {"machine_type": "q35", "accel": "tcg", "memory_mib": 256, "cpus": 1, "agent": true,
+                    "kernel": "boot/vmlinuz", "initrd": "boot/initrd.img", "append": "", "disk_order": ["root"]},
+        "disks": [{"node_name": "root", "format": "qcow2", "virtual_size": 6, "file": "root.qcow2", "bytes": disk_bytes, "sha256": disk_sha}],
+        "state": {"file": "state.bin", "bytes": state_bytes, "sha256": state_sha, "mapped_ram": false, "multifd_channels": null},
+        "timings": {"capture_ms": 1.0},
+    }))
+    .unwrap();
+    w.add(vm);
+    w.commit().unwrap();
+    path
+}
+
+fn edit_manifest(backup: &std::path::Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let m = backup.join("manifest.json");
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&m).unwrap()).unwrap();
+    edit(&mut v);
+    std::fs::write(&m, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+}
+
+fn verify(backup: &std::path::Path) -> (Option<i32>, String, String) {
+    let out = quiesce().arg("verify").arg(backup).output().unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+/// The attack of issue 14: a manifest that names a host file. verify refuses the backup,
+/// naming the entry and the path, and hashes nothing.
+#[test]
+fn verify_refuses_a_manifest_that_names_a_host_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let backup = small_backup(dir.path());
+    assert_eq!(verify(&backup).0, Some(0));
+    edit_manifest(&backup, |m| m["vms"][0]["disks"][0]["file"] = "../../../../etc/passwd".into());
+    let (code, stdout, stderr) = verify(&backup);
+    assert_eq!(code, Some(1), "{stdout}{stderr}");
+    assert!(
+        stderr.contains(
+            "VM vm1: the disk root is \"../../../../etc/passwd\", which is refused: it has a \"..\" component"
+        ),
+        "{stderr}"
+    );
+    assert!(!stdout.contains("MISMATCH") && !stdout.contains("checksums"), "nothing was hashed: {stdout}");
+
+    let backup = small_backup(&dir.path().join("abs"));
+    edit_manifest(&backup, |m| m["vms"][0]["state"]["file"] = "/etc/passwd".into());
+    let (code, _, stderr) = verify(&backup);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("the saved state is \"/etc/passwd\", which is refused: it is absolute"), "{stderr}");
+
+    // The same through diff, which reads a backup's disks.
+    let other = small_backup(&dir.path().join("other"));
+    let out = quiesce().arg("diff").arg(&other).arg(&backup).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("which is refused: it is absolute"), "{stderr}");
+}
+
+/// A link inside the backup is refused wherever it leads: a disk linked to a host file, a
+/// VM folder linked to a folder elsewhere.
+#[test]
+fn verify_refuses_links_out_of_the_backup() {
+    let dir = tempfile::tempdir().unwrap();
+    let backup = small_backup(&dir.path().join("a"));
+    let disk = backup.join("vms/vm1/root.qcow2");
+    std::fs::remove_file(&disk).unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", &disk).unwrap();
+    let (code, _, stderr) = verify(&backup);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("vms/vm1/root.qcow2 is a symbolic link to \"/etc/passwd\", which leads outside the backup"),
+        "{stderr}"
+    );
+
+    let backup = small_backup(&dir.path().join("b"));
+    let elsewhere = dir.path().join("elsewhere");
+    std::fs::rename(backup.join("vms/vm1"), &elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, backup.join("vms/vm1")).unwrap();
+    let (code, _, stderr) = verify(&backup);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("vms/vm1 is a symbolic link to"), "{stderr}");
+}
+
+/// Every file is checked (a flipped byte in the kernel is named); a file the manifest does
+/// not list is a warning that names it, and verify still passes.
+#[test]
+fn verify_checks_boot_files_and_warns_of_unlisted_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let backup = small_backup(dir.path());
+    std::fs::write(backup.join("vms/vm1/boot/notes.txt"), "?").unwrap();
+    let (code, stdout, stderr) = verify(&backup);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("1 VMs, 4 files, all checksums match"), "{stdout}");
+    assert!(
+        stderr.contains("warning: vms/vm1/boot/notes.txt: a file the manifest does not list (not part of the backup)"),
+        "{stderr}"
+    );
+    std::fs::write(backup.join("vms/vm1/boot/vmlinuz"), "a kernem").unwrap();
+    let (code, stdout, _) = verify(&backup);
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(
+        stdout.contains(&format!("MISMATCH {}: expected sha256", backup.join("vms/vm1/boot/vmlinuz").display())),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -135,4 +270,75 @@ fn diff_blocks_finds_what_lies_below_the_files() {
     assert_eq!(blocks.status.code(), Some(1), "{stdout}");
     assert!(stdout.contains(&format!("= blocks: differ at byte {at}")), "{stdout}");
     assert!(stdout.contains("1 disk(s) differ block by block"), "{stdout}");
+}
+
+/// `quiesce report DIR` rebuilds the page and the JUnit file from the JSON reports a run
+/// left, and prints the summary: one row per VM, and the counts.
+#[test]
+fn report_rebuilds_the_page_and_junit_from_json_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/reports");
+    for e in std::fs::read_dir(&data).unwrap().flatten() {
+        if e.path().extension().is_some_and(|x| x == "json") {
+            std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
+        }
+    }
+    let junit = dir.path().join("out/junit.xml");
+    let out = quiesce().arg("report").arg(dir.path()).arg("--junit").arg(&junit).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("5 passed, 2 failed, 1 skipped"), "{stdout}");
+    // The set of three VMs: a row each, with its own method.
+    let set: Vec<&str> = stdout.lines().skip_while(|l| !l.starts_with("set-three-vms-mixed")).take(3).collect();
+    assert!(set[0].contains("web") && set[0].contains("child-snapshot"), "{stdout}");
+    assert!(set[2].contains("batch") && set[2].contains("saved-state") && set[2].contains("none (paused)"), "{stdout}");
+    let page = std::fs::read_to_string(dir.path().join("index.html")).unwrap();
+    assert!(page.contains(r#"id="s-qemu-killed-unexpectedly" data-status="failed""#));
+    let xml = std::fs::read_to_string(&junit).unwrap();
+    assert!(xml.contains(r#"<testcase name="windows-child-snapshot" classname="quiesce.scenarios""#), "{xml}");
+
+    // A file in the folder that is not a report is named, and nothing is written over.
+    std::fs::write(dir.path().join("notes.json"), "{\"hello\": 1}").unwrap();
+    let bad = quiesce().arg("report").arg(dir.path()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("notes.json: not a quiesce scenario report"), "{stderr}");
+}
+
+/// `quiesce run --junit FILE` on a real guest: the JUnit file has the scenario as a passed
+/// test case with its time, and the report folder has the page with the VM's timeline.
+#[test]
+fn run_writes_junit_and_the_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("paused.toml");
+    std::fs::write(
+        &file,
+        "description = \"a paused VM saved\"\n\n[[vm]]\nname = \"vm1\"\nstate = \"paused\"\n\n[backup]\nmethod = \"saved-state\"\n",
+    )
+    .unwrap();
+    let reports = dir.path().join("reports");
+    let junit = dir.path().join("ci/junit.xml");
+    let out = quiesce()
+        .arg("run")
+        .arg(&file)
+        .arg("--report-dir")
+        .arg(&reports)
+        .arg("--junit")
+        .arg(&junit)
+        .env("CI", "true")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // In CI, plain progress lines: the scenario, its steps, its result.
+    assert!(stderr.contains("[1/1] paused\n") && stderr.contains("[1/1] paused: passed ("), "{stderr}");
+    let xml = std::fs::read_to_string(&junit).unwrap();
+    let back = quick_junit::Report::deserialize_from_str(&xml).unwrap();
+    let case = &back.test_suites[0].test_cases[0];
+    assert_eq!(case.name.as_str(), "paused");
+    assert!(matches!(case.status, quick_junit::TestCaseStatus::Success { .. }), "{xml}");
+    assert!(case.time.is_some_and(|t| t.as_secs_f64() > 0.5), "{xml}");
+    let page = std::fs::read_to_string(reports.join("index.html")).unwrap();
+    assert!(page.contains(r#"id="s-paused" data-status="passed""#), "{page}");
+    assert!(page.contains(r#"<svg class="timeline" data-vm="vm1""#) && page.contains("none: the VM was paused"));
 }

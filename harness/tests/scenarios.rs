@@ -2,6 +2,11 @@
 //! with the insta fixture kept beside it (`scenarios/snapshots/NAME.snap`). Review changed
 //! fixtures with `cargo insta review`. One more test fails on fixtures without a scenario
 //! and on pending ones, so CI never carries stale or unreviewed fixtures.
+//!
+//! Scenarios in sub-folders (`scenarios/windows/`) keep their fixtures in their own
+//! `snapshots/`. One that cannot run here (a Windows VM and no Windows image) is marked
+//! ignored, so the test summary counts it as skipped, never as passed; it needs no fixture
+//! until it can run.
 
 use std::path::{Path, PathBuf};
 
@@ -16,8 +21,9 @@ fn scenarios_dir() -> PathBuf {
     root().join("scenarios")
 }
 
-fn snapshots_dir() -> PathBuf {
-    scenarios_dir().join("snapshots")
+/// Where the fixture of the scenario at `path` lives: `snapshots/` beside it.
+fn snapshots_of(path: &Path) -> PathBuf {
+    path.parent().map(Path::to_owned).unwrap_or_else(scenarios_dir).join("snapshots")
 }
 
 fn run_scenario(path: &Path) -> Result<(), Failed> {
@@ -32,9 +38,14 @@ fn run_scenario(path: &Path) -> Result<(), Failed> {
     };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let report = rt.block_on(scenario::run(&s, &opts, &mut |m| eprintln!("  {m}")));
+    if let Some(why) = &report.skipped {
+        // Only reached with --include-ignored: a skip is not a pass, and has no fixture.
+        eprintln!("scenario {} skipped: {why}", s.name);
+        return Ok(());
+    }
     let fx = fixture::of(&report);
     let mut settings = insta::Settings::clone_current();
-    settings.set_snapshot_path(snapshots_dir());
+    settings.set_snapshot_path(snapshots_of(path));
     settings.set_prepend_module_to_snapshot(false);
     settings.set_omit_expression(true);
     settings.set_description(s.file.description.clone());
@@ -50,23 +61,29 @@ fn run_scenario(path: &Path) -> Result<(), Failed> {
     Ok(())
 }
 
-/// Every fixture belongs to a scenario, and none is pending review.
+/// Every fixture belongs to a scenario beside its folder, and none is pending review.
+/// Every scenario that can run here has a fixture.
 fn fixtures_are_referenced() -> Result<(), Failed> {
-    let names: Vec<String> = scenario::discover(&scenarios_dir())?
-        .iter()
-        .filter_map(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
-        .collect();
+    let paths = scenario::discover(&scenarios_dir())?;
+    let stem = |p: &Path| p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     let mut problems = Vec::new();
-    for e in std::fs::read_dir(snapshots_dir())?.flatten() {
-        let file = e.file_name().to_string_lossy().into_owned();
-        match file.strip_suffix(".snap") {
-            Some(stem) if names.iter().any(|n| n == stem) => {}
-            Some(stem) => problems.push(format!("{file}: no scenario {stem}.toml uses it (remove it)")),
-            None => problems.push(format!("{file}: pending or unknown file (run `cargo insta review`)")),
+    let mut folders: Vec<PathBuf> = paths.iter().map(|p| snapshots_of(p)).collect();
+    folders.dedup();
+    for dir in folders.iter().filter(|d| d.is_dir()) {
+        let names: Vec<String> = paths.iter().filter(|p| &snapshots_of(p) == dir).map(|p| stem(p)).collect();
+        for e in std::fs::read_dir(dir)?.flatten() {
+            let file = e.file_name().to_string_lossy().into_owned();
+            match file.strip_suffix(".snap") {
+                Some(stem) if names.iter().any(|n| n == stem) => {}
+                Some(stem) => problems.push(format!("{file}: no scenario {stem}.toml uses it (remove it)")),
+                None => problems.push(format!("{file}: pending or unknown file (run `cargo insta review`)")),
+            }
         }
     }
-    for n in &names {
-        if !snapshots_dir().join(format!("{n}.snap")).exists() {
+    for p in &paths {
+        let n = stem(p);
+        let runnable = scenario::load(p).map(|s| scenario::skip_reason(&s).is_none()).unwrap_or(true);
+        if runnable && !snapshots_of(p).join(format!("{n}.snap")).exists() {
             problems.push(format!("scenario {n} has no fixture (run it with INSTA_UPDATE=always, then review)"));
         }
     }
@@ -82,7 +99,13 @@ fn main() {
     let mut trials = vec![Trial::test("fixtures_are_referenced", fixtures_are_referenced)];
     for path in scenario::discover(&scenarios_dir()).expect("the scenarios folder") {
         let name = path.file_stem().unwrap().to_string_lossy().into_owned();
-        trials.push(Trial::test(format!("scenario::{name}"), move || run_scenario(&path)));
+        // Skipped (ignored) when it cannot run here; the reason is in `quiesce run`'s report.
+        let skip = scenario::load(&path).ok().and_then(|s| scenario::skip_reason(&s));
+        if let Some(why) = &skip {
+            eprintln!("scenario::{name} is skipped: {why}");
+        }
+        let trial = Trial::test(format!("scenario::{name}"), move || run_scenario(&path));
+        trials.push(trial.with_ignored_flag(skip.is_some()));
     }
     libtest_mimic::run(&args, trials).exit();
 }

@@ -7,23 +7,12 @@ use std::time::Instant;
 
 use quiesce::image::{qemu_img, seed, GuestImage};
 use quiesce::qemu::{Accel, DiskFormat};
-use quiesce::testguest;
-#[cfg(doc)]
+use quiesce::sys::deadline;
 use quiesce::workload;
 
 use super::report::disks_label;
-use super::{data_seed, LibvirtCase, COMMIT_DEADLINE, MEMORY_MIB, SNAPSHOT_DEADLINE, T};
+use super::{data_seed, LibvirtCase, MEMORY_MIB, SNAPSHOT_DEADLINE};
 use crate::libvirt::{self, DataDisk, DomainSpec, Libvirt, LibvirtError};
-
-/// The mount script of [`workload::mount_disk`], for a guest reached through libvirt.
-fn mount_script(serial: &str, fstype: &str) -> String {
-    let mnt = format!("/mnt/{serial}");
-    format!(
-        "dev=; for b in /sys/block/vd*; do [ \"$(cat $b/serial 2>/dev/null)\" = '{serial}' ] && dev=/dev/${{b##*/}}; done; \
-         [ -n \"$dev\" ] || {{ echo 'no disk with serial {serial}' >&2; exit 1; }}; \
-         mkdir -p {mnt} && mount -t {fstype} $dev {mnt}"
-    )
-}
 
 fn lv_io(what: &str) -> impl FnOnce(std::io::Error) -> LibvirtError + '_ {
     move |source| LibvirtError::Io { what: what.to_owned(), source }
@@ -91,9 +80,9 @@ pub(super) async fn domain_up(
     };
     progress(&format!("{}: booting the same guest under libvirt ({name})", disks_label(n)));
     lv.create(&spec).await?;
-    lv.wait_agent(&name, &serial_log, testguest::AGENT_DEADLINE).await?;
+    lv.wait_agent(&name, &serial_log, deadline::BOOT_TO_AGENT).await?;
     for d in &data_disks {
-        lv.guest_sh(&name, &mount_script(&d.serial, "ext4"), T).await?;
+        lv.guest_sh(&name, &workload::mount_script(&d.serial, "ext4"), deadline::GUEST_EXEC).await?;
     }
     let chains = lv.disks(&name).await?;
     Ok(Domain { name, dir, chains })
@@ -120,7 +109,7 @@ pub(super) async fn libvirt_round(lv: &Libvirt, d: &Domain, i: usize, c: &mut Li
     };
     let on = lv.disks(name).await?;
     for (target, _) in &on {
-        lv.commit_top(name, target, COMMIT_DEADLINE).await?;
+        lv.commit_top(name, target, deadline::BLOCK_MERGE).await?;
     }
     let now = lv.disks(name).await?;
     if now != d.chains {
@@ -142,15 +131,4 @@ pub(super) async fn libvirt_round(lv: &Libvirt, d: &Domain, i: usize, c: &mut Li
         c.frozen = w.frozen.or(c.frozen);
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mount_script_finds_the_disk_by_serial() {
-        let s = mount_script("data2", "ext4");
-        assert!(s.contains("= 'data2' ]") && s.ends_with("mount -t ext4 $dev /mnt/data2"), "{s}");
-    }
 }

@@ -75,12 +75,10 @@ pub(super) const MEMORY_MIB: u32 = 512;
 pub(super) const GOAL_HOST: f64 = 0.25;
 pub(super) const GOAL_WINDOW: f64 = 1.0;
 
-pub(super) const T: Duration = Duration::from_secs(30);
-/// As the Child VM Snapshot's own deadlines.
-pub(super) const FREEZE_DEADLINE: Duration = Duration::from_secs(8);
-pub(super) const THAW_DEADLINE: Duration = Duration::from_secs(10);
+/// libvirt's whole `snapshot-create-as --disk-only --quiesce` (freeze, one overlay per disk,
+/// thaw): as long as the freeze and thaw it waits for, and a few QMP commands. (Every other
+/// wait here is one of the library's `sys::deadline`s, as the Child VM Snapshot's own.)
 pub(super) const SNAPSHOT_DEADLINE: Duration = Duration::from_secs(60);
-pub(super) const COMMIT_DEADLINE: Duration = Duration::from_secs(120);
 
 /// What stops the freeze-window benchmark. Whatever stops it, every VM, libvirt domain and
 /// daemon it started is stopped and its files are removed (guards, on every path).

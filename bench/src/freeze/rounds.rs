@@ -7,16 +7,17 @@ use std::time::Instant;
 
 use quiesce::backup::child_snapshot::{self, SnapshotSettings, Undo};
 use quiesce::qemu::Machine;
+use quiesce::sys::deadline;
 use quiesce::timeline::Timeline;
 use serde_json::{json, Value};
 
-use super::{io, step_ms, FreezeBenchError, Series, COMMIT_DEADLINE, FREEZE_DEADLINE, T, THAW_DEADLINE};
+use super::{io, step_ms, FreezeBenchError, Series};
 
 /// One freeze and thaw through our agent client (thawed even if the freeze failed).
 pub(super) async fn warm_up(m: &Machine) -> Result<(), FreezeBenchError> {
     let agent = m.agent().map_err(FreezeBenchError::Agent)?;
-    let frozen = agent.execute_raw("guest-fsfreeze-freeze", Value::Null, FREEZE_DEADLINE).await;
-    let thawed = agent.execute_raw("guest-fsfreeze-thaw", Value::Null, THAW_DEADLINE).await;
+    let frozen = agent.execute_raw("guest-fsfreeze-freeze", Value::Null, deadline::GUEST_FREEZE).await;
+    let thawed = agent.execute_raw("guest-fsfreeze-thaw", Value::Null, deadline::GUEST_THAW).await;
     let warm = |what: &str, e: quiesce::qemu::AgentError| FreezeBenchError::WarmUp(format!("{what}: {e}"));
     frozen.map_err(|e| warm("guest-fsfreeze-freeze", e))?;
     thawed.map_err(|e| warm("guest-fsfreeze-thaw", e))?;
@@ -79,15 +80,17 @@ pub(super) async fn bare_round(
         .collect();
 
     let t0 = Instant::now();
-    let frozen = agent.execute_raw("guest-fsfreeze-freeze", Value::Null, FREEZE_DEADLINE).await;
+    let frozen = agent.execute_raw("guest-fsfreeze-freeze", Value::Null, deadline::GUEST_FREEZE).await;
     let t1 = Instant::now();
     let snapped = match &frozen {
-        Ok(_) => m.qmp().execute_raw("transaction", json!({ "actions": actions }), T).await.map(drop),
+        Ok(_) => {
+            m.qmp().execute_raw("transaction", json!({ "actions": actions }), deadline::QMP_COMMAND).await.map(drop)
+        }
         Err(_) => Ok(()),
     };
     let t2 = Instant::now();
     // Thawed whatever happened above (a failed freeze may have frozen some filesystems).
-    let thawed = agent.execute_raw("guest-fsfreeze-thaw", Value::Null, THAW_DEADLINE).await;
+    let thawed = agent.execute_raw("guest-fsfreeze-thaw", Value::Null, deadline::GUEST_THAW).await;
     let t3 = Instant::now();
     // The transaction is atomic: every overlay is on, or none; merge what is on.
     let merged = bare_merge(m, &overlays).await;
@@ -107,7 +110,11 @@ pub(super) async fn bare_round(
 /// and removes the overlay files.
 async fn bare_merge(m: &Machine, overlays: &[(String, String, PathBuf)]) -> Result<(), FreezeBenchError> {
     let q = |what: &str, e| FreezeBenchError::Bare(format!("{what}: {}", m.qmp_err(e)));
-    let blocks = m.qmp().execute_raw("query-block", Value::Null, T).await.map_err(|e| q("query-block", e))?;
+    let blocks = m
+        .qmp()
+        .execute_raw("query-block", Value::Null, deadline::QMP_COMMAND)
+        .await
+        .map_err(|e| q("query-block", e))?;
     let active: Vec<&str> = blocks
         .as_array()
         .map(Vec::as_slice)
@@ -120,14 +127,24 @@ async fn bare_merge(m: &Machine, overlays: &[(String, String, PathBuf)]) -> Resu
         let _ = m.qmp().events().drain("BLOCK_JOB_READY");
         let _ = m.qmp().events().drain("BLOCK_JOB_COMPLETED");
         m.qmp()
-            .execute_raw("block-commit", json!({"job-id": job, "device": snap, "base-node": node}), T)
+            .execute_raw(
+                "block-commit",
+                json!({"job-id": job, "device": snap, "base-node": node}),
+                deadline::QMP_COMMAND,
+            )
             .await
             .map_err(|e| q("block-commit", e))?;
         let is_job = |d: &Value| d["device"] == job.as_str();
-        m.qmp().wait_event("BLOCK_JOB_READY", is_job, COMMIT_DEADLINE).await.map_err(|e| q("commit ready", e))?;
-        m.qmp().execute_raw("job-complete", json!({"id": job}), T).await.map_err(|e| q("job-complete", e))?;
-        let done =
-            m.qmp().wait_event("BLOCK_JOB_COMPLETED", is_job, COMMIT_DEADLINE).await.map_err(|e| q("pivot", e))?;
+        m.qmp().wait_event("BLOCK_JOB_READY", is_job, deadline::BLOCK_MERGE).await.map_err(|e| q("commit ready", e))?;
+        m.qmp()
+            .execute_raw("job-complete", json!({"id": job}), deadline::QMP_COMMAND)
+            .await
+            .map_err(|e| q("job-complete", e))?;
+        let done = m
+            .qmp()
+            .wait_event("BLOCK_JOB_COMPLETED", is_job, deadline::BLOCK_MERGE)
+            .await
+            .map_err(|e| q("pivot", e))?;
         if let Some(err) = done.data["error"].as_str() {
             return Err(FreezeBenchError::Bare(format!("merging {snap} into {node}: {err}")));
         }
@@ -135,7 +152,7 @@ async fn bare_merge(m: &Machine, overlays: &[(String, String, PathBuf)]) -> Resu
     // QEMU made these nodes itself; once pivoted away from, nothing holds them and they go.
     let nodes = m
         .qmp()
-        .execute_raw("query-named-block-nodes", json!({"flat": true}), T)
+        .execute_raw("query-named-block-nodes", json!({"flat": true}), deadline::QMP_COMMAND)
         .await
         .map_err(|e| q("query-named-block-nodes", e))?;
     let left: Vec<&str> = nodes

@@ -2,12 +2,12 @@
 //! mount namespace of its own (see the notes of [`super`]).
 
 use std::fs;
-use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use super::pidfd::{pidfd_open, pidfd_wait};
+use quiesce::sys::{Process, Tool, ToolError};
+
 use super::{io, read_pid, Libvirt, LibvirtError};
 
 const SYSTEM_SOCK: &str = "/run/libvirt/libvirt-sock";
@@ -20,8 +20,12 @@ const QEMU_CONF_TEXT: &str = "stdio_handler = \"file\"\nnamespaces = [ ]\n";
 /// is libvirtd's command line. The bind mounts are seen only by this libvirtd and its QEMUs.
 const LAUNCH_SCRIPT: &str = "set -e; mount --bind \"$1\" /etc/libvirt/qemu.conf; \
     if [ -n \"$2\" ]; then mount --bind \"$2\" /dev/kvm; fi; shift 2; exec \"$@\"";
-/// Deadline for `libvirtd --daemon` (the parent returns once the sockets listen).
-const START: Duration = Duration::from_secs(30);
+/// `libvirtd --daemon` returning: its parent returns once the daemon's sockets listen, a
+/// second or two.
+const LIBVIRTD_START: Duration = Duration::from_secs(30);
+/// The first virsh command of a run: libvirt's QEMU driver probes QEMU before it answers
+/// (about 10 s cold, up to 12 s under TCG; see the module notes of [`super`]).
+const LIBVIRT_FIRST_ANSWER: Duration = Duration::from_secs(120);
 
 /// Finds a program in `$PATH`, then in the sbin folders root's PATH may lack.
 pub fn find_program(name: &str) -> Option<PathBuf> {
@@ -39,32 +43,24 @@ fn listening(sock: &str) -> bool {
 /// A daemon this run started, held by a pidfd.
 pub(super) struct Daemon {
     pub(super) name: String,
-    pub(super) pid: i32,
-    pub(super) pidfd: OwnedFd,
+    pub(super) process: Process,
 }
 
+/// Runs `program args` (`unshare ... libvirtd --daemon`), which returns once the daemon it
+/// forked listens, and takes hold of that daemon by the pid it wrote. The daemon has left
+/// the process group of the program we ran (it makes a session of its own), so it outlives
+/// the runner's clean-up of that group.
 async fn start_daemon(program: &Path, args: &[String], pid_file: &Path) -> Result<Daemon, LibvirtError> {
     let name = "libvirtd".to_owned();
     let fail = |why: String| LibvirtError::Start { daemon: name.clone(), why };
-    let child = tokio::process::Command::new(program)
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| fail(format!("{}: {e}", program.display())))?;
-    let out = tokio::time::timeout(START, child.wait_with_output())
-        .await
-        .map_err(|_| fail(format!("`libvirtd --daemon` did not return within {START:?}")))?
-        .map_err(|e| fail(e.to_string()))?;
-    if !out.status.success() {
-        let said = String::from_utf8_lossy(&[out.stdout, out.stderr].concat()).trim().to_owned();
-        return Err(fail(format!("it exited {}: {said}", out.status)));
+    match Tool::new(program, LIBVIRTD_START).args(args).run_async().await {
+        Ok(_) => {}
+        Err(ToolError::Failed { status, stderr, .. }) => return Err(fail(format!("it exited {status}: {stderr}"))),
+        Err(e) => return Err(fail(e.to_string())),
     }
     let pid = read_pid(pid_file).ok_or_else(|| fail(format!("no pid in {}", pid_file.display())))?;
-    let pidfd = pidfd_open(pid).map_err(|e| fail(format!("pidfd_open({pid}): {e}")))?;
-    Ok(Daemon { name, pid, pidfd })
+    let process = Process::open(pid).map_err(|e| fail(format!("pidfd_open({pid}): {e}")))?;
+    Ok(Daemon { name, process })
 }
 
 /// How [`Libvirt::start_with`] starts a daemon (a libvirtd found running is used as it is).
@@ -161,7 +157,7 @@ impl Libvirt {
                 libvirtd.display(),
                 conf.display(),
                 pid_file.display(),
-                daemon.pid,
+                daemon.process.pid(),
                 qemu_conf.display(),
                 QEMU_CONF_TEXT.trim().replace('\n', ", "),
                 if mask_kvm { " and /dev/kvm masked by an empty mode-000 file" } else { "" },
@@ -172,14 +168,14 @@ impl Libvirt {
         }
         // The first connection waits for the QEMU driver to probe QEMU (about 10 s cold).
         progress("connecting to libvirt (the first time, it probes QEMU)");
-        let version = match lv.virsh(&["version"], Duration::from_secs(120)).await {
+        let version = match lv.virsh(&["version"], LIBVIRT_FIRST_ANSWER).await {
             Ok(v) => v,
             Err(e) => {
                 let dead: Vec<String> = lv
                     .daemons
                     .iter()
-                    .filter(|d| pidfd_wait(&d.pidfd, Duration::ZERO))
-                    .map(|d| format!("{} (pid {}) has exited", d.name, d.pid))
+                    .filter(|d| d.process.has_exited())
+                    .map(|d| format!("{} (pid {}) has exited", d.name, d.process.pid()))
                     .collect();
                 let log = fs::read_to_string(lv.dir.path().join("libvirtd.log")).unwrap_or_default();
                 return Err(LibvirtError::Start {

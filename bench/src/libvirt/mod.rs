@@ -18,7 +18,9 @@
 //! - The daemon is stopped through a pidfd (SIGTERM, then SIGKILL), so the signal can only
 //!   reach the process that was started. Domains are transient (`virsh create`), destroyed
 //!   before the daemon stops, and their QEMU is killed through its own pidfd if it is
-//!   somehow still there.
+//!   somehow still there. Both are held as [`quiesce::sys::Process`]es, and every program run here
+//!   (virsh, `unshare ... libvirtd`) is a [`quiesce::sys::Tool`] with a deadline: the library's
+//!   process runner, so this crate has no `unsafe` of its own.
 //! - On request ([`StartOptions::agent_debug_log`]) the daemon started here logs its guest
 //!   agent traffic at debug level, with millisecond timestamps; [`freeze_window`] reads
 //!   libvirt's freeze and thaw out of that log.
@@ -26,29 +28,48 @@
 mod daemon;
 mod domain;
 mod log;
-mod pidfd;
 
 use std::fs;
-use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use base64::Engine;
+use quiesce::sys::{deadline, Process, Tool, ToolError};
 use serde_json::{json, Value};
 
 use self::daemon::Daemon;
 pub use self::daemon::{find_program, StartOptions};
 pub use self::domain::{domain_xml, DataDisk, DomainSpec};
 pub use self::log::{freeze_window, FreezeWindow, LogError};
-use self::pidfd::{pidfd_open, pidfd_wait, run_blocking, terminate};
 
 const QEMU_RUN_DIR: &str = "/run/libvirt/qemu";
 const QEMU_LOG_DIR: &str = "/var/log/libvirt/qemu";
 const INSTALL_HINT: &str = "apt-get install -y libvirt-daemon-system libvirt-clients";
-/// Deadline for a virsh command that does no bulk work.
-const T: Duration = Duration::from_secs(30);
-const STOP_GRACE: Duration = Duration::from_secs(10);
+
+// How long each libvirt wait may take. Waits of the kinds the library has (a guest agent
+// command, a QEMU after SIGTERM, a process after SIGKILL) use its `sys::deadline`; these are
+// the waits only libvirt has.
+
+/// A virsh command that does no bulk work (`domstate`, `destroy`, `domfsfreeze`,
+/// `domblklist`...): libvirt answers in milliseconds, or in a second or two when it must
+/// ask the guest agent.
+const VIRSH_COMMAND: Duration = Duration::from_secs(30);
+/// `virsh create`: libvirt builds QEMU's command line, starts QEMU and connects to its
+/// monitor, a few seconds under TCG.
+const VIRSH_CREATE: Duration = Duration::from_secs(60);
+/// Past a virsh command's own `--timeout` (given to `blockcommit` and
+/// `qemu-agent-command`), the time virsh needs to give up and say so.
+const VIRSH_OWN_TIMEOUT_MARGIN: Duration = Duration::from_secs(10);
+/// One `guest-ping` while the guest boots: short, so an agent that comes up is found soon
+/// after it does.
+const AGENT_PING_ATTEMPT: Duration = Duration::from_secs(5);
+/// A domain's QEMU exiting after `virsh destroy`, which kills it and returns once libvirt
+/// has seen it go: at once, unless QEMU is stuck flushing a disk.
+const DOMAIN_QEMU_EXIT: Duration = Duration::from_secs(10);
+/// A libvirtd started here, after SIGTERM: it closes its connections and exits in well
+/// under a second; one that does not is killed.
+const LIBVIRTD_STOP: Duration = Duration::from_secs(10);
 
 /// What can go wrong with libvirt in a benchmark. A benchmark reports it as the libvirt
 /// comparison "not measured" and goes on with its own numbers; whatever was started is
@@ -90,7 +111,7 @@ fn io(what: &str) -> impl FnOnce(std::io::Error) -> LibvirtError + '_ {
     move |source| LibvirtError::Io { what: what.to_owned(), source }
 }
 
-fn read_pid(path: &Path) -> Option<i32> {
+fn read_pid(path: &Path) -> Option<u32> {
     fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
@@ -102,7 +123,8 @@ pub struct Libvirt {
     /// How libvirt was reached, for the report.
     pub how: String,
     daemons: Vec<Daemon>,
-    domains: Mutex<Vec<(String, Option<OwnedFd>)>>,
+    /// Each domain created, with its QEMU once its pid is known.
+    domains: Mutex<Vec<(String, Option<Process>)>>,
     stopped: bool,
     /// The daemon's log file, if this run started the daemon.
     log: Option<PathBuf>,
@@ -125,35 +147,32 @@ impl Libvirt {
         self.dir.path()
     }
 
+    /// virsh on this connection, which must finish within `timeout`.
+    fn virsh_tool(&self, args: &[&str], timeout: Duration) -> Tool<'static> {
+        Tool::new(&self.virsh, timeout).args(["-q", "-c", &self.uri]).args(args)
+    }
+
     /// Runs virsh and returns its stdout; a non-zero exit is an error with its stderr.
     pub async fn virsh(&self, args: &[&str], timeout: Duration) -> Result<String, LibvirtError> {
         let shown = args.join(" ");
-        let child = tokio::process::Command::new(&self.virsh)
-            .args(["-q", "-c", &self.uri])
-            .args(args)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(io("run virsh"))?;
-        let out = tokio::time::timeout(timeout, child.wait_with_output())
-            .await
-            .map_err(|_| LibvirtError::Timeout { args: shown.clone(), waited: timeout })?
-            .map_err(io("run virsh"))?;
-        if !out.status.success() {
-            return Err(LibvirtError::Virsh {
-                args: shown,
-                status: out.status.to_string(),
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-            });
+        match self.virsh_tool(args, timeout).run_async().await {
+            Ok(out) => Ok(out.stdout_text()),
+            Err(ToolError::Failed { status, stderr, .. }) => {
+                Err(LibvirtError::Virsh { args: shown, status: status.to_string(), stderr })
+            }
+            Err(ToolError::TimedOut { waited, .. }) => Err(LibvirtError::Timeout { args: shown, waited }),
+            Err(e) => Err(LibvirtError::Io { what: "run virsh".into(), source: std::io::Error::other(e) }),
         }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The QEMU libvirt runs for `domain`, held by pidfd, if its pid file names a live one.
+    fn domain_qemu(domain: &str) -> Option<Process> {
+        read_pid(&Path::new(QEMU_RUN_DIR).join(format!("{domain}.pid"))).and_then(|p| Process::open(p).ok())
     }
 
     /// Remembers a domain's QEMU (by pidfd) so that nothing of it outlives the run.
     fn track(&self, name: &str) {
-        let fd = read_pid(&Path::new(QEMU_RUN_DIR).join(format!("{name}.pid"))).and_then(|p| pidfd_open(p).ok());
+        let fd = Self::domain_qemu(name);
         let mut doms = self.domains.lock().unwrap_or_else(|e| e.into_inner());
         doms.retain(|(n, _)| n != name);
         doms.push((name.to_owned(), fd));
@@ -165,7 +184,7 @@ impl Libvirt {
         fs::write(&xml, domain_xml(spec)).map_err(io("write the domain XML"))?;
         // Tracked before it starts too, so a failure half-way still destroys it.
         self.domains.lock().unwrap_or_else(|e| e.into_inner()).push((spec.name.clone(), None));
-        self.virsh(&["create", &xml.to_string_lossy()], Duration::from_secs(60)).await?;
+        self.virsh(&["create", &xml.to_string_lossy()], VIRSH_CREATE).await?;
         self.track(&spec.name);
         Ok(())
     }
@@ -182,28 +201,29 @@ impl Libvirt {
         r.map(drop)
     }
 
-    pub async fn state(&self, domain: &str) -> Result<String, LibvirtError> {
-        Ok(self.virsh(&["domstate", domain], T).await?.trim().to_owned())
+    pub async fn state(&self, domain: &str) -> Result<DomainState, LibvirtError> {
+        Ok(DomainState::parse(&self.virsh(&["domstate", domain], VIRSH_COMMAND).await?))
     }
 
     /// Destroys a domain this run created and waits (on its pidfd) until its QEMU is gone.
     /// If that fails, the domain stays tracked, for [`Libvirt::stop`] to try again.
     pub async fn destroy(&self, domain: &str) -> Result<(), LibvirtError> {
-        self.virsh(&["destroy", domain], T).await?;
+        self.virsh(&["destroy", domain], VIRSH_COMMAND).await?;
         let qemu = {
             let mut doms = self.domains.lock().unwrap_or_else(|e| e.into_inner());
             let i = doms.iter().position(|(n, _)| n == domain);
-            i.map(|i| doms.remove(i)).and_then(|(_, fd)| fd)
+            i.map(|i| doms.remove(i)).and_then(|(_, p)| p)
         };
-        if let Some(fd) = qemu {
-            let (fd, gone) = tokio::task::spawn_blocking(move || {
-                let gone = pidfd_wait(&fd, Duration::from_secs(10)) || terminate(&fd, Duration::from_secs(3));
-                (fd, gone)
+        if let Some(qemu) = qemu {
+            // The waits block on the pidfd: off the runtime's workers.
+            let (qemu, gone) = tokio::task::spawn_blocking(move || {
+                let gone = stop_domain_qemu(&qemu);
+                (qemu, gone)
             })
             .await
             .map_err(|e| LibvirtError::Io { what: format!("stop libvirt domain {domain}"), source: e.into() })?;
             if !gone {
-                self.domains.lock().unwrap_or_else(|e| e.into_inner()).push((domain.to_owned(), Some(fd)));
+                self.domains.lock().unwrap_or_else(|e| e.into_inner()).push((domain.to_owned(), Some(qemu)));
                 return Err(LibvirtError::Io {
                     what: format!("stop the QEMU of libvirt domain {domain}"),
                     source: std::io::Error::other("it would not exit"),
@@ -229,14 +249,14 @@ impl Libvirt {
 
     /// `virsh domfsfreeze`, then `virsh domfsthaw`, which is tried even if the freeze failed.
     pub async fn freeze_thaw(&self, domain: &str) -> Result<(), LibvirtError> {
-        let frozen = self.virsh(&["domfsfreeze", domain], T).await;
-        let thawed = self.virsh(&["domfsthaw", domain], T).await;
+        let frozen = self.virsh(&["domfsfreeze", domain], VIRSH_COMMAND).await;
+        let thawed = self.virsh(&["domfsthaw", domain], VIRSH_COMMAND).await;
         frozen.and(thawed).map(drop)
     }
 
     /// Each disk's target (vda, ...) and the image at the top of its chain.
     pub async fn disks(&self, domain: &str) -> Result<Vec<(String, PathBuf)>, LibvirtError> {
-        let out = self.virsh(&["domblklist", domain, "--details"], T).await?;
+        let out = self.virsh(&["domblklist", domain, "--details"], VIRSH_COMMAND).await?;
         Ok(parse_domblklist(&out))
     }
 
@@ -247,18 +267,20 @@ impl Libvirt {
         let secs = timeout.as_secs().max(1).to_string();
         self.virsh(
             &["blockcommit", domain, target, "--active", "--shallow", "--pivot", "--timeout", &secs],
-            timeout + Duration::from_secs(10),
+            timeout + VIRSH_OWN_TIMEOUT_MARGIN,
         )
         .await
         .map(drop)
     }
 
-    /// One guest-agent command through libvirt; the reply's `return` value.
-    pub async fn agent(&self, domain: &str, cmd: &Value, timeout_s: u64) -> Result<Value, LibvirtError> {
+    /// One guest-agent command through libvirt, which waits `timeout` (whole seconds, at
+    /// least one) for the agent; the reply's `return` value.
+    pub async fn agent(&self, domain: &str, cmd: &Value, timeout: Duration) -> Result<Value, LibvirtError> {
+        let secs = timeout.as_secs().max(1);
         let out = self
             .virsh(
-                &["qemu-agent-command", domain, &cmd.to_string(), "--timeout", &timeout_s.to_string()],
-                Duration::from_secs(timeout_s + 10),
+                &["qemu-agent-command", domain, &cmd.to_string(), "--timeout", &secs.to_string()],
+                Duration::from_secs(secs) + VIRSH_OWN_TIMEOUT_MARGIN,
             )
             .await?;
         let v: Value = serde_json::from_str(out.trim()).map_err(|e| LibvirtError::GuestExec {
@@ -273,14 +295,17 @@ impl Libvirt {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut interval = Duration::from_millis(100);
         loop {
-            match self.agent(domain, &json!({"execute": "guest-ping"}), 5).await {
+            match self.agent(domain, &json!({"execute": "guest-ping"}), AGENT_PING_ATTEMPT).await {
                 Ok(_) => return Ok(()),
                 Err(LibvirtError::Virsh { .. }) | Err(LibvirtError::Timeout { .. }) => {}
                 Err(e) => return Err(e),
             }
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let state = self.state(domain).await.unwrap_or_default();
-            if left.is_zero() || (!state.is_empty() && state != "running") {
+            // A state that cannot be read (or is blank) is not taken for a stopped domain.
+            let state = self.state(domain).await.ok();
+            let stopped = matches!(&state, Some(DomainState::Other(s)) if !s.is_empty());
+            if left.is_zero() || stopped {
+                let state = state.map_or_else(|| "unknown".to_owned(), |s| s.to_string());
                 let serial = fs::read_to_string(serial_log).unwrap_or_default();
                 let serial = quiesce::qemu::serial::tail_of(&serial, 20);
                 return Err(LibvirtError::AgentNotReady {
@@ -300,13 +325,13 @@ impl Libvirt {
         let gerr = |what: String| LibvirtError::GuestExec { domain: domain.to_owned(), what };
         let cmd = json!({"execute": "guest-exec", "arguments": {
             "path": "/bin/sh", "arg": ["-c", script], "capture-output": true}});
-        let started = self.agent(domain, &cmd, 10).await?;
+        let started = self.agent(domain, &cmd, deadline::AGENT_COMMAND).await?;
         let pid = started["pid"].as_i64().ok_or_else(|| gerr(format!("gave no pid: {started}")))?;
         let deadline = tokio::time::Instant::now() + timeout;
         let mut interval = Duration::from_millis(50);
         loop {
-            let st =
-                self.agent(domain, &json!({"execute": "guest-exec-status", "arguments": {"pid": pid}}), 10).await?;
+            let status = json!({"execute": "guest-exec-status", "arguments": {"pid": pid}});
+            let st = self.agent(domain, &status, deadline::AGENT_COMMAND).await?;
             if st["exited"].as_bool() == Some(true) {
                 let field = |n: &str| {
                     let b = base64::engine::general_purpose::STANDARD
@@ -341,15 +366,9 @@ impl Libvirt {
         let doms = std::mem::take(&mut *self.domains.lock().unwrap_or_else(|e| e.into_inner()));
         for (name, qemu) in doms {
             // Errors are expected here (a saved domain no longer exists); the pidfd check decides.
-            let _ = run_blocking(
-                std::process::Command::new(&self.virsh).args(["-q", "-c", &self.uri, "destroy", &name]),
-                T,
-            );
-            let qemu = qemu.or_else(|| {
-                read_pid(&Path::new(QEMU_RUN_DIR).join(format!("{name}.pid"))).and_then(|p| pidfd_open(p).ok())
-            });
-            let gone = match qemu {
-                Some(fd) => pidfd_wait(&fd, Duration::from_secs(5)) || terminate(&fd, Duration::from_secs(3)),
+            let _ = self.virsh_tool(&["destroy", &name], VIRSH_COMMAND).output();
+            let gone = match qemu.or_else(|| Self::domain_qemu(&name)) {
+                Some(qemu) => stop_domain_qemu(&qemu),
                 None => true,
             };
             if gone {
@@ -360,8 +379,8 @@ impl Libvirt {
             }
         }
         while let Some(d) = self.daemons.pop() {
-            if !terminate(&d.pidfd, STOP_GRACE) {
-                problems.push(format!("{} (pid {}) would not exit", d.name, d.pid));
+            if !d.process.terminate(LIBVIRTD_STOP) {
+                problems.push(format!("{} (pid {}) would not exit", d.name, d.process.pid()));
             }
         }
         problems
@@ -372,6 +391,39 @@ impl Drop for Libvirt {
     fn drop(&mut self) {
         for p in self.stop() {
             eprintln!("quiesce-bench: libvirt clean-up: {p}");
+        }
+    }
+}
+
+/// Waits for a destroyed domain's QEMU to exit, and stops it if it does not (SIGTERM, then
+/// SIGKILL); true once it is gone. Blocks.
+fn stop_domain_qemu(qemu: &Process) -> bool {
+    qemu.wait_exit(DOMAIN_QEMU_EXIT) || qemu.terminate(deadline::QEMU_QUIT)
+}
+
+/// A domain's state, as `virsh domstate` prints it: one line, libvirt's word for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DomainState {
+    /// `running`.
+    Running,
+    /// Any other state (`paused`, `shut off`, `crashed`, ...), in libvirt's words.
+    Other(String),
+}
+
+impl DomainState {
+    pub fn parse(out: &str) -> DomainState {
+        match out.trim() {
+            "running" => DomainState::Running,
+            other => DomainState::Other(other.to_owned()),
+        }
+    }
+}
+
+impl std::fmt::Display for DomainState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DomainState::Running => f.write_str("running"),
+            DomainState::Other(s) => f.write_str(s),
         }
     }
 }
@@ -397,6 +449,13 @@ fn parse_domblklist(out: &str) -> Vec<(String, PathBuf)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn domain_states() {
+        assert_eq!(DomainState::parse("running\n\n"), DomainState::Running);
+        assert_eq!(DomainState::parse("shut off\n"), DomainState::Other("shut off".into()));
+        assert_eq!(DomainState::parse("shut off\n").to_string(), "shut off");
+    }
 
     #[test]
     fn domblklist_details() {

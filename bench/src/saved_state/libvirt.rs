@@ -7,12 +7,12 @@ use std::time::{Duration, Instant};
 
 use quiesce::image::{qemu_img, GuestImage};
 use quiesce::qemu::{Accel, DiskFormat};
-use quiesce::testguest;
+use quiesce::sys::deadline;
 
 use super::report::LibvirtNumbers;
-use super::{settle, ROUNDS, T};
+use super::{settle, ROUNDS};
 use crate::fill;
-use crate::libvirt::{self, DomainSpec, Libvirt, LibvirtError};
+use crate::libvirt::{self, DomainSpec, DomainState, Libvirt, LibvirtError};
 
 /// What the libvirt guest is made of and where its files go.
 pub(super) struct LibvirtRun<'a> {
@@ -82,10 +82,9 @@ async fn libvirt_rounds(
     };
     progress(&format!("booting the same guest under libvirt ({name})"));
     lv.create(&spec).await?;
-    lv.wait_agent(&name, &serial_log, testguest::AGENT_DEADLINE).await?;
+    lv.wait_agent(&name, &serial_log, deadline::BOOT_TO_AGENT).await?;
     progress(&format!("filling {target} MiB of the libvirt guest's RAM"));
-    let out =
-        lv.guest_sh(&name, &fill::script(target, fill::headroom_mib(memory_mib)), Duration::from_secs(600)).await?;
+    let out = lv.guest_sh(&name, &fill::script(target, fill::headroom_mib(memory_mib)), fill::FILL_DEADLINE).await?;
     let fill_mib = fill::parse_filled(&out).ok_or_else(|| LibvirtError::GuestExec {
         domain: name.clone(),
         what: format!("the fill script printed no size: {out:?}"),
@@ -106,7 +105,7 @@ async fn libvirt_rounds(
         n.restore.push(t.elapsed().as_secs_f64());
         let _ = std::fs::remove_file(&file);
         let state = lv.state(&name).await?;
-        if state != "running" {
+        if state != DomainState::Running {
             return Err(LibvirtError::GuestExec {
                 domain: name.clone(),
                 what: format!("is {state} after virsh restore, not running"),
@@ -114,6 +113,6 @@ async fn libvirt_rounds(
         }
     }
     // Not timed: the restored guest's agent answers.
-    lv.wait_agent(&name, &serial_log, T).await?;
+    lv.wait_agent(&name, &serial_log, deadline::AGENT_AFTER_RESUME).await?;
     Ok(n)
 }

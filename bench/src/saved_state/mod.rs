@@ -32,6 +32,7 @@ use quiesce::backup::{job, runstate, BackupError, BackupWriter, FolderError};
 use quiesce::qemu::caps::{self, CapsError};
 use quiesce::qemu::exec::{self, ExecError};
 use quiesce::qemu::{Machine, MachineError, QmpError};
+use quiesce::sys::deadline;
 use quiesce::testguest::{self, GuestError, GuestOptions};
 use quiesce::timeline::{Outcome, Timeline};
 use quiesce::verify::{restore, RestoreError, RestoreOptions};
@@ -59,7 +60,6 @@ pub const ROUNDS: usize = 5;
 const VM: &str = "bench";
 const SAVE_STEP: &str = "save state (migrate to file)";
 const LOAD_STEP: &str = "load state (incoming migration)";
-const T: Duration = Duration::from_secs(30);
 
 /// What stops the saved-state benchmark. Whatever stops it, every VM and daemon it started
 /// is stopped and its files are removed (guards, on every path).
@@ -207,6 +207,9 @@ async fn run_inner(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Resul
     let caps = caps::probe(&qemu_bin).await?;
     let settings = SaveSettings::default();
     let plan = Plan::for_qemu(&caps, &settings);
+    // Local to this benchmark: its saves include one with QEMU's default (throttled)
+    // bandwidth, and all write the guest's RAM, so the deadline grows with it: 2 minutes,
+    // and a second per 4 MiB.
     let migrate_deadline = Duration::from_secs(120 + u64::from(opts.memory_mib) / 4);
 
     let mut gopts = GuestOptions::named(VM);
@@ -221,12 +224,16 @@ async fn run_inner(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Resul
     progress(&format!("filling {} MiB of the guest's RAM", fill::target_mib(opts.memory_mib)));
     let t = Instant::now();
     let script = fill::script(fill::target_mib(opts.memory_mib), fill::headroom_mib(opts.memory_mib));
-    let out = exec::sh(agent, &script, Duration::from_secs(600)).await?;
+    let out = exec::sh(agent, &script, fill::FILL_DEADLINE).await?;
     let fill_secs = t.elapsed().as_secs_f64();
     let fill_mib = fill::parse_filled(&out).ok_or_else(|| BenchError::FillOutput(out.clone()))?;
 
     // 2. QEMU's defaults, first, while the machine's migration settings are untouched.
-    let params = m.qmp().execute_raw("query-migrate-parameters", Value::Null, T).await.map_err(qmp_def(m))?;
+    let params = m
+        .qmp()
+        .execute_raw("query-migrate-parameters", Value::Null, deadline::QMP_COMMAND)
+        .await
+        .map_err(qmp_def(m))?;
     let default_bandwidth = params["max-bandwidth"].as_u64();
     let mut defaults = Vec::new();
     let mut defaults_bytes = Vec::new();
@@ -281,7 +288,10 @@ async fn run_inner(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Resul
         ours.load.push(step_secs(&tl, LOAD_STEP).ok_or(BenchError::NoStep { round: i + 1, step: LOAD_STEP })?);
         // Not timed: the restored guest is alive and its agent answers.
         let agent = restored.machine.agent().map_err(BenchError::RestoredAgent)?;
-        agent.wait_ready(T).await.map_err(|e| BenchError::RestoredAgent(restored.machine.agent_err(e)))?;
+        agent
+            .wait_ready(deadline::AGENT_AFTER_RESUME)
+            .await
+            .map_err(|e| BenchError::RestoredAgent(restored.machine.agent_err(e)))?;
         // Its state file is read; its disks stay, as the restored guest's backing files.
         std::fs::remove_file(&state).map_err(|source| BenchError::Stat { path: state.clone(), source })?;
         source = Source::Restored(restored, backup.path.clone());
@@ -359,21 +369,29 @@ fn qmp_def(m: &Machine) -> impl Fn(QmpError) -> BenchError + '_ {
 async fn plain_migrate(m: &Machine, path: &Path, deadline: Duration) -> Result<f64, BenchError> {
     let q = qmp_def(m);
     m.qmp()
-        .execute_raw("migrate-set-capabilities", json!({"capabilities": [{"capability": "events", "state": true}]}), T)
+        .execute_raw(
+            "migrate-set-capabilities",
+            json!({"capabilities": [{"capability": "events", "state": true}]}),
+            deadline::QMP_COMMAND,
+        )
         .await
         .map_err(&q)?;
     let t = Instant::now();
     quiesce::backup::saved_state::migrate_to_file(m, path, deadline).await?;
     let secs = t.elapsed().as_secs_f64();
     // QEMU sends `completed` while still in finish-migrate; `cont` before it moves on fails.
-    let now = runstate::settle(m, T).await.map_err(BenchError::Defaults)?;
+    let now = runstate::settle(m, deadline::QMP_COMMAND).await.map_err(BenchError::Defaults)?;
     if now.status == "finish-migrate" {
-        return Err(BenchError::NotRunning(format!("still {} {T:?} after the save completed", now.status)));
+        return Err(BenchError::NotRunning(format!(
+            "still {} {:?} after the save completed",
+            now.status,
+            deadline::QMP_COMMAND
+        )));
     }
     // Postmigrate, disks inactive: `cont` reactivates them and runs the guest again.
     let _ = m.qmp().events().drain("RESUME");
-    m.qmp().execute_raw("cont", Value::Null, T).await.map_err(&q)?;
-    m.qmp().wait_event("RESUME", |_| true, T).await.map_err(&q)?;
+    m.qmp().execute_raw("cont", Value::Null, deadline::QMP_COMMAND).await.map_err(&q)?;
+    m.qmp().wait_event("RESUME", |_| true, deadline::COMMAND_EVENT).await.map_err(&q)?;
     let now = runstate::query(m).await.map_err(BenchError::Defaults)?;
     if !now.running {
         return Err(BenchError::NotRunning(format!("{} after `cont`, not running", now.status)));

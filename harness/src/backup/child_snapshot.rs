@@ -25,13 +25,14 @@ use super::BackupError;
 use crate::image::qemu_img;
 use crate::interrupt::Interrupt;
 use crate::qemu::{DiskConfig, Machine};
+use crate::sys::deadline;
 use crate::timeline::Timeline;
 
 #[derive(Debug, Clone)]
 pub struct SnapshotSettings {
     /// Where the overlays go; must be on the disks' host volume (a condition checks it).
     pub snapshot_dir: PathBuf,
-    /// The freeze must return within this; well inside VSS's 10 s hold limit.
+    /// The freeze must return within this ([`deadline::GUEST_FREEZE`] unless changed).
     pub freeze_deadline: Duration,
     pub thaw_deadline: Duration,
     pub merge_deadline: Duration,
@@ -45,9 +46,9 @@ impl SnapshotSettings {
     pub fn new(snapshot_dir: &Path) -> Self {
         Self {
             snapshot_dir: snapshot_dir.to_owned(),
-            freeze_deadline: Duration::from_secs(8),
-            thaw_deadline: Duration::from_secs(10),
-            merge_deadline: Duration::from_secs(300),
+            freeze_deadline: deadline::GUEST_FREEZE,
+            thaw_deadline: deadline::GUEST_THAW,
+            merge_deadline: deadline::BLOCK_MERGE,
             verify_capture: true,
             exclude: vec![],
         }
@@ -191,9 +192,11 @@ async fn prepare_inner(
     } else {
         lock(undo).frozen = true;
         tl.step(vm, "freeze", async {
-            agent.execute_within(guest_fsfreeze_freeze {}, settings.freeze_deadline).await.map(drop).map_err(|e| {
-                BackupError::Agent { vm: m.name().to_owned(), step: "guest-fsfreeze-freeze".into(), error: e }
-            })
+            agent
+                .execute_within(guest_fsfreeze_freeze {}, settings.freeze_deadline)
+                .await
+                .map(drop)
+                .map_err(|e| super::vss::agent_failure(m.name(), "guest-fsfreeze-freeze", e))
         })
         .await
     };
@@ -317,11 +320,11 @@ async fn thaw(m: &Machine, settings: &SnapshotSettings, undo: &Mutex<Undo>) -> R
         return Ok(());
     }
     let agent = m.agent().map_err(|e| BackupError::step(m.name(), "guest agent", e))?;
-    agent.execute_within(guest_fsfreeze_thaw {}, settings.thaw_deadline).await.map_err(|e| BackupError::Agent {
-        vm: m.name().to_owned(),
-        step: "guest-fsfreeze-thaw (until it answers, the guest may stay frozen)".into(),
-        error: e,
-    })?;
+    let step = "guest-fsfreeze-thaw (until it answers, the guest may stay frozen)";
+    agent
+        .execute_within(guest_fsfreeze_thaw {}, settings.thaw_deadline)
+        .await
+        .map_err(|e| super::vss::agent_failure(m.name(), step, e))?;
     lock(undo).frozen = false;
     Ok(())
 }

@@ -1,7 +1,10 @@
 //! The six conditions under which a VM may be backed up by Child VM Snapshot. Each is a
 //! named check with a verdict and a reason a person understands; they are all evaluated
 //! before anything is frozen. The rules on guest replies are pure functions over JSON, so
-//! they are unit tested with recorded replies.
+//! they are unit tested with recorded replies. A Windows guest's cases (VSS readiness,
+//! dynamic disks seen from the guest) are in [`windows`].
+
+pub mod windows;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -126,7 +129,10 @@ pub async fn evaluate(m: &Machine, snapshot_dir: &Path, agent_deadline: Duration
     let running = crate::backup::runstate::query(m).await;
     let guest = GuestFacts::gather(m, agent_deadline).await;
     let agent = match &guest {
-        Ok(g) => agent_can_freeze(&g.info),
+        Ok(g) => match &g.windows {
+            Some(w) => windows::vss_usable(agent_can_freeze(&g.info), w),
+            None => agent_can_freeze(&g.info),
+        },
         Err(e) => Finding::Failed(e.to_string()),
     };
     // Without the agent the guest-side conditions cannot be evaluated: say so, not "failed".
@@ -140,7 +146,11 @@ pub async fn evaluate(m: &Machine, snapshot_dir: &Path, agent_deadline: Duration
     let serials: Vec<&str> = cfg.disks.iter().map(|d| d.node_name.as_str()).collect();
     let basic = match (host_disks_basic(cfg), &guest) {
         (Finding::Held(host), Some(g)) => match guest_disks_basic(&g.disks, &serials) {
-            Finding::Held(guest) => Finding::Held(format!("{host}; {guest}")),
+            Finding::Held(guest) => match g.windows.as_ref().map(|w| windows::guest_disks(w, &serials)) {
+                None => Finding::Held(format!("{host}; {guest}")),
+                Some(Finding::Held(win)) => Finding::Held(format!("{host}; {guest}; {win}")),
+                Some(other) => other,
+            },
             other => other,
         },
         (Finding::Held(host), None) => Finding::NotChecked(format!("{NO_AGENT} (host side: {host})")),
@@ -179,6 +189,8 @@ struct GuestFacts {
     fsinfo: Vec<GuestFilesystemInfo>,
     disks: Vec<GuestDiskInfo>,
     osinfo: GuestOSInfo,
+    /// What a Windows guest adds (None for any other guest).
+    windows: Option<windows::WindowsFacts>,
 }
 
 impl GuestFacts {
@@ -192,8 +204,30 @@ impl GuestFacts {
             Err(GuestFactsError::Agent { error: AgentError::Command { .. }, .. }) => vec![],
             Err(e) => return Err(e),
         };
-        Ok(GuestFacts { info, fsinfo, disks, osinfo: ask(agent, guest_get_osinfo {}, deadline).await? })
+        let osinfo = ask(agent, guest_get_osinfo {}, deadline).await?;
+        let windows = match osinfo.id.as_deref() {
+            Some(windows::WINDOWS_ID) => Some(windows_facts(agent, deadline).await?),
+            _ => None,
+        };
+        Ok(GuestFacts { info, fsinfo, disks, osinfo, windows })
     }
+}
+
+/// VSS's readiness (`guest-fsfreeze-status`) and the partitions, asked of a Windows guest.
+async fn windows_facts(agent: &GuestAgent, deadline: Duration) -> Result<windows::WindowsFacts, GuestFactsError> {
+    let vss = match ask(agent, qapi::qga::guest_fsfreeze_status {}, deadline).await {
+        Ok(_) => Ok(()),
+        Err(GuestFactsError::Agent { error, command }) => match crate::backup::vss::of_agent_error(&error) {
+            Some(v) => Err(v),
+            None => return Err(GuestFactsError::Agent { error, command }),
+        },
+        Err(e) => return Err(e),
+    };
+    let partitions = crate::qemu::winexec::powershell(agent, windows::PARTITIONS_QUERY, windows::QUERY_DEADLINE)
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|out| windows::parse_partitions(&out));
+    Ok(windows::WindowsFacts { vss, partitions })
 }
 
 /// Asks the agent one typed question; a reply that does not fit its type is an error.

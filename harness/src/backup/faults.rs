@@ -42,6 +42,9 @@ pub struct Faults {
     /// quiesced and the images are a crash-consistent copy of a live guest. It proves that
     /// the consistency checks fail on such a copy (they must, every time).
     pub skip_freeze: bool,
+    /// Child VM Snapshot: the host holds the guest frozen this long before the transaction
+    /// (past Windows VSS's 10 s hold limit, its thaw reports that writes went on).
+    pub hold_frozen_for: Option<Duration>,
 }
 
 impl Faults {
@@ -61,6 +64,9 @@ impl Faults {
         }
         if self.sigint_after_freeze {
             let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGINT);
+        }
+        if let Some(hold) = self.hold_frozen_for {
+            tokio::time::sleep(hold).await;
         }
         if self.agent_stops_after_freeze {
             // Had the fault not fired, the backup succeeds and the scenario says so.

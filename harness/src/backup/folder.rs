@@ -1,6 +1,15 @@
 //! The backup on disk: a folder a person can read, with a manifest. It is written under a
 //! temporary name beside its final path and renamed into place only when complete, so a
 //! failed backup never looks like a good one; an unfinished writer removes its files.
+//!
+//! A backup folder is also input from elsewhere, so [`Backup::open`] trusts nothing in it:
+//! the manifest is bounded, and every file it names must be a plain relative name that
+//! leads to a regular file inside the folder with no symbolic link on the way ([`paths`]).
+//! Every file of a VM's folder is in the manifest with its checksum; [`Backup::check`]
+//! re-hashes them all and names any file the manifest does not list.
+
+pub mod paths;
+mod verify;
 
 use std::fs::File;
 use std::io::Read;
@@ -8,12 +17,14 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use super::manifest::{Manifest, VmBackup, FORMAT_VERSION};
+use super::manifest::{Entry, FileEntry, Manifest, ManifestError, VmBackup, FORMAT_VERSION, MAX_MANIFEST_BYTES};
+use paths::{PathProblem, Resolve};
+pub use verify::{Found, Mismatch, Verification, Warning, MAX_UNEXPECTED_LISTED};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FolderError {
     /// A file or folder of the backup could not be created, written, synced or read (a full
-    /// or read-only target, missing permissions).
+    /// or read-only target, missing permissions, a file the manifest lists that is gone).
     #[error("backup {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
     /// A backup is never written over another: the path is taken.
@@ -24,8 +35,42 @@ pub enum FolderError {
     #[error("{path} is not a quiesce backup (no readable manifest.json: {why})")]
     NotABackup { path: PathBuf, why: String },
     /// The backup was written by a version of quiesce with another manifest format.
-    #[error("backup {path} has manifest format {found}; this quiesce reads format {FORMAT_VERSION}")]
-    Version { path: PathBuf, found: u32 },
+    #[error(
+        "backup {path} has manifest format {found}; this quiesce reads formats {} to {FORMAT_VERSION}",
+        super::manifest::OLDEST_FORMAT
+    )]
+    Version { path: PathBuf, found: u64 },
+    /// The manifest names a file by a path that could lead outside the backup's folder (an
+    /// absolute path, a `..`, a symbolic link) or to something that is not a regular file.
+    /// The backup is refused as a whole, and nothing was read through that path: a backup is
+    /// input from elsewhere and may not make quiesce read, hash or restore a host file.
+    #[error("backup {backup}: {}{entry} is {file:?}, which is refused: {problem}", vm_prefix(.vm))]
+    UnsafePath { backup: PathBuf, vm: Option<String>, entry: Named, file: String, problem: PathProblem },
+    /// The manifest names a file for the machine to boot (kernel, initrd) without a checksum
+    /// for it: the backup's format promises one, so the manifest was edited or damaged.
+    #[error("backup {backup}: VM {vm}'s {entry} {file:?} has no checksum in the manifest")]
+    Unchecksummed { backup: PathBuf, vm: String, entry: Entry, file: String },
+}
+
+/// What in a manifest names a refused path: the VM's own name (its folder), or one of its
+/// files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Named {
+    VmName,
+    File(Entry),
+}
+
+impl std::fmt::Display for Named {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Named::VmName => f.write_str("the VM name"),
+            Named::File(e) => write!(f, "the {e}"),
+        }
+    }
+}
+
+fn vm_prefix(vm: &Option<String>) -> String {
+    vm.as_deref().map(|v| format!("VM {}: ", crate::qemu::message::snippet(v.as_bytes()))).unwrap_or_default()
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> FolderError + '_ {
@@ -64,8 +109,14 @@ impl BackupWriter {
         self.vms.push(vm);
     }
 
-    /// Writes the manifest and renames the folder into place.
-    pub fn commit(self) -> Result<Backup, FolderError> {
+    /// Lists every other file of each VM's folder in the manifest with its checksum (the
+    /// kernel and initrd, and anything else written there), writes the manifest and renames
+    /// the folder into place.
+    pub fn commit(mut self) -> Result<Backup, FolderError> {
+        for vm in &mut self.vms {
+            let dir = self.tmp.path().join("vms").join(&vm.name);
+            vm.files = other_files(&dir, vm)?;
+        }
         let manifest = Manifest {
             format_version: FORMAT_VERSION,
             quiesce_version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -94,6 +145,52 @@ impl BackupWriter {
     }
 }
 
+/// Every file below a VM's folder that is neither a disk nor the state, hashed, in name
+/// order. These are few and small (the kernel and initrd), so hashing them here costs
+/// little; the big files were hashed as they were captured.
+fn other_files(dir: &Path, vm: &VmBackup) -> Result<Vec<FileEntry>, FolderError> {
+    let listed: Vec<&str> =
+        vm.disks.iter().map(|d| d.file.as_str()).chain(vm.state.iter().map(|s| s.file.as_str())).collect();
+    let mut found = Vec::new();
+    walk_files(dir, "", &mut found)?;
+    found.sort();
+    let mut out = Vec::new();
+    for rel in found.into_iter().filter(|f| !listed.contains(&f.as_str())) {
+        let path = dir.join(&rel);
+        let (sha256, bytes) = sha256_file(&path).map_err(io(&path))?;
+        out.push(FileEntry { file: rel, bytes, sha256 });
+    }
+    Ok(out)
+}
+
+/// The regular files below `dir`, as `/`-joined names under `prefix`. The writer made this
+/// tree, so anything but files and folders is a bug, and is refused rather than listed.
+fn walk_files(dir: &Path, prefix: &str, out: &mut Vec<String>) -> Result<(), FolderError> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    for e in std::fs::read_dir(dir).map_err(io(dir))? {
+        let e = e.map_err(io(dir))?;
+        let name = e.file_name().into_string().map_err(|n| FolderError::Io {
+            path: dir.join(&n),
+            source: std::io::Error::other("a file name of the backup is not UTF-8"),
+        })?;
+        let rel = if prefix.is_empty() { name } else { format!("{prefix}/{name}") };
+        let t = e.file_type().map_err(io(&e.path()))?;
+        if t.is_dir() {
+            walk_files(&e.path(), &rel, out)?;
+        } else if t.is_file() {
+            out.push(rel);
+        } else {
+            return Err(FolderError::Io {
+                path: e.path(),
+                source: std::io::Error::other("not a regular file or folder"),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// fsyncs every file and folder below `dir`, and `dir` itself.
 fn sync_tree(dir: &Path) -> Result<(), FolderError> {
     for e in std::fs::read_dir(dir).map_err(io(dir))? {
@@ -114,28 +211,100 @@ pub struct Backup {
     pub manifest: Manifest,
 }
 
-/// One file whose checksum did not match.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Mismatch {
-    pub file: PathBuf,
-    pub expected: String,
-    pub found: String,
+/// A name from the manifest, cut to a readable length for an error message.
+fn shown(name: &str) -> String {
+    crate::qemu::message::snippet(name.as_bytes())
 }
 
 impl Backup {
+    /// Opens the backup at `path`, trusting nothing in it: manifest.json is read only if it
+    /// is a regular file (no link) of at most [`MAX_MANIFEST_BYTES`], and every VM name and
+    /// file name in it must lead inside the folder ([`paths`]); a file that is missing is
+    /// left for [`Backup::check`] to report. An error touches nothing outside the folder.
     pub fn open(path: &Path) -> Result<Backup, FolderError> {
-        let mpath = path.join("manifest.json");
-        let bytes =
-            std::fs::read(&mpath).map_err(|e| FolderError::NotABackup { path: path.to_owned(), why: e.to_string() })?;
-        let probe: serde_json::Value = serde_json::from_slice(&bytes)
-            .map_err(|e| FolderError::NotABackup { path: path.to_owned(), why: e.to_string() })?;
-        let found = probe["format_version"].as_u64().unwrap_or(0) as u32;
-        if found != FORMAT_VERSION {
-            return Err(FolderError::Version { path: path.to_owned(), found });
+        let not_a_backup = |why: String| FolderError::NotABackup { path: path.to_owned(), why };
+        let file = paths::open_beneath(path, "manifest.json").map_err(|e| match e {
+            Resolve::Refused(problem) => not_a_backup(problem.to_string()),
+            Resolve::Io(e) => not_a_backup(e.to_string()),
+        })?;
+        let mut bytes = Vec::new();
+        file.take(MAX_MANIFEST_BYTES + 1).read_to_end(&mut bytes).map_err(|e| not_a_backup(e.to_string()))?;
+        if bytes.len() as u64 > MAX_MANIFEST_BYTES {
+            return Err(not_a_backup(format!("it is larger than {MAX_MANIFEST_BYTES} bytes")));
         }
-        let manifest = serde_json::from_value(probe)
-            .map_err(|e| FolderError::NotABackup { path: path.to_owned(), why: e.to_string() })?;
-        Ok(Backup { path: path.to_owned(), manifest })
+        let manifest = Manifest::from_json(&bytes).map_err(|e| match e {
+            ManifestError::Version { found } => FolderError::Version { path: path.to_owned(), found },
+            other => not_a_backup(other.to_string()),
+        })?;
+        let backup = Backup { path: path.to_owned(), manifest };
+        backup.check_names()?;
+        Ok(backup)
+    }
+
+    /// Every VM name and file name of the manifest: plain, and (where it exists) reached
+    /// inside the folder with no link on the way. Kernel and initrd need a checksum from
+    /// format 2 on.
+    fn check_names(&self) -> Result<(), FolderError> {
+        for vm in &self.manifest.vms {
+            paths::plain_name(&vm.name).map_err(|problem| FolderError::UnsafePath {
+                backup: self.path.clone(),
+                vm: None,
+                entry: Named::VmName,
+                file: shown(&vm.name),
+                problem,
+            })?;
+        }
+        // Every name is checked before anything else is said of the manifest: a refused
+        // path is the first thing a person must know.
+        for n in self.manifest.named_files() {
+            // A missing or unreadable file is said by the check, file by file.
+            if let Err(e @ FolderError::UnsafePath { .. }) = self.resolve(n.vm, &n.entry, n.file) {
+                return Err(e);
+            }
+        }
+        if self.manifest.format_version >= 2 {
+            for n in self.manifest.named_files().filter(|n| matches!(n.entry, Entry::Kernel | Entry::Initrd)) {
+                if !self.vm(n.vm).is_some_and(|v| v.files.iter().any(|f| f.file == n.file)) {
+                    return Err(FolderError::Unchecksummed {
+                        backup: self.path.clone(),
+                        vm: shown(n.vm),
+                        entry: n.entry,
+                        file: shown(n.file),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Opens `file` of VM `vm` (named by `entry`) through the checked walk.
+    fn resolve(&self, vm: &str, entry: &Entry, file: &str) -> Result<File, FolderError> {
+        let refused = |problem| FolderError::UnsafePath {
+            backup: self.path.clone(),
+            vm: Some(vm.to_owned()),
+            entry: Named::File(entry.clone()),
+            file: shown(file),
+            problem,
+        };
+        paths::plain_name(vm).map_err(|problem| FolderError::UnsafePath {
+            backup: self.path.clone(),
+            vm: None,
+            entry: Named::VmName,
+            file: shown(vm),
+            problem,
+        })?;
+        paths::plain_relative(file).map_err(refused)?;
+        paths::open_beneath(&self.path, &format!("vms/{vm}/{file}")).map_err(|e| match e {
+            Resolve::Refused(problem) => refused(problem),
+            Resolve::Io(source) => FolderError::Io { path: self.vm_dir(vm).join(file), source },
+        })
+    }
+
+    /// The path of `file` of VM `vm` (named by `entry`), for a program that opens it by name
+    /// (QEMU, qemu-img): checked again now, as [`Backup::open`] did, and it must exist.
+    pub fn file_path(&self, vm: &str, entry: &Entry, file: &str) -> Result<PathBuf, FolderError> {
+        self.resolve(vm, entry, file)?;
+        Ok(self.vm_dir(vm).join(file))
     }
 
     pub fn vm(&self, name: &str) -> Option<&VmBackup> {
@@ -146,31 +315,20 @@ impl Backup {
         self.path.join("vms").join(name)
     }
 
-    /// Re-hashes every file the manifest lists; returns the ones that differ.
+    /// Re-hashes every file the manifest lists; returns the ones that differ. (The files
+    /// the manifest does not list are in [`Backup::check`]'s warnings.)
     pub fn verify(&self) -> Result<Vec<Mismatch>, FolderError> {
-        let mut bad = Vec::new();
-        for vm in &self.manifest.vms {
-            let dir = self.vm_dir(&vm.name);
-            let files =
-                vm.disks.iter().map(|d| (&d.file, &d.sha256)).chain(vm.state.iter().map(|s| (&s.file, &s.sha256)));
-            for (file, expected) in files {
-                let path = dir.join(file);
-                let found = match sha256_file(&path) {
-                    Ok((h, _)) => h,
-                    Err(e) => format!("unreadable: {e}"),
-                };
-                if &found != expected {
-                    bad.push(Mismatch { file: path, expected: expected.clone(), found });
-                }
-            }
-        }
-        Ok(bad)
+        Ok(self.check()?.mismatches)
     }
 }
 
 /// The sha256 (hex) and length of a file.
 pub fn sha256_file(path: &Path) -> std::io::Result<(String, u64)> {
-    let mut f = File::open(path)?;
+    sha256_of(File::open(path)?)
+}
+
+/// The sha256 (hex) and length of what is left to read in `f`.
+fn sha256_of(mut f: File) -> std::io::Result<(String, u64)> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut n = 0u64;
@@ -186,58 +344,4 @@ pub fn sha256_file(path: &Path) -> std::io::Result<(String, u64)> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::backup::manifest::DiskEntry;
-    use crate::qemu::DiskFormat;
-
-    fn vm(dir: &Path) -> VmBackup {
-        std::fs::write(dir.join("d.raw"), b"disk bytes").unwrap();
-        let (sha256, bytes) = sha256_file(&dir.join("d.raw")).unwrap();
-        let d = DiskEntry {
-            node_name: "d".into(),
-            format: DiskFormat::Raw,
-            virtual_size: 10,
-            file: "d.raw".into(),
-            bytes,
-            sha256,
-        };
-        crate::backup::manifest::sample_vm(vec![d])
-    }
-
-    #[test]
-    fn commit_renames_into_place_and_verify_catches_a_flipped_byte() {
-        let root = tempfile::tempdir().unwrap();
-        let path = root.path().join("b1");
-        let mut w = BackupWriter::create(&path, "10.0.2").unwrap();
-        let d = w.vm_dir("vm1").unwrap();
-        assert!(!path.exists(), "nothing is at the final path before commit");
-        w.add(vm(&d));
-        let b = w.commit().unwrap();
-        let reopened = Backup::open(&path).unwrap();
-        assert_eq!(reopened.manifest, b.manifest);
-        assert!(reopened.verify().unwrap().is_empty());
-        std::fs::write(path.join("vms/vm1/d.raw"), b"disk bytez").unwrap();
-        let bad = reopened.verify().unwrap();
-        assert_eq!(bad.len(), 1);
-        assert!(bad[0].file.ends_with("vms/vm1/d.raw"));
-        assert!(BackupWriter::create(&path, "x").is_err(), "an existing backup is never overwritten");
-    }
-
-    #[test]
-    fn an_abandoned_writer_leaves_nothing() {
-        let root = tempfile::tempdir().unwrap();
-        let w = BackupWriter::create(&root.path().join("b2"), "10.0.2").unwrap();
-        std::fs::write(w.vm_dir("vm1").unwrap().join("state.bin"), b"partial").unwrap();
-        drop(w);
-        assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 0);
-    }
-
-    #[test]
-    fn open_rejects_other_folders_and_versions() {
-        let root = tempfile::tempdir().unwrap();
-        assert!(matches!(Backup::open(root.path()), Err(FolderError::NotABackup { .. })));
-        std::fs::write(root.path().join("manifest.json"), br#"{"format_version": 99}"#).unwrap();
-        assert!(matches!(Backup::open(root.path()), Err(FolderError::Version { found: 99, .. })));
-    }
-}
+mod tests;

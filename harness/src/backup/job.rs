@@ -4,7 +4,6 @@
 
 use std::path::Path;
 use std::sync::Mutex;
-use std::time::Duration;
 
 use qapi::qmp::{query_migrate, MigrationInfo};
 use serde::Deserialize;
@@ -19,6 +18,7 @@ use super::saved_state::{self, SaveSettings};
 use super::BackupError;
 use crate::qemu::caps::Capabilities;
 use crate::qemu::Machine;
+use crate::sys::deadline;
 use crate::timeline::Timeline;
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -40,9 +40,6 @@ pub struct Choice {
     pub conditions: Vec<Verdict>,
 }
 
-/// How long the agent has to answer while the conditions are checked.
-pub const CONDITION_AGENT_DEADLINE: Duration = Duration::from_secs(3);
-
 pub async fn choose(
     m: &Machine,
     choice: MethodChoice,
@@ -54,7 +51,7 @@ pub async fn choose(
     }
     let verdicts = tl
         .step(Some(m.name()), "check the six conditions", async {
-            Ok::<_, BackupError>(conditions::evaluate(m, snapshot_dir, CONDITION_AGENT_DEADLINE).await)
+            Ok::<_, BackupError>(conditions::evaluate(m, snapshot_dir, deadline::CONDITION_AGENT_COMMAND).await)
         })
         .await?;
     match (conditions::failures(&verdicts), choice) {
@@ -80,7 +77,7 @@ async fn saved_state_possible(
 ) -> Result<Choice, BackupError> {
     let info = m
         .qmp()
-        .execute_within(query_migrate {}, CONDITION_AGENT_DEADLINE)
+        .execute_within(query_migrate {}, deadline::QMP_COMMAND)
         .await
         .map_err(|e| BackupError::step(m.name(), "query-migrate", m.qmp_err(e)))?;
     let blocked = migration_blockers(&info);
@@ -104,7 +101,13 @@ pub fn machine_spec(m: &Machine, dir: &Path) -> Result<MachineSpec, BackupError>
     let cfg = m.config();
     let boot = dir.join("boot");
     std::fs::create_dir_all(&boot).map_err(|e| BackupError::io(m.name(), "create the boot folder", e))?;
-    for (from, to) in [(&cfg.boot.kernel, "vmlinuz"), (&cfg.boot.initrd, "initrd.img")] {
+    // A firmware boot (a Windows guest) boots its own disk: there is nothing to copy.
+    let files = if cfg.boot.is_firmware() {
+        vec![]
+    } else {
+        vec![(&cfg.boot.kernel, "vmlinuz"), (&cfg.boot.initrd, "initrd.img")]
+    };
+    for (from, to) in files {
         std::fs::copy(from, boot.join(to)).map_err(|e| BackupError::io(m.name(), "copy the kernel and initrd", e))?;
     }
     Ok(MachineSpec {
@@ -113,8 +116,8 @@ pub fn machine_spec(m: &Machine, dir: &Path) -> Result<MachineSpec, BackupError>
         memory_mib: cfg.memory_mib,
         cpus: cfg.cpus,
         agent: cfg.agent,
-        kernel: "boot/vmlinuz".into(),
-        initrd: "boot/initrd.img".into(),
+        kernel: if cfg.boot.is_firmware() { "".into() } else { "boot/vmlinuz".into() },
+        initrd: if cfg.boot.is_firmware() { "".into() } else { "boot/initrd.img".into() },
         append: cfg.boot.append.clone(),
         disk_order: cfg.disks.iter().map(|d| d.node_name.clone()).collect(),
     })
@@ -164,6 +167,7 @@ pub async fn backup(
         excluded: vec![],
         timings,
         freeze,
+        files: vec![],
     };
     writer.add(vm.clone());
     Ok(vm)

@@ -1,11 +1,45 @@
 //! The backup manifest: everything needed to check a backup and restore it later, on
 //! another day, without the harness run that made it.
+//!
+//! A manifest is read from a folder that may come from anywhere (a colleague, a CI
+//! artifact), so reading one is bounded ([`MAX_MANIFEST_BYTES`]) and every file it names is
+//! a plain relative name inside its VM's folder (see [`Manifest::named_files`] and
+//! `folder::paths`, which checks them against the folder itself).
 
 use serde::{Deserialize, Serialize};
 
 use crate::qemu::DiskFormat;
 
-pub const FORMAT_VERSION: u32 = 1;
+/// The format this quiesce writes. 2: every file of a VM's folder besides its disks and
+/// its state (the kernel and initrd under `boot/`) is listed in [`VmBackup::files`] with its
+/// checksum. 1 had no such list, so its boot files cannot be checked.
+pub const FORMAT_VERSION: u32 = 2;
+
+/// The oldest format this quiesce still reads: a format-1 backup opens and verifies, with
+/// a warning that its boot files are unchecked.
+pub const OLDEST_FORMAT: u32 = 1;
+
+/// A manifest.json larger than this is refused unread. A VM's entry is a few KiB, so this
+/// holds a set of about a thousand VMs; nothing quiesce writes comes near it.
+pub const MAX_MANIFEST_BYTES: u64 = 4 << 20;
+
+/// Why the bytes of a manifest.json are not a manifest this quiesce can read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ManifestError {
+    /// The file is not JSON, or not of a manifest's shape (a field missing or of the wrong
+    /// type): it is damaged, or was not written by quiesce. `why` is serde's reason.
+    #[error("{why}")]
+    Shape { why: String },
+    /// The manifest has no `format_version`, or one that is not a whole number.
+    #[error("it has no format_version (a whole number)")]
+    NoVersion,
+    /// Written by a quiesce with another manifest format: a newer one, or one too old.
+    #[error("manifest format {found}; this quiesce reads formats {OLDEST_FORMAT} to {FORMAT_VERSION}")]
+    Version { found: u64 },
+    /// Two VMs have one name, so they would share one folder: the manifest was edited.
+    #[error("two VMs are named {name:?}")]
+    DuplicateVm { name: String },
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Manifest {
@@ -55,6 +89,19 @@ pub struct VmBackup {
     /// Child VM Snapshot: what the guest's writers acknowledged at the freeze.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub freeze: Option<super::freeze_log::FreezeRecord>,
+    /// Every other file of the VM's folder (the kernel and initrd under `boot/`), with its
+    /// checksum. Empty in format 1, whose boot files are therefore unchecked.
+    #[serde(default)]
+    pub files: Vec<FileEntry>,
+}
+
+/// A file of a VM's folder that is neither a disk nor the saved state.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FileEntry {
+    /// Relative to the VM's folder in the backup.
+    pub file: String,
+    pub bytes: u64,
+    pub sha256: String,
 }
 
 /// The machine and device configuration a restore must reproduce.
@@ -120,6 +167,105 @@ pub struct Timings {
     pub merge_ms: Option<f64>,
 }
 
+/// Which entry of a VM's manifest names a file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Entry {
+    /// A backed-up disk, by its node name.
+    Disk(String),
+    /// The saved RAM and device state.
+    State,
+    /// The kernel the machine boots (its spec's `kernel`).
+    Kernel,
+    /// The initrd the machine boots (its spec's `initrd`).
+    Initrd,
+    /// Another file of the VM's folder ([`VmBackup::files`]).
+    File,
+}
+
+impl std::fmt::Display for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Entry::Disk(node) => write!(f, "disk {node}"),
+            Entry::State => f.write_str("saved state"),
+            Entry::Kernel => f.write_str("kernel"),
+            Entry::Initrd => f.write_str("initrd"),
+            Entry::File => f.write_str("file"),
+        }
+    }
+}
+
+/// One file a manifest names, and the checksum it gives (none for the machine's kernel and
+/// initrd, which are checksummed as [`Entry::File`]s, or not at all in format 1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Named<'a> {
+    pub vm: &'a str,
+    pub entry: Entry,
+    /// Relative to the VM's folder.
+    pub file: &'a str,
+    pub checksum: Option<(u64, &'a str)>,
+}
+
+impl Manifest {
+    /// Reads the bytes of a manifest.json: its format version first, so a newer format is
+    /// refused as such rather than as a damaged file, then the whole.
+    pub fn from_json(bytes: &[u8]) -> Result<Manifest, ManifestError> {
+        #[derive(Deserialize)]
+        struct Probe {
+            format_version: Option<serde_json::Value>,
+        }
+        let shape = |e: serde_json::Error| ManifestError::Shape {
+            why: crate::qemu::message::snippet(e.to_string().as_bytes()),
+        };
+        let probe: Probe = serde_json::from_slice(bytes).map_err(shape)?;
+        let found =
+            probe.format_version.as_ref().and_then(serde_json::Value::as_u64).ok_or(ManifestError::NoVersion)?;
+        if !(u64::from(OLDEST_FORMAT)..=u64::from(FORMAT_VERSION)).contains(&found) {
+            return Err(ManifestError::Version { found });
+        }
+        let manifest: Manifest = serde_json::from_slice(bytes).map_err(shape)?;
+        for (i, vm) in manifest.vms.iter().enumerate() {
+            if manifest.vms[..i].iter().any(|v| v.name == vm.name) {
+                return Err(ManifestError::DuplicateVm { name: crate::qemu::message::snippet(vm.name.as_bytes()) });
+            }
+        }
+        Ok(manifest)
+    }
+
+    /// Every file the manifest names, VM by VM: disks, state, kernel, initrd, other files.
+    pub fn named_files(&self) -> impl Iterator<Item = Named<'_>> {
+        self.vms.iter().flat_map(VmBackup::named_files)
+    }
+}
+
+impl VmBackup {
+    /// Every file this VM's entry names: disks, state, kernel, initrd, other files.
+    pub fn named_files(&self) -> impl Iterator<Item = Named<'_>> {
+        let vm = self.name.as_str();
+        let disks = self.disks.iter().map(move |d| Named {
+            vm,
+            entry: Entry::Disk(d.node_name.clone()),
+            file: &d.file,
+            checksum: Some((d.bytes, &d.sha256)),
+        });
+        let state = self.state.iter().map(move |s| Named {
+            vm,
+            entry: Entry::State,
+            file: &s.file,
+            checksum: Some((s.bytes, &s.sha256)),
+        });
+        let boot = [(Entry::Kernel, &self.machine.kernel), (Entry::Initrd, &self.machine.initrd)]
+            .into_iter()
+            .map(move |(entry, file)| Named { vm, entry, file, checksum: None });
+        let files = self.files.iter().map(move |f| Named {
+            vm,
+            entry: Entry::File,
+            file: &f.file,
+            checksum: Some((f.bytes, &f.sha256)),
+        });
+        disks.chain(state).chain(boot).chain(files)
+    }
+}
+
 /// A backup of VM "vm1" (Saved State of a running q35 TCG guest) with these disks, for
 /// unit tests that need a manifest to work on.
 #[cfg(test)]
@@ -146,5 +292,6 @@ pub(crate) fn sample_vm(disks: Vec<DiskEntry>) -> VmBackup {
         excluded: vec![],
         timings: Timings::default(),
         freeze: None,
+        files: vec![],
     }
 }

@@ -12,6 +12,10 @@ pub mod passthrough;
 pub mod runstate;
 pub mod saved_state;
 pub mod set;
+pub mod vss;
+
+#[cfg(test)]
+mod windows_peer_tests;
 
 pub use faults::Faults;
 pub use folder::{Backup, BackupWriter, FolderError};
@@ -46,6 +50,11 @@ pub enum BackupError {
     /// says whether the guest may still be frozen.
     #[error("VM {vm}: {step}: {error}")]
     Agent { vm: String, step: String, error: crate::qemu::AgentError },
+    /// A Windows guest's VSS failed the freeze or the thaw; the agent's own words follow.
+    /// A thaw saying writes could be held for 10 s only means the snapshot is not
+    /// consistent: the VM's backup has failed (and with it the whole set).
+    #[error("VM {vm}: {step}: {error}")]
+    Vss { vm: String, step: String, error: vss::VssError },
     /// QEMU's `block-commit` of an overlay back into its disk failed; the VM still writes
     /// to the overlay, which is kept.
     #[error("VM {vm}, disk {disk}: merging the overlay back failed: {error}")]

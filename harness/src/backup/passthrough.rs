@@ -4,7 +4,6 @@
 //! to back them up inside the guest. Found from QEMU's own block graph, or declared.
 
 use std::os::unix::fs::FileTypeExt;
-use std::time::Duration;
 
 use qapi::qmp::query_named_block_nodes;
 use serde::Serialize;
@@ -49,7 +48,7 @@ pub fn classify(drv: &str, file: &str) -> Option<Kind> {
 pub async fn find(m: &Machine, declared_iscsi: &[String]) -> Result<Vec<Excluded>, MachineError> {
     let nodes = m
         .qmp()
-        .execute_within(query_named_block_nodes { flat: Some(true) }, Duration::from_secs(30))
+        .execute_within(query_named_block_nodes { flat: Some(true) }, crate::sys::deadline::QMP_COMMAND)
         .await
         .map_err(|e| m.qmp_err(e))?;
     let mut out = Vec::new();

@@ -7,8 +7,7 @@ use qapi::Enum;
 use serde::{Deserialize, Serialize};
 
 use crate::qemu::{Machine, MachineError, Qmp, QmpError};
-
-const T: Duration = Duration::from_secs(30);
+use crate::sys::deadline;
 
 /// A VM's run state as the backup sees it: running, or not (paused, or saved and waiting).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,7 +43,7 @@ pub async fn query(m: &Machine) -> Result<RunState, MachineError> {
 /// `query-status` on a QMP connection. A reply that does not fit QEMU's schema (a missing
 /// field, a run state this build does not know) is an error, never taken for "paused".
 pub async fn query_on(qmp: &Qmp) -> Result<RunState, QmpError> {
-    let st = qmp.execute_within(query_status {}, T).await?;
+    let st = qmp.execute_within(query_status {}, deadline::QMP_COMMAND).await?;
     Ok(RunState { running: st.running, status: st.status.name().to_owned(), state: st.status })
 }
 
@@ -95,7 +94,7 @@ pub async fn inactive_nodes(m: &Machine) -> Result<Vec<String>, MachineError> {
 
 /// [`inactive_nodes`] on a QMP connection.
 pub async fn inactive_nodes_on(qmp: &Qmp) -> Result<Vec<String>, QmpError> {
-    let nodes = qmp.execute_within(QueryNodeActivity { flat: true }, T).await?;
+    let nodes = qmp.execute_within(QueryNodeActivity { flat: true }, deadline::QMP_COMMAND).await?;
     Ok(nodes.into_iter().filter(|n| n.active == Some(false)).filter_map(|n| n.node_name).collect())
 }
 

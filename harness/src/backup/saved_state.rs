@@ -17,9 +17,8 @@ use super::runstate::{self, RunState};
 use super::BackupError;
 use crate::qemu::caps::Capabilities;
 use crate::qemu::Machine;
+use crate::sys::deadline;
 use crate::timeline::Timeline;
-
-const T: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone)]
 pub struct SaveSettings {
@@ -40,7 +39,7 @@ impl Default for SaveSettings {
         Self {
             max_bandwidth: 1 << 40,
             multifd_channels: 2,
-            migrate_deadline: Duration::from_secs(300),
+            migrate_deadline: deadline::STATE_FILE_MIGRATION,
             verify_capture: true,
             exclude: vec![],
         }
@@ -90,12 +89,18 @@ impl Plan {
 /// Runs a QMP command the schema of the `qapi` crate lacks, or whose arguments are built
 /// as JSON; an error names the command.
 pub(super) async fn qmp(m: &Machine, cmd: &str, args: Value) -> Result<Value, BackupError> {
-    m.qmp().execute_raw(cmd, args, T).await.map_err(|e| BackupError::step(m.name(), cmd, m.qmp_err(e)))
+    m.qmp()
+        .execute_raw(cmd, args, deadline::QMP_COMMAND)
+        .await
+        .map_err(|e| BackupError::step(m.name(), cmd, m.qmp_err(e)))
 }
 
 /// Runs a typed QMP command; a reply that does not fit its type is an error naming it.
 pub(super) async fn qmp_typed<C: qapi::Command>(m: &Machine, cmd: C) -> Result<C::Ok, BackupError> {
-    m.qmp().execute_within(cmd, T).await.map_err(|e| BackupError::step(m.name(), C::NAME, m.qmp_err(e)))
+    m.qmp()
+        .execute_within(cmd, deadline::QMP_COMMAND)
+        .await
+        .map_err(|e| BackupError::step(m.name(), C::NAME, m.qmp_err(e)))
 }
 
 /// What a save produced.
@@ -235,7 +240,7 @@ async fn save_state(
         tl.step(vm, "stop", async {
             qmp(m, "stop", Value::Null).await?;
             m.qmp()
-                .wait_event("STOP", |_| true, T)
+                .wait_event("STOP", |_| true, deadline::COMMAND_EVENT)
                 .await
                 .map_err(|e| BackupError::step(m.name(), "wait for STOP", m.qmp_err(e)))
         })
@@ -276,12 +281,12 @@ async fn migrated_bytes(m: &Machine) -> Option<u64> {
 }
 
 /// The status a MIGRATION event reports; None if its data does not fit QEMU's schema.
-fn migration_status(data: &Value) -> Option<MigrationStatus> {
+pub(crate) fn migration_status(data: &Value) -> Option<MigrationStatus> {
     MIGRATION::deserialize(data).ok().map(|e| e.status)
 }
 
 /// True for a MIGRATION event saying the migration has ended, one way or another.
-fn migration_ended(data: &Value) -> bool {
+pub(crate) fn migration_ended(data: &Value) -> bool {
     matches!(
         migration_status(data),
         Some(MigrationStatus::completed | MigrationStatus::failed | MigrationStatus::cancelled)
@@ -335,16 +340,17 @@ pub async fn return_to(m: &Machine, before: &RunState, caps: &Capabilities) -> R
     if under_way {
         qmp(m, "migrate_cancel", Value::Null).await?;
         m.qmp()
-            .wait_event("MIGRATION", migration_ended, T)
+            .wait_event("MIGRATION", migration_ended, deadline::COMMAND_EVENT)
             .await
             .map_err(|e| BackupError::step(m.name(), "wait for the save to cancel", m.qmp_err(e)))?;
     }
-    let now = runstate::settle(m, T).await.map_err(|e| BackupError::step(m.name(), "query-status", e))?;
+    let now =
+        runstate::settle(m, deadline::QMP_COMMAND).await.map_err(|e| BackupError::step(m.name(), "query-status", e))?;
     if before.running && !now.running {
         // `cont` also reactivates disks that a completed save inactivated.
         qmp(m, "cont", Value::Null).await?;
         m.qmp()
-            .wait_event("RESUME", |_| true, T)
+            .wait_event("RESUME", |_| true, deadline::COMMAND_EVENT)
             .await
             .map_err(|e| BackupError::step(m.name(), "wait for RESUME", m.qmp_err(e)))?;
     } else if !before.running {

@@ -354,6 +354,7 @@ async fn post_one(
             .collect(),
         timings,
         freeze,
+        files: vec![],
     }))
 }
 

@@ -15,9 +15,10 @@
 //! Exit 0 if identical, 1 if they differ, 2 if a side could not be read (as diff(1) does).
 
 use std::error::Error;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use super::CliResult;
+use quiesce::backup::manifest::Entry;
 use quiesce::backup::Backup;
 use quiesce::image::manifest::{self, Change, EntryKind, Limits, Manifest, Summary};
 use quiesce::qemu::DiskFormat;
@@ -61,21 +62,13 @@ fn disks(p: &Path) -> Result<(Vec<Disk>, bool), Box<dyn Error>> {
     let mut out = Vec::new();
     for vm in &backup.manifest.vms {
         for d in &vm.disks {
-            // The manifest is read from disk: its file names must stay inside the backup.
-            if !Path::new(&d.file).components().all(|c| matches!(c, Component::Normal(_))) {
-                return Err(format!(
-                    "{}: disk {} of VM {} has file name {:?}, which leaves the VM's folder",
-                    p.display(),
-                    d.node_name,
-                    vm.name,
-                    d.file
-                )
-                .into());
-            }
+            // The manifest is read from disk: its file names must stay inside the backup
+            // (Backup::open refused any that do not; this checks again as the file is used).
+            let path = backup.file_path(&vm.name, &Entry::Disk(d.node_name.clone()), &d.file)?;
             out.push(Disk {
                 key: (vm.name.clone(), d.node_name.clone()),
                 name: format!("{}/{}", vm.name, d.node_name),
-                path: backup.vm_dir(&vm.name).join(&d.file),
+                path,
                 format: d.format,
             });
         }

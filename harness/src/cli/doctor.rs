@@ -74,6 +74,15 @@ pub async fn run(accel: Option<quiesce::qemu::accel::AccelChoice>, no_build: boo
             println!("image cache   linux {} not built (run `quiesce image build linux`)", recipe::recipe_key("linux")?)
         }
     }
+    match quiesce::image::windows::cache::latest() {
+        Some(w) => {
+            println!("              windows {} built in {} ({})", w.info.input_key, w.dir.display(), w.info.edition)
+        }
+        None => println!(
+            "              windows not built (Windows scenarios are skipped); on a KVM host run `{}`",
+            quiesce::image::windows::BUILD_COMMAND
+        ),
+    }
     println!("cache folder  {}", quiesce::image::cache::cache_dir().display());
     Ok(if ok { 0 } else { super::EXIT_FAILED })
 }

@@ -4,6 +4,7 @@ mod diff;
 mod doctor;
 mod image;
 mod progress;
+mod report;
 mod run;
 mod vm;
 
@@ -43,6 +44,18 @@ enum Command {
         /// Keep each scenario's backup in the report folder.
         #[arg(long)]
         keep_backups: bool,
+        /// Also write a JUnit XML report here: one test case per scenario.
+        #[arg(long, value_name = "FILE")]
+        junit: Option<std::path::PathBuf>,
+    },
+    /// Rebuild the page (index.html) of a report folder from its JSON reports.
+    Report {
+        /// The report folder (quiesce-reports by default).
+        #[arg(default_value = "quiesce-reports")]
+        dir: std::path::PathBuf,
+        /// Also write a JUnit XML report here.
+        #[arg(long, value_name = "FILE")]
+        junit: Option<std::path::PathBuf>,
     },
     /// Re-check a backup's files against the checksums in its manifest.
     Verify { backup: std::path::PathBuf },
@@ -68,14 +81,19 @@ enum Command {
 
 /// Exit codes: 0 ok, 1 failed, 2 bad usage (clap), 130 interrupted.
 pub const EXIT_FAILED: i32 = 1;
+/// A command given arguments that do not go together (clap's own code for bad usage).
+pub const EXIT_USAGE: i32 = 2;
 pub const EXIT_INTERRUPTED: i32 = 130;
 
 pub async fn run(cli: Cli) -> i32 {
     let result = match cli.command {
         Command::Doctor { no_build } => doctor::run(cli.accel, no_build).await,
         Command::Vm { command } => vm::run(command, cli.accel).await,
-        Command::Image { command } => image::run(command).await,
-        Command::Run { paths, report_dir, keep_backups } => run::run(paths, report_dir, keep_backups, cli.accel).await,
+        Command::Image { command } => image::run(command, cli.accel).await,
+        Command::Run { paths, report_dir, keep_backups, junit } => {
+            run::run(paths, report_dir, keep_backups, junit, cli.accel).await
+        }
+        Command::Report { dir, junit } => report::run(dir, junit),
         Command::Verify { backup } => run::verify(backup).await,
         Command::Diff { a, b, ignore, blocks } => diff::run(a, b, ignore, blocks).await,
     };

@@ -1,13 +1,14 @@
-//! `quiesce run`: runs scenario files, shows progress, prints a summary table, and writes a
-//! JSON report per scenario.
+//! `quiesce run`: runs scenario files, shows progress, writes a JSON report per scenario,
+//! the page (`index.html`) and, with `--junit`, the JUnit file, and prints a summary table.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use super::progress::Progress;
 use super::{CliResult, EXIT_FAILED, EXIT_INTERRUPTED};
 use quiesce::interrupt::Interrupt;
 use quiesce::qemu::accel::AccelChoice;
-use quiesce::scenario::{self, Report, RunOptions};
+use quiesce::report::{self, summary, ScenarioReport, Status};
+use quiesce::scenario::{self, RunOptions};
 
 /// Exit code for scenario files with mistakes (nothing was booted).
 const EXIT_BAD_SCENARIO: i32 = 2;
@@ -16,6 +17,7 @@ pub async fn run(
     paths: Vec<PathBuf>,
     report_dir: PathBuf,
     keep_backups: bool,
+    junit: Option<PathBuf>,
     accel: Option<AccelChoice>,
 ) -> CliResult {
     let mut files = Vec::new();
@@ -57,66 +59,88 @@ pub async fn run(
             interrupt.trigger();
         })
     };
-    let opts = RunOptions {
-        accel,
-        artifacts_dir: Some(report_dir.join("artifacts")),
-        work_dir: report_dir.join("work"),
-        keep_backup: keep_backups,
-        interrupt: Some(interrupt.clone()),
-    };
-    let mut reports = Vec::new();
+    let mut reports: Vec<ScenarioReport> = Vec::new();
     let mut p = Progress::new();
-    for s in &scenarios {
+    for (i, s) in scenarios.iter().enumerate() {
+        let opts = RunOptions {
+            accel,
+            // Each scenario's failed machines leave their evidence in a folder of its own,
+            // so that its report can point at exactly that.
+            artifacts_dir: Some(report::artifacts_dir(&report_dir, &s.name)),
+            work_dir: report_dir.join("work"),
+            keep_backup: keep_backups,
+            interrupt: Some(interrupt.clone()),
+        };
+        p.begin(&s.name, i + 1, scenarios.len());
         let report = scenario::run(s, &opts, &mut |m: &str| p.step(m)).await;
         let path = report_dir.join(format!("{}.json", s.name));
         std::fs::write(&path, serde_json::to_vec_pretty(&report)?).map_err(|e| format!("{}: {e}", path.display()))?;
-        p.step(&format!("{}: {}", s.name, if report.passed { "passed" } else { "FAILED" }));
-        reports.push(report);
+        let view = report::view(&report)?;
+        p.end(match view.status() {
+            Status::Passed => "passed",
+            Status::Failed => "FAILED",
+            Status::Skipped => "skipped",
+        });
+        reports.push(view);
+        // Written after every scenario, so that a run cut short still leaves both.
+        write_results(&report_dir, &reports, junit.as_deref())?;
         if interrupt.is_triggered() {
             break;
         }
     }
     signals.abort();
     p.finish();
-    print_summary(&reports);
-    println!("reports: {}", report_dir.display());
+    print_summary(&report_dir, &reports);
+    println!("report: {}", report_dir.join(report::INDEX).display());
+    if let Some(j) = &junit {
+        println!("JUnit: {}", j.display());
+    }
     if interrupt.is_triggered() {
         eprintln!("quiesce: interrupted; every VM was put back before its machine was stopped (see the report)");
         return Ok(EXIT_INTERRUPTED);
     }
-    Ok(if reports.iter().all(|r| r.passed) { 0 } else { EXIT_FAILED })
+    // A skipped scenario (a Windows one with no Windows image) is neither passed nor failed.
+    Ok(if reports.iter().all(|r| r.status() != Status::Failed) { 0 } else { EXIT_FAILED })
 }
 
-fn ms(v: Option<f64>) -> String {
-    v.map(|v| format!("{:.0} ms", v)).unwrap_or_else(|| "-".into())
-}
-
-fn print_summary(reports: &[Report]) {
-    println!(
-        "{:<36} {:<7} {:<15} {:>10} {:>10} {:>10} {:>8}",
-        "SCENARIO", "RESULT", "METHOD", "DOWNTIME", "SAVE MB/s", "RESTORE", "TIME"
-    );
-    for r in reports {
-        let vm = r.vms.first();
-        let t = vm.and_then(|v| v.timings.as_ref());
-        println!(
-            "{:<36} {:<7} {:<15} {:>10} {:>10} {:>10} {:>7.1}s",
-            r.scenario,
-            if r.passed { "pass" } else { "FAIL" },
-            vm.and_then(|v| v.method.as_deref()).unwrap_or("-"),
-            ms(t.and_then(|t| t.downtime_ms)),
-            t.and_then(|t| t.save_mb_per_s).map(|v| format!("{v:.0}")).unwrap_or_else(|| "-".into()),
-            ms(r.restores.first().map(|x| x.restore_ms)),
-            r.duration_ms / 1000.0
-        );
+/// The page and the JUnit file, from the reports so far.
+fn write_results(
+    report_dir: &Path,
+    reports: &[ScenarioReport],
+    junit: Option<&Path>,
+) -> Result<(), report::ReportError> {
+    let entries = report::entries(report_dir, reports.to_vec());
+    report::write_html(report_dir, &entries)?;
+    if let Some(j) = junit {
+        report::write_junit(j, report_dir, &entries)?;
     }
-    for r in reports.iter().filter(|r| !r.passed) {
-        println!("\n{} failed:", r.scenario);
-        if let Some(e) = &r.error {
-            println!("  error: {e}");
+    Ok(())
+}
+
+/// The table, what its downtime means, the counts, and for each failed scenario what failed
+/// and where its evidence is.
+pub fn print_summary(report_dir: &Path, reports: &[ScenarioReport]) {
+    print!("{}", summary::table(&summary::rows(reports)));
+    println!("{}", summary::DOWNTIME_NOTE);
+    println!("\n{}", summary::counts(reports));
+    for e in report::entries(report_dir, reports.to_vec()) {
+        let r = &e.report;
+        if let Some(why) = &r.skipped {
+            println!("{} skipped: {why}", r.scenario);
         }
-        for c in r.checks.iter().filter(|c| !c.passed) {
+        let Some(first) = r.first_failure() else { continue };
+        println!("\n{} failed: {}", r.scenario, first.headline());
+        for line in first.detail().lines() {
+            println!("  {line}");
+        }
+        for ev in &e.evidence {
+            println!("  evidence: {}", report_dir.join(&ev.dir).display());
+        }
+        for c in r.checks.iter().filter(|c| !c.passed).skip(1) {
             println!("  check {} on {}: {}", c.check, c.vm, c.detail);
+        }
+        if let (Some(err), report::model::FirstFailure::Check(_)) = (&r.error, &first) {
+            println!("  error: {err}");
         }
         // The file-level diff, as `quiesce diff` prints it, for each disk that drifted.
         for m in r.manifests.iter().filter(|m| !m.differences.is_empty()) {

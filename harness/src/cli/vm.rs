@@ -1,4 +1,4 @@
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use clap::Subcommand;
 use serde_json::Value;
@@ -6,6 +6,7 @@ use serde_json::Value;
 use super::progress::Progress;
 use super::{CliResult, EXIT_INTERRUPTED};
 use quiesce::qemu::accel::AccelChoice;
+use quiesce::sys::deadline;
 use quiesce::testguest::{self, GuestOptions};
 
 #[derive(Subcommand)]
@@ -41,7 +42,7 @@ async fn boot_and_report(opts: GuestOptions) -> CliResult {
     p.step("asking the guest agent");
     let agent = guest.machine.agent()?;
     let info = agent.execute(qapi::qga::guest_info {}).await?;
-    let fsinfo = agent.execute_raw("guest-get-fsinfo", Value::Null, Duration::from_secs(10)).await?;
+    let fsinfo = agent.execute_raw("guest-get-fsinfo", Value::Null, deadline::AGENT_COMMAND).await?;
     p.finish();
     let enabled = info.supported_commands.iter().filter(|c| c.enabled).count();
     let freeze = info.supported_commands.iter().any(|c| c.name == "guest-fsfreeze-freeze" && c.enabled);
@@ -78,7 +79,7 @@ async fn boot_and_report(opts: GuestOptions) -> CliResult {
         );
     }
     let t = Instant::now();
-    let status = guest.machine.shutdown(Duration::from_secs(30)).await?;
+    let status = guest.machine.shutdown(deadline::GUEST_SHUTDOWN).await?;
     println!("shut down cleanly in {:.1}s ({status})", t.elapsed().as_secs_f64());
     Ok(0)
 }

@@ -9,5 +9,6 @@ pub mod partition;
 pub mod qemu_img;
 pub mod recipe;
 pub mod seed;
+pub mod windows;
 
 pub use recipe::{GuestImage, ImageError};

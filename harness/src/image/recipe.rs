@@ -94,7 +94,7 @@ fn cache_err(path: &Path) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
 
 /// Removes builds of this recipe under other keys: a changed recipe makes them dead weight
 /// (about 170 MiB each). Best effort; runs under the build lock.
-fn prune_stale(images: &Path, name: &str, key: &str) {
+pub(crate) fn prune_stale(images: &Path, name: &str, key: &str) {
     let Ok(entries) = std::fs::read_dir(images) else { return };
     for e in entries.flatten() {
         let file = e.file_name().to_string_lossy().into_owned();

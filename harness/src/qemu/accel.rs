@@ -14,8 +14,40 @@ use super::config::Accel;
 use super::process::QemuProcess;
 use crate::sys::{deadline, Tool};
 
-/// What the guest kernel prints when it has run all the way to mounting root.
-const PROBE_MARK: &str = "Kernel panic";
+/// How a probe boot under KVM ended, read once from QEMU's exit and the kernel's console by
+/// [`ProbeBoot::read`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ProbeBoot {
+    /// The kernel ran to its deliberate panic (no root device), and QEMU exited: KVM works.
+    RanToPanic,
+    /// QEMU exited before the kernel got there: KVM (or QEMU) refused the guest.
+    Failed(std::process::ExitStatus),
+    /// Still running at the deadline: the kernel hangs, as on a PVM host.
+    Hung,
+}
+
+impl ProbeBoot {
+    /// `status` is QEMU's exit, if it exited. The kernel's console is read for one line of
+    /// its documented output: a panic starts with `Kernel panic - not syncing:` (the
+    /// kernel's `panic()`), printed only once it has run all the way to mounting root.
+    fn read(status: Option<std::process::ExitStatus>, console: &str) -> ProbeBoot {
+        let panicked = console.lines().any(|l| kernel_message(l).starts_with("Kernel panic - not syncing:"));
+        match status {
+            None => ProbeBoot::Hung,
+            Some(_) if panicked => ProbeBoot::RanToPanic,
+            Some(s) => ProbeBoot::Failed(s),
+        }
+    }
+}
+
+/// A console line without the kernel's `[    1.234567] ` time stamp, if it has one.
+fn kernel_message(line: &str) -> &str {
+    let line = line.trim_start();
+    match line.strip_prefix('[').and_then(|rest| rest.split_once("] ")) {
+        Some((stamp, msg)) if stamp.trim().parse::<f64>().is_ok() => msg,
+        _ => line,
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AccelChoice {
@@ -170,8 +202,8 @@ pub fn probe_kvm(qemu: &str, kernel: &Path) -> Verdict {
     let took = started.elapsed();
     proc.terminate(deadline::KVM_PROBE_STOP);
     let serial = std::fs::read_to_string(&log).unwrap_or_default();
-    match status {
-        Some(_) if serial.contains(PROBE_MARK) => Verdict {
+    match ProbeBoot::read(status, &serial) {
+        ProbeBoot::RanToPanic => Verdict {
             accel: Accel::Kvm,
             reason: format!(
                 "a probe boot of the guest kernel under KVM ran to completion in {:.1}s",
@@ -179,12 +211,12 @@ pub fn probe_kvm(qemu: &str, kernel: &Path) -> Verdict {
             ),
             cached: false,
         },
-        Some(status) => {
+        ProbeBoot::Failed(status) => {
             let out = std::fs::read_to_string(dir.path().join("qemu.out")).unwrap_or_default();
             let first = out.lines().find(|l| !l.trim().is_empty()).unwrap_or("(no output)");
             tcg(format!("/dev/kvm is present but a KVM probe boot failed ({status}): {}", first.trim()))
         }
-        None => tcg(format!(
+        ProbeBoot::Hung => tcg(format!(
             "/dev/kvm is present but a guest kernel under KVM did not finish booting within {}s \
              (it printed {} bytes); this host's KVM cannot run normal guests (a PVM host does this)",
             deadline::KVM_PROBE_BOOT.as_secs(),
@@ -204,6 +236,25 @@ mod tests {
         let e = "hvf".parse::<AccelChoice>().unwrap_err();
         assert_eq!(e, AccelError::Unknown("hvf".into()));
         assert_eq!(e.to_string(), "unknown accelerator \"hvf\": use auto, kvm or tcg");
+    }
+
+    #[test]
+    fn a_probe_boot_is_read_from_the_exit_and_the_kernel_panic_line() {
+        use std::os::unix::process::ExitStatusExt;
+        let status = std::process::ExitStatus::from_raw(0);
+        let exited = Some(status);
+        let console = "[    0.000000] Linux version 6.1.0\n\
+                       [    1.402117] Kernel panic - not syncing: VFS: Unable to mount root fs on unknown-block(0,0)\n";
+        assert_eq!(ProbeBoot::read(exited, console), ProbeBoot::RanToPanic);
+        assert_eq!(
+            ProbeBoot::read(exited, "Kernel panic - not syncing: Attempted to kill init!\n"),
+            ProbeBoot::RanToPanic
+        );
+        assert_eq!(ProbeBoot::read(None, console), ProbeBoot::Hung);
+        // QEMU exited, but the kernel never got to its panic (or only mentioned one).
+        for console in ["", "[    0.000000] Linux version 6.1.0\n", "echo Kernel panic - not syncing: x\n"] {
+            assert_eq!(ProbeBoot::read(exited, console), ProbeBoot::Failed(status), "{console:?}");
+        }
     }
 
     #[test]

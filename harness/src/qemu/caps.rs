@@ -3,7 +3,6 @@
 //! has neither.
 
 use std::os::fd::AsRawFd;
-use std::time::Duration;
 
 use serde::Serialize;
 use serde_json::Value;
@@ -11,6 +10,7 @@ use serde_json::Value;
 use super::process::QemuProcess;
 use super::qmp::{Qmp, QmpError};
 use super::transcript::Transcript;
+use crate::sys::deadline;
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Capabilities {
@@ -70,16 +70,16 @@ pub async fn probe(qemu: &str) -> Result<Capabilities, CapsError> {
     drop(listener);
     stream.set_nonblocking(true)?;
     let transcript = Transcript::create(&dir.path().join("transcript.log"))?;
-    let t = Duration::from_secs(10);
+    let t = deadline::QMP_COMMAND;
     let result = async {
-        let qmp = Qmp::connect(tokio::net::UnixStream::from_std(stream)?, transcript, t).await?;
+        let qmp = Qmp::connect(tokio::net::UnixStream::from_std(stream)?, transcript, deadline::QMP_CONNECT).await?;
         let version = qmp.execute_raw("query-version", Value::Null, t).await?;
         let schema = qmp.execute_raw("query-qmp-schema", Value::Null, t).await?;
         let migrate = qmp.execute_raw("query-migrate-capabilities", Value::Null, t).await?;
         Ok::<_, CapsError>(from_replies(&version, &schema, &migrate))
     }
     .await;
-    proc.terminate(Duration::from_secs(2));
+    proc.terminate(deadline::QEMU_QUIT);
     result
 }
 

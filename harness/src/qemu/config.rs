@@ -68,6 +68,17 @@ pub struct KernelBoot {
     pub append: String,
 }
 
+impl KernelBoot {
+    /// No kernel: the firmware (SeaBIOS) boots the first disk, as a Windows guest boots.
+    pub fn firmware() -> Self {
+        KernelBoot { kernel: PathBuf::new(), initrd: PathBuf::new(), append: String::new() }
+    }
+
+    pub fn is_firmware(&self) -> bool {
+        self.kernel.as_os_str().is_empty()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MachineConfig {
     /// A short name used in file names, logs and errors.

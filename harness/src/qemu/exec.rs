@@ -8,6 +8,7 @@ use qapi::qga::{guest_exec, guest_exec_status, GuestExecCaptureOutput, GuestExec
 use tokio::time::Instant;
 
 use super::qga::{AgentError, GuestAgent};
+use crate::sys::deadline;
 
 /// At most this much of each of stdout and stderr is kept.
 pub const MAX_OUTPUT: usize = 1 << 20;
@@ -53,11 +54,13 @@ pub async fn run(agent: &GuestAgent, argv: &[&str], timeout: Duration) -> Result
         env: None,
         input_data: None,
     };
-    let pid = agent.execute_within(start, Duration::from_secs(10).min(timeout)).await.map_err(agent_err)?.pid;
+    let pid = agent.execute_within(start, deadline::AGENT_COMMAND.min(timeout)).await.map_err(agent_err)?.pid;
     let mut interval = Duration::from_millis(10);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let status = agent.execute_within(guest_exec_status { pid }, left.max(Duration::from_secs(1))).await;
+        // Past the deadline, one last look (it may have just ended), given as long as a live
+        // agent takes to answer.
+        let status = agent.execute_within(guest_exec_status { pid }, left.max(deadline::AGENT_SILENCE)).await;
         let status = status.map_err(agent_err)?;
         if status.exited {
             return Ok(decode(status));

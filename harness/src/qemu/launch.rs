@@ -29,8 +29,10 @@ pub fn qemu_args(cfg: &MachineConfig, fds: Fds, serial_log: &Path) -> Vec<String
     push(&["-m", &format!("{}M", cfg.memory_mib), "-smp", &cfg.cpus.to_string()]);
     // No default devices, no display, and a guest reboot ends QEMU instead of looping.
     push(&["-nodefaults", "-display", "none", "-no-user-config", "-no-reboot"]);
-    push(&["-kernel", &cfg.boot.kernel.to_string_lossy(), "-initrd", &cfg.boot.initrd.to_string_lossy()]);
-    push(&["-append", &cfg.boot.append]);
+    if !cfg.boot.is_firmware() {
+        push(&["-kernel", &cfg.boot.kernel.to_string_lossy(), "-initrd", &cfg.boot.initrd.to_string_lossy()]);
+        push(&["-append", &cfg.boot.append]);
+    }
     push(&[
         "-chardev",
         &format!("socket,id=qmp,fd={},server=on,wait=off", fds.qmp),
@@ -107,6 +109,14 @@ mod tests {
         assert!(args.contains("file,id=serial0,path=/run/x,,y/serial.log -serial chardev:serial0"));
         assert!(args.contains("name=org.qemu.guest_agent.0"));
         assert!(!args.contains("-cpu host"));
+    }
+
+    #[test]
+    fn a_firmware_boot_has_no_kernel() {
+        let mut c = cfg();
+        c.boot = KernelBoot::firmware();
+        let args = qemu_args(&c, Fds { qmp: 3, agent: Some(5) }, Path::new("/s.log")).join(" ");
+        assert!(!args.contains("-kernel") && !args.contains("-append"), "{args}");
     }
 
     #[test]

@@ -129,6 +129,8 @@ impl Machine {
         let transcript = Transcript::create(&run_dir.path().join("transcript.log")).map_err(setup)?;
         transcript.note("harness", &format!("pid {} {cmdline}", process.pid()));
         let qmp_sync = socks.qmp.try_clone().map_err(setup)?;
+        // `quit` is written on this socket from Drop: if QEMU no longer reads it (hung), the
+        // write gives up after a second, and SIGTERM follows under `deadline::QEMU_QUIT`.
         qmp_sync.set_write_timeout(Some(Duration::from_secs(1))).map_err(setup)?;
         let agent = match socks.agent {
             Some(s) => Some(GuestAgent::new(to_tokio(s).map_err(setup)?, transcript.clone())),
@@ -172,6 +174,14 @@ impl Machine {
 
     pub fn agent(&self) -> Result<&GuestAgent, MachineError> {
         self.agent.as_ref().ok_or_else(|| MachineError::NoAgent { name: self.cfg.name.clone() })
+    }
+
+    /// Puts a scripted agent on a machine launched without an agent channel: the one place
+    /// a scripted peer stands in for a guest's agent (a Windows guest, which cannot run
+    /// here), with real QEMU under it (`backup/windows_peer_tests.rs`).
+    #[cfg(test)]
+    pub(crate) fn attach_scripted_agent(&mut self, agent: GuestAgent) {
+        self.agent = Some(agent);
     }
 
     pub fn serial(&self) -> &SerialLog {

@@ -16,6 +16,7 @@ pub mod qga;
 pub mod qmp;
 pub mod serial;
 pub mod transcript;
+pub mod winexec;
 
 pub use config::{Accel, DiskConfig, DiskFormat, KernelBoot, MachineConfig};
 pub use events::{Event, EventQueue, WaitError};

@@ -18,10 +18,10 @@ use tokio::time::Instant;
 use super::framing::{Frame, LineReader, DELIMITER};
 use super::message::{self, Message};
 use super::transcript::Transcript;
+use crate::sys::deadline;
 
 /// Bound on one agent reply line; guest-exec output is capped well below this.
 pub const MAX_REPLY: usize = 4 << 20;
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -109,7 +109,7 @@ impl GuestAgent {
             if left.is_zero() {
                 return Err(AgentError::NotResponding { waited: timeout });
             }
-            match self.sync(&mut chan, left.min(Duration::from_secs(1))).await {
+            match self.sync(&mut chan, left.min(deadline::AGENT_SYNC_ATTEMPT)).await {
                 Ok(()) => return Ok(()),
                 Err(AgentError::NotResponding { .. }) => continue,
                 Err(e) => return Err(e),
@@ -117,9 +117,9 @@ impl GuestAgent {
         }
     }
 
-    /// Runs a typed command with the default deadline.
+    /// Runs a typed command the agent answers at once, within [`deadline::AGENT_COMMAND`].
     pub async fn execute<C: qapi::Command>(&self, cmd: C) -> Result<C::Ok, AgentError> {
-        self.execute_within(cmd, DEFAULT_TIMEOUT).await
+        self.execute_within(cmd, deadline::AGENT_COMMAND).await
     }
 
     pub async fn execute_within<C: qapi::Command>(&self, cmd: C, timeout: Duration) -> Result<C::Ok, AgentError> {
@@ -150,12 +150,13 @@ impl GuestAgent {
         result
     }
 
-    /// Waits until a `guest-ping` goes unanswered for a second: the agent was stopped or hangs.
+    /// Waits until a `guest-ping` goes unanswered for [`deadline::AGENT_SILENCE`]: the agent
+    /// was stopped or hangs.
     /// Errors if it still answers at `deadline`.
     pub async fn wait_silent(&self, deadline: Duration) -> Result<(), AgentError> {
         let until = Instant::now() + deadline;
         loop {
-            match self.execute_within(qapi::qga::guest_ping {}, Duration::from_secs(1)).await {
+            match self.execute_within(qapi::qga::guest_ping {}, deadline::AGENT_SILENCE).await {
                 Err(AgentError::Timeout { .. } | AgentError::NotResponding { .. }) => return Ok(()),
                 _ if Instant::now() >= until => {
                     return Err(AgentError::Timeout {

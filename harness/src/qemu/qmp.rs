@@ -18,10 +18,10 @@ use super::events::{Event, EventQueue, WaitError};
 use super::framing::{Frame, LineReader};
 use super::message::{self, Message};
 use super::transcript::Transcript;
+use crate::sys::deadline;
 
 /// query-qmp-schema replies are a few hundred KiB; nothing legitimate comes near this.
 const MAX_LINE: usize = 16 << 20;
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum QmpError {
@@ -127,9 +127,9 @@ impl Qmp {
         &self.shared.transcript
     }
 
-    /// Runs a typed command with the default deadline.
+    /// Runs a typed command QEMU answers at once, within [`deadline::QMP_COMMAND`].
     pub async fn execute<C: qapi::Command>(&self, cmd: C) -> Result<C::Ok, QmpError> {
-        self.execute_within(cmd, DEFAULT_TIMEOUT).await
+        self.execute_within(cmd, deadline::QMP_COMMAND).await
     }
 
     pub async fn execute_within<C: qapi::Command>(&self, cmd: C, timeout: Duration) -> Result<C::Ok, QmpError> {

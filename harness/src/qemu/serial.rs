@@ -27,11 +27,6 @@ impl SerialLog {
         tail_of(&self.read_end(), lines)
     }
 
-    /// True if `needle` is in the last 64 KiB of the console.
-    pub fn contains(&self, needle: &str) -> bool {
-        self.read_end().contains(needle)
-    }
-
     fn read_end(&self) -> String {
         let Ok(mut f) = std::fs::File::open(&self.path) else { return String::new() };
         let len = f.metadata().map(|m| m.len()).unwrap_or(0);
@@ -60,7 +55,6 @@ mod tests {
         std::fs::write(&p, text).unwrap();
         let log = SerialLog::new(&p);
         assert_eq!(log.tail(2), "booting\nQUIESCE-GUEST-READY");
-        assert!(log.contains("READY"));
         assert_eq!(SerialLog::new(&dir.path().join("none")).tail(5), "");
     }
 }

@@ -28,19 +28,23 @@ pub mod run;
 
 pub use format::{load, parse, Scenario, ScenarioError};
 pub use report::Report;
-pub use run::{run, RunError, RunOptions};
+pub use run::{run, skip_reason, RunError, RunOptions};
 
-/// The scenario files in `path`: the file itself, or every `*.toml` in a folder, sorted.
+/// The scenario files in `path`: the file itself, or every `*.toml` in a folder and in its
+/// sub-folders (such as `windows/`; fixture folders named `snapshots` are not searched),
+/// sorted.
 pub fn discover(path: &std::path::Path) -> std::io::Result<Vec<std::path::PathBuf>> {
-    if path.is_dir() {
-        let mut v: Vec<_> = std::fs::read_dir(path)?
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|e| e == "toml"))
-            .collect();
-        v.sort();
-        Ok(v)
-    } else {
-        Ok(vec![path.to_owned()])
+    if !path.is_dir() {
+        return Ok(vec![path.to_owned()]);
     }
+    let mut v = Vec::new();
+    for p in std::fs::read_dir(path)?.filter_map(Result::ok).map(|e| e.path()) {
+        if p.is_dir() && p.file_name().is_some_and(|n| n != "snapshots") {
+            v.extend(discover(&p)?);
+        } else if p.extension().is_some_and(|e| e == "toml") {
+            v.push(p);
+        }
+    }
+    v.sort();
+    Ok(v)
 }

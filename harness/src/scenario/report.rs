@@ -11,6 +11,10 @@ pub struct Report {
     pub scenario: String,
     pub description: String,
     pub passed: bool,
+    /// Why the scenario was not run (a Windows VM and no Windows image): neither passed
+    /// nor failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<String>,
     pub error: Option<String>,
     pub accel: String,
     pub qemu_version: String,

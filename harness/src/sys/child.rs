@@ -96,6 +96,7 @@ impl Spawn {
     /// Starts the child. Fails if it cannot be started, or if no pidfd can be had for it (a
     /// kernel older than 5.3), since no wait on it could then have a deadline; the child is
     /// killed then.
+    #[allow(unsafe_code)]
     pub fn spawn(mut self) -> std::io::Result<Child> {
         if !self.keep_fds.is_empty() || self.die_with_parent {
             let keep = std::mem::take(&mut self.keep_fds);
@@ -200,6 +201,7 @@ impl Child {
 
     /// Waits without blocking the runtime until the child exits or `timeout` passes; None if
     /// it is still running. Dropping the future is safe: the child is left as it was.
+    #[allow(unsafe_code)]
     pub async fn wait_async(&mut self, timeout: Duration) -> Option<ExitStatus> {
         if let Some(s) = self.try_status() {
             return Some(s);
@@ -297,6 +299,7 @@ pub(super) fn poll_timeout(left: Duration) -> PollTimeout {
 }
 
 /// A pidfd for `pid`: an fd that becomes readable when the process exits.
+#[allow(unsafe_code)]
 pub(super) fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
     let pid = libc::pid_t::try_from(pid).map_err(std::io::Error::other)?;
     // SAFETY: pidfd_open takes a pid and flags, is given no memory, and returns a new fd or -1.

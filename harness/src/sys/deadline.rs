@@ -2,8 +2,13 @@
 //!
 //! A deadline is how long quiesce believes the wait can honestly take, with room for a
 //! loaded 2-core host running guests under TCG; past it, something is stuck, and the caller
-//! says what it waited for. Waits whose length the user chooses (the freeze and thaw
-//! windows, a migration, a block job) are options of their own, not constants here.
+//! says what it waited for. Waits whose length the user may choose (the freeze and thaw
+//! windows, a migration, a block job) are settings of their own; their defaults are here,
+//! at the end.
+//!
+//! Every wait in the crate (and in the benchmarks) takes one of these, or a setting that
+//! defaults to one. What is left elsewhere is local to one protocol and says why where it
+//! is written: a retry's pause, a poll's interval, a grace on top of another deadline.
 
 use std::time::Duration;
 
@@ -14,9 +19,10 @@ use std::time::Duration;
 /// held a few seconds by a slow storage call or a starved vCPU thread under TCG.
 pub const QMP_COMMAND: Duration = Duration::from_secs(30);
 
-/// A run-state event a command just caused (`RESUME` after `cont`, `STOP` after `stop`):
-/// QEMU sends it as part of handling the command, so it takes as long as a command.
-pub const RUN_STATE_EVENT: Duration = QMP_COMMAND;
+/// An event a command just caused (`RESUME` after `cont`, `STOP` after `stop`, `MIGRATION`
+/// after `migrate_cancel`): QEMU sends it as part of handling the command, so it takes as
+/// long as a command.
+pub const COMMAND_EVENT: Duration = QMP_COMMAND;
 
 /// Connecting to a QEMU that was just started and reading its QMP greeting: QEMU greets once
 /// it has parsed its arguments and opened its disks, under a second here.
@@ -36,8 +42,39 @@ pub const QEMU_QUIT: Duration = Duration::from_secs(3);
 pub const GUEST_EXEC: Duration = Duration::from_secs(30);
 
 /// A guest agent command that the agent answers at once (`guest-ping`,
-/// `guest-fsfreeze-status`, `guest-get-fsinfo`...).
+/// `guest-fsfreeze-status`, `guest-get-fsinfo`, starting a `guest-exec`...).
 pub const AGENT_COMMAND: Duration = Duration::from_secs(30);
+
+/// One `guest-sync` sent to an agent that may not be up yet: short, so an agent that comes
+/// up is found soon after it does; the caller retries until its own deadline.
+pub const AGENT_SYNC_ATTEMPT: Duration = Duration::from_secs(1);
+
+/// A `guest-ping` unanswered this long means the agent is stopped or hung: a live agent
+/// answers in milliseconds.
+pub const AGENT_SILENCE: Duration = Duration::from_secs(1);
+
+/// An agent command asked while checking a backup's conditions. Short on purpose: a hung
+/// agent is itself a finding (the agent cannot freeze), and must not hold the job up.
+pub const CONDITION_AGENT_COMMAND: Duration = Duration::from_secs(3);
+
+/// A guest booting to an agent that answers (the test guest, or a VM restored from a disk-only
+/// backup): about 5 s under TCG; this leaves room for a loaded CI machine.
+pub const BOOT_TO_AGENT: Duration = Duration::from_secs(90);
+
+/// A guest's agent answering again once its VM runs on (resumed from a saved state, or
+/// thawed and merged): the agent was never stopped, only the VM, so a few seconds.
+pub const AGENT_AFTER_RESUME: Duration = Duration::from_secs(30);
+
+/// A clean power-off of the test guest (`system_powerdown` to QEMU's exit): about a second;
+/// this leaves room for a loaded host.
+pub const GUEST_SHUTDOWN: Duration = Duration::from_secs(60);
+
+/// `e2fsck -fn` of a data disk inside a guest: a few seconds for 64 MiB under TCG.
+pub const GUEST_FSCK: Duration = Duration::from_secs(120);
+
+/// The guest app's own consistency check (`quiesce-app check`): it copies its database and
+/// sums it with sqlite3, a few seconds under TCG.
+pub const APP_CHECK: Duration = Duration::from_secs(120);
 
 /// A boot of the guest kernel under KVM, probing whether KVM works: a working KVM boots to
 /// the kernel's deliberate panic in about a second.
@@ -75,6 +112,10 @@ pub const DEBUGFS: Duration = Duration::from_secs(60);
 /// `ntfscp`): a second for the small disks scenarios seed.
 pub const MKFS: Duration = Duration::from_secs(120);
 
+/// `mount` or `umount` of a tmpfs (the small backup target a fault makes): in memory,
+/// milliseconds.
+pub const MOUNT: Duration = Duration::from_secs(30);
+
 /// Building a guest image from its recipe: downloading its Debian packages (the first time)
 /// and making its root filesystem. A minute or two here; a slow mirror may take far longer.
 pub const IMAGE_BUILD: Duration = Duration::from_secs(30 * 60);
@@ -93,3 +134,25 @@ pub const STORAGE_DAEMON_STOP: Duration = Duration::from_secs(5);
 /// Seeing whether `qemu-storage-daemon` has exited, for the evidence of an NBD failure (a
 /// daemon that hung up on us is usually exiting already).
 pub const STORAGE_DAEMON_EXIT: Duration = Duration::from_secs(2);
+
+/// One NBD exchange with `qemu-storage-daemon` (the handshake, sending a batch of reads,
+/// each reply): it reads at most a few MiB of a local image for it.
+pub const NBD_EXCHANGE: Duration = Duration::from_secs(60);
+
+// --- defaults of the waits a setting may change -----------------------------------------------
+
+/// `guest-fsfreeze-freeze`: the agent runs the freeze hooks (the app pauses at a transaction
+/// boundary) and freezes each filesystem. Well inside VSS's 10 s hold limit; a guest that
+/// needs more is reported as failing to freeze.
+pub const GUEST_FREEZE: Duration = Duration::from_secs(8);
+
+/// `guest-fsfreeze-thaw`: thawing, then the thaw hooks (the app resumes).
+pub const GUEST_THAW: Duration = Duration::from_secs(10);
+
+/// A block job merging an overlay back into its disk (`block-commit` to READY, then
+/// COMPLETED): the writes made during a backup, seconds for scenario disks.
+pub const BLOCK_MERGE: Duration = Duration::from_secs(300);
+
+/// A VM's state migrated to or from a file (Saved State, and its restore): RAM at the
+/// disk's speed, seconds for scenario guests.
+pub const STATE_FILE_MIGRATION: Duration = Duration::from_secs(300);

@@ -153,3 +153,46 @@ async fn async_waits_end_at_their_deadline_or_the_exit() {
     let mut quick = Spawn::new("true").spawn().unwrap();
     assert!(quick.wait_async(Duration::from_secs(10)).await.unwrap().success());
 }
+
+#[tokio::test]
+async fn async_tools_run_to_their_end_and_stop_when_dropped() {
+    let out = Tool::new("sh", Duration::from_secs(60)).args(["-c", "echo hi; exit 3"]).output_async().await.unwrap();
+    assert_eq!((out.code(), out.stdout_text().as_str()), (Some(3), "hi\n"));
+    let e = Tool::new("sh", Duration::from_millis(200)).args(["-c", "exec sleep 300"]).run_async().await.unwrap_err();
+    assert!(matches!(e, ToolError::TimedOut { .. }), "{e:?}");
+
+    // Dropped while it runs: the tool and what it started are killed at once, long before
+    // their deadline.
+    let dir = tempfile::tempdir().unwrap();
+    let pidfile = dir.path().join("grandchild");
+    let script = format!("sleep 300 & echo $! > {}; wait", shell_quote(&pidfile.to_string_lossy()));
+    let tool = Tool::new("sh", Duration::from_secs(300)).args(["-c", &script]);
+    let abandoned = tokio::time::timeout(Duration::from_millis(500), tool.output_async()).await;
+    assert!(abandoned.is_err(), "the tool ended by itself: {abandoned:?}");
+    let grandchild: u32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    assert!(exits(grandchild), "the grandchild sleep {grandchild} outlived the dropped future");
+}
+
+#[test]
+fn a_process_we_did_not_start_is_waited_for_and_stopped_by_pidfd() {
+    // A daemon as `--daemon` makes one: its parent exits and it lives on in a session of
+    // its own, no child of ours.
+    let out = Tool::new("sh", Duration::from_secs(60))
+        .args([
+            "-c",
+            // Waits until it is in a session of its own, out of the group the runner kills.
+            "setsid sleep 300 </dev/null >/dev/null 2>&1 & p=$!; \
+             until [ \"$(cut -d' ' -f6 /proc/$p/stat)\" = $p ]; do :; done; echo $p",
+        ])
+        .run()
+        .unwrap();
+    let pid: u32 = out.stdout_text().trim().parse().unwrap();
+    let p = Process::open(pid).unwrap();
+    assert_eq!(p.pid(), pid);
+    assert!(!p.has_exited());
+    assert!(!p.wait_exit(Duration::from_millis(50)));
+    assert!(p.terminate(Duration::from_secs(5)));
+    assert!(p.has_exited());
+    // Signalling one that is gone is no error.
+    p.signal(nix::sys::signal::Signal::SIGTERM).unwrap();
+}

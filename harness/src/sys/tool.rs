@@ -10,12 +10,13 @@
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::process::{ChildStderr, ChildStdout, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
+use nix::fcntl::OFlag;
 use nix::poll::{PollFd, PollFlags};
 
 use super::child::{poll_timeout, Child, Spawn};
@@ -191,14 +192,17 @@ impl<'a> Tool<'a> {
             Err(source) => return Err(ToolError::Spawn { program, command, source }),
         };
         Ok(Running {
-            stdout: child.take_stdout(),
-            stderr: child.take_stderr(),
-            child,
-            program,
-            command,
-            timeout: self.timeout,
-            deadline: started + self.timeout,
-            stdout_cap: self.stdout_cap.unwrap_or(0),
+            waiting: Waiting {
+                stdout: child.take_stdout(),
+                stderr: child.take_stderr(),
+                child,
+                program,
+                command,
+                timeout: self.timeout,
+                deadline: started + self.timeout,
+                stdout_cap: self.stdout_cap.unwrap_or(0),
+                abandoned: None,
+            },
             on_stderr_line: self.on_stderr_line,
         })
     }
@@ -215,8 +219,49 @@ impl<'a> Tool<'a> {
     }
 }
 
+impl Tool<'static> {
+    /// [`Tool::output`] for async code: the tool is waited for on a blocking thread, so the
+    /// runtime's workers are not held up. Dropping the future stops the tool at once (its
+    /// group is killed and it is reaped), as dropping a [`Running`] does: the future holds
+    /// one end of a pipe whose other end the waiting thread polls beside the tool's. (Its
+    /// stderr is not given line by line: [`Tool::on_stderr_line`] is for blocking runs.)
+    pub async fn output_async(self) -> Result<Output, ToolError> {
+        let (program, command) = (self.spawn.program(), self.spawn.command_line());
+        let (watched, held) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| ToolError::Io {
+            program: program.clone(),
+            command: command.clone(),
+            source: e.into(),
+        })?;
+        let mut waiting = self.spawn()?.waiting;
+        waiting.abandoned = Some(watched);
+        let waited = tokio::task::spawn_blocking(move || waiting.wait(None)).await;
+        drop(held);
+        waited.unwrap_or_else(|e| Err(ToolError::Io { program, command, source: std::io::Error::other(e) }))
+    }
+
+    /// [`Tool::run`] for async code, as [`Tool::output_async`] runs it.
+    pub async fn run_async(self) -> Result<Output, ToolError> {
+        self.output_async().await?.into_success()
+    }
+}
+
 /// A tool that was started. Dropping it kills its process group and reaps it.
 pub struct Running<'a> {
+    waiting: Waiting,
+    on_stderr_line: Option<&'a mut dyn FnMut(&str)>,
+}
+
+impl Running<'_> {
+    /// Waits for the tool to end, reading its output, until its deadline. Any exit status
+    /// is an [`Output`]; [`Output::into_success`] refuses a failure.
+    pub fn wait(self) -> Result<Output, ToolError> {
+        self.waiting.wait(self.on_stderr_line)
+    }
+}
+
+/// What waiting for a started tool needs, apart from the caller's stderr callback (which
+/// may not leave the caller's thread).
+struct Waiting {
     stdout: Option<ChildStdout>,
     stderr: Option<ChildStderr>,
     child: Child,
@@ -225,13 +270,13 @@ pub struct Running<'a> {
     timeout: Duration,
     deadline: Instant,
     stdout_cap: usize,
-    on_stderr_line: Option<&'a mut dyn FnMut(&str)>,
+    /// The read end of a pipe whose write end an async caller holds: it closes when the
+    /// caller stops waiting, and the tool is then killed.
+    abandoned: Option<OwnedFd>,
 }
 
-impl Running<'_> {
-    /// Waits for the tool to end, reading its output, until its deadline. Any exit status
-    /// is an [`Output`]; [`Output::into_success`] refuses a failure.
-    pub fn wait(mut self) -> Result<Output, ToolError> {
+impl Waiting {
+    fn wait(mut self, mut on_line: Option<&mut dyn FnMut(&str)>) -> Result<Output, ToolError> {
         let mut stdout = Vec::new();
         let mut stderr = Vec::new();
         let mut line = Vec::new();
@@ -263,20 +308,28 @@ impl Running<'_> {
                     fds.push(PollFd::new(p.as_fd(), PollFlags::POLLIN));
                     fds.len() - 1
                 });
+                let abandoned_at = self.abandoned.as_ref().map(|p| {
+                    fds.push(PollFd::new(p.as_fd(), PollFlags::POLLIN));
+                    fds.len() - 1
+                });
                 match nix::poll::poll(&mut fds, poll_timeout(left)) {
                     Ok(_) | Err(Errno::EINTR) => {
                         // Flags nix does not know count as ready: the read will tell.
                         let ready = |at: Option<usize>| at.is_some_and(|i| fds[i].any().unwrap_or(true));
-                        Ok((ready(out_at), ready(err_at)))
+                        Ok((ready(out_at), ready(err_at), ready(abandoned_at)))
                     }
                     Err(e) => Err(e),
                 }
             }
             .map_err(std::io::Error::from);
-            let (out_ready, err_ready) = match ready {
+            let (out_ready, err_ready, abandoned) = match ready {
                 Ok(r) => r,
                 Err(e) => return Err(self.io_failure(e)),
             };
+            if abandoned {
+                // Nobody waits for the result any more: the caller's future was dropped.
+                return Err(self.io_failure(std::io::ErrorKind::Interrupted.into()));
+            }
             if out_ready {
                 match read_some(self.stdout.as_mut(), &mut buf) {
                     Ok(0) => self.stdout = None,
@@ -298,7 +351,7 @@ impl Running<'_> {
                     Ok(0) => {
                         self.stderr = None;
                         if !line.is_empty() {
-                            self.line(&std::mem::take(&mut line));
+                            emit(&mut on_line, &std::mem::take(&mut line));
                         }
                     }
                     Ok(n) => {
@@ -306,10 +359,10 @@ impl Running<'_> {
                         if stderr.len() > 2 * STDERR_TAIL {
                             stderr.drain(..stderr.len() - STDERR_TAIL);
                         }
-                        if self.on_stderr_line.is_some() {
+                        if on_line.is_some() {
                             for &b in &buf[..n] {
                                 if b == b'\n' {
-                                    self.line(&std::mem::take(&mut line));
+                                    emit(&mut on_line, &std::mem::take(&mut line));
                                 } else {
                                     line.push(b);
                                 }
@@ -332,15 +385,16 @@ impl Running<'_> {
         })
     }
 
-    fn line(&mut self, bytes: &[u8]) {
-        if let Some(f) = self.on_stderr_line.as_mut() {
-            f(&String::from_utf8_lossy(bytes));
-        }
-    }
-
     fn io_failure(mut self, source: std::io::Error) -> ToolError {
         self.child.kill();
         ToolError::Io { program: self.program, command: self.command, source }
+    }
+}
+
+/// Gives one line of stderr to the caller's callback, if it gave one.
+fn emit(on_line: &mut Option<&mut dyn FnMut(&str)>, bytes: &[u8]) {
+    if let Some(f) = on_line.as_mut() {
+        f(&String::from_utf8_lossy(bytes));
     }
 }
 

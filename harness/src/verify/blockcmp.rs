@@ -84,7 +84,7 @@ impl Default for Options {
             workers: cores.clamp(2, 8),
             read_path: ReadPath::Auto,
             tool_timeout: deadline::QEMU_IMG_MAP,
-            io_timeout: Duration::from_secs(60),
+            io_timeout: deadline::NBD_EXCHANGE,
             // Four 512 KiB reads in flight per 2 MiB chunk: the daemon reads the next while
             // it sends one. Measured on 2 cores: within the noise of one 2 MiB read at a
             // time once the daemon's buffers are reused (0.49-0.54 s against 0.53-0.58 s
@@ -380,13 +380,11 @@ struct Outcome {
     compared: u64,
 }
 
+/// Why a comparison worker stopped; the caller turns it into a [`BlockCompareError`].
 enum WorkerError {
     /// An NBD failure: the caller adds the daemon's evidence.
-    Nbd {
-        image: PathBuf,
-        step: String,
-        error: String,
-    },
+    Nbd { image: PathBuf, step: String, error: String },
+    /// Any other failure, already in the words a user gets.
     Other(BlockCompareError),
 }
 

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use crate::qemu::exec::{self, ExecError};
 use crate::qemu::GuestAgent;
+use crate::sys::shell_quote;
 
 /// Lines of a check's output kept for the report.
 const TAIL_LINES: usize = 5;
@@ -29,9 +30,10 @@ impl GuestFsck {
 pub async fn fsck_ext4(agent: &GuestAgent, serial: &str, timeout: Duration) -> Result<GuestFsck, ExecError> {
     // The disk is found by serial through sysfs (no udev in the guest); a mounted disk is
     // refused rather than checked, since e2fsck -n on a live filesystem reports noise.
+    let word = shell_quote(serial);
     let script = format!(
-        "dev=; for b in /sys/block/vd*; do [ \"$(cat $b/serial 2>/dev/null)\" = '{serial}' ] && dev=/dev/${{b##*/}}; done; \
-         [ -n \"$dev\" ] || {{ echo 'no disk with serial {serial}'; exit 8; }}; \
+        "dev=; for b in /sys/block/vd*; do [ \"$(cat $b/serial 2>/dev/null)\" = {word} ] && dev=/dev/${{b##*/}}; done; \
+         [ -n \"$dev\" ] || {{ echo no disk with serial {word}; exit 8; }}; \
          if grep -q \"^$dev \" /proc/mounts; then echo \"$dev is mounted\"; exit 8; fi; \
          echo \"device $dev\"; e2fsck -fn \"$dev\" 2>&1"
     );

@@ -3,6 +3,7 @@
 pub mod blockcmp;
 pub mod corrupt;
 pub mod guest;
+pub mod guest_windows;
 pub mod restore;
 
 pub use restore::{RestoreError, RestoreOptions, Restored};

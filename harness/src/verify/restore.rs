@@ -8,11 +8,13 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use qapi::qmp::{query_migrate, MigrationStatus};
+use qapi::Enum;
 use serde_json::{json, Value};
 
-use crate::backup::manifest::{Method, StateEntry, VmBackup};
-use crate::backup::saved_state::Plan;
-use crate::backup::Backup;
+use crate::backup::manifest::{Entry, Method, StateEntry, VmBackup};
+use crate::backup::saved_state::{migration_ended, migration_status, Plan};
+use crate::backup::{Backup, FolderError};
 use crate::image::qemu_img::{self, qemu_img, QemuImgError};
 use crate::qemu::{DiskConfig, DiskFormat, KernelBoot, Machine, MachineConfig, MachineError};
 use crate::sys::deadline;
@@ -23,6 +25,10 @@ pub enum RestoreError {
     /// The backup holds no VM of that name.
     #[error("backup {backup} has no VM named {vm}")]
     NoSuchVm { backup: PathBuf, vm: String },
+    /// A file the backup names is refused (its path would lead outside the backup's folder)
+    /// or is missing; nothing was started or written.
+    #[error(transparent)]
+    Backup(#[from] FolderError),
     /// The VM was backed up by Child VM Snapshot (disks only): there is no saved state to
     /// load; boot it instead.
     #[error("VM {vm} in backup {backup} has no saved state to restore")]
@@ -73,7 +79,12 @@ pub struct RestoreOptions {
 
 impl RestoreOptions {
     pub fn named(name: &str) -> Self {
-        Self { name: name.to_owned(), artifacts_dir: None, incoming_deadline: Duration::from_secs(300), resume: true }
+        Self {
+            name: name.to_owned(),
+            artifacts_dir: None,
+            incoming_deadline: deadline::STATE_FILE_MIGRATION,
+            resume: true,
+        }
     }
 }
 
@@ -83,7 +94,7 @@ pub async fn resume(m: &Machine) -> Result<(), RestoreError> {
     crate::backup::runstate::settle(m, deadline::QMP_COMMAND).await.map_err(|e| merr("query-status", e))?;
     m.qmp().execute_raw("cont", Value::Null, deadline::QMP_COMMAND).await.map_err(|e| merr("cont", m.qmp_err(e)))?;
     m.qmp()
-        .wait_event("RESUME", |_| true, deadline::RUN_STATE_EVENT)
+        .wait_event("RESUME", |_| true, deadline::COMMAND_EVENT)
         .await
         .map_err(|e| merr("wait for RESUME", m.qmp_err(e)))?;
     Ok(())
@@ -106,13 +117,18 @@ async fn launch_like(
     incoming: bool,
 ) -> Result<(Machine, Vec<(String, PathBuf)>, tempfile::TempDir), RestoreError> {
     let io = |e| RestoreError::Io(e, vm.name.clone());
-    let vm_dir = backup.vm_dir(&vm.name);
     let disk_dir = tempfile::Builder::new().prefix(&format!("quiesce-{}-restore-", opts.name)).tempdir().map_err(io)?;
     let spec = &vm.machine;
-    let boot = KernelBoot {
-        kernel: vm_dir.join(&spec.kernel),
-        initrd: vm_dir.join(&spec.initrd),
-        append: spec.append.clone(),
+    // No kernel in the backup: the VM boots its own disk through the firmware (Windows).
+    // Otherwise every path is checked again as it is used: the manifest is input from elsewhere.
+    let boot = if spec.kernel.is_empty() {
+        KernelBoot::firmware()
+    } else {
+        KernelBoot {
+            kernel: backup.file_path(&vm.name, &Entry::Kernel, &spec.kernel)?,
+            initrd: backup.file_path(&vm.name, &Entry::Initrd, &spec.initrd)?,
+            append: spec.append.clone(),
+        }
     };
     let mut cfg = MachineConfig::new(&opts.name, spec.accel, boot);
     cfg.machine_type = spec.machine_type.clone();
@@ -122,7 +138,8 @@ async fn launch_like(
     let mut disks = Vec::new();
     for d in &vm.disks {
         let overlay = disk_dir.path().join(format!("{}.qcow2", d.node_name));
-        qemu_img::create_overlay(&vm_dir.join(&d.file), d.format, &overlay).map_err(|error| RestoreError::Image {
+        let image = backup.file_path(&vm.name, &Entry::Disk(d.node_name.clone()), &d.file)?;
+        qemu_img::create_overlay(&image, d.format, &overlay).map_err(|error| RestoreError::Image {
             vm: vm.name.clone(),
             disk: d.node_name.clone(),
             error,
@@ -181,7 +198,7 @@ async fn start(
 async fn boot_until_agent(m: &mut Machine, vm: &str, opts: &RestoreOptions, tl: &Timeline) -> Result<(), RestoreError> {
     tl.step(Some(&opts.name), "boot until the agent answers", async {
         resume(m).await?;
-        m.wait_agent(BOOT_DEADLINE).await.map_err(|error| RestoreError::Machine {
+        m.wait_agent(deadline::BOOT_TO_AGENT).await.map_err(|error| RestoreError::Machine {
             vm: vm.to_owned(),
             step: "boot".into(),
             error,
@@ -207,7 +224,7 @@ async fn load_state(
         status: "not started".into(),
         desc: e.to_string(),
     })?;
-    let path = backup.vm_dir(&vm.name).join(&state.file);
+    let path = backup.file_path(&vm.name, &Entry::State, &state.file)?;
     tl.step(Some(&opts.name), "load state (incoming migration)", async {
         m.qmp()
             .execute_raw("migrate-incoming", json!({"uri": format!("file:{}", path.display())}), deadline::QMP_COMMAND)
@@ -215,23 +232,20 @@ async fn load_state(
             .map_err(|e| merr("migrate-incoming", m.qmp_err(e)))?;
         let ev = m
             .qmp()
-            .wait_event(
-                "MIGRATION",
-                |d| matches!(d["status"].as_str(), Some("completed" | "failed" | "cancelled")),
-                opts.incoming_deadline,
-            )
+            .wait_event("MIGRATION", migration_ended, opts.incoming_deadline)
             .await
             .map_err(|e| merr("wait for the state to load", m.qmp_err(e)))?;
-        if ev.data["status"] != "completed" {
-            let info =
-                m.qmp().execute_raw("query-migrate", Value::Null, deadline::QMP_COMMAND).await.unwrap_or(Value::Null);
-            return Err(RestoreError::Incoming {
-                vm: vm.name.clone(),
-                status: ev.data["status"].as_str().unwrap_or("?").to_owned(),
-                desc: info["error-desc"].as_str().unwrap_or("QEMU gave no reason").to_owned(),
-            });
+        match migration_status(&ev.data) {
+            Some(MigrationStatus::completed) => Ok(()),
+            ended => {
+                let info = m.qmp().execute_within(query_migrate {}, deadline::QMP_COMMAND).await.ok();
+                Err(RestoreError::Incoming {
+                    vm: vm.name.clone(),
+                    status: ended.map_or("?", |s| s.name()).to_owned(),
+                    desc: info.and_then(|i| i.error_desc).unwrap_or_else(|| "QEMU gave no reason".to_owned()),
+                })
+            }
         }
-        Ok(())
     })
     .await?;
     if opts.resume && vm.run_state_before == "running" {
@@ -243,9 +257,6 @@ async fn load_state(
 fn find<'a>(backup: &'a Backup, vm: &str) -> Result<&'a VmBackup, RestoreError> {
     backup.vm(vm).ok_or_else(|| RestoreError::NoSuchVm { backup: backup.path.clone(), vm: vm.to_owned() })
 }
-
-/// How long a restored VM booting from its backup has to bring its agent up.
-pub const BOOT_DEADLINE: Duration = Duration::from_secs(90);
 
 /// Restores a disk-only (Child VM Snapshot) backup: a new VM on the backed-up disks, the
 /// backed-up root disk itself included. With `opts.resume` it boots and its agent is
@@ -401,9 +412,14 @@ fn in_place_disks(vm: &VmBackup, target: &MachineConfig, saved: bool) -> Result<
 
 /// Writes each backed-up disk onto its target file, one after the other, off the runtime.
 async fn write_back(backup: &Backup, vm: &VmBackup, disks: &[DiskConfig]) -> Result<(), RestoreError> {
+    // Every source is checked before the first disk is written.
+    let sources = vm
+        .disks
+        .iter()
+        .map(|d| backup.file_path(&vm.name, &Entry::Disk(d.node_name.clone()), &d.file))
+        .collect::<Result<Vec<_>, _>>()?;
     let mut written = Vec::new();
-    for (d, t) in vm.disks.iter().zip(disks) {
-        let src = backup.vm_dir(&vm.name).join(&d.file);
+    for ((d, t), src) in vm.disks.iter().zip(disks).zip(sources) {
         let (dst, fmt, dst_fmt) = (t.path.clone(), d.format, t.format);
         let result = tokio::task::spawn_blocking(move || write_into(&src, fmt, &dst, dst_fmt))
             .await

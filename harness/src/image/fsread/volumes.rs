@@ -28,15 +28,25 @@ pub enum Content {
     Unknown,
 }
 
+/// Why a disk's partitions could not be found. The disk is not read further: a volume
+/// that cannot be placed cannot be compared or trusted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum VolumeError {
+    /// The disk image could not be read where its partition table or a volume's first
+    /// bytes are (an I/O error, or an image shorter than its header says); the system's
+    /// reason follows.
     #[error("reading the partition table: {0}")]
     Read(String),
+    /// A partition table entry points past the end of the disk: the image was cut short
+    /// (a copy that did not finish), or the table is damaged.
     #[error(
         "partition {partition} ({start}..{end} bytes) lies past the end of the disk ({disk_len} bytes): \
          the image is truncated, or its partition table is damaged"
     )]
     OutOfBounds { partition: u32, start: u64, end: u64, disk_len: u64 },
+    /// The partition table contradicts itself (a protective MBR with no GPT behind it, a
+    /// chain of logical partitions that loops): the disk is not what a partitioning tool
+    /// writes, and is not read.
     #[error("the partition table is damaged: {0}")]
     Damaged(String),
 }

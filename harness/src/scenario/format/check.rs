@@ -23,11 +23,14 @@ pub(super) fn check(f: &ScenarioFile) -> Result<(), (Range<usize>, String)> {
             return Err((d.span(), format!("snapshot_dir {:?}: expected an absolute path", d.get_ref())));
         }
     }
+    super::windows::check(f)?;
     if let Some(d) = &backup.freeze_deadline_ms {
-        if !(100..=10_000).contains(d.get_ref()) {
+        // A Windows guest's VSS freeze may take far longer than its 10 s hold (see windows.rs).
+        let max = super::windows::max_freeze_deadline_ms(f);
+        if !(100..=max).contains(d.get_ref()) {
             return Err((
                 d.span(),
-                format!("freeze_deadline_ms = {}: expected 100 to 10000 (VSS's hold limit is 10 s)", d.get_ref()),
+                format!("freeze_deadline_ms = {}: expected 100 to {max} (VSS's hold limit is 10 s)", d.get_ref()),
             ));
         }
     }
@@ -139,7 +142,10 @@ pub(super) fn check(f: &ScenarioFile) -> Result<(), (Range<usize>, String)> {
             return Err((f.vms[0].span(), msg.into()));
         }
         let d = vm.disks.iter().map(|d| d.get_ref()).find(|d| d.name.get_ref() == spec.disk.get_ref());
-        let Some(d) = d.filter(|d| d.filesystem == Filesystem::Ext4 && d.mount) else {
+        // A Windows guest's data disk is NTFS (windows.rs).
+        let fs_ok =
+            |d: &DiskSpec| d.filesystem == Filesystem::Ext4 || (vm.is_windows() && d.filesystem == Filesystem::Ntfs);
+        let Some(d) = d.filter(|d| fs_ok(d) && d.mount) else {
             let msg =
                 format!("disk {:?} is not a mounted ext4 data disk of VM {}", spec.disk.get_ref(), vm.name.get_ref());
             return Err((spec.disk.span(), msg));

@@ -104,6 +104,12 @@ pub enum FaultKind {
     /// The filesystems are frozen, but the app's freeze hook is made non-executable in the
     /// guest first, so the app is not paused: a VSS writer that did not take part.
     SkipFreezeHooks,
+    /// Windows: the host holds the guest frozen for 12 s before the snapshot transaction,
+    /// past VSS's 10 s hold limit, so the thaw reports that writes went on.
+    HoldPastVssLimit,
+    /// Windows: qemu-ga's VSS provider is unregistered in the guest before the backup
+    /// (`qemu-ga.exe -s vss-uninstall`), so VSS fails to initialise.
+    VssProviderUnregistered,
 }
 
 impl FaultKind {
@@ -138,6 +144,8 @@ impl FaultKind {
             FaultKind::TruncateInRestore => "truncate-in-restore",
             FaultKind::SkipFreeze => "skip-freeze",
             FaultKind::SkipFreezeHooks => "skip-freeze-hooks",
+            FaultKind::HoldPastVssLimit => "hold-past-vss-limit",
+            FaultKind::VssProviderUnregistered => "vss-provider-unregistered",
         }
     }
 }

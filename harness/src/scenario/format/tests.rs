@@ -211,8 +211,37 @@ fn faults_that_defeat_checks_need_mismatch_those_checks_and_child_snapshot() {
         let parsed: Check = toml::Value::String(c.name().into()).try_into().unwrap();
         assert_eq!(parsed, c);
     }
-    for k in [FaultKind::SkipFreeze, FaultKind::SkipFreezeHooks, FaultKind::AgentHangsInFreeze] {
+    for k in [
+        FaultKind::SkipFreeze,
+        FaultKind::SkipFreezeHooks,
+        FaultKind::AgentHangsInFreeze,
+        FaultKind::HoldPastVssLimit,
+        FaultKind::VssProviderUnregistered,
+    ] {
         let parsed: FaultKind = toml::Value::String(k.name().into()).try_into().unwrap();
         assert_eq!(parsed, k);
     }
+}
+
+#[test]
+fn a_huge_value_is_not_repeated_in_full_and_a_huge_file_is_not_read() {
+    // Found by the fuzz test (harness/tests/fuzz): serde repeats an unknown value whole.
+    let long = "x".repeat(100_000);
+    let text = format!("description = \"x\"\n[[vm]]\nname = \"vm1\"\n[backup]\nmethod = \"{long}\"\n");
+    let e = parse(Path::new("s.toml"), &text).unwrap_err();
+    assert_eq!((e.line, e.column), (5, 10), "{e}");
+    assert!(e.message.len() < 1100 && e.message.ends_with("bytes)"), "{}", e.message.len());
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big.toml");
+    std::fs::write(&big, format!("description = \"{}\"\n", "x".repeat(MAX_FILE_BYTES as usize))).unwrap();
+    let e = load(&big).unwrap_err();
+    assert!(e.message.contains("larger than"), "{e}");
+}
+
+#[test]
+fn a_file_that_ends_where_a_value_belongs_says_so() {
+    // Found by the fuzz test: toml gives this mistake no message of its own.
+    let e = parse(Path::new("s.toml"), "description = \"x\"\n[[vm]]\nname = ").unwrap_err();
+    assert_eq!(e.line, 3, "{e}");
+    assert!(!e.message.is_empty(), "{e:?}");
 }

@@ -10,11 +10,12 @@ use qapi::qga::GuestFsfreezeStatus;
 
 use super::super::format::{AgentState, FaultKind};
 use super::super::report::{JournalReport, Report};
-use super::ctx::{label, RunCtx, Vm, GUEST_COMMAND, PROGRESS, QMP_REPLY};
+use super::ctx::{label, RunCtx, Vm, PROGRESS};
 use super::error::{on, RunError};
 use crate::backup::{runstate, Method};
 use crate::qemu::{GuestAgent, Machine};
-use crate::workload;
+use crate::sys::deadline;
+use crate::workload::{self, AppStatus};
 
 /// The VM is back as it was: same run state, disks active and its own (no overlay left),
 /// workloads running on with nothing lost.
@@ -72,7 +73,8 @@ pub(super) async fn nothing_changed(ctx: &mut RunCtx<'_>, vms: &[Vm], backup_pat
         if ctx.s.has_fault(name, FaultKind::QemuKilledAfterPrepare) {
             let mut dead = m.qmp().is_closed();
             if !dead {
-                dead = m.qmp().execute_raw("query-status", serde_json::Value::Null, QMP_REPLY).await.is_err();
+                dead =
+                    m.qmp().execute_raw("query-status", serde_json::Value::Null, deadline::QMP_COMMAND).await.is_err();
             }
             report.check(name, "killed-vm-reported", dead, "its QEMU was killed by the fault; it cannot be put back");
             continue;
@@ -94,7 +96,7 @@ pub(super) async fn nothing_changed(ctx: &mut RunCtx<'_>, vms: &[Vm], backup_pat
         }
         let agent = m.agent().map_err(vm.fail("the guest agent"))?;
         let status = agent
-            .execute_within(qapi::qga::guest_fsfreeze_status {}, GUEST_COMMAND)
+            .execute_within(qapi::qga::guest_fsfreeze_status {}, deadline::AGENT_COMMAND)
             .await
             .map_err(vm.fail("guest-fsfreeze-status"))?;
         let thawed = status == GuestFsfreezeStatus::thawed;
@@ -123,12 +125,8 @@ fn names_in(dir: &Path, keep: impl Fn(&str) -> bool) -> Vec<String> {
 /// (no thaw after a failed freeze) stands still.
 async fn app_commits_on(vm: &Vm, agent: &GuestAgent, dir: &str) -> Result<(bool, String), RunError> {
     let transfers = || async {
-        let out = crate::qemu::exec::sh(agent, &format!("quiesce-app status {dir}"), GUEST_COMMAND)
-            .await
-            .map_err(vm.fail("reading the app's status"))?;
-        // "running pid=N transfers=M" or "stopped transfers=M"
-        let n = out.split_whitespace().find_map(|w| w.strip_prefix("transfers=")).and_then(|n| n.parse::<u64>().ok());
-        Ok::<_, RunError>((out.starts_with("running"), n.unwrap_or(0)))
+        let status = workload::app_status(agent, dir).await.map_err(vm.fail("reading the app's status"))?;
+        Ok::<_, RunError>((matches!(status, AppStatus::Running { .. }), status.transfers().unwrap_or(0)))
     };
     let (running, first) = transfers().await?;
     if !running {
@@ -166,24 +164,45 @@ async fn journal_kept(vm: &Vm, path: &str, report: &mut Report) -> Result<(bool,
     Ok((j.intact() && lost == 0, detail))
 }
 
+/// True if `qdev` (query-block's QOM path of a block backend, or a device id) is the device
+/// quiesce attached disk `node` to: the device with id `<node>-dev` (see `qemu::launch`),
+/// or its backend, a child in the QOM tree under it.
+fn held_by(qdev: &str, node: &str) -> bool {
+    let id = format!("{node}-dev");
+    qdev.split('/').any(|part| part == id)
+}
+
 /// True if every disk is back on its own image file and no overlay file is left beside it.
 async fn own_images(m: &Machine) -> Result<(bool, String), RunError> {
     let blocks = m
         .qmp()
-        .execute_raw("query-block", serde_json::Value::Null, QMP_REPLY)
+        .execute_within(qapi::qmp::query_block {}, deadline::QMP_COMMAND)
         .await
         .map_err(on(m.name(), "query-block"))?;
     let mut wrong = Vec::new();
     for d in &m.config().disks {
-        let dev = format!("{}-dev", d.node_name);
         let file = blocks
-            .as_array()
-            .and_then(|a| a.iter().find(|b| b["qdev"].as_str().is_some_and(|q| q.contains(&dev))))
-            .and_then(|b| b["inserted"]["file"].as_str())
-            .unwrap_or("?");
+            .iter()
+            .find(|b| b.qdev.as_deref().is_some_and(|q| held_by(q, &d.node_name)))
+            .and_then(|b| b.inserted.as_ref())
+            .map_or("?", |i| i.file.as_str());
         if Path::new(file) != d.path {
             wrong.push(format!("{} on {file}", d.node_name));
         }
     }
     Ok((wrong.is_empty(), if wrong.is_empty() { "every disk is on its own image".into() } else { wrong.join(", ") }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::held_by;
+
+    #[test]
+    fn a_disk_is_found_by_its_device_in_the_qom_path() {
+        assert!(held_by("/machine/peripheral/data-dev/virtio-backend", "data"));
+        assert!(held_by("data-dev", "data"));
+        assert!(!held_by("/machine/peripheral/data-dev/virtio-backend", "dat"));
+        assert!(!held_by("/machine/peripheral/xdata-dev/virtio-backend", "data"));
+        assert!(!held_by("/machine/peripheral/root-dev/virtio-backend", "data"));
+    }
 }

@@ -13,19 +13,10 @@ use crate::qemu::caps::Capabilities;
 use crate::testguest::TestGuest;
 use crate::timeline::Timeline;
 
-/// A command run in the guest, or a status read from its agent: well under a second on an
-/// idle host, so this bounds a guest that stopped answering, with room for a loaded TCG host.
-pub(super) const GUEST_COMMAND: Duration = Duration::from_secs(30);
-/// A QMP reply, or an event QEMU sends at once after a command (STOP after `stop`).
-pub(super) const QMP_REPLY: Duration = Duration::from_secs(30);
-/// A restored guest's agent answering once the VM runs again.
-pub(super) const AGENT_READY: Duration = Duration::from_secs(30);
-/// A workload showing progress: the counter moving on, the app committing a transfer.
+/// A scenario's workload showing progress: the counter moving on, the app committing a
+/// transfer. Both move every few milliseconds while the guest runs. (Every other wait of a
+/// run is one of `sys::deadline`'s.)
 pub(super) const PROGRESS: Duration = Duration::from_secs(30);
-/// A clean power-off of the test guest: about a second; this leaves room for a loaded host.
-pub(super) const SHUTDOWN: Duration = Duration::from_secs(60);
-/// `e2fsck -fn` of a data disk inside a restored guest (a few seconds for 64 MiB under TCG).
-pub(super) const GUEST_FSCK: Duration = Duration::from_secs(120);
 
 #[derive(Debug, Clone)]
 pub struct RunOptions {

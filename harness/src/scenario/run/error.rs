@@ -17,6 +17,7 @@ use crate::image::seed::SeedError;
 use crate::qemu::caps::CapsError;
 use crate::qemu::exec::ExecError;
 use crate::qemu::{AgentError, MachineError, QmpError};
+use crate::sys::ToolError;
 use crate::testguest::GuestError;
 use crate::verify::blockcmp::BlockCompareError;
 use crate::verify::corrupt::CorruptError;
@@ -168,6 +169,10 @@ pub enum RunError {
     /// A fault that corrupts a restored disk could not find or write its byte.
     #[error("{at}: {source}")]
     Corrupt { at: At, source: CorruptError },
+    /// A program the run starts on the host (`mount` for the small backup target) could
+    /// not start or outlasted its deadline; the error names the command.
+    #[error("{at}: {source}")]
+    Tool { at: At, source: ToolError },
     /// A worker thread that reads whole images panicked or was cancelled.
     #[error("{at}: {source}")]
     Thread { at: At, source: tokio::task::JoinError },
@@ -221,6 +226,7 @@ causes! {
     ManifestError => Manifest,
     BlockCompareError => Blocks,
     CorruptError => Corrupt,
+    ToolError => Tool,
     tokio::task::JoinError => Thread,
 }
 

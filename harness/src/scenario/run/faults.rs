@@ -10,18 +10,27 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::super::format::{Attach, FaultKind, MethodChoice, Scenario};
-use super::ctx::{Vm, GUEST_COMMAND};
-use super::error::{io, At, RunError};
+use super::ctx::Vm;
+use super::error::{io, At, Cause, RunError};
 use crate::backup::child_snapshot::SnapshotSettings;
 use crate::backup::saved_state::SaveSettings;
 use crate::backup::set::{Member, SetError, Undone};
 use crate::backup::Faults;
+use crate::sys::{deadline, Tool, ToolError};
 use crate::workload;
+
+/// How long `hold-past-vss-limit` keeps the guest frozen: past VSS's 10 s hold.
+const HOLD_PAST_VSS_LIMIT: Duration = Duration::from_secs(12);
 
 /// The set member for one VM: its method, where its overlays go, and its faults.
 pub(super) fn member<'a>(s: &Scenario, vm: &'a Vm, method: MethodChoice) -> Member<'a> {
     let name = vm.name();
     let mut snapshot = SnapshotSettings::new(&vm.snapshot_dir(s));
+    if vm.spec.is_windows() {
+        // VSS takes far longer than a Linux freeze (crate::windows::deadline says why).
+        (snapshot.freeze_deadline, snapshot.thaw_deadline) =
+            (crate::windows::deadline::FREEZE, crate::windows::deadline::THAW);
+    }
     if let Some(ms) = &s.backup().freeze_deadline_ms {
         snapshot.freeze_deadline = Duration::from_millis(*ms.get_ref());
     }
@@ -47,6 +56,7 @@ pub(super) fn member<'a>(s: &Scenario, vm: &'a Vm, method: MethodChoice) -> Memb
             agent_stops_after_freeze: has(FaultKind::AgentStopsAfterFreeze),
             kill_after_prepare: has(FaultKind::QemuKilledAfterPrepare),
             skip_freeze: has(FaultKind::SkipFreeze),
+            hold_frozen_for: has(FaultKind::HoldPastVssLimit).then_some(HOLD_PAST_VSS_LIMIT),
         },
     }
 }
@@ -80,7 +90,7 @@ pub(super) async fn arm_guest(s: &Scenario, vm: &Vm) -> Result<(), RunError> {
         // The hook stays in place, but the freeze hook runs only executable scripts: the
         // app is left out of the freeze, as a VSS writer that does not take part.
         let agent = vm.guest.machine.agent().map_err(vm.fail("the guest agent"))?;
-        crate::qemu::exec::sh(agent, &format!("chmod a-x {APP_HOOK}"), GUEST_COMMAND)
+        crate::qemu::exec::sh(agent, &format!("chmod a-x {APP_HOOK}"), deadline::GUEST_EXEC)
             .await
             .map_err(vm.fail("making the app's freeze hook non-executable"))?;
     }
@@ -106,7 +116,9 @@ async fn install_hook(vm: &Vm, name: &str, body: &str) -> Result<(), RunError> {
     let agent = vm.guest.machine.agent().map_err(vm.fail("the guest agent"))?;
     let path = format!("/etc/qemu/fsfreeze-hook.d/{name}");
     let script = format!("printf '#!/bin/sh\\n{body}\\n' > {path} && chmod 755 {path}");
-    crate::qemu::exec::sh(agent, &script, GUEST_COMMAND).await.map_err(vm.fail("installing a fault's freeze hook"))?;
+    crate::qemu::exec::sh(agent, &script, deadline::GUEST_EXEC)
+        .await
+        .map_err(vm.fail("installing a fault's freeze hook"))?;
     Ok(())
 }
 
@@ -114,25 +126,25 @@ async fn install_hook(vm: &Vm, name: &str, body: &str) -> Result<(), RunError> {
 pub(super) struct SmallTmpfs(PathBuf);
 
 impl SmallTmpfs {
-    // TODO(sys): run mount and umount through the crate's child-process runner, under a
-    // deadline, once it exists.
     pub fn mount(at: &Path) -> Result<Self, RunError> {
         std::fs::create_dir_all(at).map_err(io(At::run("creating the small backup target"), at))?;
-        let out = std::process::Command::new("mount")
+        let mount = Tool::new("mount", deadline::MOUNT)
             .args(["-t", "tmpfs", "-o", "size=48m,mode=0700", "quiesce-full-target"])
-            .arg(at)
-            .output()
-            .map_err(io(At::run("mounting a small tmpfs"), at))?;
-        if !out.status.success() {
-            return Err(RunError::NeedsRoot { stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned() });
+            .arg(at);
+        match mount.run() {
+            Ok(_) => Ok(SmallTmpfs(at.to_owned())),
+            // mount refuses a user who is not root.
+            Err(ToolError::Failed { stderr, .. }) => Err(RunError::NeedsRoot { stderr }),
+            Err(e) => Err(e.at(At::run("mounting a small tmpfs"))),
         }
-        Ok(SmallTmpfs(at.to_owned()))
     }
 }
 
 impl Drop for SmallTmpfs {
     fn drop(&mut self) {
         // Lazy, so a file still open somewhere cannot keep the mount alive.
-        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+        if let Err(e) = Tool::new("umount", deadline::MOUNT).arg("-l").arg(&self.0).run() {
+            eprintln!("quiesce: the small backup target stays mounted: {e}");
+        }
     }
 }

@@ -14,6 +14,7 @@ mod faults;
 mod restore;
 mod rollback;
 mod setup;
+mod windows;
 
 use std::path::Path;
 use std::time::Instant;
@@ -32,12 +33,18 @@ pub use ctx::RunOptions;
 use ctx::{RunCtx, Vm};
 use error::{io, step};
 pub use error::{At, DiskPlace, Interruption, RunError};
+pub use windows::skip_reason;
 
 /// Runs `s` and reports what happened; a failure is in the report, not a panic.
 pub async fn run(s: &Scenario, opts: &RunOptions, progress: &mut dyn FnMut(&str)) -> Report {
     let tl = Timeline::new();
     let started = Instant::now();
     let mut report = Report { scenario: s.name.clone(), description: s.file.description.clone(), ..Default::default() };
+    if let Some(why) = skip_reason(s) {
+        // Neither passed nor failed: nothing was booted.
+        report.skipped = Some(why);
+        return report;
+    }
     let result = run_inner(s, opts, &tl, &mut report, progress).await;
     report.steps = tl.steps();
     report.duration_ms = started.elapsed().as_secs_f64() * 1000.0;

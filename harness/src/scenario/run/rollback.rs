@@ -10,11 +10,10 @@
 //! Child VM Snapshot's filesystems were frozen clean (`fs-quiesced`).
 
 use std::path::Path;
-use std::time::Duration;
 
 use super::super::format::{MethodChoice, RollbackSpec};
 use super::super::report::{DiskReport, Report, RestoreReport};
-use super::ctx::{RunCtx, Vm, AGENT_READY, GUEST_COMMAND, SHUTDOWN};
+use super::ctx::{RunCtx, Vm};
 use super::disk_checks::{self, Pair};
 use super::error::{io, At, Cause, DiskPlace, Interruption, RunError};
 use super::faults::member;
@@ -23,13 +22,12 @@ use crate::backup::{runstate, Backup, Method, VmBackup};
 use crate::image::manifest::{self, Change, Manifest};
 use crate::qemu::exec::{self, ExecError};
 use crate::qemu::{DiskFormat, GuestAgent, Machine};
+use crate::sys::{deadline, shell_quote};
 use crate::timeline::Timeline;
 use crate::verify::blockcmp::BlockComparison;
 use crate::verify::{restore, RestoreError, RestoreOptions};
 use crate::workload;
 
-/// Freezing or thawing the guest to read a disk of the running VM (VSS holds writes at most 10 s).
-const FREEZE: Duration = Duration::from_secs(10);
 /// Differences listed in a check's detail before the rest are only counted.
 const MAX_LINES: usize = 20;
 
@@ -214,27 +212,21 @@ async fn mutate(c: &Cycle<'_>, vm: &Vm, change: &str, remove: &str) -> Result<Ve
     let script = format!(
         "set -e; cd {mnt}; printf 'added in cycle {n}\\n' > {added}; printf 'changed in cycle {n}\\n' >> {change}; \
          rm {remove}; mkdir {dir}; sync",
-        mnt = quote(&format!("/mnt/{}", c.disk)),
-        added = quote(&added),
-        change = quote(change),
-        remove = quote(remove),
-        dir = quote(&dir),
+        mnt = shell_quote(&format!("/mnt/{}", c.disk)),
+        added = shell_quote(&added),
+        change = shell_quote(change),
+        remove = shell_quote(remove),
+        dir = shell_quote(&dir),
     );
     let step = "changing the data in the guest";
     let agent = vm.guest.machine.agent().map_err(c.fail(step))?;
-    exec::sh(agent, &script, GUEST_COMMAND).await.map_err(c.fail(step))?;
+    exec::sh(agent, &script, deadline::GUEST_EXEC).await.map_err(c.fail(step))?;
     Ok(vec![
         (Made::Added, format!("/{added}")),
         (Made::Changed, format!("/{change}")),
         (Made::Removed, format!("/{remove}")),
         (Made::Added, format!("/{dir}")),
     ])
-}
-
-/// A shell word.
-// TODO(sys): use the crate-wide `shell_quote` of the `sys` module once it exists.
-fn quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "'\\''"))
 }
 
 /// The differences as `quiesce diff` prints them, the first few of them.
@@ -319,7 +311,10 @@ async fn new_vm(c: &Cycle<'_>, ctx: &mut RunCtx<'_>, vm: &Vm, p: &Point) -> Resu
     }
     journal_check(c, vm, agent, "new-vm-journal", ctx.report).await?;
     let state_after_restore = runstate::query(m).await.map_err(c.fail("query-status"))?.label().to_owned();
-    ctx.tl.step(Some(&rname), "shut down", m.shutdown(SHUTDOWN)).await.map_err(c.fail("shutting the new VM down"))?;
+    ctx.tl
+        .step(Some(&rname), "shut down", m.shutdown(deadline::GUEST_SHUTDOWN))
+        .await
+        .map_err(c.fail("shutting the new VM down"))?;
 
     let step = "reading the new VM's data disk";
     let overlay = restored
@@ -350,7 +345,7 @@ async fn run_restored(c: &Cycle<'_>, m: &mut Machine, vb: &VmBackup, who: &str, 
         Method::ChildSnapshot => {
             tl.step(Some(who), "boot", async {
                 restore::resume(m).await?;
-                m.wait_agent(restore::BOOT_DEADLINE).await.map_err(|error| RestoreError::Machine {
+                m.wait_agent(deadline::BOOT_TO_AGENT).await.map_err(|error| RestoreError::Machine {
                     vm: who.to_owned(),
                     step: "boot".into(),
                     error,
@@ -361,7 +356,7 @@ async fn run_restored(c: &Cycle<'_>, m: &mut Machine, vb: &VmBackup, who: &str, 
         }
     }
     let agent = m.agent().map_err(c.fail("the guest agent"))?;
-    agent.wait_ready(AGENT_READY).await.map_err(c.fail("waiting for the guest agent"))
+    agent.wait_ready(deadline::AGENT_AFTER_RESUME).await.map_err(c.fail("waiting for the guest agent"))
 }
 
 /// Restores the backup in place: stops the VM, checks that the data really changed, writes
@@ -378,7 +373,7 @@ async fn in_place(
     let tl = ctx.tl;
     // A clean power-off: the guest's writes are on the disk files, and QEMU has exited (and
     // been reaped) so that nothing holds them.
-    tl.step(Some(name), "shut down", vm.guest.machine.shutdown(SHUTDOWN))
+    tl.step(Some(name), "shut down", vm.guest.machine.shutdown(deadline::GUEST_SHUTDOWN))
         .await
         .map_err(c.fail("shutting the VM down for the in-place restore"))?;
 
@@ -517,13 +512,13 @@ async fn restart_workloads(vm: &Vm, agent: &GuestAgent) -> Result<(), ExecError>
 /// are frozen. The guest is thawed on every path that returns.
 async fn read_frozen(m: &Machine, path: &Path, format: DiskFormat, at: impl Fn() -> At) -> Result<Manifest, RunError> {
     let agent = m.agent().map_err(|e| e.at(at()))?;
-    let frozen = agent.execute_within(qapi::qga::guest_fsfreeze_freeze {}, FREEZE).await;
+    let frozen = agent.execute_within(qapi::qga::guest_fsfreeze_freeze {}, deadline::GUEST_FREEZE).await;
     let read = match frozen {
         Ok(_) => disk_checks::read(path, format, at()).await,
         Err(e) => Err(e.at(At { step: "guest-fsfreeze-freeze", ..at() })),
     };
     // Thawed whether the freeze answered or not: a freeze that timed out may have happened.
-    match agent.execute_within(qapi::qga::guest_fsfreeze_thaw {}, FREEZE).await {
+    match agent.execute_within(qapi::qga::guest_fsfreeze_thaw {}, deadline::GUEST_THAW).await {
         Ok(_) => read,
         Err(e) => Err(e.at(At { step: "guest-fsfreeze-thaw failed, the guest may be left frozen", ..at() })),
     }

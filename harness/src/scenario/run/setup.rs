@@ -4,11 +4,12 @@
 
 use super::super::format::{AgentState, Check, VmSpec, VmState};
 use super::super::report::{DiskReport, VmReport};
-use super::ctx::{label, RunCtx, Vm, GUEST_COMMAND, PROGRESS, QMP_REPLY, ROOT_TOKEN};
+use super::ctx::{label, RunCtx, Vm, PROGRESS, ROOT_TOKEN};
 use super::error::{io, on, At, RunError};
 use crate::image::qemu_img;
 use crate::image::seed::{self, DiskSeed};
 use crate::qemu::{DiskConfig, Machine};
+use crate::sys::deadline;
 use crate::testguest::{self, GuestOptions};
 use crate::workload;
 
@@ -60,7 +61,7 @@ pub(super) async fn prepare_vm(ctx: &mut RunCtx<'_>, spec: &VmSpec) -> Result<Vm
         workload::start_app(agent, dir).await.map_err(on(name, "starting the app"))?;
     }
     if spec.agent == AgentState::Stopped {
-        workload::stop_agent(agent, GUEST_COMMAND).await.map_err(on(name, "stopping the guest agent"))?;
+        workload::stop_agent(agent, deadline::AGENT_COMMAND).await.map_err(on(name, "stopping the guest agent"))?;
     }
     if spec.state == VmState::Paused {
         pause(&guest.machine).await?;
@@ -68,7 +69,7 @@ pub(super) async fn prepare_vm(ctx: &mut RunCtx<'_>, spec: &VmSpec) -> Result<Vm
     let wants_token = ctx.s.file.restore.as_ref().is_some_and(|r| r.checks.get_ref().contains(&Check::RootFromBackup));
     let root_token = if wants_token {
         let token = format!("{}-{}", name, boot_id.as_deref().unwrap_or("?"));
-        crate::qemu::exec::sh(agent, &format!("echo {token} > {ROOT_TOKEN} && sync"), GUEST_COMMAND)
+        crate::qemu::exec::sh(agent, &format!("echo {token} > {ROOT_TOKEN} && sync"), deadline::GUEST_EXEC)
             .await
             .map_err(on(name, "writing the root token"))?;
         Some(token)
@@ -89,8 +90,8 @@ fn app_dir(disk: &str) -> String {
 
 /// Pauses a VM the scenario wants paused when the backup begins.
 async fn pause(m: &Machine) -> Result<(), RunError> {
-    m.qmp().execute_raw("stop", serde_json::Value::Null, QMP_REPLY).await.map_err(on(m.name(), "stop"))?;
-    m.qmp().wait_event("STOP", |_| true, QMP_REPLY).await.map_err(on(m.name(), "wait for STOP"))?;
+    m.qmp().execute_raw("stop", serde_json::Value::Null, deadline::QMP_COMMAND).await.map_err(on(m.name(), "stop"))?;
+    m.qmp().wait_event("STOP", |_| true, deadline::COMMAND_EVENT).await.map_err(on(m.name(), "wait for STOP"))?;
     Ok(())
 }
 

@@ -7,48 +7,15 @@ use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::json;
 
 use crate::qemu::DiskFormat;
-use crate::sys::{deadline, Child, Spawn, ToolError};
+use crate::sys::{deadline, Child, Spawn};
 
 /// Stdout of a tool larger than this is refused (a map of a huge, fragmented disk).
 pub const MAX_OUTPUT: usize = 1 << 30;
-
-/// The interface the benchmarks use, kept until they move to their own crate and run their
-/// tools as [`sys::Tool`](crate::sys::Tool)s; nothing else uses it.
-pub struct Tool {
-    program: String,
-    args: Vec<std::ffi::OsString>,
-}
-
-impl Tool {
-    /// Prepares `program args`; [`Tool::status`] runs it. (`_dir` and `_name` named files
-    /// for its output, which is now read through pipes.)
-    pub fn spawn(program: &str, args: &[&std::ffi::OsStr], _dir: &Path, _name: &str) -> Result<Tool, ToolError> {
-        Ok(Tool { program: program.to_owned(), args: args.iter().map(|a| a.to_os_string()).collect() })
-    }
-
-    /// Runs `program args` within `timeout` and returns its stdout if it succeeded.
-    pub fn run(
-        program: &str,
-        args: &[&std::ffi::OsStr],
-        _dir: &Path,
-        _name: &str,
-        timeout: Duration,
-    ) -> Result<Vec<u8>, ToolError> {
-        Ok(crate::sys::Tool::new(program, timeout).args(args).stdout_cap(MAX_OUTPUT).run()?.stdout)
-    }
-
-    /// Runs the tool until `deadline`: how it ended, and the end of its stderr.
-    pub fn status(self, deadline: Instant) -> Result<(std::process::ExitStatus, String), ToolError> {
-        let timeout = deadline.saturating_duration_since(Instant::now());
-        let out = crate::sys::Tool::new(&self.program, timeout).args(&self.args).stdout_cap(MAX_OUTPUT).output()?;
-        Ok((out.status, out.stderr))
-    }
-}
 
 /// At most `cap` bytes of a text file, lossily decoded ("" if it cannot be read).
 fn read_capped(path: &Path, cap: u64) -> String {

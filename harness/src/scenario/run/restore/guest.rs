@@ -5,12 +5,13 @@
 
 use super::super::super::format::{Check, FaultKind, Filesystem, Scenario};
 use super::super::super::report::Report;
-use super::super::ctx::{verdict, RunCtx, Vm, AGENT_READY, GUEST_COMMAND, GUEST_FSCK, PROGRESS, ROOT_TOKEN};
+use super::super::ctx::{verdict, RunCtx, Vm, PROGRESS, ROOT_TOKEN};
 use super::super::error::{on, RunError};
 use super::quiesced::{self, HostFacts};
 use super::Restoring;
 use crate::backup::{Method, VmBackup};
 use crate::qemu::GuestAgent;
+use crate::sys::{deadline, shell_quote};
 use crate::verify::{self, Restored};
 use crate::workload;
 
@@ -43,7 +44,10 @@ pub(super) async fn checks(
     let asked = Asked { s: ctx.s, vm, vb: &r.vb, method: r.vb.method, facts, checks: r.checks() };
     let rname = restored.machine.name();
     let agent = restored.machine.agent().map_err(on(rname, "the restored guest's agent"))?;
-    agent.wait_ready(AGENT_READY).await.map_err(on(rname, "waiting for the restored guest's agent"))?;
+    agent
+        .wait_ready(deadline::AGENT_AFTER_RESUME)
+        .await
+        .map_err(on(rname, "waiting for the restored guest's agent"))?;
     if asked.method == Method::ChildSnapshot {
         if asked.wants(Check::GuestFsck) {
             guest_fsck(vm, agent, rname, ctx.report).await?;
@@ -82,8 +86,8 @@ pub(super) async fn checks(
         let file = format!("/mnt/{disk}{path}");
         crate::qemu::exec::sh(
             agent,
-            &format!("s=$(stat -c %s '{file}') && truncate -s $((s / 2)) '{file}' && sync"),
-            GUEST_COMMAND,
+            &format!("s=$(stat -c %s {file}) && truncate -s $((s / 2)) {file} && sync", file = shell_quote(&file)),
+            deadline::GUEST_EXEC,
         )
         .await
         .map_err(on(rname, "truncating a restored file"))?;
@@ -97,7 +101,7 @@ async fn guest_fsck(vm: &Vm, agent: &GuestAgent, rname: &str, report: &mut Repor
     let mut bad = Vec::new();
     let disks = vm.ext4_disks();
     for disk in &disks {
-        let r = verify::guest::fsck_ext4(agent, disk, GUEST_FSCK)
+        let r = verify::guest::fsck_ext4(agent, disk, deadline::GUEST_FSCK)
             .await
             .map_err(on(rname, "e2fsck in the restored guest"))?;
         if !r.clean() {
@@ -176,15 +180,15 @@ async fn guest_check(
             None => {}
             Some(dir) if method == Method::SavedState => {
                 // Same boot: the writer runs on; stop it so the check sees a settled store.
-                crate::qemu::exec::sh(agent, &format!("quiesce-app stop {dir}"), GUEST_COMMAND)
+                crate::qemu::exec::sh(agent, &format!("quiesce-app stop {dir}"), deadline::GUEST_EXEC)
                     .await
                     .map_err(on(rname, "stopping the app"))?;
                 let r = workload::check_app(agent, dir).await.map_err(on(rname, "checking the app"))?;
-                verdict(asked.s, report, name, check, r.is_ok(), r.unwrap_or_else(|e| e));
+                verdict(asked.s, report, name, check, r.is_consistent(), r.to_string());
             }
             Some(dir) => {
                 let r = workload::check_app(agent, dir).await.map_err(on(rname, "checking the app"))?;
-                let (ok, detail) = app_at_freeze(asked, dir, r);
+                let (ok, detail) = app_at_freeze(asked, dir, &r);
                 verdict(asked.s, report, name, check, ok, detail);
             }
         },
@@ -197,7 +201,7 @@ async fn guest_check(
 /// database); and the restored database, consistent by the app's own check, holds exactly
 /// N transfers. A crash-consistent copy fails one of these: no acknowledgement, a WAL
 /// left to replay, or another number.
-fn app_at_freeze(asked: &Asked<'_>, dir: &str, check: Result<String, String>) -> (bool, String) {
+fn app_at_freeze(asked: &Asked<'_>, dir: &str, check: &workload::AppCheck) -> (bool, String) {
     let mut bad = Vec::new();
     let ack = asked.vb.freeze.as_ref().and_then(|f| f.ack("quiesce-app", dir));
     match (ack, &asked.vb.freeze) {
@@ -214,23 +218,18 @@ fn app_at_freeze(asked: &Asked<'_>, dir: &str, check: Result<String, String>) ->
         Some(Err(why)) => bad.push(format!("the backup's WAL could not be read: {why}")),
         None => bad.push("the backup's WAL was not read".into()),
     }
-    let restored = match &check {
-        Ok(line) => {
-            let n = workload::transfers_in(line);
-            if let (Some(a), Some(n)) = (ack, n) {
-                if a.seq != n {
-                    bad.push(format!("the restored database holds {n} transfers, the writer acknowledged {}", a.seq));
-                }
-            } else if n.is_none() {
-                bad.push(format!("no transfer count in {line:?}"));
+    match check {
+        workload::AppCheck::Consistent { transfers, .. } => {
+            if let Some(a) = ack.filter(|a| a.seq != *transfers) {
+                bad.push(format!(
+                    "the restored database holds {transfers} transfers, the writer acknowledged {}",
+                    a.seq
+                ));
             }
-            line.clone()
         }
-        Err(line) => {
-            bad.push(format!("the app's own check: {line}"));
-            line.clone()
-        }
-    };
+        other => bad.push(format!("the app's own check: {other}")),
+    }
+    let restored = check.to_string();
     let acked = ack.map_or("none".into(), |a| format!("transfers={} (WAL emptied: {})", a.seq, a.checkpointed));
     let wal = match &asked.facts.app_wal {
         Some(Ok(n)) => format!("{n} bytes"),

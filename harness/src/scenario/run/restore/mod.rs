@@ -9,7 +9,7 @@ mod quiesced;
 
 use super::super::format::{AgentState, Check, FaultKind, ManifestSpec, RestoreExpect, RestoreSpec};
 use super::super::report::RestoreReport;
-use super::ctx::{label, RunCtx, Vm, SHUTDOWN};
+use super::ctx::{label, RunCtx, Vm};
 use super::disk_checks::{self, Pair, Point};
 use super::error::{on, At, DiskPlace, RunError};
 use crate::backup::{runstate, Backup, Method, VmBackup};
@@ -239,31 +239,30 @@ impl Restoring<'_> {
         let name = self.name();
         let m = &mut restored.machine;
         let rname = m.name().to_owned();
-        let state_after_restore = match self.vb.method {
-            Method::SavedState if self.vm.spec.state == super::super::format::VmState::Running => {
-                ctx.tl.step(Some(&rname), "resume", restore::resume(m)).await.map_err(on(&rname, "resume"))?;
-                runstate::query(m).await.map_err(on(&rname, "query-status"))?.label().to_owned()
-            }
-            Method::SavedState => {
-                let label = runstate::query(m).await.map_err(on(&rname, "query-status"))?.label().to_owned();
-                restore::resume(m).await.map_err(on(&rname, "resume for checks"))?;
-                label
-            }
-            Method::ChildSnapshot => {
-                ctx.tl
-                    .step(Some(&rname), "boot", async {
-                        restore::resume(m).await?;
-                        m.wait_agent(restore::BOOT_DEADLINE).await.map_err(|error| RestoreError::Machine {
-                            vm: name.to_owned(),
-                            step: "boot".into(),
-                            error,
+        let state_after_restore =
+            match self.vb.method {
+                Method::SavedState if self.vm.spec.state == super::super::format::VmState::Running => {
+                    ctx.tl.step(Some(&rname), "resume", restore::resume(m)).await.map_err(on(&rname, "resume"))?;
+                    runstate::query(m).await.map_err(on(&rname, "query-status"))?.label().to_owned()
+                }
+                Method::SavedState => {
+                    let label = runstate::query(m).await.map_err(on(&rname, "query-status"))?.label().to_owned();
+                    restore::resume(m).await.map_err(on(&rname, "resume for checks"))?;
+                    label
+                }
+                Method::ChildSnapshot => {
+                    ctx.tl
+                        .step(Some(&rname), "boot", async {
+                            restore::resume(m).await?;
+                            m.wait_agent(crate::sys::deadline::BOOT_TO_AGENT).await.map_err(|error| {
+                                RestoreError::Machine { vm: name.to_owned(), step: "boot".into(), error }
+                            })
                         })
-                    })
-                    .await
-                    .map_err(on(&rname, "booting the restored VM"))?;
-                "booted".to_owned()
-            }
-        };
+                        .await
+                        .map_err(on(&rname, "booting the restored VM"))?;
+                    "booted".to_owned()
+                }
+            };
         let want = match self.vb.method {
             Method::SavedState => label(self.vm.spec.state),
             Method::ChildSnapshot => "booted",
@@ -292,7 +291,7 @@ impl Restoring<'_> {
         let m = &mut restored.machine;
         let rname = m.name().to_owned();
         ctx.tl
-            .step(Some(&rname), "shut down", m.shutdown(SHUTDOWN))
+            .step(Some(&rname), "shut down", m.shutdown(crate::sys::deadline::GUEST_SHUTDOWN))
             .await
             .map_err(on(&rname, "shutting the restored VM down"))?;
         let report = &mut *ctx.report;

@@ -15,7 +15,7 @@
 //! copy of a live guest the reading itself may be what goes wrong.
 
 use super::super::super::format::{Check, Filesystem};
-use super::super::ctx::{verdict, RunCtx, Vm, AGENT_READY, GUEST_FSCK};
+use super::super::ctx::{verdict, RunCtx, Vm};
 use super::super::disk_checks;
 use super::super::error::{on, RunError};
 use super::Restoring;
@@ -23,6 +23,7 @@ use crate::backup::freeze_log::{secs, FreezeRecord};
 use crate::backup::{Backup, Method, VmBackup};
 use crate::image::fsread::state::Quiesced;
 use crate::image::inspect::{FileRead, FsState, RawImage};
+use crate::sys::deadline;
 use crate::verify::{self, restore, RestoreOptions};
 use crate::workload::{self, JournalAtFreeze};
 
@@ -164,7 +165,7 @@ pub(super) async fn auto_recoverable(
         }
         let disk = d.name.get_ref();
         let host = needs_replay(r, disk).await;
-        let rec = verify::guest::recover_ext4(agent, disk, GUEST_FSCK)
+        let rec = verify::guest::recover_ext4(agent, disk, deadline::GUEST_FSCK)
             .await
             .map_err(on(rname, "mounting a backed-up disk"))?;
         let what = if rec.replayed { "journal replayed" } else { "no replay needed" };
@@ -197,7 +198,7 @@ pub(super) async fn boot_disks_alone(ctx: &mut RunCtx<'_>, r: &Restoring<'_>) ->
     let booted =
         restore::boot(r.backup, name, &ro, ctx.tl).await.map_err(on(name, "booting the backup's disks alone"))?;
     let agent = booted.machine.agent().map_err(on(&ro.name, "the guest agent"))?;
-    agent.wait_ready(AGENT_READY).await.map_err(on(&ro.name, "waiting for the guest agent"))?;
+    agent.wait_ready(deadline::BOOT_TO_AGENT).await.map_err(on(&ro.name, "waiting for the guest agent"))?;
     auto_recoverable(ctx, r, agent, &ro.name).await
 }
 

@@ -1,0 +1,11 @@
+//! Property tests of quiesce's untrusted inputs, by a time-bounded mutation fuzzer: backup
+//! manifests, scenario files, and QMP and agent lines. See `engine` for the budget
+//! (`QUIESCE_FUZZ_SECS`) and how to replay a failure.
+
+mod engine;
+mod manifest;
+mod scenario;
+mod wire;
+
+#[global_allocator]
+static ALLOC: engine::Counting = engine::Counting;
