@@ -18,6 +18,7 @@ use qapi::qmp::query_block;
 use serde_json::{json, Value};
 
 use super::faults::{Faults, UNCREATABLE_OVERLAY};
+use super::freeze_log::{self, FreezeRecord};
 use super::manifest::{DiskEntry, Timings};
 use super::saved_state::{qmp, qmp_typed};
 use super::BackupError;
@@ -90,6 +91,8 @@ impl Undo {
 pub struct Snapshotted {
     pub disks: Vec<DiskEntry>,
     pub timings: Timings,
+    /// What the guest's writers acknowledged at the freeze (see [`freeze_log`]).
+    pub freeze: FreezeRecord,
 }
 
 fn lock(u: &Mutex<Undo>) -> std::sync::MutexGuard<'_, Undo> {
@@ -98,10 +101,11 @@ fn lock(u: &Mutex<Undo>) -> std::sync::MutexGuard<'_, Undo> {
 
 /// A VM after PrepareForSnapshot: one overlay per disk took its writes from the snapshot
 /// point on, and the guest is thawed. The images under the overlays are the backup.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Frozen {
     window_ms: f64,
     host_ms: f64,
+    freeze: FreezeRecord,
 }
 
 /// Backs up `m`'s disks into `dir`, with `faults` injected. On error the VM is put back
@@ -177,16 +181,25 @@ async fn prepare_inner(
     tl.step(vm, "prepare overlays", prepare_overlays(m, settings, faulty.as_deref(), undo)).await?;
     let agent = m.agent().map_err(|e| BackupError::step(m.name(), "guest agent", e))?;
 
+    // This freeze's first line in the guest's freeze log; what the hooks write after it is
+    // read back after the thaw. A guest that keeps no log is backed up all the same.
+    let id = freeze_id(m);
+    let begun = freeze_log::begin(agent, &id, settings.freeze_deadline).await;
     let t_freeze = Instant::now();
-    lock(undo).frozen = true;
-    let frozen = tl
-        .step(vm, "freeze", async {
+    let frozen = if faults.skip_freeze {
+        tl.mark(vm, "freeze not sent (fault: skip-freeze)");
+        Ok(())
+    } else {
+        lock(undo).frozen = true;
+        tl.step(vm, "freeze", async {
             agent
                 .execute_within(guest_fsfreeze_freeze {}, settings.freeze_deadline)
                 .await
+                .map(drop)
                 .map_err(|e| super::vss::agent_failure(m.name(), "guest-fsfreeze-freeze", e))
         })
-        .await;
+        .await
+    };
     let t_frozen = Instant::now();
     if frozen.is_ok() {
         faults.after_freeze(agent, interrupt, settings.freeze_deadline).await;
@@ -203,7 +216,22 @@ async fn prepare_inner(
     let window = t_freeze.elapsed();
     snap?;
     thawed?;
-    Ok(Frozen { window_ms: window.as_secs_f64() * 1000.0, host_ms: (t_thaw - t_frozen).as_secs_f64() * 1000.0 })
+    let freeze = match begun {
+        Ok(()) => {
+            let read = freeze_log::read(agent, &id, settings.thaw_deadline);
+            tl.step(vm, "read the writers' acknowledgements", async { Ok::<_, BackupError>(read.await) }).await?
+        }
+        Err(why) => FreezeRecord { id, unreadable: Some(why), ..Default::default() },
+    };
+    Ok(Frozen { window_ms: window.as_secs_f64() * 1000.0, host_ms: (t_thaw - t_frozen).as_secs_f64() * 1000.0, freeze })
+}
+
+/// An id for one freeze of `m` that no other freeze has: the guest's log is shared by
+/// every backup of the VM, and a freeze's records are those after its own id.
+fn freeze_id(m: &Machine) -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let name: String = m.name().chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
+    format!("{name}-{}-{nanos}", std::process::id())
 }
 
 async fn post_inner(
@@ -231,6 +259,7 @@ async fn post_inner(
             merge_ms: Some(merge_ms),
             ..Default::default()
         },
+        freeze: frozen.freeze,
     })
 }
 

@@ -38,6 +38,10 @@ pub struct Faults {
     pub agent_stops_after_freeze: bool,
     /// Backup sets: this VM's QEMU is killed between PrepareForSnapshot and PostSnapshot.
     pub kill_after_prepare: bool,
+    /// Child VM Snapshot: everything as usual, but no freeze is sent, so the guest is never
+    /// quiesced and the images are a crash-consistent copy of a live guest. It proves that
+    /// the consistency checks fail on such a copy (they must, every time).
+    pub skip_freeze: bool,
     /// Child VM Snapshot: the host holds the guest frozen this long before the transaction
     /// (past Windows VSS's 10 s hold limit, its thaw reports that writes went on).
     pub hold_frozen_for: Option<Duration>,

@@ -86,6 +86,9 @@ pub struct VmBackup {
     #[serde(default)]
     pub excluded: Vec<ExcludedDisk>,
     pub timings: Timings,
+    /// Child VM Snapshot: what the guest's writers acknowledged at the freeze.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freeze: Option<super::freeze_log::FreezeRecord>,
     /// Every other file of the VM's folder (the kernel and initrd under `boot/`), with its
     /// checksum. Empty in format 1, whose boot files are therefore unchecked.
     #[serde(default)]
@@ -297,6 +300,7 @@ pub(crate) fn sample_vm(disks: Vec<DiskEntry>) -> VmBackup {
         state: None,
         excluded: vec![],
         timings: Timings::default(),
+        freeze: None,
         files: vec![],
     }
 }

@@ -5,6 +5,7 @@ pub mod child_snapshot;
 pub mod conditions;
 pub mod faults;
 pub mod folder;
+pub mod freeze_log;
 pub mod job;
 pub mod manifest;
 pub mod passthrough;
