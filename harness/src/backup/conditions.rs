@@ -177,7 +177,7 @@ pub async fn evaluate(m: &Machine, snapshot_dir: &Path, agent_deadline: Duration
 #[derive(Debug, thiserror::Error)]
 pub enum GuestFactsError {
     /// The VM was started without a guest agent channel, so nothing can be asked of the guest.
-    #[error("the VM has no guest agent channel (the agent is not installed)")]
+    #[error("the VM has no guest agent channel (none was given, or the agent is not installed)")]
     NoChannel,
     /// The agent did not answer in time: not running, hung, or the guest is not up.
     #[error("the guest agent did not answer {command} within {waited:?}")]

@@ -1,5 +1,6 @@
 //! The `quiesce` command line.
 
+mod backup;
 mod diff;
 mod doctor;
 mod image;
@@ -72,6 +73,9 @@ enum Command {
         #[arg(long)]
         blocks: bool,
     },
+    /// Back up VMs quiesce did not start, by their QMP (and agent) sockets. Several --qmp
+    /// are one set, all or nothing. The VMs are left as they were on every path.
+    Backup(backup::BackupArgs),
     /// Build or locate guest images.
     Image {
         #[command(subcommand)]
@@ -96,6 +100,7 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Report { dir, junit } => report::run(dir, junit),
         Command::Verify { backup } => run::verify(backup).await,
         Command::Diff { a, b, ignore, blocks } => diff::run(a, b, ignore, blocks).await,
+        Command::Backup(args) => backup::run(args).await,
     };
     match result {
         Ok(code) => code,
