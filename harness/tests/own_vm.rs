@@ -118,12 +118,8 @@ impl HandStarted {
     pub async fn state(&self) -> Value {
         let status = self.qmp_ask("query-status", Value::Null).await;
         let nodes = self.qmp_ask("query-named-block-nodes", json!({"flat": true})).await;
-        let mut nodes: Vec<String> = nodes
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|n| format!("{} {} ro={}", n["drv"], n["file"], n["ro"]))
-            .collect();
+        let mut nodes: Vec<String> =
+            nodes.as_array().unwrap().iter().map(|n| format!("{} {} ro={}", n["drv"], n["file"], n["ro"])).collect();
         nodes.sort();
         let caps = self.qmp_ask("query-migrate-capabilities", Value::Null).await;
         let params = self.qmp_ask("query-migrate-parameters", Value::Null).await;
@@ -172,6 +168,22 @@ fn verify(out: &Path) {
     assert!(v.status.success(), "quiesce verify {}: {}{}", out.display(), v.stdout_text(), v.stderr);
 }
 
+/// `quiesce restore` of `backup` with every check passes them all.
+fn restore_passes(backup: &Path) {
+    let o = Tool::new(quiesce(), BACKUP)
+        .arg("restore")
+        .arg(backup)
+        .args(["--check", "blocks", "--check", "files", "--check", "guest"])
+        .output()
+        .unwrap();
+    let text = o.stdout_text();
+    eprintln!("{text}\n{}", o.stderr);
+    assert!(o.status.success(), "quiesce restore {} failed", backup.display());
+    for check in ["blocks", "files", "guest"] {
+        assert!(text.lines().any(|l| l.starts_with(&format!("check {check}")) && l.contains(" passed ")), "{text}");
+    }
+}
+
 /// Nothing of a backup at `out`: neither the folder nor a partial one beside it.
 fn no_backup_at(out: &Path) {
     assert!(!out.exists(), "{} was left", out.display());
@@ -186,7 +198,12 @@ fn no_backup_at(out: &Path) {
 
 /// Overlay files quiesce made in `dir` and left there.
 fn overlays_in(dir: &Path) -> Vec<PathBuf> {
-    std::fs::read_dir(dir).unwrap().flatten().map(|e| e.path()).filter(|p| p.to_string_lossy().contains("-overlay")).collect()
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().contains("-overlay"))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -225,6 +242,11 @@ async fn a_hand_started_qemu_is_backed_up_by_each_method_and_left_as_it_was() {
     assert!(text.contains("method saved-state (fell back to Saved State: agent-can-freeze:"), "{text}");
     assert_eq!(vm.state().await, before);
     vm.assert_alive().await;
+
+    // Each backup restores into a new QEMU and passes blocks, files and guest.
+    for b in ["auto", "saved-state", "no-agent"] {
+        restore_passes(&out.path().join(b));
+    }
 
     // A socket that is not QMP (the agent's): refused, clearly, and the VM untouched.
     let o = Tool::new(quiesce(), BACKUP)

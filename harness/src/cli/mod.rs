@@ -6,6 +6,7 @@ mod doctor;
 mod image;
 mod progress;
 mod report;
+mod restore;
 mod run;
 mod vm;
 
@@ -76,6 +77,9 @@ enum Command {
     /// Back up VMs quiesce did not start, by their QMP (and agent) sockets. Several --qmp
     /// are one set, all or nothing. The VMs are left as they were on every path.
     Backup(backup::BackupArgs),
+    /// Restore a VM of a backup into a new QEMU (the backup is only read), run checks on
+    /// it, then shut it down or, with --keep-running, leave it running.
+    Restore(restore::RestoreArgs),
     /// Build or locate guest images.
     Image {
         #[command(subcommand)]
@@ -101,6 +105,7 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Verify { backup } => run::verify(backup).await,
         Command::Diff { a, b, ignore, blocks } => diff::run(a, b, ignore, blocks).await,
         Command::Backup(args) => backup::run(args).await,
+        Command::Restore(args) => restore::run(args).await,
     };
     match result {
         Ok(code) => code,

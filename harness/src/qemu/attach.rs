@@ -102,7 +102,9 @@ pub async fn attach(opts: &AttachOptions) -> Result<Machine, AttachError> {
     cfg.machine_type = learnt.machine_type;
     cfg.memory_mib = learnt.memory_mib;
     cfg.cpus = learnt.cpus;
-    cfg.agent = agent.is_some();
+    // The restore recreates the agent's virtio-serial device from this: a saved state
+    // loads only into the same devices, whether or not quiesce was given the socket.
+    cfg.agent = agent.is_some() || learnt.has_virtio_serial;
     cfg.artifacts_dir = opts.artifacts_dir.clone();
     let mut nodes = Vec::new();
     let mut serials = Vec::new();
@@ -136,6 +138,8 @@ struct Learnt {
     memory_mib: u32,
     cpus: u32,
     disks: Vec<LearntDisk>,
+    /// A virtio-serial controller (where the guest agent's port lives) is on the PCI bus.
+    has_virtio_serial: bool,
 }
 
 async fn ask(qmp: &Qmp, vm: &str, command: &str, args: Value) -> Result<Value, AttachError> {
@@ -190,7 +194,28 @@ async fn learn(qmp: &Qmp, opts: &AttachOptions) -> Result<Learnt, AttachError> {
         };
         disks.push(LearntDisk { config, qemu_node, serial });
     }
-    Ok(Learnt { name, accel, boot, machine_type, memory_mib, cpus, disks })
+    let pci = ask(qmp, vm, "query-pci", Value::Null).await?;
+    let has_virtio_serial = has_virtio_serial(&pci);
+    Ok(Learnt { name, accel, boot, machine_type, memory_mib, cpus, disks, has_virtio_serial })
+}
+
+/// Pure: whether a `query-pci` reply shows a virtio console (virtio-serial) device, by its
+/// PCI ids: vendor 0x1af4, device 0x1003 (transitional) or 0x1043 (modern).
+pub fn has_virtio_serial(pci: &Value) -> bool {
+    let buses = pci.as_array().map(Vec::as_slice).unwrap_or_default();
+    let mut devices: Vec<&Value> = Vec::new();
+    let mut stack: Vec<&Value> = buses.iter().flat_map(|b| b["devices"].as_array().into_iter().flatten()).collect();
+    // Bridges hold devices of their own; walked with a bound, the reply is QEMU's but large.
+    while let Some(d) = stack.pop() {
+        if devices.len() > 4096 {
+            break;
+        }
+        devices.push(d);
+        stack.extend(d["pci_bridge"]["devices"].as_array().into_iter().flatten());
+    }
+    devices
+        .iter()
+        .any(|d| d["id"]["vendor"] == json!(0x1af4) && matches!(d["id"]["device"].as_u64(), Some(0x1003 | 0x1043)))
 }
 
 /// The serial a disk's device shows the guest; None if it has none (or QEMU will not say).
@@ -368,6 +393,18 @@ mod tests {
         let e = disks_of("vm", &json!([]), &json!([])).unwrap_err();
         assert!(matches!(e, AttachError::NoDisks { .. }));
         assert!(disks_of("vm", &json!({"not": "a list"}), &json!([])).is_err());
+    }
+
+    #[test]
+    fn a_virtio_serial_device_is_seen_also_behind_a_bridge() {
+        let dev = |vendor: u64, device: u64| json!({"id": {"vendor": vendor, "device": device}});
+        let flat = json!([{"bus": 0, "devices": [dev(0x8086, 0x29c0), dev(0x1af4, 0x1003)]}]);
+        assert!(has_virtio_serial(&flat));
+        let bridged = json!([{"bus": 0, "devices": [{"id": {"vendor": 0x1b36, "device": 0xc},
+            "pci_bridge": {"devices": [dev(0x1af4, 0x1043)]}}]}]);
+        assert!(has_virtio_serial(&bridged));
+        assert!(!has_virtio_serial(&json!([{"bus": 0, "devices": [dev(0x1af4, 0x1001)]}])));
+        assert!(!has_virtio_serial(&json!("x")));
     }
 
     #[test]
