@@ -47,9 +47,19 @@ impl HandStarted {
         let image = recipe::ensure("linux", false, &mut |s| eprintln!("  {s}")).expect("the test guest image");
         let accel = quiesce::testguest::accel_for(&image, None).expect("an accelerator").accel;
         let dir = tempfile::Builder::new().prefix(&format!("quiesce-own-{name}-")).tempdir().unwrap();
+        // The VM's own copies (hard links where they can be) of the cached files: the shared
+        // cache may replace its image while the VM runs, and a person's VM owns its files.
+        let own = |from: &Path, name: &str| {
+            let to = dir.path().join(name);
+            std::fs::hard_link(from, &to).or_else(|_| std::fs::copy(from, &to).map(|_| ())).unwrap();
+            to
+        };
+        let base = own(&image.root, "base.img");
         let root = dir.path().join("root.qcow2");
-        qemu_img::create_overlay(&image.root, DiskFormat::Raw, &root).unwrap();
-        let boot = image.kernel_boot();
+        qemu_img::create_overlay(&base, DiskFormat::Raw, &root).unwrap();
+        let mut boot = image.kernel_boot();
+        boot.kernel = own(&boot.kernel, "vmlinuz");
+        boot.initrd = own(&boot.initrd, "initrd.img");
         let d = dir.path().display();
         let args: Vec<String> = vec![
             "-name".into(),
@@ -212,6 +222,9 @@ async fn a_hand_started_qemu_is_backed_up_by_each_method_and_left_as_it_was() {
     let before = vm.state().await;
     assert_eq!(before["running"], json!(true));
     let out = tempfile::tempdir().unwrap();
+    let a = vm.agent_conn().await;
+    let boot_before = workload::boot_id(&a).await.unwrap();
+    drop(a);
     let agent = agent_args(&vm);
     let agent: Vec<&str> = agent.iter().map(String::as_str).collect();
     for (method, expect) in [("auto", "method child-snapshot"), ("saved-state", "method saved-state")] {
@@ -260,6 +273,28 @@ async fn a_hand_started_qemu_is_backed_up_by_each_method_and_left_as_it_was() {
     no_backup_at(&out.path().join("not-qmp"));
     assert_eq!(vm.state().await, before);
     vm.assert_alive().await;
+
+    // Rolled back in place: a file written after the backup is gone, the guest rebooted.
+    let a = vm.agent_conn().await;
+    quiesce::qemu::exec::sh(&a, "echo after > /root/after-backup && sync", T).await.unwrap();
+    drop(a);
+    let o = Tool::new(quiesce(), BACKUP)
+        .arg("restore")
+        .arg(out.path().join("auto"))
+        .args(["--in-place", "--check", "blocks", "--qmp"])
+        .arg(vm.qmp())
+        .output()
+        .unwrap();
+    let text = o.stdout_text();
+    eprintln!("{text}\n{}", o.stderr);
+    assert!(o.status.success(), "quiesce restore --in-place failed");
+    assert!(text.contains("check blocks  passed"), "{text}");
+    let a = vm.agent_conn().await;
+    a.wait_ready(deadline::BOOT_TO_AGENT).await.expect("the rolled-back guest boots");
+    assert_ne!(workload::boot_id(&a).await.unwrap(), boot_before, "the guest was not restarted");
+    let gone = quiesce::qemu::exec::sh(&a, "test ! -e /root/after-backup", T).await;
+    assert!(gone.is_ok(), "a file written after the backup survived the rollback: {gone:?}");
+    assert_eq!(vm.state().await["running"], json!(true));
 }
 
 /// Starts `quiesce backup`, sends it SIGINT once its stderr shows `after`, and returns

@@ -12,8 +12,8 @@ use quiesce::image::manifest::{self, Limits};
 use quiesce::qemu::DiskFormat;
 use quiesce::sys::deadline;
 use quiesce::timeline::Timeline;
-use quiesce::verify::blockcmp;
 use quiesce::verify::restore::{self, RestoreOptions, Restored};
+use quiesce::verify::{blockcmp, rollback_attached};
 
 use super::{CliResult, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE};
 
@@ -41,6 +41,14 @@ pub struct RestoreArgs {
     /// Leave the restored VM running (its QMP socket and console are printed) until Ctrl-C.
     #[arg(long)]
     keep_running: bool,
+    /// Roll a running VM quiesce did not start back to the backup, onto its own disks,
+    /// through its QMP socket (--qmp): paused, disks written, reset. Refused unless its
+    /// disks match the backup's in number, format and size.
+    #[arg(long, requires = "qmp")]
+    in_place: bool,
+    /// The QMP socket of the VM to roll back (with --in-place).
+    #[arg(long, value_name = "SOCKET", requires = "in_place")]
+    qmp: Option<PathBuf>,
 }
 
 pub async fn run(args: RestoreArgs) -> CliResult {
@@ -67,6 +75,9 @@ pub async fn run(args: RestoreArgs) -> CliResult {
         eprintln!("quiesce: the backup holds no VM {vm} (it holds {names:?})");
         return Ok(EXIT_USAGE);
     };
+    if let Some(qmp) = &args.qmp {
+        return in_place(&backup, &vm, qmp, &args.check).await;
+    }
     let tl = Timeline::new();
     let mut opts = RestoreOptions::named(&format!("{vm}-restored"));
     // Stopped before its first instruction (or with its state loaded), so the disks are
@@ -195,4 +206,39 @@ async fn guest(r: &Restored) -> Result<(bool, String), Box<dyn std::error::Error
             if root_rw { "rw" } else { "NOT rw" }
         ),
     ))
+}
+
+/// `--in-place --qmp SOCKET`: the VM behind the socket rolled back to the backup.
+async fn in_place(backup: &Backup, vm: &str, qmp: &std::path::Path, checks: &[CheckArg]) -> CliResult {
+    if let Some(c) = checks.iter().find(|c| **c != CheckArg::Blocks) {
+        eprintln!("quiesce: --in-place runs --check blocks only ({c:?} needs a restore into a new QEMU)");
+        return Ok(EXIT_USAGE);
+    }
+    let opts = quiesce::qemu::AttachOptions {
+        name: None,
+        qmp: qmp.to_owned(),
+        agent: None,
+        artifacts_dir: quiesce::qemu::config::default_artifacts_dir(),
+    };
+    let m = quiesce::qemu::attach(&opts).await?;
+    // Not raced against Ctrl-C: a rollback stopped half-way would leave the disks mixed.
+    let done = rollback_attached::roll_back(backup, vm, &m, !checks.is_empty()).await?;
+    for (name, path) in &done.disks {
+        println!("disk {name} of the backup written onto {}", path.display());
+    }
+    let mut ok = true;
+    for (name, identical, at) in &done.blocks {
+        ok &= identical;
+        let how = match (identical, at) {
+            (true, _) => "identical to the backup".to_owned(),
+            (false, Some(at)) => format!("differs from the backup first at byte {at}"),
+            (false, None) => "differs from the backup in size".to_owned(),
+        };
+        println!("check blocks  {} {name}: {how}", if *identical { "passed" } else { "FAILED" });
+    }
+    if done.state_not_loaded {
+        println!("the backup's saved RAM was not loaded: QEMU loads a saved state only when it starts (-incoming); the guest was reset and boots from the restored disks");
+    }
+    println!("VM {} was reset and {}", m.name(), if done.was_running { "runs again" } else { "stays paused" });
+    Ok(if ok { 0 } else { EXIT_FAILED })
 }
