@@ -335,7 +335,7 @@ pub fn node_safe(s: &str) -> String {
     let mut out: String =
         s.chars().map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') { c } else { '-' }).collect();
     if !out.starts_with(|c: char| c.is_ascii_alphabetic()) {
-        out.insert_str(0, "d");
+        out.insert(0, 'd');
     }
     out.truncate(31);
     out
