@@ -106,10 +106,20 @@ pub async fn run(args: RestoreArgs) -> CliResult {
         // The guest runs now: booted afresh, or resumed from its saved state.
         restore::resume(&restored.machine).await?;
         if vb.method == Method::ChildSnapshot || args.check.contains(&CheckArg::Guest) {
-            restored.machine.wait_agent(deadline::BOOT_TO_AGENT).await?;
+            if let Err(e) = restored.machine.wait_agent(deadline::BOOT_TO_AGENT).await {
+                // Its serial log and transcript are kept when the machine is dropped.
+                restored.machine.mark_failed("the restored guest's agent did not answer");
+                return Err(e.into());
+            }
         }
         if args.check.contains(&CheckArg::Guest) {
-            let (ok, detail) = guest(&restored).await?;
+            let (ok, detail) = match guest(&restored).await {
+                Ok(r) => r,
+                Err(e) => {
+                    restored.machine.mark_failed("the guest check could not run");
+                    return Err(e);
+                }
+            };
             println!("check guest   {} {detail}", if ok { "passed" } else { "FAILED" });
             failed += usize::from(!ok);
         }
