@@ -302,7 +302,7 @@ async fn transaction(m: &Machine, faulty: Option<&str>, undo: &Mutex<Undo>) -> R
     let mut actions: Vec<Value> = lock(undo)
         .overlays
         .iter()
-        .map(|o| json!({"type": "blockdev-snapshot", "data": {"node": o.disk.node_name, "overlay": o.node}}))
+        .map(|o| json!({"type": "blockdev-snapshot", "data": {"node": m.qemu_node(&o.disk), "overlay": o.node}}))
         .collect();
     if let Some(disk) = faulty {
         actions.push(json!({"type": "blockdev-snapshot-sync", "data": {
@@ -382,7 +382,7 @@ async fn commit_one(m: &Machine, o: &Overlay, deadline: Duration) -> Result<(), 
     let step = |what: &str, e| BackupError::step(m.name(), &format!("{what} {}", o.disk.node_name), m.qmp_err(e));
     let _ = m.qmp().events().drain("BLOCK_JOB_READY");
     let _ = m.qmp().events().drain("BLOCK_JOB_COMPLETED");
-    qmp(m, "block-commit", json!({"job-id": job, "device": o.node, "base-node": o.disk.node_name})).await?;
+    qmp(m, "block-commit", json!({"job-id": job, "device": o.node, "base-node": m.qemu_node(&o.disk)})).await?;
     let is_job = |d: &Value| d["device"] == job.as_str();
     m.qmp().wait_event("BLOCK_JOB_READY", is_job, deadline).await.map_err(|e| step("wait for the commit of", e))?;
     qmp(m, "job-complete", json!({"id": job})).await?;

@@ -1,5 +1,6 @@
 //! Backups: the two methods, the backup folder and its manifest.
 
+pub mod attached;
 pub mod capture;
 pub mod child_snapshot;
 pub mod conditions;

@@ -1,11 +1,13 @@
 //! The `quiesce` command line.
 
+mod backup;
 mod diff;
 mod doctor;
 mod durations;
 mod image;
 mod progress;
 mod report;
+mod restore;
 mod run;
 mod vm;
 
@@ -90,6 +92,12 @@ enum Command {
         #[arg(long)]
         blocks: bool,
     },
+    /// Back up VMs quiesce did not start, by their QMP (and agent) sockets. Several --qmp
+    /// are one set, all or nothing. The VMs are left as they were on every path.
+    Backup(backup::BackupArgs),
+    /// Restore a VM of a backup into a new QEMU (the backup is only read), run checks on
+    /// it, then shut it down or, with --keep-running, leave it running.
+    Restore(restore::RestoreArgs),
     /// Build or locate guest images.
     Image {
         #[command(subcommand)]
@@ -124,6 +132,8 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Durations { report_dir, write } => durations::run(report_dir, write),
         Command::Verify { backup } => run::verify(backup).await,
         Command::Diff { a, b, ignore, blocks } => diff::run(a, b, ignore, blocks).await,
+        Command::Backup(args) => backup::run(args).await,
+        Command::Restore(args) => restore::run(args).await,
     };
     match result {
         Ok(code) => code,
