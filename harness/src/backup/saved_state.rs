@@ -321,7 +321,7 @@ pub async fn migrate_to_file(m: &Machine, path: &Path, deadline: Duration) -> Re
 /// so reading the image files now sees exactly what the saved guest saw.
 async fn capture_disks(m: &Machine, dir: &Path, settings: &SaveSettings) -> Result<Vec<DiskEntry>, BackupError> {
     let disks = m.config().disks.iter().filter(|d| !settings.exclude.contains(&d.node_name)).cloned().collect();
-    super::capture::copy_disks(m.name(), disks, dir, settings.verify_capture).await
+    super::capture::copy_disks(m.name(), disks, dir, settings.verify_capture, Faults::default()).await
 }
 
 /// Puts the VM back in `before`: cancels a save still under way, reactivates the disks,

@@ -56,6 +56,8 @@ pub(super) fn member<'a>(s: &Scenario, vm: &'a Vm, method: MethodChoice) -> Memb
             agent_stops_after_freeze: has(FaultKind::AgentStopsAfterFreeze),
             kill_after_prepare: has(FaultKind::QemuKilledAfterPrepare),
             hold_frozen_for: has(FaultKind::HoldPastVssLimit).then_some(HOLD_PAST_VSS_LIMIT),
+            // Set by `host_faults::adjust`.
+            ..Faults::default()
         },
     }
 }
