@@ -110,10 +110,20 @@ pub async fn commit(m: &Machine, base: &str, overlay: &str, limits: CommitLimits
     }
     qmp(m, "block-commit", args).await?;
     let is_job = |d: &Value| d["device"] == job.as_str();
-    match m.qmp().wait_event("BLOCK_JOB_READY", is_job, limits.converge).await {
-        Ok(_) => {
+    // A commit that fails (its target cannot be written) ends without ever being ready:
+    // that is an error at once, not a merge that did not converge.
+    let first = tokio::select! {
+        r = m.qmp().wait_event("BLOCK_JOB_READY", is_job, limits.converge) => r.map(|_| None),
+        e = m.qmp().wait_event("BLOCK_JOB_COMPLETED", is_job, limits.converge) => e.map(Some),
+    };
+    match first {
+        Ok(None) => {
             complete(m, base, &job, limits.finish).await?;
             Ok(MergeOutcome::Converged)
+        }
+        Ok(Some(ended)) => {
+            let error = ended.data["error"].as_str().unwrap_or("the commit ended before it caught up").to_owned();
+            Err(BackupError::Merge { vm: m.name().to_owned(), disk: base.to_owned(), error })
         }
         Err(crate::qemu::QmpError::Event(crate::qemu::WaitError::Timeout { .. })) => {
             finish_paused(m, base, &job, limits.finish).await
