@@ -145,6 +145,11 @@ pub struct StateEntry {
     /// Migration capabilities the restore must set the same way.
     pub mapped_ram: bool,
     pub multifd_channels: Option<u8>,
+    /// The disks of a paused VM that its QEMU left inactive after the save, because it
+    /// cannot make them active without running the VM (no `blockdev-set-active` before QEMU
+    /// 10.0): they become active when the VM is continued. Empty otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inactive_until_continued: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -254,8 +259,12 @@ impl VmBackup {
             file: &s.file,
             checksum: Some((s.bytes, &s.sha256)),
         });
+        // A VM the firmware boots from its own disk (a Windows guest) has no kernel or
+        // initrd: its manifest names none, and there is no file to check.
+        let firmware = self.machine.kernel.is_empty() && self.machine.initrd.is_empty();
         let boot = [(Entry::Kernel, &self.machine.kernel), (Entry::Initrd, &self.machine.initrd)]
             .into_iter()
+            .filter(move |_| !firmware)
             .map(move |(entry, file)| Named { vm, entry, file, checksum: None });
         let files = self.files.iter().map(move |f| Named {
             vm,

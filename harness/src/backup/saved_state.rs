@@ -157,7 +157,7 @@ pub async fn prepare(
     let state_path = if faults.save_fails { PathBuf::from(UNWRITABLE_STATE) } else { dir.join("state.bin") };
     match save_state(m, caps, settings, &state_path, tl, &before).await {
         Ok((plan, save_secs, mb_per_s)) => Ok(Prepared { before, plan, stopped_at, save_secs, mb_per_s }),
-        Err(e) => Err(with_undo(m, e, undo(m, caps, &before, tl).await)),
+        Err(e) => Err(with_undo(m, e, undo(m, caps, &before, tl).await.map(drop))),
     }
 }
 
@@ -176,10 +176,14 @@ pub async fn post(
     let captured = tl.step(vm, "capture disks", capture_disks(m, dir, settings)).await;
     let capture_ms = t.elapsed().as_secs_f64() * 1000.0;
     let back = tl.step(vm, "return to prior state", return_to(m, &p.before, caps)).await;
+    let inactive_until_continued = match &back {
+        Ok(Disks::InactiveUntilContinued(nodes)) => nodes.clone(),
+        _ => Vec::new(),
+    };
     let downtime_ms = p.before.running.then(|| p.stopped_at.elapsed().as_secs_f64() * 1000.0);
     let disks = match (captured, back) {
-        (Ok(d), Ok(())) => d,
-        (Err(e), Ok(())) | (Ok(_), Err(e)) => return Err(e),
+        (Ok(d), Ok(_)) => d,
+        (Err(e), Ok(_)) | (Ok(_), Err(e)) => return Err(e),
         (Err(e), Err(u)) => return Err(with_undo(m, e, Err(u))),
     };
     let state_path = dir.join("state.bin");
@@ -192,6 +196,7 @@ pub async fn post(
             sha256: String::new(),
             mapped_ram: p.plan.mapped_ram,
             multifd_channels: p.plan.multifd_channels,
+            inactive_until_continued,
         },
         disks,
         timings: Timings {
@@ -207,8 +212,9 @@ pub async fn post(
     Ok(saved)
 }
 
-/// Undoes a prepared (or half-prepared) save: the VM goes back to `before`.
-pub async fn undo(m: &Machine, caps: &Capabilities, before: &RunState, tl: &Timeline) -> Result<(), BackupError> {
+/// Undoes a prepared (or half-prepared) save: the VM goes back to `before`; says where its
+/// disks stand.
+pub async fn undo(m: &Machine, caps: &Capabilities, before: &RunState, tl: &Timeline) -> Result<Disks, BackupError> {
     tl.step(Some(m.name()), "undo: return to prior state", return_to(m, before, caps)).await
 }
 
@@ -324,9 +330,19 @@ async fn capture_disks(m: &Machine, dir: &Path, settings: &SaveSettings) -> Resu
     super::capture::copy_disks(m.name(), disks, dir, settings.verify_capture, Faults::default()).await
 }
 
+/// Where a VM's disks stand once it is back in its prior state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Disks {
+    Active,
+    /// A paused VM on a QEMU that cannot make its disks active without running it (before
+    /// 10.0, or a compatibility profile of one): these nodes stay inactive until the VM is
+    /// continued, which is what `cont` does first.
+    InactiveUntilContinued(Vec<String>),
+}
+
 /// Puts the VM back in `before`: cancels a save still under way, reactivates the disks,
 /// and resumes it if it was running. Also the undo after a failure or an interruption.
-pub async fn return_to(m: &Machine, before: &RunState, caps: &Capabilities) -> Result<(), BackupError> {
+pub async fn return_to(m: &Machine, before: &RunState, caps: &Capabilities) -> Result<Disks, BackupError> {
     let info = qmp_typed(m, query_migrate {}).await?;
     let under_way = matches!(
         info.status,
@@ -358,14 +374,9 @@ pub async fn return_to(m: &Machine, before: &RunState, caps: &Capabilities) -> R
             runstate::inactive_nodes(m).await.map_err(|e| BackupError::step(m.name(), "query block nodes", e))?;
         if !inactive.is_empty() {
             if !caps.blockdev_set_active {
-                return Err(BackupError::Unsupported {
-                    vm: m.name().to_owned(),
-                    what: format!(
-                        "QEMU {} cannot reactivate the disks of a paused VM (blockdev-set-active is 10.0+); \
-                         they become active again when the VM is continued",
-                        caps.version
-                    ),
-                });
+                // As QEMU before 10.0 leaves it: the VM is paused as it was, and its disks
+                // are made active by the `cont` that runs it next.
+                return Ok(Disks::InactiveUntilContinued(inactive));
             }
             qmp(m, "blockdev-set-active", json!({"active": true})).await?;
         }
@@ -375,5 +386,5 @@ pub async fn return_to(m: &Machine, before: &RunState, caps: &Capabilities) -> R
     if !inactive.is_empty() {
         return Err(BackupError::StillInactive { vm: m.name().to_owned(), nodes: inactive });
     }
-    Ok(())
+    Ok(Disks::Active)
 }

@@ -18,8 +18,14 @@ use crate::sys::deadline;
 use crate::workload::{self, AppStatus};
 
 /// The VM is back as it was: same run state, disks active and its own (no overlay left),
-/// workloads running on with nothing lost.
-pub(super) async fn after_backup_checks(vm: &Vm, method: Method, report: &mut Report) -> Result<(), RunError> {
+/// workloads running on with nothing lost. `until_continued`: the disks the backup says
+/// its QEMU left inactive until the VM is continued (a paused VM, QEMU before 10.0).
+pub(super) async fn after_backup_checks(
+    vm: &Vm,
+    method: Method,
+    until_continued: &[String],
+    report: &mut Report,
+) -> Result<(), RunError> {
     let m = &vm.guest.machine;
     let name = vm.name();
     let st = runstate::query(m).await.map_err(vm.fail("query-status"))?;
@@ -34,7 +40,20 @@ pub(super) async fn after_backup_checks(vm: &Vm, method: Method, report: &mut Re
         format!("{want} before, {} after ({})", st.label(), st.status),
     );
     let inactive = runstate::inactive_nodes(m).await.map_err(vm.fail("query block nodes"))?;
-    report.check(name, "disks-active-after-backup", inactive.is_empty(), format!("inactive: {inactive:?}"));
+    if until_continued.is_empty() {
+        report.check(name, "disks-active-after-backup", inactive.is_empty(), format!("inactive: {inactive:?}"));
+    } else {
+        // What the backup says must be what QEMU shows, on a VM still paused.
+        let (mut said, mut seen) = (until_continued.to_vec(), inactive.clone());
+        said.sort();
+        seen.sort();
+        report.check(
+            name,
+            "disks-inactive-until-continued",
+            said == seen && !st.running,
+            format!("the backup says {said:?} stay inactive until the VM is continued; inactive: {seen:?}"),
+        );
+    }
     if method == Method::ChildSnapshot {
         let (ok, detail) = own_images(m).await?;
         report.check(name, "overlays-merged", ok, detail);
@@ -44,8 +63,8 @@ pub(super) async fn after_backup_checks(vm: &Vm, method: Method, report: &mut Re
     }
     let agent = m.agent().map_err(vm.fail("the guest agent"))?;
     if vm.counter_before.is_some() {
-        let now = workload::read_counter(agent).await.map_err(vm.fail("reading the counter"))?;
-        let moved = workload::wait_counter_above(agent, now, PROGRESS).await;
+        let now = super::windows::read_counter(vm, agent).await?;
+        let moved = super::windows::wait_counter_above(vm, agent, now).await;
         report.check(
             name,
             "runs-on-after-backup",
@@ -62,7 +81,14 @@ pub(super) async fn after_backup_checks(vm: &Vm, method: Method, report: &mut Re
 
 /// A refused or failed backup must leave everything as it was: no backup (not even a
 /// partial folder), no overlays, every VM in its run state, thawed, nothing lost.
-pub(super) async fn nothing_changed(ctx: &mut RunCtx<'_>, vms: &[Vm], backup_path: &Path) -> Result<(), RunError> {
+/// `until_continued`: the VMs put back with their disks inactive until they are continued
+/// (paused, on a QEMU before 10.0).
+pub(super) async fn nothing_changed(
+    ctx: &mut RunCtx<'_>,
+    vms: &[Vm],
+    backup_path: &Path,
+    until_continued: &[String],
+) -> Result<(), RunError> {
     let report = &mut *ctx.report;
     let parent = backup_path.parent().unwrap_or(Path::new("."));
     let partial = names_in(parent, |n| n.contains("backup"));
@@ -88,7 +114,13 @@ pub(super) async fn nothing_changed(ctx: &mut RunCtx<'_>, vms: &[Vm], backup_pat
         let want = label(vm.spec.state);
         report.check(name, "state-unchanged", st.label() == want, format!("{want} before, {} after", st.label()));
         let inactive = runstate::inactive_nodes(m).await.map_err(vm.fail("query block nodes"))?;
-        report.check(name, "disks-active", inactive.is_empty(), format!("inactive: {inactive:?}"));
+        if until_continued.iter().any(|v| v == name) {
+            let detail =
+                format!("put back paused with its disks inactive until it is continued; inactive: {inactive:?}");
+            report.check(name, "disks-inactive-until-continued", !inactive.is_empty() && !st.running, detail);
+        } else {
+            report.check(name, "disks-active", inactive.is_empty(), format!("inactive: {inactive:?}"));
+        }
         if let Some(r) = report.vm_mut(name) {
             r.state_after_backup = Some(st.label().into());
         }
@@ -151,8 +183,7 @@ async fn app_commits_on(vm: &Vm, agent: &GuestAgent, dir: &str) -> Result<(bool,
 /// must be there, in sequence, and so must every line written during it (the sequence has
 /// no gap up to the last line read). The count lost goes into the report and the fixture.
 async fn journal_kept(vm: &Vm, path: &str, report: &mut Report) -> Result<(bool, String), RunError> {
-    let agent = vm.guest.machine.agent().map_err(vm.fail("the guest agent"))?;
-    let j = workload::check_journal(agent, path).await.map_err(vm.fail("checking the journal"))?;
+    let j = super::windows::journal_now(vm, path).await?;
     let before = vm.journal_before.unwrap_or(0);
     let lost = j.lost_of(before);
     if let Some(r) = report.vm_mut(vm.name()) {
