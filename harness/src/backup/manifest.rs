@@ -170,6 +170,10 @@ pub struct Timings {
     /// Child VM Snapshot: merging the overlay back into the live image.
     #[serde(default)]
     pub merge_ms: Option<f64>,
+    /// Child VM Snapshot: whether the merge caught up with the guest by itself, or the VM
+    /// was paused to finish it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merge_outcome: Option<super::merge::MergeOutcome>,
 }
 
 /// Which entry of a VM's manifest names a file.

@@ -349,7 +349,7 @@ async fn post_one(
         Some(Prepared::Snap(f)) => {
             let mut settings = s.member.snapshot.clone();
             settings.exclude = exclude.to_vec();
-            let snap = child_snapshot::post(m, &settings, &s.dir, tl, &s.undo, f).await?;
+            let snap = child_snapshot::post(m, &settings, &s.member.faults, &s.dir, tl, &s.undo, f).await?;
             (snap.disks, None, snap.timings, Some(snap.freeze))
         }
     };

@@ -36,6 +36,10 @@ enum Command {
         /// Do not build the guest image if it is missing (the KVM probe needs its kernel).
         #[arg(long)]
         no_build: bool,
+        /// The report folder whose work folder is checked for runs left by a killed quiesce
+        /// (found ones are removed).
+        #[arg(long, default_value = "quiesce-reports")]
+        report_dir: std::path::PathBuf,
     },
     /// Work with a single test VM.
     Vm {
@@ -122,7 +126,7 @@ pub async fn run(cli: Cli) -> i32 {
         return EXIT_FAILED;
     }
     let result = match cli.command {
-        Command::Doctor { no_build } => doctor::run(cli.accel, no_build).await,
+        Command::Doctor { no_build, report_dir } => doctor::run(cli.accel, no_build, &report_dir).await,
         Command::Vm { command } => vm::run(command, cli.accel).await,
         Command::Image { command } => image::run(command, cli.accel).await,
         Command::Run { paths, report_dir, keep_backups, shard, junit } => {

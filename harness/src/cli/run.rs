@@ -56,6 +56,10 @@ pub async fn run(
         return Ok(EXIT_FAILED);
     }
     std::fs::create_dir_all(&report_dir).map_err(|e| format!("{}: {e}", report_dir.display()))?;
+    // A quiesce killed mid-run (SIGKILL) could undo nothing: its run folders are cleaned here.
+    for left in scenario::stale::sweep(&report_dir.join("work")) {
+        eprintln!("quiesce: {left}");
+    }
     // SIGINT and SIGTERM fire the run's interruption: a backup under way puts every VM back
     // (thawed, resumed, overlays merged) before the run stops.
     let interrupt = Interrupt::new();

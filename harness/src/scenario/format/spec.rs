@@ -110,6 +110,16 @@ pub enum FaultKind {
     /// Windows: qemu-ga's VSS provider is unregistered in the guest before the backup
     /// (`qemu-ga.exe -s vss-uninstall`), so VSS fails to initialise.
     VssProviderUnregistered,
+    /// The VM's folder (disks and overlays) is a small tmpfs, and a writer in the guest
+    /// fills it after the thaw: QEMU pauses the VM for space during the copy-out (needs
+    /// root to mount it).
+    SnapshotVolumeFull,
+    /// A writer in the guest outpaces a rate-limited merge, which does not catch up within
+    /// its short convergence deadline: the VM is paused to finish it.
+    MergeDoesNotConverge,
+    /// The backup target is a tmpfs lazily unmounted after the VM's first disk is copied
+    /// (needs root to mount it).
+    BackupTargetVanishes,
 }
 
 impl FaultKind {
@@ -146,6 +156,9 @@ impl FaultKind {
             FaultKind::SkipFreezeHooks => "skip-freeze-hooks",
             FaultKind::HoldPastVssLimit => "hold-past-vss-limit",
             FaultKind::VssProviderUnregistered => "vss-provider-unregistered",
+            FaultKind::SnapshotVolumeFull => "snapshot-volume-full",
+            FaultKind::MergeDoesNotConverge => "merge-does-not-converge",
+            FaultKind::BackupTargetVanishes => "backup-target-vanishes",
         }
     }
 }

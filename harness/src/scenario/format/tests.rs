@@ -217,6 +217,9 @@ fn faults_that_defeat_checks_need_mismatch_those_checks_and_child_snapshot() {
         FaultKind::AgentHangsInFreeze,
         FaultKind::HoldPastVssLimit,
         FaultKind::VssProviderUnregistered,
+        FaultKind::SnapshotVolumeFull,
+        FaultKind::MergeDoesNotConverge,
+        FaultKind::BackupTargetVanishes,
     ] {
         let parsed: FaultKind = toml::Value::String(k.name().into()).try_into().unwrap();
         assert_eq!(parsed, k);

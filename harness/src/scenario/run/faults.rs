@@ -57,6 +57,8 @@ pub(super) fn member<'a>(s: &Scenario, vm: &'a Vm, method: MethodChoice) -> Memb
             kill_after_prepare: has(FaultKind::QemuKilledAfterPrepare),
             skip_freeze: has(FaultKind::SkipFreeze),
             hold_frozen_for: has(FaultKind::HoldPastVssLimit).then_some(HOLD_PAST_VSS_LIMIT),
+            // Set by `host_faults::adjust`.
+            ..Faults::default()
         },
     }
 }
