@@ -13,7 +13,7 @@ use quiesce::image::manifest::{self, Change, Entry, EntryKind, Field, FsKind, Li
 use quiesce::image::qemu_img;
 use quiesce::image::seed::{self, DiskSeed, Filesystem, Partitioning};
 use quiesce::qemu::DiskFormat;
-use quiesce::sys::{deadline, Tool};
+use quiesce::sys::{deadline, Process, Tool};
 
 use common::rng::XorShift;
 
@@ -280,8 +280,17 @@ fn ntfs_subdirectories_and_links_written_through_ntfs_3g() {
     }
     let mnt = subdir(dir.path(), "mnt");
     {
-        let out = Tool::new("ntfs-3g", deadline::MOUNT).arg(&raw).arg(&mnt).output().unwrap();
-        assert!(out.status.success(), "ntfs-3g: {}", out.stderr);
+        // Not through Tool: once a tool exits, what it left in its process group is killed,
+        // and the FUSE daemon ntfs-3g leaves behind is the mount. Its exit is awaited on a
+        // pidfd, under the mount deadline.
+        let mut mount = std::process::Command::new("ntfs-3g").arg(&raw).arg(&mnt).spawn().unwrap();
+        let watched = Process::open(mount.id()).unwrap();
+        if !watched.wait_exit(deadline::MOUNT) {
+            let _ = mount.kill();
+            let _ = mount.wait();
+            panic!("ntfs-3g did not mount within {:?}", deadline::MOUNT);
+        }
+        assert!(mount.wait().unwrap().success());
         let _m = Mounted(mnt.clone());
         std::fs::create_dir_all(mnt.join("Users/Ann/Documents")).unwrap();
         std::fs::write(mnt.join("Users/Ann/Documents/report.docx"), "quarterly numbers").unwrap();
