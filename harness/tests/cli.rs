@@ -432,7 +432,8 @@ async fn in_place_restore_onto_another_layout_is_refused_and_touches_nothing() {
     assert_eq!(code, Some(0), "the test's backup does not verify: {out}{err}");
 
     let drive = |p: &std::path::Path, fmt: &str| format!("file={},if=virtio,format={fmt}", p.display());
-    let cases: [(&str, Vec<(u64, &str)>, &str); 3] = [
+    // What differs, the VM's disks (size, format), and what the refusal must say.
+    let cases = [
         ("number", vec![(1 << 20, "qcow2"), (1 << 20, "qcow2")], "the backup has 1 disks, the VM 2"),
         ("format", vec![(1 << 20, "raw")], "is qcow2 in the backup, but the VM's disk"),
         ("size", vec![(2 << 20, "qcow2")], "is 1048576 bytes in the backup, but the VM's disk"),
