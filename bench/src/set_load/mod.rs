@@ -312,7 +312,7 @@ pub async fn run(opts: &SetLoadOptions, progress: &mut dyn FnMut(&str)) -> Resul
             // report says so and why. A second failure stands.
             match (&run.result, &run.retried) {
                 (CountResult::Ran { booted, error: Some(e), .. }, None) if *booted < n => {
-                    retried = Some(format!("{booted} of {n} booted: {e}"));
+                    retried = Some(format!("{booted} of {n} booted: {}", e.replace('\n', " ")));
                 }
                 _ => {
                     runs.push(run);
