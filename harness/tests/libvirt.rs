@@ -230,3 +230,126 @@ fn interrupt_after(lv: &Libvirt, name: &str, after: &str, out: &Path) -> (Option
     eprintln!("{seen}");
     (status.code(), seen)
 }
+
+/// The measurements behind the choice of libvirt's APIs over QMP passed through libvirt
+/// (README, "Back up a libvirt domain"). Not a check: run it by hand with `--ignored
+/// --nocapture` to see the numbers on a machine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, run by hand"]
+async fn measure_virsh_paths() {
+    if let Some(why) = unavailable() {
+        eprintln!("SKIPPED: {why}");
+        return;
+    }
+    let image = recipe::ensure("linux", false, &mut |s| eprintln!("  {s}")).unwrap();
+    let accel = quiesce::testguest::accel_for(&image, None).unwrap().accel;
+    let mask_kvm = accel != Accel::Kvm && Path::new("/dev/kvm").exists();
+    let mut lv = Libvirt::start(mask_kvm, &mut |s| eprintln!("  {s}")).await.unwrap();
+    let dir = tempfile::Builder::new().prefix("quiesce-libvirt-measure-").tempdir().unwrap();
+    let overlay = dir.path().join("root.qcow2");
+    qemu_img::create_overlay(&image.root, DiskFormat::Raw, &overlay).unwrap();
+    let boot = image.kernel_boot();
+    let name = format!("quiesce-measure-{}", std::process::id());
+    let qemu = quiesce::qemu::config::default_qemu_binary();
+    let emulator = if qemu.starts_with('/') { PathBuf::from(&qemu) } else { find_program(&qemu).unwrap() };
+    let spec = DomainSpec {
+        name: name.clone(),
+        kvm: accel == Accel::Kvm,
+        emulator,
+        memory_mib: 256,
+        cpus: 1,
+        kernel: boot.kernel.clone(),
+        initrd: boot.initrd.clone(),
+        cmdline: boot.append.clone(),
+        overlay: overlay.clone(),
+        backing: image.root.clone(),
+        backing_format: "raw".into(),
+        data_disks: vec![],
+        serial_log: dir.path().join("serial.log"),
+    };
+    lv.create(&spec).await.unwrap();
+    lv.wait_agent(&name, &spec.serial_log, deadline::BOOT_TO_AGENT).await.unwrap();
+    let log = Path::new("/var/log/libvirt/qemu").join(format!("{name}.log"));
+    let taints = || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.lines().filter(|l| l.contains("tainted")).map(str::to_owned).collect::<Vec<_>>()
+    };
+    let time = |label: &str, runs: u32, took: Duration| {
+        eprintln!("MEASURE {label}: {:.1} ms per call ({runs} calls)", took.as_secs_f64() * 1000.0 / f64::from(runs));
+    };
+    let n = 20;
+    let t = Instant::now();
+    for _ in 0..n {
+        lv.virsh(&["domstate", &name], T).await.unwrap();
+    }
+    time("virsh domstate (a libvirt API call)", n, t.elapsed());
+    eprintln!("MEASURE taint lines before any passthrough: {:?}", taints());
+    let t = Instant::now();
+    for _ in 0..n {
+        lv.agent(&name, &json!({"execute": "guest-ping"}), T).await.unwrap();
+    }
+    time("virsh qemu-agent-command guest-ping", n, t.elapsed());
+    eprintln!("MEASURE taint lines after qemu-agent-command: {:?}", taints());
+    let t = Instant::now();
+    for _ in 0..n {
+        lv.virsh(&["qemu-monitor-command", &name, "{\"execute\":\"query-status\"}"], T).await.unwrap();
+    }
+    time("virsh qemu-monitor-command query-status", n, t.elapsed());
+    eprintln!("MEASURE taint lines after qemu-monitor-command: {:?}", taints());
+    // An overlay added behind libvirt's back: does its XML know of it?
+    let side = dir.path().join("side.qcow2");
+    let add = json!({"execute": "blockdev-add", "arguments": {"driver": "qcow2", "node-name": "quiesce-side",
+        "file": {"driver": "file", "filename": side.display().to_string()}}});
+    qemu_img::create_overlay(&image.root, DiskFormat::Raw, &side).unwrap();
+    let r = lv.virsh(&["qemu-monitor-command", &name, &add.to_string()], T).await;
+    eprintln!("MEASURE blockdev-add through the monitor: {r:?}");
+    let xml = lv.virsh(&["dumpxml", &name], T).await.unwrap();
+    eprintln!("MEASURE the XML names the node added behind libvirt's back: {}", xml.contains("side.qcow2"));
+    let del = json!({"execute": "blockdev-del", "arguments": {"node-name": "quiesce-side"}});
+    let _ = lv.virsh(&["qemu-monitor-command", &name, &del.to_string()], T).await;
+    // Events: does a monitor client through libvirt see a block job's events?
+    let events_log = dir.path().join("events.log");
+    let mut events = Spawn::new(find_program("virsh").unwrap())
+        .args(["-c", lv.uri(), "qemu-monitor-event", &name, "--loop", "--timeout", "60", "--timestamp"])
+        .stdout(std::fs::File::create(&events_log).unwrap())
+        .spawn()
+        .unwrap();
+    // libvirt's own snapshot with the freeze, and its commit back.
+    let snap = dir.path().join("snap.qcow2");
+    let t = Instant::now();
+    lv.virsh(
+        &[
+            "snapshot-create-as",
+            &name,
+            "--name",
+            "m",
+            "--disk-only",
+            "--quiesce",
+            "--atomic",
+            "--no-metadata",
+            "--diskspec",
+            &format!("vda,snapshot=external,file={}", snap.display()),
+        ],
+        T,
+    )
+    .await
+    .unwrap();
+    time("virsh snapshot-create-as --disk-only --quiesce (freeze, overlay, thaw)", 1, t.elapsed());
+    let t = Instant::now();
+    lv.virsh(&["blockcommit", &name, "vda", "--active", "--shallow", "--pivot", "--wait"], BACKUP).await.unwrap();
+    time("virsh blockcommit --active --shallow --pivot", 1, t.elapsed());
+    events.signal_group(nix::sys::signal::Signal::SIGTERM);
+    events.wait_timeout(T);
+    let seen = std::fs::read_to_string(&events_log).unwrap_or_default();
+    let names: Vec<&str> = seen
+        .lines()
+        .filter_map(|l| {
+            l.split_whitespace().find(|w| w.chars().all(|c| c.is_ascii_uppercase() || c == '_') && w.len() > 3)
+        })
+        .collect();
+    eprintln!("MEASURE qemu-monitor-event during the snapshot and commit: {names:?}");
+    eprintln!("MEASURE taint lines at the end: {:?}", taints());
+    lv.destroy(&name).await.unwrap();
+    let problems = tokio::task::spawn_blocking(move || lv.stop()).await.unwrap();
+    assert!(problems.is_empty(), "{problems:?}");
+}
