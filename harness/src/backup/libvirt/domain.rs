@@ -294,7 +294,10 @@ mod tests {
         assert!(matches!(parse(&" ".repeat(MAX_XML_BYTES + 1)), Err(DomainXmlError::TooLarge(_))));
         let many = LIVE.replace(
             "<disk type='file' device='cdrom'>",
-            &"<disk type='file' device='disk'><source file='/x'/><target dev='vdz'/></disk>".repeat(MAX_DISKS + 1),
+            &format!(
+                "{}<disk type='file' device='cdrom'>",
+                "<disk type='file' device='disk'><source file='/x'/><target dev='vdz'/></disk>".repeat(MAX_DISKS + 1)
+            ),
         );
         assert!(matches!(parse(&many), Err(DomainXmlError::TooManyDisks)));
         let cd_only = r"<domain type='kvm'><name>a</name><memory unit='MiB'>64</memory><os><type machine='pc'>hvm</type></os>

@@ -12,7 +12,8 @@
 //!   --active --shallow --pivot` per disk and the overlays deleted.
 //!
 //! Why libvirt's APIs and not QMP passed through it (`virsh qemu-monitor-command`), measured
-//! on libvirt 9.0 with QEMU 10.0 under TCG (README, "Back up a libvirt domain"): the methods
+//! on libvirt 9.0 with QEMU 10.0 under TCG (README, "Back up a libvirt domain", and the
+//! figures below): the methods
 //! change the block graph, and libvirt tracks that graph itself. Overlays added behind its
 //! back are missing from its XML (so a later `virsh snapshot`, `blockcommit` or migration
 //! acts on a chain that is not there), libvirt marks the domain tainted
@@ -33,10 +34,17 @@
 //! The domain is left as it was on every path: after the snapshot, the put-back reads the
 //! live XML (not what was asked: a virsh past its deadline may have left libvirt to finish
 //! alone) and commits each disk still on its overlay; after a failure the agent is thawed
-//! (`virsh domfsthaw`, harmless on a thawed guest). SIGINT is acted on between libvirt
-//! calls: the call under way finishes (virsh runs in a process group of its own, so a
-//! Ctrl-C at the terminal does not cut it half-way), then the domain is put back. quiesce
-//! never destroys, undefines, saves or reconfigures the domain.
+//! (`virsh domfsthaw`, harmless on a thawed guest). SIGINT is acted on between steps: the
+//! step under way (a libvirt call, or the copy of the disks) finishes (virsh and qemu-img
+//! run in process groups of their own, so a Ctrl-C at the terminal does not cut them
+//! half-way), then the domain is put back. quiesce never destroys, undefines, saves or
+//! reconfigures the domain.
+//!
+//! The measurements (README): a virsh call costs 77-134 ms here (a process and a
+//! connection), QMP on a socket under 1 ms; `qemu-monitor-command` taints the domain
+//! (`custom-monitor`) and a `blockdev-add` through it is missing from the XML afterwards;
+//! block job events do arrive through `qemu-monitor-event`; libvirt's quiesced disk-only
+//! snapshot took 1.3 s and its active commit 0.15 s on an idle guest under TCG.
 
 pub mod domain;
 pub mod virsh;
