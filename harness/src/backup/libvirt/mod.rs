@@ -227,7 +227,7 @@ async fn backup(
         method: Method::ChildSnapshot,
         method_reason: method_reason.clone(),
         conditions: seen.verdicts.clone(),
-        run_state_before: "running".into(),
+        run_state_before: super::runstate::Activity::Running,
         machine,
         disks,
         state: None,
