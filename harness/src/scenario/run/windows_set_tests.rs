@@ -79,7 +79,7 @@ fn win_and_linux_set_backs_up_both_and_restores_both() {
 }
 
 #[test]
-fn win_member_past_the_vss_hold_fails_the_set_and_the_linux_guest_is_thawed() {
+fn win_member_past_the_vss_hold_fails_the_set_and_the_linux_member_is_put_back() {
     let s = mixed("\n[[fault]]\nvm = \"win1\"\nkind = \"hold-past-vss-limit\"\n", true);
     let peer = Arc::new(Mutex::new(Peer::new()));
     let (report, _dir) = run_with_peer_but(&s, peer.clone(), REAL);
@@ -92,9 +92,10 @@ fn win_member_past_the_vss_hold_fails_the_set_and_the_linux_guest_is_thawed() {
 }
 
 #[test]
-fn linux_member_failing_its_freeze_fails_the_set_and_the_windows_guest_is_thawed() {
-    // The real Linux guest's freeze hook vetoes the freeze; the Windows member had frozen
-    // (both freeze at once) and must be thawed by the set's undo.
+fn linux_member_failing_its_freeze_fails_the_set_and_the_windows_member_is_put_back() {
+    // The real Linux guest's freeze hook vetoes the freeze. The Windows member is prepared
+    // at the same time (frozen by VSS, its overlays put on, thawed): the set's undo must
+    // merge its overlays back and leave it thawed (seen failing with that undo removed).
     let s = mixed("\n[[fault]]\nvm = \"lin1\"\nkind = \"agent-freeze-fails\"\n", true);
     let peer = Arc::new(Mutex::new(Peer::new()));
     let (report, _dir) = run_with_peer_but(&s, peer.clone(), REAL);
