@@ -377,7 +377,7 @@ async fn run_restored(
         // A fresh Windows boot is ready when its agent answers and VSS is ready.
         Method::ChildSnapshot if windows => tl.step(Some(who), "boot", super::windows::boot_restored(m)).await?,
         Method::SavedState => {
-            if vb.run_state_before == "running" {
+            if vb.run_state_before == runstate::Activity::Running {
                 tl.step(Some(who), "resume", restore::resume(m)).await.map_err(c.fail("resuming"))?;
             }
         }

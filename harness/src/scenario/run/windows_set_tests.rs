@@ -11,9 +11,9 @@
 use std::sync::{Arc, Mutex};
 
 use super::windows_tests::{passed, run_with_peer_but, windows_scenario, Peer};
+use crate::qemu::stand_in::HOLD_LIMIT;
 use crate::scenario::{self, Report};
 
-const HOLD_LIMIT: &str = "couldn't hold writes: fsfreeze is limited up to 10 seconds";
 /// The Linux member keeps its real agent: machines named so (the VM and its restore).
 const REAL: &[&str] = &["lin1"];
 
