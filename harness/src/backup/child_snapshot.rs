@@ -92,7 +92,7 @@ pub struct Snapshotted {
     pub timings: Timings,
 }
 
-fn lock(u: &Mutex<Undo>) -> std::sync::MutexGuard<'_, Undo> {
+pub(super) fn lock(u: &Mutex<Undo>) -> std::sync::MutexGuard<'_, Undo> {
     u.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -236,7 +236,7 @@ async fn post_inner(
 
 /// Makes and adds an overlay for each disk but the excluded ones and `faulty` (whose
 /// snapshot the transaction asks QEMU to make itself, at a path that cannot be created).
-async fn prepare_overlays(
+pub(super) async fn prepare_overlays(
     m: &Machine,
     settings: &SnapshotSettings,
     faulty: Option<&str>,
@@ -269,7 +269,7 @@ async fn prepare_overlays(
     Ok(())
 }
 
-async fn transaction(m: &Machine, faulty: Option<&str>, undo: &Mutex<Undo>) -> Result<(), BackupError> {
+pub(super) async fn transaction(m: &Machine, faulty: Option<&str>, undo: &Mutex<Undo>) -> Result<(), BackupError> {
     let mut actions: Vec<Value> = lock(undo)
         .overlays
         .iter()
@@ -328,7 +328,7 @@ async fn hash(vm: &str, dir: &Path, disks: &mut [DiskEntry]) -> Result<(), Backu
 ///
 /// What is active is asked of QEMU, not taken from the log: an interruption can land after
 /// QEMU ran the transaction but before the log recorded it.
-async fn merge(m: &Machine, settings: &SnapshotSettings, undo: &Mutex<Undo>) -> Result<(), BackupError> {
+pub(super) async fn merge(m: &Machine, settings: &SnapshotSettings, undo: &Mutex<Undo>) -> Result<(), BackupError> {
     let overlays = lock(undo).overlays.clone();
     if overlays.is_empty() {
         lock(undo).snapshotted = false;

@@ -1,8 +1,17 @@
 //! The Saved State method: the VM's RAM and device state are saved to a file with QMP
 //! `migrate` to a `file:` URI, its disks are captured while it is saved, and it goes back
 //! to what it was doing before: running stays running, paused stays paused.
+//!
+//! The disks are not copied in the VM's downtime: while it is stopped after the save, one
+//! transaction puts an overlay on every disk, and the VM goes back at once; the frozen
+//! images are copied out afterwards ([`frozen`]). A QEMU that cannot reactivate a saved
+//! VM's disks without continuing it (no `blockdev-set-active`, before 10.0) copies them
+//! while the VM is stopped instead.
+
+mod frozen;
 
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use qapi::qmp::{query_migrate, MigrationStatus, MIGRATION};
@@ -10,6 +19,7 @@ use qapi::Enum;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::child_snapshot::Undo;
 use super::faults::{Faults, UNWRITABLE_STATE};
 use super::folder::sha256_file;
 use super::manifest::{DiskEntry, StateEntry, Timings};
@@ -32,6 +42,13 @@ pub struct SaveSettings {
     pub verify_capture: bool,
     /// Disks (node names) the host cannot back up (pass-through, iSCSI): left out.
     pub exclude: Vec<String>,
+    /// Where the overlays that take the VM's writes while its disks are copied go; None:
+    /// the VM's own run folder. Must have room for what the guest writes meanwhile.
+    pub overlay_dir: Option<PathBuf>,
+    /// Copy (and verify) the disks while the VM is stopped, as quiesce did before: the
+    /// downtime then grows with the disks. Kept so the benchmark can compare the two in one
+    /// run; a backup has no reason to set it.
+    pub copy_while_stopped: bool,
 }
 
 impl Default for SaveSettings {
@@ -42,6 +59,8 @@ impl Default for SaveSettings {
             migrate_deadline: deadline::STATE_FILE_MIGRATION,
             verify_capture: true,
             exclude: vec![],
+            overlay_dir: None,
+            copy_while_stopped: false,
         }
     }
 }
@@ -134,7 +153,7 @@ pub async fn save(
     tl: &Timeline,
 ) -> Result<Saved, BackupError> {
     let prepared = prepare(m, caps, settings, faults, dir, tl).await?;
-    post(m, caps, settings, dir, tl, prepared).await
+    post(m, caps, settings, dir, tl, prepared, &Mutex::new(Undo::default())).await
 }
 
 /// PrepareForSnapshot: records the run state, stops the VM and saves its state to
@@ -161,8 +180,11 @@ pub async fn prepare(
     }
 }
 
-/// PostSnapshot: captures the disks as they stand at the save point, returns the VM to its
-/// prior state, then hashes the files.
+/// PostSnapshot: captures the disks as they stand at the save point and returns the VM to
+/// its prior state, then hashes what is not hashed yet. With `blockdev-set-active` the VM
+/// goes back as soon as its disks are under overlays, and `undo` logs those overlays until
+/// they are merged (an interrupted job merges them with [`super::child_snapshot::recover`]);
+/// without it, or with `copy_while_stopped`, the disks are copied while the VM is stopped.
 pub async fn post(
     m: &Machine,
     caps: &Capabilities,
@@ -170,17 +192,13 @@ pub async fn post(
     dir: &Path,
     tl: &Timeline,
     p: Prepared,
+    undo: &Mutex<Undo>,
 ) -> Result<Saved, BackupError> {
-    let vm = Some(m.name());
-    let t = Instant::now();
-    let captured = tl.step(vm, "capture disks", capture_disks(m, dir, settings)).await;
-    let capture_ms = t.elapsed().as_secs_f64() * 1000.0;
-    let back = tl.step(vm, "return to prior state", return_to(m, &p.before, caps)).await;
-    let downtime_ms = p.before.running.then(|| p.stopped_at.elapsed().as_secs_f64() * 1000.0);
-    let disks = match (captured, back) {
-        (Ok(d), Ok(())) => d,
-        (Err(e), Ok(())) | (Ok(_), Err(e)) => return Err(e),
-        (Err(e), Err(u)) => return Err(with_undo(m, e, Err(u))),
+    let (disks, capture_ms, downtime_ms) = if caps.blockdev_set_active && !settings.copy_while_stopped {
+        let c = frozen::capture(m, caps, settings, dir, tl, &p, undo).await?;
+        (c.disks, c.capture_ms, c.downtime_ms)
+    } else {
+        copy_while_stopped(m, caps, settings, dir, tl, &p).await?
     };
     let state_path = dir.join("state.bin");
     let bytes = std::fs::metadata(&state_path).map_err(|e| BackupError::io(m.name(), "stat the state file", e))?.len();
@@ -203,8 +221,31 @@ pub async fn post(
         },
     };
     // Hashing needs only the copies, so it runs after the VM is back, not in its downtime.
-    tl.step(vm, "hash the backup files", hash_files(m.name(), dir, &mut saved)).await?;
+    tl.step(Some(m.name()), "hash the backup files", hash_files(m.name(), dir, &mut saved)).await?;
     Ok(saved)
+}
+
+/// Copies the disks while the VM stays stopped, then returns it to its prior state: the
+/// downtime grows with the disks. Returns the copies, the copy's and the downtime's ms.
+async fn copy_while_stopped(
+    m: &Machine,
+    caps: &Capabilities,
+    settings: &SaveSettings,
+    dir: &Path,
+    tl: &Timeline,
+    p: &Prepared,
+) -> Result<(Vec<DiskEntry>, f64, Option<f64>), BackupError> {
+    let vm = Some(m.name());
+    let t = Instant::now();
+    let captured = tl.step(vm, "capture disks", capture_disks(m, dir, settings)).await;
+    let capture_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let back = tl.step(vm, "return to prior state", return_to(m, &p.before, caps)).await;
+    let downtime_ms = p.before.running.then(|| p.stopped_at.elapsed().as_secs_f64() * 1000.0);
+    match (captured, back) {
+        (Ok(d), Ok(())) => Ok((d, capture_ms, downtime_ms)),
+        (Err(e), Ok(())) | (Ok(_), Err(e)) => Err(e),
+        (Err(e), Err(u)) => Err(with_undo(m, e, Err(u))),
+    }
 }
 
 /// Undoes a prepared (or half-prepared) save: the VM goes back to `before`.
@@ -255,9 +296,10 @@ async fn save_state(
     Ok((plan, secs, bytes as f64 / 1e6 / secs.max(1e-6)))
 }
 
-/// Fills in the sizes and sha256 of the state file and the captured disks.
+/// Fills in the sizes and sha256 of the state file and of the captured disks not hashed yet.
 pub(super) async fn hash_files(vm: &str, dir: &Path, saved: &mut Saved) -> Result<(), BackupError> {
-    let mut files: Vec<String> = saved.disks.iter().map(|d| d.file.clone()).collect();
+    let unhashed = |d: &&mut DiskEntry| d.sha256.is_empty();
+    let mut files: Vec<String> = saved.disks.iter_mut().filter(unhashed).map(|d| d.file.clone()).collect();
     files.push(saved.state.file.clone());
     let dir = dir.to_owned();
     let hashes = tokio::task::spawn_blocking(move || {
@@ -267,7 +309,7 @@ pub(super) async fn hash_files(vm: &str, dir: &Path, saved: &mut Saved) -> Resul
     .map_err(|e| BackupError::io(vm, "hash the backup files", std::io::Error::other(e)))?
     .map_err(|e| BackupError::io(vm, "hash the backup files", e))?;
     let mut it = hashes.into_iter();
-    for d in saved.disks.iter_mut() {
+    for d in saved.disks.iter_mut().filter(unhashed) {
         (d.sha256, d.bytes) = it.next().expect("one hash per file");
     }
     (saved.state.sha256, saved.state.bytes) = it.next().expect("one hash per file");
