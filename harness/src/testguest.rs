@@ -67,6 +67,20 @@ pub struct TestGuest {
 }
 
 impl TestGuest {
+    /// A guest booted by a layer above from another image (the Windows guest, see
+    /// `windows::guest`): it owns `machine` and the folder `disks` of its overlay, and is
+    /// dropped as this module's own guests are (QEMU first, then the folder). A firmware
+    /// boot's `image` has no kernel, as a backup of it has none.
+    pub fn adopt(
+        machine: Machine,
+        image: GuestImage,
+        accel: Verdict,
+        boot_time: Duration,
+        disks: tempfile::TempDir,
+    ) -> Self {
+        TestGuest { machine, image, accel, boot_time, disks }
+    }
+
     /// The folder holding this guest's overlay and any disks placed there by the caller.
     pub fn disk_dir(&self) -> &std::path::Path {
         self.disks.path()

@@ -4,6 +4,7 @@
 //! they are unit tested with recorded replies. A Windows guest's cases (VSS readiness,
 //! dynamic disks seen from the guest) are in [`windows`].
 
+mod quote;
 pub mod windows;
 
 use std::os::unix::fs::MetadataExt;
@@ -18,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::image::partition;
 use crate::qemu::{AgentError, GuestAgent, Machine, MachineConfig};
+use quote::{list, quote};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -246,7 +248,7 @@ pub fn agent_can_freeze(info: &GuestAgentInfo) -> Finding {
     let missing: Vec<&str> =
         ["guest-fsfreeze-freeze", "guest-fsfreeze-thaw"].into_iter().filter(|c| !enabled(c)).collect();
     if missing.is_empty() {
-        Finding::Held(format!("qemu-ga {} answers and can freeze and thaw", info.version))
+        Finding::Held(format!("qemu-ga {} answers and can freeze and thaw", quote(&info.version)))
     } else {
         Finding::Failed(format!("the guest agent has {} disabled or missing", missing.join(" and ")))
     }
@@ -305,8 +307,8 @@ pub fn guest_disks_basic(disks: &[GuestDiskInfo], serials: &[&str]) -> Finding {
         if virtual_volume && on_ours {
             return Finding::Failed(format!(
                 "guest volume {} is built on {} (device-mapper/md/LVM: not a basic disk)",
-                d.name,
-                deps.join(", ")
+                quote(&d.name),
+                list(&deps.iter().map(|d| quote(d)).collect::<Vec<_>>())
             ));
         }
     }
@@ -349,16 +351,17 @@ pub fn filesystems_support_snapshots(fsinfo: &[GuestFilesystemInfo], serials: &[
         if !on_ours {
             continue;
         }
-        let (ty, mnt) = (&fs.type_, &fs.mountpoint);
+        let ty = &fs.type_;
+        let (shown_ty, mnt) = (quote(ty), quote(&fs.mountpoint));
         if let Some((_, why)) = NOT_SNAPSHOT_CAPABLE.iter().find(|(t, _)| t.eq_ignore_ascii_case(ty)) {
-            return Finding::Failed(format!("{mnt} is {ty}: {why}"));
+            return Finding::Failed(format!("{mnt} is {shown_ty}: {why}"));
         }
         if !SNAPSHOT_CAPABLE.iter().any(|t| t.eq_ignore_ascii_case(ty)) {
-            return Finding::Failed(format!("{mnt} is {ty}, which is not known to support snapshots"));
+            return Finding::Failed(format!("{mnt} is {shown_ty}, which is not known to support snapshots"));
         }
-        seen.push(format!("{mnt} ({ty})"));
+        seen.push(format!("{mnt} ({shown_ty})"));
     }
-    Finding::Held(format!("all filesystems support snapshots: {}", seen.join(", ")))
+    Finding::Held(format!("all filesystems support snapshots: {}", list(&seen)))
 }
 
 /// One row of the guest OS rule table: the first row that matches decides.
@@ -385,7 +388,7 @@ const OS_RULES: &[OsRule] = &[
 pub fn os_supported(osinfo: &GuestOSInfo) -> Finding {
     let id = osinfo.id.as_deref().unwrap_or("");
     let kv = osinfo.kernel_version.as_deref().unwrap_or("");
-    let name = osinfo.pretty_name.as_deref().or(osinfo.name.as_deref()).unwrap_or("unknown OS");
+    let name = quote(osinfo.pretty_name.as_deref().or(osinfo.name.as_deref()).unwrap_or("unknown OS"));
     // The last rule matches everything, so there is always one.
     let rule = OS_RULES.iter().find(|r| (r.id.is_empty() || r.id == id) && kv.starts_with(r.kernel_version));
     match rule {
@@ -553,6 +556,38 @@ mod tests {
         );
         assert!(guest_disks_basic(&disks, &["root"]).held());
         assert!(guest_disks_basic(&[], &["root"]).held());
+    }
+
+    /// Found by the fuzz test: a guest named its OS in 44 KB, and the reason repeated it all
+    /// (it goes into the manifest and the report). Every rule that quotes the guest is cut.
+    #[test]
+    fn reasons_repeat_little_of_what_the_guest_said() {
+        let long = format!("Debian GNU/{}\n\u{1b}[2J", "U/".repeat(22_000));
+        let reason = |f: &Finding| match f {
+            Finding::Held(r) | Finding::Failed(r) | Finding::NotChecked(r) => r.clone(),
+        };
+        let mut os = linux();
+        os["pretty-name"] = json!(long);
+        let mut info = commands(true, true);
+        info["version"] = json!(long);
+        let many: Vec<Value> = (0..500).map(|i| fs(&format!("/mnt/{i}{long}"), "ext4", "data")).collect();
+        let odd = fsinfo(vec![fs(&long, &long, "data")]);
+        let deps: Vec<String> = (0..500).map(|i| format!("/dev/vdb{i}{long}")).collect();
+        let deps: Vec<&str> = deps.iter().map(String::as_str).collect();
+        let disks: Vec<GuestDiskInfo> =
+            typed(json!([disk("/dev/vdb", Some("data"), &[]), disk(&format!("/dev/dm-0{long}"), None, &deps)]));
+        for f in [
+            os_supported(&typed(os)),
+            agent_can_freeze(&typed(info)),
+            filesystems_support_snapshots(&fsinfo(many), &["data"]),
+            filesystems_support_snapshots(&odd, &["data"]),
+            guest_disks_basic(&disks, &["data"]),
+        ] {
+            let r = reason(&f);
+            assert!(r.len() < 2048, "a reason of {} bytes: {}", r.len(), &r[..300]);
+            assert!(!r.contains('\n') && !r.contains('\u{1b}'), "{r:?}");
+            assert!(r.contains("… (44"), "the cut is said: {r:?}");
+        }
     }
 
     #[test]

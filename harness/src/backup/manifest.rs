@@ -250,8 +250,12 @@ impl VmBackup {
             file: &s.file,
             checksum: Some((s.bytes, &s.sha256)),
         });
+        // A VM the firmware boots from its own disk (a Windows guest) has no kernel or
+        // initrd: its manifest names none, and there is no file to check.
+        let firmware = self.machine.kernel.is_empty() && self.machine.initrd.is_empty();
         let boot = [(Entry::Kernel, &self.machine.kernel), (Entry::Initrd, &self.machine.initrd)]
             .into_iter()
+            .filter(move |_| !firmware)
             .map(move |(entry, file)| Named { vm, entry, file, checksum: None });
         let files = self.files.iter().map(move |f| Named {
             vm,

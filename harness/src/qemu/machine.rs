@@ -116,7 +116,13 @@ impl Machine {
         let run_dir = tempfile::Builder::new().prefix(&format!("quiesce-{}-", cfg.name)).tempdir().map_err(setup)?;
         // tempfile makes it 0700 already; say so explicitly, the sockets live here.
         std::fs::set_permissions(run_dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o700)).map_err(setup)?;
-        let socks = open_sockets(run_dir.path(), cfg.agent).map_err(setup)?;
+        // Tests only: a scripted peer may stand in for this machine's agent (a Windows
+        // guest, which cannot run where quiesce is tested); then QEMU gets no agent port.
+        #[cfg(test)]
+        let stand_in = if cfg.agent { super::stand_in::channel_for(&cfg.name) } else { None };
+        #[cfg(not(test))]
+        let stand_in: Option<UnixStream> = None;
+        let socks = open_sockets(run_dir.path(), cfg.agent && stand_in.is_none()).map_err(setup)?;
         let serial = SerialLog::new(&run_dir.path().join("serial.log"));
         let args = launch::qemu_args(&cfg, socks.fds, serial.path());
         let program = cfg.qemu_binary.to_string_lossy().into_owned();
@@ -132,9 +138,10 @@ impl Machine {
         // `quit` is written on this socket from Drop: if QEMU no longer reads it (hung), the
         // write gives up after a second, and SIGTERM follows under `deadline::QEMU_QUIT`.
         qmp_sync.set_write_timeout(Some(Duration::from_secs(1))).map_err(setup)?;
-        let agent = match socks.agent {
-            Some(s) => Some(GuestAgent::new(to_tokio(s).map_err(setup)?, transcript.clone())),
-            None => None,
+        let agent = match (socks.agent, stand_in) {
+            (Some(s), _) => Some(GuestAgent::new(to_tokio(s).map_err(setup)?, transcript.clone())),
+            (None, Some(s)) => Some(GuestAgent::new(s, transcript.clone())),
+            (None, None) => None,
         };
         let qmp = match Qmp::connect(to_tokio(socks.qmp).map_err(setup)?, transcript, deadline::QMP_CONNECT).await {
             Ok(q) => q,

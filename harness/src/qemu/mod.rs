@@ -26,4 +26,6 @@ pub use qmp::{Qmp, QmpError};
 pub use transcript::Transcript;
 
 #[cfg(test)]
+pub(crate) mod stand_in;
+#[cfg(test)]
 pub(crate) mod wire_tests;

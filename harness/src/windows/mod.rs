@@ -1,5 +1,6 @@
 //! Windows guests: building the test guest's image from the user's ISOs ([`build`], with
-//! the install run in [`install`]), and when a Windows guest is ready ([`ready`]). What the
+//! the install run in [`install`]), booting it in a scenario ([`guest`]), when a Windows
+//! guest is ready ([`ready`]), and its workloads ([`workload`]). What the
 //! layers below do differently for Windows lives with them: the agent's VSS failures in
 //! [`crate::backup::vss`], Windows programs run through the agent in
 //! [`crate::qemu::winexec`], the conditions' Windows cases in [`crate::backup::conditions`].
@@ -11,8 +12,10 @@
 //! conditions, method and set code, with real QEMU doing the block work.
 
 pub mod build;
+pub mod guest;
 pub mod install;
 pub mod ready;
+pub mod workload;
 
 use std::time::Duration;
 

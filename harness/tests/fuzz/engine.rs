@@ -230,6 +230,13 @@ pub fn mutate_bytes(rng: &mut Rng, data: &mut Vec<u8>, huge: usize) {
     }
 }
 
+/// True when one iteration is replayed (`QUIESCE_FUZZ_ITER`): a target's checks on its
+/// statistics need a sample, and one iteration is none (a replayed input that fails to
+/// parse would fail "nothing parsed").
+pub fn replaying() -> bool {
+    std::env::var("QUIESCE_FUZZ_ITER").is_ok_and(|v| !v.is_empty())
+}
+
 /// What one iteration showed, for the target's statistics ("ok", or the kind of error).
 pub type Outcome = String;
 

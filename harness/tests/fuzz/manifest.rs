@@ -296,6 +296,9 @@ fn manifest() {
     // The mutations reach past the parser: some manifests open (and are checked), and
     // names are refused as unsafe, not only as damaged JSON.
     let count = |p: &str| stats.iter().filter(|(k, _)| k.starts_with(p)).map(|(_, n)| n).sum::<u64>();
+    if engine::replaying() {
+        return;
+    }
     assert!(count("ok:") > 0, "no mutated manifest opened: {stats:?}");
     assert!(count("err:UnsafePath") > 0, "no unsafe path was refused: {stats:?}");
 }

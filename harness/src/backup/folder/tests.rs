@@ -217,6 +217,27 @@ fn a_format_1_backup_opens_and_says_its_boot_files_are_unchecked() {
 }
 
 #[test]
+fn a_firmware_booted_vm_names_no_kernel_and_opens() {
+    // A Windows guest is booted by SeaBIOS from its own disk: no kernel, no initrd.
+    let root = tempfile::tempdir().unwrap();
+    let path = root.path().join("b");
+    let mut w = BackupWriter::create(&path, "10.0.2").unwrap();
+    let d = w.vm_dir("vm1").unwrap();
+    let mut v = vm(&d);
+    (v.machine.kernel, v.machine.initrd) = (String::new(), String::new());
+    v.files.retain(|f| !f.file.starts_with("boot/"));
+    std::fs::remove_dir_all(d.join("boot")).unwrap();
+    w.add(v);
+    w.commit().unwrap();
+    let b = Backup::open(&path).unwrap_or_else(|e| panic!("{e}"));
+    let checked = b.check().unwrap();
+    assert_eq!((checked.checked, checked.mismatches.len(), checked.warnings.len()), (1, 0, 0));
+    // Only a firmware boot names no kernel: a Linux guest's empty kernel alone is refused.
+    edit_manifest(&path, |m| m["vms"][0]["machine"]["initrd"] = json!("boot/initrd.img"));
+    assert!(Backup::open(&path).is_err());
+}
+
+#[test]
 fn an_abandoned_writer_leaves_nothing() {
     let root = tempfile::tempdir().unwrap();
     let w = BackupWriter::create(&root.path().join("b2"), "10.0.2").unwrap();

@@ -8,6 +8,7 @@
 
 pub mod ext4;
 pub mod ntfs;
+pub mod ntfs_file;
 pub mod volumes;
 
 use std::fs::File;

@@ -3,9 +3,11 @@
 //! impossible value, is reported as `file:line:column: what is wrong, what was expected`,
 //! before anything is booted.
 //!
-//! `spec` holds the file's types, `check` what serde cannot check, and this file reads a
-//! file and turns every mistake into a [`ScenarioError`] at its line and column.
+//! `spec` holds the file's types, `check` what serde cannot check, `bounds` what a file may
+//! hold before it is parsed, and this file reads a file and turns every mistake into a
+//! [`ScenarioError`] at its line and column.
 
+mod bounds;
 mod check;
 mod spec;
 #[cfg(test)]
@@ -15,6 +17,7 @@ mod windows;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+pub use bounds::MAX_ITEMS;
 pub use spec::*;
 
 /// A mistake in a scenario file, at the line and column it was written (0:0 when the file
@@ -55,6 +58,11 @@ pub fn parse(path: &Path, text: &str) -> Result<Scenario, ScenarioError> {
         let (line, column) = span.map(|s| line_col(text, s.start)).unwrap_or((1, 1));
         ScenarioError { file: path.to_owned(), line, column, message: bounded(message) }
     };
+    // `load` refuses a larger file unread; text given here directly is held to the same.
+    if text.len() as u64 > MAX_FILE_BYTES {
+        return Err(at(None, format!("the scenario is larger than {MAX_FILE_BYTES} bytes; no scenario needs that")));
+    }
+    bounds::check(text).map_err(|(offset, message)| at(Some(offset..offset + 1), message))?;
     let file: ScenarioFile = toml::from_str(text).map_err(|e| {
         // toml has no words for some mistakes (a value missing at the end of the file).
         let message = match e.message() {

@@ -210,3 +210,24 @@ fn a_file_that_ends_where_a_value_belongs_says_so() {
     assert_eq!(e.line, 3, "{e}");
     assert!(!e.message.is_empty(), "{e:?}");
 }
+
+/// The fuzz test's find, small: an inline table of duplicate keys, which toml builds whole
+/// before it sees the duplicate (1 MiB of it held 150 MB). Past the bound on items it is
+/// refused before toml sees it, at the first item past the bound.
+#[test]
+fn too_many_items_are_refused_where_the_bound_is_passed() {
+    let head = "description = \"x\"\nw = { ";
+    let text = format!("{head}{}z = 1 }}\n", "r = true,".repeat(MAX_ITEMS));
+    let e = err(&text);
+    // `head` has 3 items and each `r = true,` 2: item 10,001 is the `,` of pair 4,999.
+    let column = "w = { ".len() + 4998 * "r = true,".len() + "r = true".len() + 1;
+    assert_eq!((e.line, e.column), (2, column), "{e}");
+    assert!(e.message.contains("more than 10000 keys, values and tables"), "{e}");
+    // Within the bound, toml's own error is reported.
+    let text = format!("{head}{}z = 1 }}\n", "r = true,".repeat(100));
+    assert!(err(&text).message.contains("duplicate key `r`"), "{}", err(&text));
+    // A file larger than a scenario file may be is refused whole, as `load` does.
+    let e = err(&format!("description = \"{}\"", "x".repeat(MAX_FILE_BYTES as usize)));
+    assert_eq!((e.line, e.column), (1, 1), "{e}");
+    assert!(e.message.contains("larger than 1048576 bytes"), "{e}");
+}

@@ -44,8 +44,8 @@ pub(super) async fn after_backup_checks(vm: &Vm, method: Method, report: &mut Re
     }
     let agent = m.agent().map_err(vm.fail("the guest agent"))?;
     if vm.counter_before.is_some() {
-        let now = workload::read_counter(agent).await.map_err(vm.fail("reading the counter"))?;
-        let moved = workload::wait_counter_above(agent, now, PROGRESS).await;
+        let now = super::windows::read_counter(vm, agent).await?;
+        let moved = super::windows::wait_counter_above(vm, agent, now).await;
         report.check(
             name,
             "runs-on-after-backup",
@@ -150,8 +150,7 @@ async fn app_commits_on(vm: &Vm, agent: &GuestAgent, dir: &str) -> Result<(bool,
 /// must be there, in sequence, and so must every line written during it (the sequence has
 /// no gap up to the last line read). The count lost goes into the report and the fixture.
 async fn journal_kept(vm: &Vm, path: &str, report: &mut Report) -> Result<(bool, String), RunError> {
-    let agent = vm.guest.machine.agent().map_err(vm.fail("the guest agent"))?;
-    let j = workload::check_journal(agent, path).await.map_err(vm.fail("checking the journal"))?;
+    let j = super::windows::journal_now(vm, path).await?;
     let before = vm.journal_before.unwrap_or(0);
     let lost = j.lost_of(before);
     if let Some(r) = report.vm_mut(vm.name()) {

@@ -16,12 +16,16 @@ use crate::image::qemu_img::QemuImgError;
 use crate::image::seed::SeedError;
 use crate::qemu::caps::CapsError;
 use crate::qemu::exec::ExecError;
+use crate::qemu::winexec::WinExecError;
 use crate::qemu::{AgentError, MachineError, QmpError};
 use crate::sys::ToolError;
 use crate::testguest::GuestError;
 use crate::verify::blockcmp::BlockCompareError;
 use crate::verify::corrupt::CorruptError;
+use crate::verify::guest_windows::ChkdskError;
 use crate::verify::RestoreError;
+use crate::windows::guest::WindowsGuestError;
+use crate::windows::workload::UnregisterError;
 
 /// Where in the run something failed: the VM it was done to (if any), the rollback cycle
 /// (if any), and the step, as a person would name it.
@@ -124,6 +128,25 @@ pub enum RunError {
     /// output and the serial log's tail.
     #[error("{at}: {source}")]
     Boot { at: At, source: GuestError },
+    /// A Windows VM did not boot to ready (no image, no KVM, its agent or VSS never
+    /// answered); the error says which, with the machine's evidence.
+    #[error("{at}: {source}")]
+    WindowsBoot { at: At, source: WindowsGuestError },
+    /// A PowerShell workload, check or fault run in a Windows guest failed or outlasted its
+    /// deadline; PowerShell's own words are in the error.
+    #[error("{at}: {source}")]
+    WindowsGuest { at: At, source: WinExecError },
+    /// The `vss-provider-unregistered` fault could not take VSS away from the guest.
+    #[error("{at}: {source}")]
+    VssFault { at: At, source: UnregisterError },
+    /// `chkdsk` could not be run in a restored Windows guest (a volume with errors is a
+    /// failed check, not this).
+    #[error("{at}: {source}")]
+    Chkdsk { at: At, source: ChkdskError },
+    /// The scenario asks for something of a Windows VM that this quiesce does not do yet;
+    /// the error says what.
+    #[error("{at}: not wired for a Windows VM yet: {what}")]
+    NotForWindows { at: At, what: &'static str },
     /// A QEMU machine failed a step (QEMU exited, QMP failed, the agent is missing or did
     /// not answer); the error carries the machine's evidence.
     #[error("{at}: {source}")]
@@ -228,6 +251,10 @@ causes! {
     CorruptError => Corrupt,
     ToolError => Tool,
     tokio::task::JoinError => Thread,
+    WindowsGuestError => WindowsBoot,
+    WinExecError => WindowsGuest,
+    UnregisterError => VssFault,
+    ChkdskError => Chkdsk,
 }
 
 /// Wraps a lower error with a step of the run as a whole: `.map_err(step("..."))`.

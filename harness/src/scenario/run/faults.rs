@@ -76,6 +76,9 @@ pub(super) fn every_vm_put_back(s: &Scenario, e: &SetError) -> bool {
 /// Installs the faults that live in a VM's guest before the backup starts: freeze hooks
 /// that hang or veto the freeze, and the watcher that stops the agent after it froze.
 pub(super) async fn arm_guest(s: &Scenario, vm: &Vm) -> Result<(), RunError> {
+    if vm.spec.is_windows() {
+        return super::windows::arm_guest(s, vm).await;
+    }
     if s.has_fault(vm.name(), FaultKind::AgentHangsInFreeze) {
         install_hook(vm, "zz-quiesce-hang", "[ \"$1\" = freeze ] && sleep 11\nexit 0").await?;
     }

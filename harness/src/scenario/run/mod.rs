@@ -15,6 +15,8 @@ mod restore;
 mod rollback;
 mod setup;
 mod windows;
+#[cfg(test)]
+mod windows_tests;
 
 use std::path::Path;
 use std::time::Instant;

@@ -38,6 +38,10 @@ pub(super) async fn prepare_vm(ctx: &mut RunCtx<'_>, spec: &VmSpec) -> Result<Vm
     gopts.extra_disks = extra;
     gopts.artifacts_dir = ctx.opts.artifacts_dir.clone();
     gopts.disk_dir = Some(dir.clone());
+    if spec.is_windows() {
+        let guest = crate::windows::guest::boot(gopts, ctx.progress).await.map_err(on(name, "booting Windows"))?;
+        return super::windows::prepare(ctx, spec, guest, dir).await;
+    }
     let guest = testguest::boot(gopts, ctx.progress).await.map_err(on(name, "booting"))?;
     let agent = guest.machine.agent().map_err(on(name, "the guest agent"))?;
     for d in &spec.disks {
@@ -89,7 +93,7 @@ fn app_dir(disk: &str) -> String {
 }
 
 /// Pauses a VM the scenario wants paused when the backup begins.
-async fn pause(m: &Machine) -> Result<(), RunError> {
+pub(super) async fn pause(m: &Machine) -> Result<(), RunError> {
     m.qmp().execute_raw("stop", serde_json::Value::Null, deadline::QMP_COMMAND).await.map_err(on(m.name(), "stop"))?;
     m.qmp().wait_event("STOP", |_| true, deadline::COMMAND_EVENT).await.map_err(on(m.name(), "wait for STOP"))?;
     Ok(())
@@ -129,7 +133,6 @@ pub(super) async fn journal_lines_before(vm: &Vm) -> Result<Option<u64>, RunErro
     if vm.spec.state != VmState::Running || vm.spec.agent == AgentState::Stopped {
         return Ok(None);
     }
-    let agent = vm.guest.machine.agent().map_err(vm.fail("the guest agent"))?;
-    let j = workload::check_journal(agent, path).await.map_err(vm.fail("counting the journal before the job"))?;
+    let j = super::windows::journal_now(vm, path).await?;
     Ok(Some(j.lines))
 }

@@ -35,6 +35,10 @@ pub(super) async fn checks(
     restored: &Restored,
 ) -> Result<Vec<(String, String)>, RunError> {
     let vm = asked.vm;
+    if vm.spec.is_windows() {
+        super::super::windows::restored_checks(ctx, vm, asked.method, asked.checks, restored).await?;
+        return Ok(vec![]);
+    }
     let rname = restored.machine.name();
     let agent = restored.machine.agent().map_err(on(rname, "the restored guest's agent"))?;
     agent

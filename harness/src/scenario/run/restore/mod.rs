@@ -237,6 +237,10 @@ impl Restoring<'_> {
                     restore::resume(m).await.map_err(on(&rname, "resume for checks"))?;
                     label
                 }
+                Method::ChildSnapshot if self.vm.spec.is_windows() => {
+                    ctx.tl.step(Some(&rname), "boot", super::windows::boot_restored(m)).await?;
+                    "booted".to_owned()
+                }
                 Method::ChildSnapshot => {
                     ctx.tl
                         .step(Some(&rname), "boot", async {

@@ -1,0 +1,467 @@
+//! The scenario runner's Windows path, driven end to end through the REAL runner
+//! (`scenario::run::run`) on the scenario files of `scenarios/windows/`.
+//!
+//! A SCRIPTED PEER STANDS IN FOR WINDOWS HERE, because no Windows guest can run where
+//! quiesce is tested (no image, and a PVM host whose KVM cannot run one). What is real:
+//! the runner and every layer under it (the Windows boot and its readiness, the conditions,
+//! the methods, the set, the restore, the checks), QEMU (a q35 machine whose SeaBIOS finds
+//! nothing to boot and waits, with real disks, a real saved state and its restore, real
+//! overlays and block jobs), the NTFS data disk (made by mkntfs) and its journal read on
+//! the host while QEMU holds it. What is scripted: the agent, answering with qemu-ga
+//! 10.0.2's Windows replies and error texts as `shared/design/windows.md` records them
+//! (VSS's 10 s hold included) and answering the runner's PowerShell as the recipe's
+//! scripts would. The "Windows image" is a blank disk.
+//!
+//! Never tried this way, and so never tried at all: the PowerShell itself (the workloads,
+//! drive letters, the boot id, the VSS provider's removal), chkdsk, a restored Windows
+//! guest's shutdown before its files are compared (a peer cannot power QEMU off, so no
+//! scenario with `manifest-matches-backup` runs here), and NTFS as Windows writes it.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+use crate::image::qemu_img;
+use crate::image::windows::cache::{BuiltImage, ImageInfo};
+use crate::qemu::accel::AccelChoice;
+use crate::qemu::stand_in::{self, Factory};
+use crate::qemu::{Accel, DiskFormat};
+use crate::scenario::{self, Report, RunOptions, Scenario};
+
+const VSS_INIT: &str = "fsfreeze not possible as VSS failed to initialize";
+const HOLD_LIMIT: &str = "couldn't hold writes: fsfreeze is limited up to 10 seconds";
+/// Windows caps VSS's hold of writes at 10 s; after that the guest writes again by itself.
+const VSS_HOLD: Duration = Duration::from_secs(10);
+const ALLOWED_FROZEN: [&str; 6] =
+    ["guest-ping", "guest-info", "guest-sync", "guest-sync-delimited", "guest-fsfreeze-status", "guest-fsfreeze-thaw"];
+
+/// The scripted Windows guest, shared by every machine of a run: a restored saved state
+/// continues the same boot, so it keeps the boot id and the counter.
+struct Peer {
+    boot_id: String,
+    counter: u64,
+    frozen_at: Option<Instant>,
+    next_pid: i64,
+    exec: HashMap<i64, (i64, String, String)>,
+    /// The PowerShell scripts run, in order (what the runner asked of "Windows").
+    scripts: Vec<String>,
+    freezes: u32,
+    /// Files the guest reads back (`D:\\hello.txt` -> content): what the host seeded.
+    files: HashMap<String, String>,
+    /// Programs other than PowerShell run, by path.
+    programs: Vec<String>,
+    /// The QEMU-GA service was stopped: nothing answers any more.
+    stopped: bool,
+    /// qemu-ga's VSS provider was unregistered (and the agent restarted).
+    vss_init_failed: bool,
+}
+
+impl Peer {
+    fn new() -> Self {
+        Peer {
+            boot_id: "6f1d2c3b-0000-4000-8000-000000000001".into(),
+            counter: 0,
+            frozen_at: None,
+            next_pid: 4000,
+            exec: HashMap::new(),
+            scripts: Vec::new(),
+            freezes: 0,
+            files: HashMap::new(),
+            programs: Vec::new(),
+            stopped: false,
+            vss_init_failed: false,
+        }
+    }
+
+    /// What the recipe's scripts (or the inline ones) would print for `script`.
+    fn powershell(&mut self, script: &str) -> (i64, String, String) {
+        self.scripts.push(script.to_owned());
+        let ok = |out: String| (0, out, String::new());
+        if script.contains("Get-Partition") {
+            let parts = json!([{"Disk": 0, "Partition": 1, "Serial": "root", "Style": "MBR", "MbrType": 7, "GptType": null},
+                               {"Disk": 0, "Partition": 2, "Serial": "root", "Style": "MBR", "MbrType": 7, "GptType": null},
+                               {"Disk": 1, "Partition": 1, "Serial": "data", "Style": "MBR", "MbrType": 7, "GptType": null}]);
+            ok(format!("{parts}\r\n"))
+        } else if let Some(rest) = script.split("ReadAllBytes('").nth(1) {
+            let file = rest.split("')").next().unwrap_or("");
+            match self.files.get(file) {
+                Some(content) => ok(format!("{}\r\n", base64::engine::general_purpose::STANDARD.encode(content))),
+                None => {
+                    (1, String::new(), format!("Exception calling \"ReadAllBytes\": Could not find file '{file}'.\r\n"))
+                }
+            }
+        } else if script.contains("-s vss-uninstall") {
+            self.vss_init_failed = true;
+            ok(String::new())
+        } else if script.contains("quiesce-boot") {
+            ok(format!("{}\r\n", self.boot_id))
+        } else if let Some(rest) = script.split("$above = ").nth(1) {
+            let above: u64 = rest.split(';').next().and_then(|n| n.trim().parse().ok()).unwrap_or(0);
+            self.counter = self.counter.max(above) + 1;
+            ok(format!("{}\r\n", self.counter))
+        } else if script.contains("counter.ps1' -Action read") {
+            self.counter += 1;
+            ok(format!("{}\r\n", self.counter))
+        } else if script.contains("counter.ps1' -Action start")
+            || script.contains("journal.ps1' -Action")
+            || script.contains("Win32_Volume")
+        {
+            ok(String::new())
+        } else {
+            (1, String::new(), format!("scripted peer: no answer for this script: {script}\r\n"))
+        }
+    }
+
+    fn answer(&mut self, cmd: &str, args: &Value) -> Result<Value, String> {
+        if self.frozen_at.is_some() && !ALLOWED_FROZEN.contains(&cmd) {
+            return Err(format!("Command {cmd} has been disabled: the command is not allowed"));
+        }
+        match cmd {
+            "guest-ping" => Ok(json!({})),
+            "guest-info" => Ok(json!({"version": "109.1.0", "supported_commands": [
+                {"name": "guest-fsfreeze-freeze", "enabled": true, "success-response": true},
+                {"name": "guest-fsfreeze-thaw", "enabled": true, "success-response": true},
+                {"name": "guest-fsfreeze-status", "enabled": true, "success-response": true}]})),
+            "guest-get-fsinfo" => {
+                let fs = |mnt: &str, guid: &str, serial: &str| {
+                    json!({"mountpoint": mnt, "type": "NTFS",
+                    "name": format!("\\\\?\\Volume{{{guid}}}\\"), "total-bytes": 64424509440u64, "used-bytes": 21474836480u64,
+                    "disk": [{"bus": 0, "bus-type": "scsi", "serial": serial, "target": 0, "unit": 0,
+                              "pci-controller": {"bus": 0, "domain": 0, "function": 0, "slot": 4}}]})
+                };
+                Ok(json!([
+                    fs("C:\\", "6b1c3a2e-0000-0000-0000-200000000000", "root"),
+                    fs("System Reserved", "6b1c3a2e-0000-0000-0000-100000000000", "root"),
+                    fs("D:\\", "9f0e1d2c-0000-0000-0000-100000000000", "data")
+                ]))
+            }
+            "guest-get-disks" => Ok(json!([
+                {"name": "\\\\.\\PhysicalDrive0", "partition": false, "address": {"bus": 0, "bus-type": "scsi",
+                 "serial": "root", "target": 0, "unit": 0, "pci-controller": {"bus": 0, "domain": 0, "function": 0, "slot": 4}}}])),
+            "guest-get-osinfo" => Ok(json!({"name": "Microsoft Windows", "kernel-release": "20348",
+                "version": "Microsoft Windows Server 2022", "variant": "server", "pretty-name": "Windows Server 2022 Standard Evaluation",
+                "version-id": "2022", "variant-id": "server", "kernel-version": "10.0", "machine": "x86_64", "id": "mswindows"})),
+            "guest-fsfreeze-status" | "guest-fsfreeze-freeze" if self.vss_init_failed => Err(VSS_INIT.into()),
+            // After the 10 s hold the guest writes again, but the status still says frozen.
+            "guest-fsfreeze-status" => Ok(json!(if self.frozen_at.is_some() { "frozen" } else { "thawed" })),
+            "guest-fsfreeze-freeze" => {
+                self.freezes += 1;
+                self.frozen_at = Some(Instant::now());
+                Ok(json!(3))
+            }
+            "guest-fsfreeze-thaw" => match self.frozen_at.take() {
+                // The agent resets to thawed even when it reports the hold was too long.
+                Some(at) if at.elapsed() > VSS_HOLD => Err(HOLD_LIMIT.into()),
+                Some(_) => Ok(json!(3)),
+                None => Ok(json!(0)),
+            },
+            "guest-exec" => {
+                let path = args["path"].as_str().unwrap_or("");
+                let argv: Vec<&str> = args["arg"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+                let result = if path.ends_with("powershell.exe") {
+                    let encoded = argv.iter().skip_while(|a| **a != "-EncodedCommand").nth(1).copied().unwrap_or("");
+                    let bytes = base64::engine::general_purpose::STANDARD.decode(encoded).unwrap_or_default();
+                    let units: Vec<u16> = bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
+                    self.powershell(&String::from_utf16_lossy(&units))
+                } else if path.ends_with("sc.exe") && argv == ["stop", "QEMU-GA"] {
+                    // The service stops before its answer gets out.
+                    self.stopped = true;
+                    (0, String::new(), String::new())
+                } else if path.ends_with("chkdsk.exe") {
+                    self.programs.push(format!("{path} {}", argv.join(" ")));
+                    let out = "The type of the file system is NTFS.\r\nWindows has scanned the file system and found no problems.\r\nNo further action is required.\r\n";
+                    (0, out.to_owned(), String::new())
+                } else {
+                    (1, String::new(), format!("scripted peer: no program {path}"))
+                };
+                self.next_pid += 1;
+                self.exec.insert(self.next_pid, result);
+                Ok(json!({"pid": self.next_pid}))
+            }
+            "guest-exec-status" => {
+                let pid = args["pid"].as_i64().unwrap_or(0);
+                let (code, out, err) =
+                    self.exec.remove(&pid).ok_or_else(|| format!("Invalid parameter 'pid' ({pid})"))?;
+                let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+                Ok(json!({"exited": true, "exitcode": code, "out-data": b64(&out), "err-data": b64(&err)}))
+            }
+            other => Err(format!("The command {other} has not been found")),
+        }
+    }
+}
+
+/// Serves one machine's agent channel until the runner lets it go.
+async fn serve(stream: UnixStream, peer: Arc<Mutex<Peer>>) {
+    let mut chan = BufReader::new(stream);
+    loop {
+        let mut buf = Vec::new();
+        if chan.read_until(b'\n', &mut buf).await.unwrap_or(0) == 0 {
+            return;
+        }
+        let start = buf.iter().position(|&b| b != 0xFF).unwrap_or(buf.len());
+        let Ok(req) = serde_json::from_slice::<Value>(&buf[start..]) else { continue };
+        let cmd = req["execute"].as_str().unwrap_or("").to_owned();
+        let out = if cmd == "guest-sync-delimited" {
+            let mut out = vec![0xFF];
+            out.extend(format!("{{\"return\": {}}}\n", req["arguments"]["id"]).as_bytes());
+            out
+        } else {
+            let answer = peer.lock().unwrap().answer(&cmd, &req["arguments"]);
+            let mut reply = match answer {
+                Ok(v) => json!({"return": v}),
+                Err(desc) => json!({"error": {"class": "GenericError", "desc": desc}}),
+            };
+            if let Some(id) = req.get("id") {
+                reply["id"] = id.clone();
+            }
+            format!("{reply}\n").into_bytes()
+        };
+        if peer.lock().unwrap().stopped {
+            continue;
+        }
+        if chan.get_mut().write_all(&out).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A blank disk standing in for the built Windows image (SeaBIOS finds nothing to boot).
+fn blank_image(dir: &Path) -> BuiltImage {
+    let disk = dir.join("disk.qcow2");
+    qemu_img::create(&disk, DiskFormat::Qcow2, 64 << 20).unwrap();
+    let info = ImageInfo {
+        recipe_key: crate::image::windows::cache::recipe_key(),
+        input_key: "0".repeat(16),
+        edition: "Windows Server 2022 SERVERSTANDARD (scripted stand-in)".into(),
+        build: Some(20348),
+        virtio_os: "2k22".into(),
+        windows_iso_sha256: String::new(),
+        virtio_iso_sha256: String::new(),
+        ready_line: "QUIESCE-WINDOWS-READY (scripted stand-in)".into(),
+        built_at: 0,
+    };
+    BuiltImage { dir: dir.to_owned(), disk, info }
+}
+
+fn windows_scenario(file: &str) -> (PathBuf, String) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios/windows").join(file);
+    let text = std::fs::read_to_string(&path).unwrap();
+    (path, text)
+}
+
+/// Runs `s` through the real runner with the scripted peer standing in for every agent, on
+/// a thread of its own with the stack the whole runner's future needs in a debug build
+/// (as `quiesce run` and `tests/scenarios.rs` run it on a main thread). QEMU lives as long
+/// as the thread that launched it, which is this one until the run is over.
+fn run_with_peer(s: &Scenario, peer: Arc<Mutex<Peer>>) -> (Report, tempfile::TempDir) {
+    let s = s.clone();
+    std::thread::Builder::new()
+        .stack_size(64 << 20)
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(run_in_scope(&s, peer))
+        })
+        .unwrap()
+        .join()
+        .unwrap()
+}
+
+async fn run_in_scope(s: &Scenario, peer: Arc<Mutex<Peer>>) -> (Report, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let image = blank_image(dir.path());
+    let factory: Factory = Arc::new(move |_machine: &str| {
+        let (harness, guest) = UnixStream::pair().ok()?;
+        tokio::spawn(serve(guest, peer.clone()));
+        Some(harness)
+    });
+    let opts = RunOptions {
+        accel: Some(AccelChoice::Fixed(Accel::Tcg)),
+        artifacts_dir: Some(dir.path().join("artifacts")),
+        work_dir: dir.path().join("work"),
+        keep_backup: false,
+        interrupt: None,
+    };
+    let mut quiet = |_: &str| {};
+    let run = scenario::run(s, &opts, &mut quiet);
+    let report = stand_in::scope(factory, crate::windows::guest::with_image(image, run)).await;
+    (report, dir)
+}
+
+fn passed(report: &Report, check: &str) -> Option<bool> {
+    report.checks.iter().find(|c| c.check == check).map(|c| c.passed)
+}
+
+#[test]
+fn win_saved_state_running_runs_through_the_runner_with_a_scripted_agent() {
+    let (path, text) = windows_scenario("win-saved-state-running.toml");
+    let s = scenario::parse(&path, &text).unwrap();
+    // Outside a stand-in scope, with no image built here, it is skipped with the build command.
+    assert!(scenario::skip_reason(&s).is_some_and(|why| why.contains("quiesce image build windows")));
+    let peer = Arc::new(Mutex::new(Peer::new()));
+    let (report, _dir) = run_with_peer(&s, peer.clone());
+    assert_eq!(report.skipped, None);
+    assert!(report.passed, "{:#?}", (&report.error, &report.checks));
+    for check in
+        ["runs-on-after-backup", "blocks-match-backup", "same-boot", "counter-continues", "state-after-restore"]
+    {
+        assert_eq!(passed(&report, check), Some(true), "{check}: {:#?}", report.checks);
+    }
+    assert_eq!(report.vms[0].method.as_deref(), Some("saved-state"));
+    let p = peer.lock().unwrap();
+    // The runner asked "Windows" through PowerShell, with the recipe's own scripts.
+    assert!(p.scripts.iter().any(|s| s.contains("C:\\quiesce\\workloads\\counter.ps1' -Action start")));
+    assert!(p.scripts.iter().any(|s| s.contains("quiesce-boot")));
+    assert_eq!(p.freezes, 0, "Saved State freezes nothing");
+}
+
+#[test]
+fn win_hold_past_the_vss_limit_fails_the_backup_and_loses_nothing() {
+    let (path, text) = windows_scenario("win-hold-past-vss-limit.toml");
+    // No Windows writes the journal here: the host seeds the lines journal.ps1 would have
+    // written, in its format (CRLF), and the runner reads them back from the NTFS disk on
+    // the host while QEMU holds it, before the job and after it.
+    let seeded = text.replace(
+        "filesystem = \"ntfs\"\n",
+        "filesystem = \"ntfs\"\nfiles = { \"journal\" = \"1\\r\\n2\\r\\n3\\r\\n4\\r\\n5\\r\\n\" }\n",
+    );
+    assert_ne!(seeded, text);
+    let s = scenario::parse(&path, &seeded).unwrap();
+    let peer = Arc::new(Mutex::new(Peer::new()));
+    let (report, _dir) = run_with_peer(&s, peer.clone());
+    assert_eq!(report.skipped, None);
+    assert!(report.passed, "{:#?}", (&report.error, &report.checks));
+    for check in [
+        "backup-failed-as-expected",
+        "every-vm-put-back",
+        "no-backup-written",
+        "no-overlays-left",
+        "on-its-own-images",
+        "guest-thawed",
+        "nothing-lost",
+    ] {
+        assert_eq!(passed(&report, check), Some(true), "{check}: {:#?}", report.checks);
+    }
+    let failed = report.checks.iter().find(|c| c.check == "backup-failed-as-expected").unwrap();
+    assert!(failed.detail.contains(HOLD_LIMIT), "{}", failed.detail);
+    let journal = report.vms[0].journal.as_ref().expect("the journal was read back");
+    assert_eq!((journal.before_job, journal.read_back, journal.lost), (Some(5), 5, 0));
+    let p = peer.lock().unwrap();
+    assert_eq!(p.freezes, 1);
+    // Each host read of the journal came after a flush of its volume in the guest.
+    assert!(p.scripts.iter().filter(|s| s.contains("journal.ps1' -Action flush -Path 'D:\\journal'")).count() >= 2);
+}
+
+#[test]
+fn win_child_snapshot_journal_restores_boots_and_is_checked_with_chkdsk() {
+    let (path, text) = windows_scenario("win-child-snapshot-journal.toml");
+    // The host seeds the journal (no Windows writes it here). The restored guest cannot be
+    // shut down by a scripted agent, so the files are compared in the guest
+    // (files-match-seed) and chkdsk is asked for, instead of the host-side manifests.
+    let edited = text
+        .replace(
+            "files = { \"hello.txt\" = \"hello from the host\\n\" }",
+            "files = { \"hello.txt\" = \"hello from the host\\n\", \"journal\" = \"1\\r\\n2\\r\\n3\\r\\n\" }",
+        )
+        .replace("\"manifest-matches-backup\"", "\"guest-fsck\"");
+    let edited = edited[..edited.find("[[restore.manifest]]").unwrap()].to_owned();
+    assert!(edited.contains("\"journal\" = ") && edited.contains("guest-fsck"), "{edited}");
+    let s = scenario::parse(&path, &edited).unwrap();
+    let mut p = Peer::new();
+    p.files.insert("D:\\hello.txt".into(), "hello from the host\n".into());
+    // The seeded journal is a seeded file too: this stand-in's journal does not grow.
+    p.files.insert("D:\\journal".into(), "1\r\n2\r\n3\r\n".into());
+    let peer = Arc::new(Mutex::new(p));
+    let (report, _dir) = run_with_peer(&s, peer.clone());
+    assert_eq!(report.skipped, None);
+    assert!(report.passed, "{:#?}", (&report.error, &report.checks));
+    for check in [
+        "overlays-merged",
+        "nothing-lost-after-backup",
+        "blocks-match-backup",
+        "state-after-restore",
+        "guest-fsck",
+        "files-match-seed",
+        "journal-intact",
+    ] {
+        assert_eq!(passed(&report, check), Some(true), "{check}: {:#?}", report.checks);
+    }
+    assert_eq!(report.vms[0].method.as_deref(), Some("child-snapshot"));
+    let p = peer.lock().unwrap();
+    assert_eq!(p.freezes, 1);
+    assert_eq!(p.programs, ["C:\\Windows\\System32\\chkdsk.exe D:"]);
+    // The restored guest's data disk got its letter again before it was checked.
+    assert!(p.scripts.iter().filter(|s| s.contains("Win32_Volume")).count() >= 2);
+}
+
+#[test]
+fn win_saved_state_paused_stays_paused_and_continues_its_boot() {
+    let (path, text) = windows_scenario("win-saved-state-paused.toml");
+    let s = scenario::parse(&path, &text).unwrap();
+    let (report, _dir) = run_with_peer(&s, Arc::new(Mutex::new(Peer::new())));
+    assert!(report.passed, "{:#?}", (&report.error, &report.checks));
+    for check in ["state-restored-after-backup", "blocks-match-backup", "same-boot", "state-after-restore"] {
+        assert_eq!(passed(&report, check), Some(true), "{check}: {:#?}", report.checks);
+    }
+    assert_eq!(report.vms[0].state_after_backup.as_deref(), Some("paused"));
+    assert_eq!(report.vms[0].method.as_deref(), Some("saved-state"));
+}
+
+#[test]
+fn win_agent_stopped_falls_back_to_saved_state() {
+    let (path, text) = windows_scenario("win-agent-stopped.toml");
+    let s = scenario::parse(&path, &text).unwrap();
+    let peer = Arc::new(Mutex::new(Peer::new()));
+    let (report, _dir) = run_with_peer(&s, peer.clone());
+    assert!(report.passed, "{:#?}", (&report.error, &report.checks));
+    assert_eq!(passed(&report, "disks-match-backup"), Some(true));
+    let vm = &report.vms[0];
+    assert_eq!(vm.method.as_deref(), Some("saved-state"));
+    assert!(vm
+        .conditions
+        .iter()
+        .any(|(c, o)| c == "agent-can-freeze" && *o == crate::backup::conditions::Outcome::Failed));
+    let p = peer.lock().unwrap();
+    assert_eq!((p.stopped, p.freezes), (true, 0));
+}
+
+#[test]
+fn win_vss_provider_unregistered_falls_back_in_the_agents_words() {
+    let (path, text) = windows_scenario("win-vss-provider-unregistered.toml");
+    let s = scenario::parse(&path, &text).unwrap();
+    let peer = Arc::new(Mutex::new(Peer::new()));
+    let (report, _dir) = run_with_peer(&s, peer.clone());
+    assert!(report.passed, "{:#?}", (&report.error, &report.checks));
+    for check in ["blocks-match-backup", "same-boot", "counter-continues"] {
+        assert_eq!(passed(&report, check), Some(true), "{check}: {:#?}", report.checks);
+    }
+    let vm = &report.vms[0];
+    assert_eq!(vm.method.as_deref(), Some("saved-state"));
+    assert!(vm.method_reason.as_deref().is_some_and(|r| r.contains("VSS")), "{:?}", vm.method_reason);
+    let p = peer.lock().unwrap();
+    assert!(p.vss_init_failed && p.freezes == 0);
+}
+
+#[tokio::test]
+async fn with_an_image_built_only_rollback_cycles_are_still_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = blank_image(dir.path());
+    let load = |f: &str| {
+        let (path, text) = windows_scenario(f);
+        scenario::parse(&path, &text).unwrap()
+    };
+    let (running, rollback) = (load("win-saved-state-running.toml"), load("win-rollback-cycles.toml"));
+    let (a, b) = crate::windows::guest::with_image(image, async {
+        (scenario::skip_reason(&running), scenario::skip_reason(&rollback))
+    })
+    .await;
+    assert_eq!(a, None);
+    assert!(b.is_some_and(|why| why.contains("rollback cycles of a Windows VM are not wired")));
+    // Without one, both are skipped with the command that builds it.
+    assert!(scenario::skip_reason(&running).is_some_and(|why| why.contains("quiesce image build windows")));
+}
