@@ -237,7 +237,7 @@ async fn copy_while_stopped(
 ) -> Result<(Vec<DiskEntry>, f64, Option<f64>), BackupError> {
     let vm = Some(m.name());
     let t = Instant::now();
-    let captured = tl.step(vm, "capture disks", capture_disks(m, dir, settings)).await;
+    let captured = tl.step(vm, "copy frozen images", capture_disks(m, dir, settings)).await;
     let capture_ms = t.elapsed().as_secs_f64() * 1000.0;
     let back = tl.step(vm, "return to prior state", return_to(m, &p.before, caps)).await;
     let downtime_ms = p.before.running.then(|| p.stopped_at.elapsed().as_secs_f64() * 1000.0);
