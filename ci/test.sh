@@ -2,6 +2,7 @@
 # Runs quiesce's checks and tests the way CI does. Needs ci/setup-debian.sh first.
 # The end-to-end tests boot real guests (TCG where KVM does not work), so they need the
 # guest image: `quiesce doctor` builds it once into the cache and reports the accelerator.
+# They are behind the vm-tests feature (plain `cargo test` leaves them out); this runs all.
 set -eu
 cd "$(dirname "$0")/.."
 
@@ -12,7 +13,7 @@ if cargo fmt --version >/dev/null 2>&1 && cargo clippy --version >/dev/null 2>&1
     echo "==> cargo fmt --check"
     cargo fmt --all -- --check
     echo "==> cargo clippy"
-    cargo clippy --workspace --all-targets --locked -- -D warnings
+    cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 else
     echo "==> skipping fmt and clippy: this toolchain has no rustfmt/clippy"
 fi
@@ -31,12 +32,12 @@ scripts=$(find guest-images ci .ci -type f -exec awk 'FNR == 1 && /^#!\/bin\/sh/
 shellcheck -S warning $scripts
 echo "==> quiesce doctor"
 cargo run --locked -q -p quiesce -- doctor
-echo "==> cargo test"
+echo "==> cargo test (with the guest tests)"
 # The fuzz targets (harness/tests/fuzz) share this many seconds; a plain `cargo test`
 # gives them 4.
 export QUIESCE_FUZZ_SECS="${QUIESCE_FUZZ_SECS:-60}"
 # --no-fail-fast: a red run should show every failing test binary, not only the first.
-cargo test --workspace --locked --no-fail-fast
+cargo test --workspace --locked --no-fail-fast --all-features
 
 left=$(pgrep -a qemu-system || true)
 if [ -n "$left" ]; then

@@ -21,6 +21,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
+use quiesce::qemu::programs::QemuProgram;
 use quiesce::qemu::DiskFormat;
 use quiesce::sys::{deadline, Tool};
 use quiesce::verify::blockcmp::{self, BlockComparison, Options, ReadPath};
@@ -89,7 +90,7 @@ pub fn run(
     flip_byte(&hb_diff, DiskFormat::Vpc)?;
     std::fs::remove_file(&raw).map_err(|source| DiskBenchError::WorkDir { path: raw.clone(), source })?;
     let q = |args: &[&std::ffi::OsStr]| {
-        tool("qemu-img create (overlay)", "qemu-img", deadline::QEMU_IMG_METADATA, args).map(drop)
+        tool("qemu-img create (overlay)", QemuProgram::Img.path(), deadline::QEMU_IMG_METADATA, args).map(drop)
     };
     q(&[
         "create".as_ref(),
@@ -169,7 +170,8 @@ pub fn run(
 
 fn qemu_io(image: &Path, format: DiskFormat, cmd: &str) -> Result<(), DiskBenchError> {
     let args = ["-f".as_ref(), format.driver().as_ref(), "-c".as_ref(), cmd.as_ref(), image.as_os_str()];
-    tool(&format!("qemu-io -c '{cmd}' {}", image.display()), "qemu-io", deadline::QEMU_IMG_METADATA, &args).map(drop)
+    tool(&format!("qemu-io -c '{cmd}' {}", image.display()), QemuProgram::Io.path(), deadline::QEMU_IMG_METADATA, &args)
+        .map(drop)
 }
 
 fn flip_byte(image: &Path, format: DiskFormat) -> Result<(), DiskBenchError> {
@@ -192,7 +194,7 @@ fn qemu_img_compare(c: &Case) -> Result<(), DiskBenchError> {
         c.b.as_os_str(),
     ];
     let failed = |source| DiskBenchError::Tool { what: format!("qemu-img compare ({})", c.name), source };
-    let out = Tool::new("qemu-img", deadline::QEMU_IMG_COPY).args(args).output().map_err(failed)?;
+    let out = Tool::new(QemuProgram::Img.path(), deadline::QEMU_IMG_COPY).args(args).output().map_err(failed)?;
     match (out.code(), c.differ_at.is_none()) {
         (Some(0), true) | (Some(1), false) => Ok(()),
         (Some(0 | 1), _) => Err(DiskBenchError::Check(format!(

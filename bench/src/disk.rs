@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use quiesce::image::manifest::ManifestError;
+use quiesce::qemu::programs::QemuProgram;
 use quiesce::qemu::DiskFormat;
 use quiesce::sys::{deadline, Tool, ToolError};
 use quiesce::verify::blockcmp::BlockCompareError;
@@ -105,7 +106,7 @@ fn fill_folder(root: &Path, fill: Fill) -> Result<Filled, DiskBenchError> {
 /// Runs a tool that must succeed within `timeout`; its stdout.
 pub(crate) fn tool(
     what: &str,
-    program: &str,
+    program: impl AsRef<std::ffi::OsStr>,
     timeout: Duration,
     args: &[&std::ffi::OsStr],
 ) -> Result<Vec<u8>, DiskBenchError> {
@@ -140,7 +141,8 @@ pub(crate) fn convert(src: &Path, sf: DiskFormat, dst: &Path, df: DiskFormat) ->
         src.as_os_str(),
         dst.as_os_str(),
     ];
-    tool(&format!("qemu-img convert of {}", src.display()), "qemu-img", deadline::QEMU_IMG_COPY, &args).map(drop)
+    tool(&format!("qemu-img convert of {}", src.display()), QemuProgram::Img.path(), deadline::QEMU_IMG_COPY, &args)
+        .map(drop)
 }
 
 /// Stops a benchmark between steps once Ctrl-C was pressed.

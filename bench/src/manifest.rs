@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
 use quiesce::image::manifest::{self, Limits, Manifest};
+use quiesce::qemu::programs::QemuProgram;
 use quiesce::qemu::DiskFormat;
 use quiesce::sys::{deadline, Tool};
 
@@ -173,7 +174,7 @@ fn qemu_img_compare(a: &Path, b: &Path, expect_same: bool) -> Result<(), DiskBen
         b.as_os_str(),
     ];
     let failed = |source| DiskBenchError::Tool { what: "qemu-img compare".into(), source };
-    let out = Tool::new("qemu-img", deadline::QEMU_IMG_COPY).args(args).output().map_err(failed)?;
+    let out = Tool::new(QemuProgram::Img.path(), deadline::QEMU_IMG_COPY).args(args).output().map_err(failed)?;
     match out.code() {
         Some(0) if expect_same => Ok(()),
         Some(1) if !expect_same => Ok(()),

@@ -21,16 +21,25 @@
 # the same bytes for the same package versions (see README.md,
 # "Reproducibility").
 #
-# Host packages needed (Debian 12 / bookworm):
-#   apt dpkg coreutils findutils sed grep gzip e2fsprogs (mkfs.ext4, debugfs)
+# Host packages needed (Debian 12 or Ubuntu 24.04):
+#   apt dpkg coreutils findutils sed grep gzip
 #   cpio            <- not installed on a minimal Debian 12: apt-get install cpio
-# apt must see bookworm, bookworm-security and bookworm-backports (for
-# qemu-guest-agent 10.0.x) and `apt-get update` must have been run.
+# The packages come from Debian bookworm (with -updates, -security and
+# -backports, for qemu-guest-agent 10.0.x) through the recipe's own apt: its
+# own sources list, archive keys (debian-archive-bookworm.asc, beside this
+# script), lists, cache and an empty dpkg status, under the .deb cache. The
+# host's apt sources, pins, configuration and installed packages play no part,
+# so an Ubuntu host builds the same image as a Debian one.
 # busybox (for depmod, unxz and the applet list) is the one from the downloaded
-# busybox-static .deb, run on the host (static x86_64 binary).
+# busybox-static .deb, and mkfs.ext4, debugfs and e2fsck the ones from the
+# downloaded e2fsprogs, run on the host through the image's own ld.so: the
+# host's e2fsprogs release cannot change root.img.
 #
 # Environment knobs (all optional):
-#   QUIESCE_DEB_CACHE       folder to keep/reuse downloaded .deb files
+#   QUIESCE_DEB_CACHE       folder to keep/reuse downloaded .deb files (and the
+#                           recipe's apt lists, under apt/)
+#   QUIESCE_DEBIAN_MIRROR   Debian mirror (default http://deb.debian.org/debian)
+#   QUIESCE_DEBIAN_SECURITY Debian security mirror (default http://deb.debian.org/debian-security)
 #   QUIESCE_KERNEL_FLAVOUR  cloud-amd64 (default) or amd64
 #   QUIESCE_KERNEL_PACKAGE  exact kernel package, e.g. linux-image-6.12.117+deb12-cloud-amd64
 #                           (default: what the linux-image-6.12-<flavour> meta-package depends on)
@@ -111,9 +120,6 @@ need_tool() { # tool package
 need_tool apt-get apt
 need_tool apt-cache apt
 need_tool dpkg-deb dpkg
-need_tool mkfs.ext4 e2fsprogs
-need_tool debugfs e2fsprogs
-need_tool e2fsck e2fsprogs
 need_tool cpio cpio
 need_tool gzip gzip
 need_tool find findutils
@@ -172,33 +178,72 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM HUP
 
-APT_OPTS=""
+# ---------------------------------------------------------------- apt state
+# The recipe's own apt (see the top of this file). APT_CONFIG is read before
+# anything else, so it can turn off the host's apt.conf.d, sources, pins and
+# trusted keys; -o on the command line would come too late for those.
+MIRROR=${QUIESCE_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+SECURITY=${QUIESCE_DEBIAN_SECURITY:-http://deb.debian.org/debian-security}
+KEYRING=$HERE/debian-archive-bookworm.asc
+[ -f "$KEYRING" ] || die "the recipe has no debian-archive-bookworm.asc (in $HERE)"
+A=$CACHE/apt
+mkdir -p "$A/empty" "$A/lists/partial" "$A/archives/partial" "$A/log"
+: > "$A/status"
+put "$A/sources.list" <<EOF
+deb [signed-by=$KEYRING] $MIRROR bookworm main
+deb [signed-by=$KEYRING] $MIRROR bookworm-updates main
+deb [signed-by=$KEYRING] $SECURITY bookworm-security main
+deb [signed-by=$KEYRING] $MIRROR bookworm-backports main
+EOF
+put "$A/apt.conf" <<EOF
+Dir::Etc::main "/dev/null";
+Dir::Etc::parts "$A/empty";
+Dir::Etc::sourcelist "$A/sources.list";
+Dir::Etc::sourceparts "$A/empty";
+Dir::Etc::preferences "/dev/null";
+Dir::Etc::preferencesparts "$A/empty";
+Dir::Etc::trusted "/dev/null";
+Dir::Etc::trustedparts "$A/empty";
+Dir::State "$A";
+Dir::State::lists "$A/lists/";
+Dir::State::status "$A/status";
+Dir::Cache "$A";
+Dir::Cache::archives "$A/archives/";
+Dir::Log "$A/log";
+APT::Architecture "amd64";
+APT::Architectures { "amd64"; };
+Acquire::Languages "none";
+EOF
 if [ "$(id -u)" = 0 ]; then
     # apt drops to the _apt user for downloads; it may not be able to write
     # to our folder.  Downloads are verified against the signed index anyway.
-    APT_OPTS="-o APT::Sandbox::User=root"
+    echo 'APT::Sandbox::User "root";' >> "$A/apt.conf"
 fi
+APT_CONFIG=$A/apt.conf
+export APT_CONFIG
 export DEBIAN_FRONTEND=noninteractive
 
 pkg_hint() {
     cat >&2 <<EOF
-$prog: Debian package '$1' could not be resolved/downloaded.
-  - run 'apt-get update' (as root) so that the package lists are current;
-  - the apt sources must include bookworm, bookworm-updates, bookworm-security
-    and bookworm-backports, e.g. /etc/apt/sources.list.d/backports.sources:
-        Types: deb
-        URIs: http://deb.debian.org/debian
-        Suites: bookworm-backports
-        Components: main
-        Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+$prog: Debian package '$1' could not be resolved/downloaded from the recipe's
+own apt sources ($A/sources.list: bookworm, bookworm-updates,
+bookworm-security and bookworm-backports at $MIRROR and $SECURITY).
+  - the mirror may be out of reach: set QUIESCE_DEBIAN_MIRROR and
+    QUIESCE_DEBIAN_SECURITY, or http_proxy;
+  - an old version may have left the mirror: rebuild to take the current one.
 EOF
 }
+
+say "updating the recipe's own package lists"
+if ! apt-get update -q >"$W/apt-update.log" 2>&1; then
+    cat "$W/apt-update.log" >&2
+    die "apt-get update of the recipe's own sources failed (see above)"
+fi
 
 # fetch SPEC -> prints path of the .deb in $CACHE (reused when the hash matches)
 fetch() {
     spec=$1
-    # shellcheck disable=SC2086
-    if ! uris=$(apt-get download --print-uris $APT_OPTS "$spec" 2>"$W/apt.err"); then
+    if ! uris=$(apt-get download --print-uris "$spec" 2>"$W/apt.err"); then
         cat "$W/apt.err" >&2; pkg_hint "$spec"; exit 1
     fi
     [ -n "$uris" ] || { cat "$W/apt.err" >&2; pkg_hint "$spec"; exit 1; }
@@ -214,8 +259,7 @@ fetch() {
         :
     else
         rm -f "$CACHE/$file"
-        # shellcheck disable=SC2086
-        if ! (cd "$CACHE" && apt-get download -q $APT_OPTS "$spec") >"$W/apt.log" 2>&1 \
+        if ! (cd "$CACHE" && apt-get download -q "$spec") >"$W/apt.log" 2>&1 \
             || [ ! -f "$CACHE/$file" ]; then
             cat "$W/apt.log" >&2; pkg_hint "$spec"; exit 1
         fi
@@ -244,8 +288,7 @@ esac
 ALL_SPECS="$KPKG busybox-static qemu-guest-agent/$QGA_RELEASE $ROOT_PKGS"
 # resolve everything first, so a missing package fails before any download
 for spec in $ALL_SPECS; do
-    # shellcheck disable=SC2086
-    if ! apt-get download --print-uris $APT_OPTS "$spec" >/dev/null 2>"$W/apt.err"; then
+    if ! apt-get download --print-uris "$spec" >/dev/null 2>"$W/apt.err"; then
         cat "$W/apt.err" >&2; pkg_hint "$spec"; exit 1
     fi
 done
@@ -432,6 +475,16 @@ for f in "$R"/usr/sbin/* "$R"/sbin/* "$R"/usr/bin/* "$R"/bin/*; do
 done
 [ -L "$LDSO" ] || [ -f "$LDSO" ] || die "no /lib64/ld-linux-x86-64.so.2"
 
+# e2fs TOOL ARGS...: runs the image's own e2fsprogs on the host, through the
+# image's ld.so and libraries (checked above), so that the host's e2fsprogs
+# (another release on another distribution) cannot change root.img.
+e2fs() {
+    tool=$R/sbin/$1
+    shift
+    [ -f "$tool" ] || die "e2fsprogs has no ${tool#"$R"}"
+    "$ldso_real" --inhibit-cache --library-path "$LIBPATH" "$tool" "$@"
+}
+
 say "building root.img"
 case $ROOT_SIZE in
     *[kK]) size_k=${ROOT_SIZE%?} ;;
@@ -448,7 +501,7 @@ find "$R" -exec touch -h -d "@$SDE" {} +
 rm -f "$W/root.img"
 # mke2fs.conf: our own, so that the host's /etc/mke2fs.conf cannot change the image
 E2FSPROGS_FAKE_TIME=$SDE MKE2FS_CONFIG=$HERE/mke2fs.conf \
-    mkfs.ext4 -q -F -t ext4 -L "$FS_LABEL" -U "$FS_UUID" -m 0 \
+    e2fs mke2fs -q -F -t ext4 -L "$FS_LABEL" -U "$FS_UUID" -m 0 \
     -E "root_owner=0:0,hash_seed=$HASH_SEED,lazy_itable_init=0,lazy_journal_init=0,nodiscard" \
     -d "$R" "$W/root.img" "$ROOT_SIZE" >/dev/null
 # mkfs.ext4 -d copies owner and ctime/crtime of the staging files: force
@@ -459,13 +512,13 @@ E2FSPROGS_FAKE_TIME=$SDE MKE2FS_CONFIG=$HERE/mke2fs.conf \
     for fld in uid gid; do printf 'sif "%s" %s 0\n' "$p" "$fld"; done
     for fld in atime mtime ctime crtime; do printf 'sif "%s" %s @%s\n' "$p" "$fld" "$SDE"; done
 done > "$W/debugfs.cmds"
-E2FSPROGS_FAKE_TIME=$SDE debugfs -w -f "$W/debugfs.cmds" "$W/root.img" >"$W/debugfs.log" 2>&1 \
+E2FSPROGS_FAKE_TIME=$SDE e2fs debugfs -w -f "$W/debugfs.cmds" "$W/root.img" >"$W/debugfs.log" 2>&1 \
     || { tail -n 20 "$W/debugfs.log" >&2; die "debugfs fix-up failed"; }
 if grep -v '^debugfs[ :]' "$W/debugfs.log" | grep -q .; then
     grep -v '^debugfs[ :]' "$W/debugfs.log" | head -n 20 >&2
     die "debugfs fix-up reported errors"
 fi
-E2FSPROGS_FAKE_TIME=$SDE e2fsck -fn "$W/root.img" >"$W/fsck.log" 2>&1 \
+E2FSPROGS_FAKE_TIME=$SDE e2fs e2fsck -fn "$W/root.img" >"$W/fsck.log" 2>&1 \
     || { cat "$W/fsck.log" >&2; die "root.img fails e2fsck"; }
 
 # ---------------------------------------------------------------- outputs

@@ -48,6 +48,7 @@ fn verify_refuses_a_folder_that_is_not_a_backup() {
 /// A real SIGINT to the harness between the freeze and the thaw: the guest is thawed, the
 /// overlay merged, the VM running as before, no backup, and the exit code says interrupted.
 #[test]
+#[cfg_attr(not(feature = "vm-tests"), ignore = "boots a guest: cargo test --features vm-tests")]
 fn sigint_between_freeze_and_thaw_puts_everything_back() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("sigint.toml");
@@ -82,6 +83,7 @@ fn sigint_between_freeze_and_thaw_puts_everything_back() {
 
 /// A kept backup verifies; one flipped byte in one of its disks is caught and named.
 #[test]
+#[cfg_attr(not(feature = "vm-tests"), ignore = "boots a guest: cargo test --features vm-tests")]
 fn verify_catches_a_flipped_byte_in_a_kept_backup() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("keep.toml");
@@ -308,6 +310,7 @@ fn report_rebuilds_the_page_and_junit_from_json_reports() {
 /// `quiesce run --junit FILE` on a real guest: the JUnit file has the scenario as a passed
 /// test case with its time, and the report folder has the page with the VM's timeline.
 #[test]
+#[cfg_attr(not(feature = "vm-tests"), ignore = "boots a guest: cargo test --features vm-tests")]
 fn run_writes_junit_and_the_page() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("paused.toml");

@@ -145,6 +145,11 @@ pub struct StateEntry {
     /// Migration capabilities the restore must set the same way.
     pub mapped_ram: bool,
     pub multifd_channels: Option<u8>,
+    /// The disks of a paused VM that its QEMU left inactive after the save, because it
+    /// cannot make them active without running the VM (no `blockdev-set-active` before QEMU
+    /// 10.0): they become active when the VM is continued. Empty otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inactive_until_continued: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

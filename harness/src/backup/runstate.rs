@@ -6,6 +6,8 @@ use qapi::qmp::{query_status, RunState as QemuRunState};
 use qapi::Enum;
 use serde::{Deserialize, Serialize};
 
+use crate::qemu::compat::{self, Feature};
+use crate::qemu::locks::held_for_writing;
 use crate::qemu::{Machine, MachineError, Qmp, QmpError};
 use crate::sys::deadline;
 
@@ -87,15 +89,25 @@ impl qapi::Command for QueryNodeActivity {
     const ALLOW_OOB: bool = false;
 }
 
-/// Names of block nodes QEMU reports as inactive (after a completed save, all of them).
+/// Names of block nodes that are inactive (after a completed save, all of them). QEMU 10.0
+/// says so itself; before it (or under an older compatibility profile) a writable disk is
+/// inactive when QEMU holds no write lock on its image: an inactive node gives its locks up.
 pub async fn inactive_nodes(m: &Machine) -> Result<Vec<String>, MachineError> {
-    inactive_nodes_on(m.qmp()).await.map_err(|e| m.qmp_err(e))
+    if let Some(reported) = inactive_nodes_on(m.qmp()).await.map_err(|e| m.qmp_err(e))? {
+        return Ok(reported);
+    }
+    let disks = m.config().disks.iter().filter(|d| !d.read_only);
+    Ok(disks.filter(|d| !held_for_writing(&d.path)).map(|d| d.node_name.clone()).collect())
 }
 
-/// [`inactive_nodes`] on a QMP connection.
-pub async fn inactive_nodes_on(qmp: &Qmp) -> Result<Vec<String>, QmpError> {
+/// The nodes QEMU reports inactive on a QMP connection, or None when it reports no node's
+/// activity (QEMU before 10.0, or a profile of one).
+pub async fn inactive_nodes_on(qmp: &Qmp) -> Result<Option<Vec<String>>, QmpError> {
     let nodes = qmp.execute_within(QueryNodeActivity { flat: true }, deadline::QMP_COMMAND).await?;
-    Ok(nodes.into_iter().filter(|n| n.active == Some(false)).filter_map(|n| n.node_name).collect())
+    if !compat::allows(Feature::NodeActivity) || nodes.iter().all(|n| n.active.is_none()) {
+        return Ok(None);
+    }
+    Ok(Some(nodes.into_iter().filter(|n| n.active == Some(false)).filter_map(|n| n.node_name).collect()))
 }
 
 /// Against a scripted QMP peer: a real QEMU does not send malformed replies on demand.
@@ -132,7 +144,11 @@ mod tests {
         // One reply is one line on the wire.
         let nodes = r#"[{"node-name": "root", "active": false}, {"node-name": "root-file", "active": true}, {"node-name": "old"}]"#;
         let (_, got) = tokio::join!(answer_once(&mut peer, nodes), inactive_nodes_on(&qmp));
-        assert_eq!(got.unwrap(), vec!["root"]);
+        assert_eq!(got.unwrap(), Some(vec!["root".to_owned()]));
+        let (qmp, mut peer, _d) = qmp_pair().await;
+        let before_10 = r#"[{"node-name": "root"}, {"node-name": "root-file"}]"#;
+        let (_, got) = tokio::join!(answer_once(&mut peer, before_10), inactive_nodes_on(&qmp));
+        assert_eq!(got.unwrap(), None, "a QEMU that does not say is not taken to say 'active'");
         let (qmp, mut peer, _d) = qmp_pair().await;
         let bad = r#"[{"node-name": "root", "active": "no"}]"#;
         let (_, got) = tokio::join!(answer_once(&mut peer, bad), inactive_nodes_on(&qmp));

@@ -176,7 +176,7 @@ pub async fn prepare(
     let state_path = if faults.save_fails { PathBuf::from(UNWRITABLE_STATE) } else { dir.join("state.bin") };
     match save_state(m, caps, settings, &state_path, tl, &before).await {
         Ok((plan, save_secs, mb_per_s)) => Ok(Prepared { before, plan, stopped_at, save_secs, mb_per_s }),
-        Err(e) => Err(with_undo(m, e, undo(m, caps, &before, tl).await)),
+        Err(e) => Err(with_undo(m, e, undo(m, caps, &before, tl).await.map(drop))),
     }
 }
 
@@ -194,12 +194,14 @@ pub async fn post(
     p: Prepared,
     undo: &Mutex<Undo>,
 ) -> Result<Saved, BackupError> {
-    let (disks, capture_ms, downtime_ms) = if caps.blockdev_set_active && !settings.copy_while_stopped {
-        let c = frozen::capture(m, caps, settings, dir, tl, &p, undo).await?;
-        (c.disks, c.capture_ms, c.downtime_ms)
-    } else {
-        copy_while_stopped(m, caps, settings, dir, tl, &p).await?
-    };
+    let (disks, capture_ms, downtime_ms, inactive_until_continued) =
+        if caps.blockdev_set_active && !settings.copy_while_stopped {
+            let c = frozen::capture(m, caps, settings, dir, tl, &p, undo).await?;
+            // blockdev-set-active made them active: nothing is left inactive.
+            (c.disks, c.capture_ms, c.downtime_ms, Vec::new())
+        } else {
+            copy_while_stopped(m, caps, settings, dir, tl, &p).await?
+        };
     let state_path = dir.join("state.bin");
     let bytes = std::fs::metadata(&state_path).map_err(|e| BackupError::io(m.name(), "stat the state file", e))?.len();
     let mut saved = Saved {
@@ -210,6 +212,7 @@ pub async fn post(
             sha256: String::new(),
             mapped_ram: p.plan.mapped_ram,
             multifd_channels: p.plan.multifd_channels,
+            inactive_until_continued,
         },
         disks,
         timings: Timings {
@@ -226,7 +229,8 @@ pub async fn post(
 }
 
 /// Copies the disks while the VM stays stopped, then returns it to its prior state: the
-/// downtime grows with the disks. Returns the copies, the copy's and the downtime's ms.
+/// downtime grows with the disks. Returns the copies, the copy's and the downtime's ms, and
+/// the disks a QEMU before 10.0 leaves inactive until a paused VM is continued.
 async fn copy_while_stopped(
     m: &Machine,
     caps: &Capabilities,
@@ -234,7 +238,7 @@ async fn copy_while_stopped(
     dir: &Path,
     tl: &Timeline,
     p: &Prepared,
-) -> Result<(Vec<DiskEntry>, f64, Option<f64>), BackupError> {
+) -> Result<(Vec<DiskEntry>, f64, Option<f64>, Vec<String>), BackupError> {
     let vm = Some(m.name());
     let t = Instant::now();
     let captured = tl.step(vm, "copy frozen images", capture_disks(m, dir, settings)).await;
@@ -242,14 +246,16 @@ async fn copy_while_stopped(
     let back = tl.step(vm, "return to prior state", return_to(m, &p.before, caps)).await;
     let downtime_ms = p.before.running.then(|| p.stopped_at.elapsed().as_secs_f64() * 1000.0);
     match (captured, back) {
-        (Ok(d), Ok(())) => Ok((d, capture_ms, downtime_ms)),
-        (Err(e), Ok(())) | (Ok(_), Err(e)) => Err(e),
+        (Ok(d), Ok(Disks::Active)) => Ok((d, capture_ms, downtime_ms, Vec::new())),
+        (Ok(d), Ok(Disks::InactiveUntilContinued(nodes))) => Ok((d, capture_ms, downtime_ms, nodes)),
+        (Err(e), Ok(_)) | (Ok(_), Err(e)) => Err(e),
         (Err(e), Err(u)) => Err(with_undo(m, e, Err(u))),
     }
 }
 
-/// Undoes a prepared (or half-prepared) save: the VM goes back to `before`.
-pub async fn undo(m: &Machine, caps: &Capabilities, before: &RunState, tl: &Timeline) -> Result<(), BackupError> {
+/// Undoes a prepared (or half-prepared) save: the VM goes back to `before`; says where its
+/// disks stand.
+pub async fn undo(m: &Machine, caps: &Capabilities, before: &RunState, tl: &Timeline) -> Result<Disks, BackupError> {
     tl.step(Some(m.name()), "undo: return to prior state", return_to(m, before, caps)).await
 }
 
@@ -366,9 +372,19 @@ async fn capture_disks(m: &Machine, dir: &Path, settings: &SaveSettings) -> Resu
     super::capture::copy_disks(m.name(), disks, dir, settings.verify_capture).await
 }
 
+/// Where a VM's disks stand once it is back in its prior state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Disks {
+    Active,
+    /// A paused VM on a QEMU that cannot make its disks active without running it (before
+    /// 10.0, or a compatibility profile of one): these nodes stay inactive until the VM is
+    /// continued, which is what `cont` does first.
+    InactiveUntilContinued(Vec<String>),
+}
+
 /// Puts the VM back in `before`: cancels a save still under way, reactivates the disks,
 /// and resumes it if it was running. Also the undo after a failure or an interruption.
-pub async fn return_to(m: &Machine, before: &RunState, caps: &Capabilities) -> Result<(), BackupError> {
+pub async fn return_to(m: &Machine, before: &RunState, caps: &Capabilities) -> Result<Disks, BackupError> {
     let info = qmp_typed(m, query_migrate {}).await?;
     let under_way = matches!(
         info.status,
@@ -400,14 +416,9 @@ pub async fn return_to(m: &Machine, before: &RunState, caps: &Capabilities) -> R
             runstate::inactive_nodes(m).await.map_err(|e| BackupError::step(m.name(), "query block nodes", e))?;
         if !inactive.is_empty() {
             if !caps.blockdev_set_active {
-                return Err(BackupError::Unsupported {
-                    vm: m.name().to_owned(),
-                    what: format!(
-                        "QEMU {} cannot reactivate the disks of a paused VM (blockdev-set-active is 10.0+); \
-                         they become active again when the VM is continued",
-                        caps.version
-                    ),
-                });
+                // As QEMU before 10.0 leaves it: the VM is paused as it was, and its disks
+                // are made active by the `cont` that runs it next.
+                return Ok(Disks::InactiveUntilContinued(inactive));
             }
             qmp(m, "blockdev-set-active", json!({"active": true})).await?;
         }
@@ -417,5 +428,5 @@ pub async fn return_to(m: &Machine, before: &RunState, caps: &Capabilities) -> R
     if !inactive.is_empty() {
         return Err(BackupError::StillInactive { vm: m.name().to_owned(), nodes: inactive });
     }
-    Ok(())
+    Ok(Disks::Active)
 }

@@ -65,6 +65,23 @@ pub enum SetError {
     Backup(#[from] BackupError),
 }
 
+impl SetError {
+    /// The VMs put back with their disks inactive until they are continued.
+    pub fn inactive_until_continued(&self) -> Vec<String> {
+        let undone = match self {
+            SetError::Failed { undone, .. } | SetError::Interrupted { undone, .. } => &undone[..],
+            _ => &[],
+        };
+        undone
+            .iter()
+            .filter(|(_, u)| {
+                matches!(u, Undone::PutBack { steps, .. } if steps.contains(&UndoStep::DisksInactiveUntilContinued))
+            })
+            .map(|(vm, _)| vm.clone())
+            .collect()
+    }
+}
+
 /// What putting one VM back after a failed or interrupted job did.
 #[derive(Debug)]
 pub enum Undone {
@@ -85,6 +102,9 @@ pub enum UndoStep {
     ThawedAndMergedByItsOwnUndo,
     /// The VM came back from its saved state to the run state it had.
     BackFromSavedState,
+    /// A paused VM whose QEMU cannot make its disks active without running it (before
+    /// 10.0): they stay inactive until it is continued, as after a save on such a QEMU.
+    DisksInactiveUntilContinued,
 }
 
 impl std::fmt::Display for UndoStep {
@@ -93,6 +113,7 @@ impl std::fmt::Display for UndoStep {
             UndoStep::ThawedAndMerged => "thawed, merged and overlays removed",
             UndoStep::ThawedAndMergedByItsOwnUndo => "thawed, merged and overlays removed by its own undo",
             UndoStep::BackFromSavedState => "back from the saved state",
+            UndoStep::DisksInactiveUntilContinued => "its disks stay inactive until it is continued",
         })
     }
 }
@@ -387,8 +408,11 @@ async fn undo_all(slots: &[Slot<'_>], caps: &Capabilities, tl: &Timeline) -> Vec
             if now.running != s.before.running
                 || !runstate::inactive_nodes(m).await.map(|v| v.is_empty()).unwrap_or(true)
             {
-                saved_state::undo(m, caps, &s.before, tl).await?;
+                let disks = saved_state::undo(m, caps, &s.before, tl).await?;
                 done.push(UndoStep::BackFromSavedState);
+                if matches!(disks, saved_state::Disks::InactiveUntilContinued(_)) {
+                    done.push(UndoStep::DisksInactiveUntilContinued);
+                }
             }
             Ok::<_, BackupError>(done)
         }

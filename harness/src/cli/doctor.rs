@@ -1,7 +1,11 @@
 use super::progress::Progress;
 use super::CliResult;
 use quiesce::image::recipe;
-use quiesce::qemu::{caps, config::default_qemu_binary};
+use quiesce::qemu::caps::{self, Capabilities};
+use quiesce::qemu::compat::Feature;
+use quiesce::qemu::config::default_qemu_binary;
+use quiesce::qemu::programs::{self, QemuProgram};
+use quiesce::sys::{deadline, Tool};
 use quiesce::testguest::accel_for;
 
 fn yes(b: bool) -> &'static str {
@@ -10,6 +14,18 @@ fn yes(b: bool) -> &'static str {
     } else {
         "NO"
     }
+}
+
+/// The first line of `program --version`, or why there is none.
+fn version_of(program: QemuProgram) -> Result<String, String> {
+    let out = Tool::new(program.path(), deadline::QEMU_VERSION).arg("--version").run().map_err(|e| e.to_string())?;
+    let text = out.stdout_text();
+    Ok(text.lines().next().unwrap_or("").trim().to_owned())
+}
+
+/// The `x.y.z` in a `--version` line.
+fn version_number(line: &str) -> Option<&str> {
+    line.split_whitespace().skip_while(|w| *w != "version").nth(1)
 }
 
 pub async fn run(accel: Option<quiesce::qemu::accel::AccelChoice>, no_build: bool) -> CliResult {
@@ -35,22 +51,13 @@ pub async fn run(accel: Option<quiesce::qemu::accel::AccelChoice>, no_build: boo
     match &caps {
         Ok(c) => {
             println!("qemu          {qemu} {} ({})", c.version, c.package);
-            println!(
-                "capabilities  file: migration {}, mapped-ram {}, multifd {}, blockdev-snapshot {}, block-commit {}, transaction {}",
-                yes(c.file_migration), yes(c.mapped_ram), yes(c.multifd), yes(c.blockdev_snapshot), yes(c.block_commit), yes(c.transaction)
-            );
-            if !c.mapped_ram {
-                println!("              (no mapped-ram: Saved State uses the plain stream format)");
-            }
-            if !c.file_migration || !c.block_commit || !c.blockdev_snapshot || !c.transaction {
-                println!(
-                    "              quiesce needs QEMU 8.2 or newer; on Debian 12 take 10.0 from bookworm-backports"
-                );
-                ok = false;
-            }
+            ok &= print_programs(&c.version);
+            print_caps(c);
+            ok &= print_limits(c);
         }
         Err(e) => {
             println!("qemu          {qemu}: {e}");
+            println!("              nothing will work without it: install QEMU (sh ci/setup-debian.sh), or point $QUIESCE_QEMU at one");
             ok = false;
         }
     }
@@ -85,4 +92,100 @@ pub async fn run(accel: Option<quiesce::qemu::accel::AccelChoice>, no_build: boo
     }
     println!("cache folder  {}", quiesce::image::cache::cache_dir().display());
     Ok(if ok { 0 } else { super::EXIT_FAILED })
+}
+
+/// The QEMU tools and their versions; false if one is missing. A tool of another version
+/// than the emulator is worth a word: the two are meant to be used together.
+fn print_programs(emulator_version: &str) -> bool {
+    let mut ok = true;
+    for prog in [QemuProgram::Img, QemuProgram::Io, QemuProgram::StorageDaemon] {
+        let path = prog.path();
+        match version_of(prog) {
+            Ok(line) => {
+                let v = version_number(&line).unwrap_or("?");
+                let note = if v == emulator_version {
+                    String::new()
+                } else {
+                    format!(" (not the emulator's {emulator_version})")
+                };
+                println!("{:<13} {} {v}{note}", prog.name().trim_start_matches("qemu-"), path.display());
+            }
+            Err(e) => {
+                println!("{:<13} MISSING: {e}", prog.name().trim_start_matches("qemu-"));
+                println!("              set ${} or install it (sh ci/setup-debian.sh)", prog.env());
+                ok = false;
+            }
+        }
+    }
+    if let Some(d) = programs::datadir() {
+        println!("firmware      {} (${})", d.display(), programs::DATADIR_ENV);
+    }
+    ok
+}
+
+fn print_caps(c: &Capabilities) {
+    if let Some(r) = c.profile {
+        let hidden: Vec<&str> = c.hidden.iter().map(|f| f.name()).collect();
+        println!(
+            "profile       QEMU {r} (${}): {}",
+            quiesce::qemu::compat::ENV,
+            if hidden.is_empty() {
+                "hides nothing this QEMU has".to_owned()
+            } else {
+                format!("hides {}", hidden.join(", "))
+            }
+        );
+    }
+    println!(
+        "capabilities  file: migration {}, mapped-ram {}, multifd {}, blockdev-snapshot {}, block-commit {}, transaction {}, blockdev-set-active {}, node activity {}",
+        yes(c.file_migration),
+        yes(c.mapped_ram),
+        yes(c.multifd),
+        yes(c.blockdev_snapshot),
+        yes(c.block_commit),
+        yes(c.transaction),
+        yes(c.blockdev_set_active),
+        yes(c.node_activity)
+    );
+}
+
+/// What will not work, or works otherwise, with what this QEMU lacks; false if a backup
+/// method cannot be used at all.
+fn print_limits(c: &Capabilities) -> bool {
+    let mut ok = true;
+    let snapshot_missing: Vec<&str> =
+        [("blockdev-snapshot", c.blockdev_snapshot), ("block-commit", c.block_commit), ("transaction", c.transaction)]
+            .iter()
+            .filter(|(_, has)| !has)
+            .map(|(n, _)| *n)
+            .collect();
+    if !snapshot_missing.is_empty() {
+        println!("WILL NOT WORK Child VM Snapshot: this QEMU has no {}", snapshot_missing.join(", "));
+        ok = false;
+    }
+    for f in Feature::ALL.into_iter().filter(|f| !c.has(*f)) {
+        let (label, fatal) = match f {
+            Feature::FileMigration => ("WILL NOT WORK", true),
+            _ => ("works without", false),
+        };
+        println!("{label:<13} {} (QEMU {}+): {}", f.name(), f.since(), f.without());
+        ok &= !fatal;
+    }
+    if snapshot_missing.is_empty() && !c.file_migration {
+        println!("works         Child VM Snapshot; a VM it cannot take (paused, no agent...) is refused, not saved");
+    }
+    if !ok {
+        println!("              quiesce is developed on QEMU 10.0; on Debian 12 take it from bookworm-backports (sh ci/setup-debian.sh)");
+    }
+    ok
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn version_numbers_are_read_from_version_lines() {
+        assert_eq!(super::version_number("qemu-img version 7.2.15 (Debian 1:7.2+dfsg-7+deb12u16)"), Some("7.2.15"));
+        assert_eq!(super::version_number("QEMU emulator version 10.0.2"), Some("10.0.2"));
+        assert_eq!(super::version_number("nothing here"), None);
+    }
 }

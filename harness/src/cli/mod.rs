@@ -2,6 +2,7 @@
 
 mod diff;
 mod doctor;
+mod durations;
 mod image;
 mod progress;
 mod report;
@@ -10,6 +11,7 @@ mod vm;
 
 use clap::{Parser, Subcommand};
 use quiesce::qemu::accel::AccelChoice;
+use quiesce::qemu::compat::{self, QemuRelease};
 
 #[derive(Parser)]
 #[command(name = "quiesce", version, about = "Reproduce VM backup scenarios on QEMU and prove the restore is right")]
@@ -17,6 +19,10 @@ pub struct Cli {
     /// Accelerator: auto (probe KVM, else TCG), kvm or tcg. Also $QUIESCE_ACCEL.
     #[arg(long, global = true, value_parser = clap::value_parser!(AccelChoice))]
     accel: Option<AccelChoice>,
+    /// Behave as on an older QEMU: use only what that release had (such as 8.2, Ubuntu
+    /// 24.04's). Also $QUIESCE_QEMU_COMPAT.
+    #[arg(long, global = true, value_name = "MAJOR.MINOR")]
+    qemu_compat: Option<QemuRelease>,
     #[command(subcommand)]
     command: Command,
 }
@@ -44,6 +50,10 @@ enum Command {
         /// Keep each scenario's backup in the report folder.
         #[arg(long)]
         keep_backups: bool,
+        /// Run only the K-th of N shares of the scenarios (for a CI matrix of N jobs); the
+        /// shares are balanced by the durations recorded in durations.txt beside them.
+        #[arg(long, value_name = "K/N")]
+        shard: Option<quiesce::scenario::shard::Shard>,
         /// Also write a JUnit XML report here: one test case per scenario.
         #[arg(long, value_name = "FILE")]
         junit: Option<std::path::PathBuf>,
@@ -56,6 +66,14 @@ enum Command {
         /// Also write a JUnit XML report here.
         #[arg(long, value_name = "FILE")]
         junit: Option<std::path::PathBuf>,
+    },
+    /// Record how long each scenario took, from a run's JSON reports, for `run --shard`.
+    Durations {
+        /// The report folder of a run (its NAME.json files).
+        report_dir: std::path::PathBuf,
+        /// Merge them into this durations file (scenarios/durations.txt) instead of printing.
+        #[arg(long)]
+        write: Option<std::path::PathBuf>,
     },
     /// Re-check a backup's files against the checksums in its manifest.
     Verify { backup: std::path::PathBuf },
@@ -86,14 +104,24 @@ pub const EXIT_USAGE: i32 = 2;
 pub const EXIT_INTERRUPTED: i32 = 130;
 
 pub async fn run(cli: Cli) -> i32 {
+    // The profile is fixed for the process before anything probes QEMU; a bad
+    // $QUIESCE_QEMU_COMPAT stops here, not in the middle of a run.
+    if cli.qemu_compat.is_some() {
+        compat::choose(cli.qemu_compat);
+    }
+    if let Err(e) = compat::profile() {
+        eprintln!("quiesce: error: {e}");
+        return EXIT_FAILED;
+    }
     let result = match cli.command {
         Command::Doctor { no_build } => doctor::run(cli.accel, no_build).await,
         Command::Vm { command } => vm::run(command, cli.accel).await,
         Command::Image { command } => image::run(command, cli.accel).await,
-        Command::Run { paths, report_dir, keep_backups, junit } => {
-            run::run(paths, report_dir, keep_backups, junit, cli.accel).await
+        Command::Run { paths, report_dir, keep_backups, shard, junit } => {
+            run::run(paths, report_dir, keep_backups, shard, junit, cli.accel).await
         }
         Command::Report { dir, junit } => report::run(dir, junit),
+        Command::Durations { report_dir, write } => durations::run(report_dir, write),
         Command::Verify { backup } => run::verify(backup).await,
         Command::Diff { a, b, ignore, blocks } => diff::run(a, b, ignore, blocks).await,
     };

@@ -8,6 +8,7 @@ use super::{CliResult, EXIT_FAILED, EXIT_INTERRUPTED};
 use quiesce::interrupt::Interrupt;
 use quiesce::qemu::accel::AccelChoice;
 use quiesce::report::{self, summary, ScenarioReport, Status};
+use quiesce::scenario::shard::{self, Shard};
 use quiesce::scenario::{self, RunOptions};
 
 /// Exit code for scenario files with mistakes (nothing was booted).
@@ -17,12 +18,22 @@ pub async fn run(
     paths: Vec<PathBuf>,
     report_dir: PathBuf,
     keep_backups: bool,
+    shard: Option<Shard>,
     junit: Option<PathBuf>,
     accel: Option<AccelChoice>,
 ) -> CliResult {
     let mut files = Vec::new();
     for p in &paths {
         files.extend(scenario::discover(p).map_err(|e| format!("{}: {e}", p.display()))?);
+    }
+    if let Some(shard) = shard {
+        let all = files.len();
+        let stem = |p: &PathBuf| p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        files = shard::select(files, stem, shard, &shard::durations_beside(&paths)?);
+        eprintln!("quiesce: shard {shard}: {} of {all} scenario file(s)", files.len());
+        if files.is_empty() {
+            return Ok(0);
+        }
     }
     // Every file is checked before anything boots.
     let mut scenarios = Vec::new();

@@ -5,6 +5,7 @@
 
 use std::path::Path;
 
+use crate::qemu::programs::QemuProgram;
 use crate::qemu::DiskFormat;
 use crate::sys::{deadline, Tool, ToolError};
 
@@ -138,7 +139,7 @@ pub fn read_head(path: &Path, format: DiskFormat) -> Result<Vec<u8>, ToolError> 
 /// through QEMU's block layer (`qemu-io -U`, so a disk in use can be read). For the few
 /// bytes a check looks at, not for bulk reads.
 pub fn read_bytes(path: &Path, format: DiskFormat, offset: u64, len: usize) -> Result<Vec<u8>, ToolError> {
-    let out = Tool::new("qemu-io", deadline::QEMU_IMG_METADATA)
+    let out = Tool::new(QemuProgram::Io.path(), deadline::QEMU_IMG_METADATA)
         .args(["-U", "-r", "-f", format.driver(), "-c", &format!("read -v {offset} {len}")])
         .arg(path)
         .run()?;

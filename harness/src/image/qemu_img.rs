@@ -5,6 +5,7 @@ use std::ffi::OsStr;
 use std::path::Path;
 use std::time::Duration;
 
+use crate::qemu::programs::QemuProgram;
 use crate::qemu::DiskFormat;
 use crate::sys::{deadline, Tool, ToolError};
 
@@ -22,7 +23,7 @@ pub enum QemuImgError {
 
 /// `qemu-img args...`, which must finish within `timeout`.
 pub(crate) fn qemu_img<'a>(timeout: Duration, args: &[&OsStr]) -> Tool<'a> {
-    Tool::new("qemu-img", timeout).args(args)
+    Tool::new(QemuProgram::Img.path(), timeout).args(args)
 }
 
 fn run(timeout: Duration, args: &[&OsStr]) -> Result<Vec<u8>, QemuImgError> {

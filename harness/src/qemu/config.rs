@@ -120,8 +120,10 @@ impl MachineConfig {
     }
 }
 
+/// The emulator to run: `$QUIESCE_QEMU`, else `qemu-system-x86_64` on PATH (see
+/// [`super::programs`]).
 pub fn default_qemu_binary() -> String {
-    std::env::var("QUIESCE_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".to_owned())
+    super::programs::QemuProgram::System.path().to_string_lossy().into_owned()
 }
 
 /// `$QUIESCE_ARTIFACTS`, else `quiesce-artifacts` in the current folder.

@@ -3,6 +3,7 @@
 //! of each disk.
 
 use super::config::MachineConfig;
+use super::programs::QemuProgram;
 use crate::sys::{deadline, Tool};
 use std::path::{Path, PathBuf};
 
@@ -23,8 +24,9 @@ pub fn keep(cfg: &MachineConfig, run_dir: &Path, cmdline: &str, why: &str) -> st
     for d in &cfg.disks {
         info.push_str(&format!("== {} ({})\n", d.node_name, d.path.display()));
         // -U: QEMU may still hold its image lock if it could not be stopped.
-        let run =
-            Tool::new("qemu-img", deadline::QEMU_IMG_METADATA).args(["info", "-U", "--backing-chain"]).arg(&d.path);
+        let run = Tool::new(QemuProgram::Img.path(), deadline::QEMU_IMG_METADATA)
+            .args(["info", "-U", "--backing-chain"])
+            .arg(&d.path);
         match run.output() {
             Ok(o) => {
                 info.push_str(&o.stdout_text());

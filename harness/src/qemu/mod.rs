@@ -3,15 +3,18 @@
 
 pub mod accel;
 pub mod caps;
+pub mod compat;
 pub mod config;
 pub mod events;
 pub mod evidence;
 pub mod exec;
 pub mod framing;
 pub mod launch;
+pub mod locks;
 pub mod machine;
 pub mod message;
 pub mod process;
+pub mod programs;
 pub mod qga;
 pub mod qmp;
 pub mod serial;

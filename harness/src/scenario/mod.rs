@@ -18,6 +18,7 @@
 //! | `run::disk_checks` | manifests and blocks against the backup point | `error` |
 //! | `run::ctx` | options, the run's context value, each VM's state, deadlines | `error` |
 //! | `run::error` | the run's typed error | (lower layers only) |
+//! | `shard` | which scenarios a CI job's share holds (`--shard K/N`) | (none) |
 //!
 //! Every `run` module also reads `format` and writes `report`; neither knows of `run`.
 
@@ -25,6 +26,7 @@ pub mod fixture;
 pub mod format;
 pub mod report;
 pub mod run;
+pub mod shard;
 
 pub use format::{load, parse, Scenario, ScenarioError};
 pub use report::Report;

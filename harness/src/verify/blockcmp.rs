@@ -46,6 +46,7 @@ use std::time::Duration;
 use self::map::{Map, Source};
 use self::nbd::Client;
 use self::tools::{ExportSpec, Server};
+use crate::qemu::programs::QemuProgram;
 use crate::qemu::DiskFormat;
 use crate::sys::{deadline, Output, Running, Tool, ToolError};
 
@@ -286,7 +287,7 @@ impl<'p> Inspect<'p> {
         export: &'static str,
     ) -> Result<Self, BlockCompareError> {
         let spawn = |step: &'static str, args: &[&std::ffi::OsStr]| {
-            Tool::new("qemu-img", opts.tool_timeout)
+            Tool::new(QemuProgram::Img.path(), opts.tool_timeout)
                 .args(args)
                 .stdout_cap(tools::MAX_OUTPUT)
                 .spawn()

@@ -4,7 +4,6 @@
 //! disk contents are written back onto the VM's own disk files and the VM is started again
 //! on them.
 
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -16,6 +15,7 @@ use crate::backup::manifest::{Entry, Method, StateEntry, VmBackup};
 use crate::backup::saved_state::{migration_ended, migration_status, Plan};
 use crate::backup::{Backup, FolderError};
 use crate::image::qemu_img::{self, qemu_img, QemuImgError};
+use crate::qemu::locks::held_for_writing;
 use crate::qemu::{DiskConfig, DiskFormat, KernelBoot, Machine, MachineConfig, MachineError};
 use crate::sys::deadline;
 use crate::timeline::Timeline;
@@ -444,28 +444,6 @@ async fn write_back(backup: &Backup, vm: &VmBackup, disks: &[DiskConfig]) -> Res
     Ok(())
 }
 
-/// True if another process holds `path` the way a running QEMU holds its disks: writing to
-/// it, or refusing other writers. QEMU says so with open-file-description locks on single
-/// bytes of the file (block/file-posix.c): byte 100 + n while it uses permission n, byte
-/// 200 + n while it refuses to share it, and writing is permission 1. Asked with
-/// F_OFD_GETLK, which takes no lock.
-fn held_for_writing(path: &Path) -> bool {
-    const QEMU_WRITES: i64 = 101;
-    const QEMU_REFUSES_WRITERS: i64 = 201;
-    let Ok(file) = std::fs::File::open(path) else { return false };
-    [QEMU_WRITES, QEMU_REFUSES_WRITERS].into_iter().any(|byte| {
-        let mut lock = libc::flock {
-            l_type: libc::F_WRLCK as libc::c_short,
-            l_whence: libc::SEEK_SET as libc::c_short,
-            l_start: byte,
-            l_len: 1,
-            l_pid: 0,
-        };
-        let asked = nix::fcntl::fcntl(file.as_raw_fd(), nix::fcntl::FcntlArg::F_OFD_GETLK(&mut lock));
-        asked.is_ok() && lock.l_type != libc::F_UNLCK as libc::c_short
-    })
-}
-
 /// Writes the guest-visible content of `src` into the existing image `dst` (`qemu-img
 /// convert -n`): `dst` keeps its path, its format and its backing file, if it has one, and
 /// every area that is zero in `src` reads as zero in `dst` afterwards. Without `-U`, qemu-img
@@ -591,7 +569,7 @@ mod tests {
         // qemu-io holds the image open for writing while it sleeps (its `sleep` is in ms).
         // First it calls an unknown command: it says so on stderr, unbuffered, once it has
         // opened (and locked) the image, and goes on; that line is the sign to look.
-        let mut writer = crate::sys::Spawn::new("qemu-io")
+        let mut writer = crate::sys::Spawn::new(crate::qemu::programs::QemuProgram::Io.path())
             .args(["-f", "raw", "-c", "quiesce-ready", "-c", "sleep 60000"])
             .arg(&disk)
             .stderr(std::process::Stdio::piped())

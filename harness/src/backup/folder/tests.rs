@@ -113,6 +113,7 @@ fn the_attack_from_the_issue_is_refused_and_nothing_is_read() {
         sha256: String::new(),
         mapped_ram: false,
         multifd_channels: None,
+        inactive_until_continued: Vec::new(),
     });
     assert!(matches!(b.check(), Err(FolderError::UnsafePath { problem: PathProblem::Absolute, .. })));
     assert!(matches!(b.file_path("vm1", &Entry::State, "/etc/passwd"), Err(FolderError::UnsafePath { .. })));

@@ -76,7 +76,8 @@ pub(super) async fn capture(
         tl.step(vm, "snapshot all disks (transaction)", child_snapshot::transaction(m, None, undo)).await
     }
     .await;
-    let back = tl.step(vm, "return to prior state", return_to(m, &p.before, caps)).await;
+    // With blockdev-set-active the disks are active again whatever the run state.
+    let back = tl.step(vm, "return to prior state", return_to(m, &p.before, caps)).await.map(drop);
     let downtime_ms = p.before.running.then(|| p.stopped_at.elapsed().as_secs_f64() * 1000.0);
     match (held, back) {
         (Ok(()), Ok(())) => {}

@@ -18,8 +18,14 @@ use crate::sys::deadline;
 use crate::workload::{self, AppStatus};
 
 /// The VM is back as it was: same run state, disks active and its own (no overlay left),
-/// workloads running on with nothing lost.
-pub(super) async fn after_backup_checks(vm: &Vm, method: Method, report: &mut Report) -> Result<(), RunError> {
+/// workloads running on with nothing lost. `until_continued`: the disks the backup says
+/// its QEMU left inactive until the VM is continued (a paused VM, QEMU before 10.0).
+pub(super) async fn after_backup_checks(
+    vm: &Vm,
+    method: Method,
+    until_continued: &[String],
+    report: &mut Report,
+) -> Result<(), RunError> {
     let m = &vm.guest.machine;
     let name = vm.name();
     let st = runstate::query(m).await.map_err(vm.fail("query-status"))?;
@@ -34,7 +40,20 @@ pub(super) async fn after_backup_checks(vm: &Vm, method: Method, report: &mut Re
         format!("{want} before, {} after ({})", st.label(), st.status),
     );
     let inactive = runstate::inactive_nodes(m).await.map_err(vm.fail("query block nodes"))?;
-    report.check(name, "disks-active-after-backup", inactive.is_empty(), format!("inactive: {inactive:?}"));
+    if until_continued.is_empty() {
+        report.check(name, "disks-active-after-backup", inactive.is_empty(), format!("inactive: {inactive:?}"));
+    } else {
+        // What the backup says must be what QEMU shows, on a VM still paused.
+        let (mut said, mut seen) = (until_continued.to_vec(), inactive.clone());
+        said.sort();
+        seen.sort();
+        report.check(
+            name,
+            "disks-inactive-until-continued",
+            said == seen && !st.running,
+            format!("the backup says {said:?} stay inactive until the VM is continued; inactive: {seen:?}"),
+        );
+    }
     if method == Method::ChildSnapshot {
         let (ok, detail) = own_images(m).await?;
         report.check(name, "overlays-merged", ok, detail);
@@ -62,7 +81,14 @@ pub(super) async fn after_backup_checks(vm: &Vm, method: Method, report: &mut Re
 
 /// A refused or failed backup must leave everything as it was: no backup (not even a
 /// partial folder), no overlays, every VM in its run state, thawed, nothing lost.
-pub(super) async fn nothing_changed(ctx: &mut RunCtx<'_>, vms: &[Vm], backup_path: &Path) -> Result<(), RunError> {
+/// `until_continued`: the VMs put back with their disks inactive until they are continued
+/// (paused, on a QEMU before 10.0).
+pub(super) async fn nothing_changed(
+    ctx: &mut RunCtx<'_>,
+    vms: &[Vm],
+    backup_path: &Path,
+    until_continued: &[String],
+) -> Result<(), RunError> {
     let report = &mut *ctx.report;
     let parent = backup_path.parent().unwrap_or(Path::new("."));
     let partial = names_in(parent, |n| n.contains("backup"));
@@ -87,7 +113,13 @@ pub(super) async fn nothing_changed(ctx: &mut RunCtx<'_>, vms: &[Vm], backup_pat
         let want = label(vm.spec.state);
         report.check(name, "state-unchanged", st.label() == want, format!("{want} before, {} after", st.label()));
         let inactive = runstate::inactive_nodes(m).await.map_err(vm.fail("query block nodes"))?;
-        report.check(name, "disks-active", inactive.is_empty(), format!("inactive: {inactive:?}"));
+        if until_continued.iter().any(|v| v == name) {
+            let detail =
+                format!("put back paused with its disks inactive until it is continued; inactive: {inactive:?}");
+            report.check(name, "disks-inactive-until-continued", !inactive.is_empty() && !st.running, detail);
+        } else {
+            report.check(name, "disks-active", inactive.is_empty(), format!("inactive: {inactive:?}"));
+        }
         if let Some(r) = report.vm_mut(name) {
             r.state_after_backup = Some(st.label().into());
         }

@@ -63,7 +63,11 @@ async fn run_inner(
     progress: &mut dyn FnMut(&str),
 ) -> Result<(), RunError> {
     let caps = caps::probe(&default_qemu_binary()).await.map_err(RunError::Probe)?;
-    report.qemu_version = caps.version.clone();
+    // A compatibility profile is part of what ran: "10.0.2 as 8.2".
+    report.qemu_version = match caps.profile {
+        Some(p) => format!("{} as {p}", caps.version),
+        None => caps.version.clone(),
+    };
     let at = || At::run("creating the work folder");
     std::fs::create_dir_all(&opts.work_dir).map_err(io(at(), &opts.work_dir))?;
     let work = tempfile::Builder::new()
@@ -95,8 +99,10 @@ async fn run_inner(
     let Some(backup) = backup(&mut ctx, &mut vms, &path).await? else { return Ok(()) };
 
     for vm in &vms {
-        let method = backup.vm(vm.name()).map(|b| b.method).unwrap_or(Method::SavedState);
-        after_backup::after_backup_checks(vm, method, ctx.report).await?;
+        let entry = backup.vm(vm.name());
+        let method = entry.map(|b| b.method).unwrap_or(Method::SavedState);
+        let until_continued = entry.and_then(|b| b.state.as_ref()).map_or(&[][..], |s| &s.inactive_until_continued);
+        after_backup::after_backup_checks(vm, method, until_continued, ctx.report).await?;
     }
     if ctx.interrupted() {
         return Err(RunError::Interrupted(Interruption::AfterBackup));
@@ -159,7 +165,7 @@ async fn backup(ctx: &mut RunCtx<'_>, vms: &mut [Vm], backup_path: &Path) -> Res
                 record_choice(ctx.report, vm, choice);
             }
             ctx.report.check("*", "backup-refused", true, reasons);
-            after_backup::nothing_changed(ctx, vms, backup_path).await?;
+            after_backup::nothing_changed(ctx, vms, backup_path, &[]).await?;
             Ok(None)
         }
         (Err(e @ SetError::Failed { .. }), Expect::Failed)
@@ -172,7 +178,7 @@ async fn backup(ctx: &mut RunCtx<'_>, vms: &mut [Vm], backup_path: &Path) -> Res
                 SetError::Interrupted { phase, .. } => Some(format!("interrupted in {phase}")),
                 _ => None,
             };
-            after_backup::nothing_changed(ctx, vms, backup_path).await?;
+            after_backup::nothing_changed(ctx, vms, backup_path, &e.inactive_until_continued()).await?;
             Ok(None)
         }
         (Err(e), _) => Err(step("backup")(e)),

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
+use crate::qemu::programs::QemuProgram;
 use crate::qemu::DiskFormat;
 use crate::sys::{deadline, Child, Spawn};
 
@@ -102,7 +103,7 @@ impl Server {
         // PDEATHSIG: the daemon ends inside the comparison, on the thread that started it.
         let process = Spawn::new("env")
             .arg(tunables)
-            .arg("qemu-storage-daemon")
+            .arg(QemuProgram::StorageDaemon.path())
             .args(args)
             .stdout(out.try_clone()?)
             .stderr(out)
