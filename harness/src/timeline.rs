@@ -60,6 +60,7 @@ impl Timeline {
         name: &str,
         fut: impl Future<Output = Result<T, E>>,
     ) -> Result<T, E> {
+        trace(vm, name);
         let mut guard = StepGuard { tl: self, vm, name, start_ms: self.now_ms(), done: false };
         let result = fut.await;
         guard.done = true;
@@ -84,6 +85,16 @@ impl Timeline {
 
     pub fn steps(&self) -> Vec<Step> {
         self.inner.steps.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// With `QUIESCE_TRACE_STEPS` set, every step is written to stderr as it starts
+/// (`quiesce-step: VM: NAME`): a marker another program can wait for, such as the test
+/// that kills quiesce mid-backup.
+fn trace(vm: Option<&str>, name: &str) {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *ON.get_or_init(|| std::env::var_os("QUIESCE_TRACE_STEPS").is_some()) {
+        eprintln!("quiesce-step: {}: {name}", vm.unwrap_or("(job)"));
     }
 }
 

@@ -209,10 +209,15 @@ pub async fn boot_id(agent: &GuestAgent) -> Result<String, ExecError> {
     Ok(exec::sh(agent, "cat /proc/sys/kernel/random/boot_id", deadline::GUEST_EXEC).await?.trim().to_owned())
 }
 
-/// Starts appending 1, 2, 3, ... (one per line) to `path`, syncing every 20 lines.
+/// Starts appending 1, 2, 3, ... (one per line) to `path`, syncing every 20 lines. Each
+/// line is also logged to [`JOURNAL_ACKS`] (in guest RAM) as `N ISSUED ACKED`: the guest's
+/// uptime before the write was issued and after it returned, so that a line can be placed
+/// against a freeze's instants in the guest's freeze log.
 pub async fn start_journal(agent: &GuestAgent, path: &str) -> Result<(), ExecError> {
     let script = format!(
-        "echo 1 > {path} && sync && setsid sh -c 'i=1; while :; do i=$((i+1)); echo $i >> {path}; \
+        "echo 1 > {path} && sync && read u _ < /proc/uptime && echo \"1 $u $u\" > {JOURNAL_ACKS} && \
+         setsid sh -c 'i=1; while :; do i=$((i+1)); read a _ < /proc/uptime; echo $i >> {path}; \
+         read b _ < /proc/uptime; echo \"$i $a $b\" >> {JOURNAL_ACKS}; \
          [ $((i % 20)) -eq 0 ] && sync; usleep 5000; done' </dev/null >/dev/null 2>&1 & \
          echo $! > /run/journal.pid"
     );
@@ -275,9 +280,72 @@ fn parse_journal_verdict(out: &str) -> JournalCheck {
     JournalCheck { lines: n, first_break }
 }
 
+/// Where the journal writer logs when each line was issued and acknowledged (a tmpfs).
+pub const JOURNAL_ACKS: &str = "/run/journal.acks";
+
+/// The journal's lines placed against a freeze, from [`JOURNAL_ACKS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JournalAtFreeze {
+    /// The last line whose write returned before the freeze began: it and every line
+    /// before it must be in the frozen image.
+    pub acked_before_freeze: u64,
+    /// The first line whose write returned after the thaw: it and every line after it
+    /// must not be (a write held by the freeze returns only after the thaw).
+    pub first_acked_after_thaw: Option<u64>,
+    /// Lines issued between the freeze's start and the thaw's end, which may or may not
+    /// have made it in before the filesystems froze.
+    pub in_window: u64,
+}
+
+/// Places the journal's lines against a freeze that began at `freeze_cs` and ended at
+/// `thaw_cs` (guest uptime, centiseconds). Only the verdict crosses the agent.
+pub async fn journal_at_freeze(agent: &GuestAgent, freeze_cs: u64, thaw_cs: u64) -> Result<JournalAtFreeze, ExecError> {
+    let at = |cs: u64| format!("{}.{:02}", cs / 100, cs % 100);
+    let script = format!(
+        "awk -v f={f} -v t={t} '$3 < f {{ b = $1 }} $3 > t && a == \"\" {{ a = $1 }} $2 >= f && $2 <= t {{ w++ }} \
+         END {{ print b + 0; print a; print w + 0 }}' {JOURNAL_ACKS}",
+        f = at(freeze_cs),
+        t = at(thaw_cs)
+    );
+    let out = exec::sh(agent, &script, deadline::GUEST_EXEC).await?;
+    let mut lines = out.lines().map(str::trim);
+    let mut num = || lines.next().and_then(|l| l.parse::<u64>().ok());
+    Ok(JournalAtFreeze {
+        acked_before_freeze: num().unwrap_or(0),
+        first_acked_after_thaw: num(),
+        in_window: num().unwrap_or(0),
+    })
+}
+
+/// A journal as read from a disk image: lines 1..=`lines` in order, or where it breaks.
+pub fn journal_of(content: &[u8]) -> JournalCheck {
+    let text = String::from_utf8_lossy(content);
+    let mut n = 0u64;
+    let mut first_break = None;
+    for (i, line) in text.split_terminator('\n').enumerate() {
+        n = i as u64 + 1;
+        if first_break.is_none() && line.parse::<u64>().ok() != Some(n) {
+            first_break = Some((n, line.chars().take(40).collect()));
+        }
+    }
+    if first_break.is_none() && !content.is_empty() && !content.ends_with(b"\n") {
+        first_break = Some((n, "(no end of line)".into()));
+    }
+    JournalCheck { lines: n, first_break }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn journals_read_from_an_image() {
+        assert_eq!(journal_of(b"1\n2\n3\n"), JournalCheck { lines: 3, first_break: None });
+        assert_eq!(journal_of(b"1\n2\n4\n").first_break, Some((3, "4".into())));
+        assert_eq!(journal_of(b"1\n2\n\0\0\0\n").first_break, Some((3, "\0\0\0".into())));
+        assert_eq!(journal_of(b"1\n2").first_break, Some((2, "(no end of line)".into())));
+        assert!(!journal_of(b"").intact());
+    }
 
     #[test]
     fn the_app_check_is_read_from_its_exit_code_and_last_line() {

@@ -283,7 +283,22 @@ fn ntfs_subdirectories_and_links_written_through_ntfs_3g() {
         std::fs::write(mnt.join("Users/Ann/Documents/report.docx"), "quarterly numbers").unwrap();
         std::fs::write(mnt.join("top.txt"), "top").unwrap();
         std::os::unix::fs::symlink("../../top.txt", mnt.join("Users/Ann/link")).unwrap();
+        // A copy of the image while it is mounted: what a snapshot of a live NTFS is.
+        std::fs::copy(&raw, dir.path().join("live.raw")).unwrap();
     }
+    // The dirty flag is read, but it cannot tell a live copy from a quiesced one: ntfs-3g
+    // never sets it while mounted (and Windows only when chkdsk is due). So `fs-quiesced`
+    // does not count an NTFS volume as proven either way; this pins that down.
+    use quiesce::image::inspect::{FsState, RawImage};
+    let dirty = |p: &Path| match RawImage::open(p, DiskFormat::Raw).unwrap().states().unwrap().as_slice() {
+        [v] => match &v.fs {
+            FsState::Ntfs(s) => s.dirty,
+            other => panic!("{other:?}"),
+        },
+        other => panic!("{other:?}"),
+    };
+    assert!(!dirty(&dir.path().join("live.raw")), "ntfs-3g has started marking mounted volumes dirty");
+    assert!(!dirty(&raw), "an unmounted NTFS must read clean");
     let m = read(&raw, DiskFormat::Raw);
     let paths: Vec<&str> = m.filesystems[0].entries.iter().map(|e| e.path.as_str()).collect();
     assert_eq!(
@@ -529,4 +544,89 @@ fn limits_stop_the_walk_with_a_clear_error() {
     let small = Limits { max_hash_bytes: 50_000, ..Limits::default() };
     let e = manifest::read_image(&p, DiskFormat::Raw, &small).unwrap_err();
     assert!(e.to_string().contains("/dir/sub/data.txt"), "names the file it stopped at: {e}");
+}
+
+/// `program args... image` through quiesce's runner; its stdout and stderr, and whether it
+/// exited 0.
+fn tool(program: &str, args: &[&str], image: &Path) -> (bool, String) {
+    use quiesce::sys::{deadline, Tool};
+    let out = Tool::new(program, deadline::E2FSCK).args(args).arg(image).output().unwrap();
+    (out.status.success(), format!("{}{}", out.stdout_text(), out.stderr))
+}
+
+#[test]
+fn seeded_ext4_disks_are_real_ext4_with_a_clean_journal() {
+    use quiesce::image::fsread::state::{Journal, Quiesced};
+    use quiesce::image::inspect::{FsState, RawImage};
+    let dir = tempfile::tempdir().unwrap();
+    for format in [DiskFormat::Raw, DiskFormat::Qcow2, DiskFormat::Vhdx] {
+        let d = subdir(dir.path(), format.extension());
+        let img = seed_in(&d, "data", format, files(&sample_files()));
+        let states = RawImage::open(&img, format).unwrap().states().unwrap();
+        let [v] = states.as_slice() else { panic!("{states:?}") };
+        let FsState::Ext4(s) = &v.fs else { panic!("{v:?}") };
+        for f in ["has_journal", "extent", "64bit", "metadata_csum", "flex_bg", "dir_index", "extra_isize"] {
+            assert!(s.has(f), "{format:?}: no {f} in {:?}", s.features);
+        }
+        assert!(!s.has("needs_recovery") && !s.needs_recovery);
+        assert_eq!(s.block_size, 4096);
+        assert!(matches!(s.journal, Journal::Internal { start: 0, .. }), "{:?}", s.journal);
+        assert_eq!(s.quiesced(), Quiesced::Clean);
+    }
+    // e2fsprogs reads the same features and journal state as the pure-Rust reader.
+    let raw = dir.path().join("raw/data.raw");
+    let (ok, text) = tool("dumpe2fs", &["-h"], &raw);
+    assert!(ok, "{text}");
+    let features = text.lines().find_map(|l| l.strip_prefix("Filesystem features:")).unwrap_or_default();
+    for f in ["has_journal", "extent", "64bit", "metadata_csum", "flex_bg"] {
+        assert!(features.split_whitespace().any(|w| w == f), "dumpe2fs: {features}");
+    }
+    assert!(!features.contains("needs_recovery"), "{features}");
+    assert!(text.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["Journal", "start:", "0"]), "{text}");
+}
+
+/// 4 KiB of `fill`, then a 4 KiB hole, `n` times: mke2fs -d leaves all-zero blocks out, so
+/// each run of data is an extent of its own, more than the inode's four.
+fn fragmented(n: usize) -> String {
+    (0..n)
+        .map(|i| format!("{}{}", char::from(b'A' + (i % 26) as u8).to_string().repeat(4096), "\0".repeat(4096)))
+        .collect()
+}
+
+#[test]
+fn manifests_read_htree_directories_and_extent_trees() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut list: Vec<(String, String)> =
+        (0..600).map(|i| (format!("big/entry-{i:04}.txt"), format!("{i}\n"))).collect();
+    list.push(("frag.bin".into(), fragmented(40)));
+    let seed = DiskSeed { files: list.iter().cloned().collect(), ..DiskSeed::ext4("data", DiskFormat::Raw, 32 << 20) };
+    let raw = seed::create(dir.path(), &seed).unwrap();
+    // mke2fs -d writes directories as plain lists; e2fsck -D indexes them as the kernel
+    // does when a directory outgrows a block (an htree).
+    let (_, text) = tool("e2fsck", &["-fyD"], &raw);
+    let (_, stat) = tool("debugfs", &["-R", "stat /big"], &raw);
+    let flags = stat.lines().find_map(|l| l.split("Flags: ").nth(1)).unwrap_or_default();
+    let flags = u32::from_str_radix(flags.trim().trim_start_matches("0x"), 16).unwrap_or(0);
+    assert!(flags & 0x1000 != 0, "/big is not an htree (flags {flags:#x}); e2fsck said: {text}");
+    let (_, extents) = tool("debugfs", &["-R", "ex /frag.bin"], &raw);
+    assert!(extents.lines().any(|l| l.trim_start().starts_with("0/ 1")), "no index level:\n{extents}");
+    assert!(extents.lines().filter(|l| l.trim_start().starts_with("1/ 1")).count() == 40, "{extents}");
+    // The manifest lists every entry of the htree, and hashes the file through its tree.
+    for format in [DiskFormat::Raw, DiskFormat::Qcow2] {
+        let img = if format == DiskFormat::Raw {
+            raw.clone()
+        } else {
+            let q = dir.path().join("data.qcow2");
+            qemu_img::convert(&raw, DiskFormat::Raw, &q, format).unwrap();
+            q
+        };
+        let m = read(&img, format);
+        for (path, content) in &list {
+            let e = entry(&m, &format!("/{path}"));
+            assert_eq!(e.blake3.as_deref(), Some(blake3_hex(content.as_bytes()).as_str()), "{path}");
+        }
+        let in_big = m.filesystems[0].entries.iter().filter(|e| e.path.starts_with("/big/")).count();
+        assert_eq!(in_big, 600);
+        assert_eq!(entry(&m, "/frag.bin").size, 40 * 8192);
+    }
 }

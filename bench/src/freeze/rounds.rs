@@ -39,7 +39,7 @@ pub(super) async fn ours_round(
     let (faults, interrupt) = (quiesce::backup::Faults::default(), quiesce::interrupt::Interrupt::new());
     let frozen = child_snapshot::prepare(m, settings, &faults, &interrupt, &tl, &undo).await?;
     let prepare_ms = t.elapsed().as_secs_f64() * 1000.0;
-    let snap = child_snapshot::post(m, settings, backup, &tl, &undo, frozen).await?;
+    let snap = child_snapshot::post(m, settings, &faults, backup, &tl, &undo, frozen).await?;
     std::fs::remove_dir_all(backup).map_err(io("remove a backup folder"))?;
     if !undo.lock().unwrap_or_else(|e| e.into_inner()).is_clean() {
         return Err(FreezeBenchError::NotClean);

@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+use super::faults::Faults;
 use super::manifest::DiskEntry;
 use super::BackupError;
 use crate::image::qemu_img;
@@ -30,15 +31,24 @@ pub fn copy_disk(vm: &str, disk: &DiskConfig, dir: &Path, verify: bool) -> Resul
     })
 }
 
-/// Copies several disks on a blocking thread.
+/// Copies several disks on a blocking thread, striking `faults` between them.
 pub async fn copy_disks(
     vm: &str,
     disks: Vec<DiskConfig>,
     dir: &Path,
     verify: bool,
+    faults: Faults,
 ) -> Result<Vec<DiskEntry>, BackupError> {
     let (vm_owned, dir) = (vm.to_owned(), dir.to_owned());
-    tokio::task::spawn_blocking(move || disks.iter().map(|d| copy_disk(&vm_owned, d, &dir, verify)).collect())
+    let copy_all = move || {
+        let mut out = Vec::new();
+        for (i, d) in disks.iter().enumerate() {
+            out.push(copy_disk(&vm_owned, d, &dir, verify)?);
+            faults.after_disk_copied(i);
+        }
+        Ok(out)
+    };
+    tokio::task::spawn_blocking(copy_all)
         .await
         .map_err(|e| BackupError::io(vm, "copy the disks", std::io::Error::other(e)))?
 }

@@ -18,7 +18,9 @@ use qapi::qmp::query_block;
 use serde_json::{json, Value};
 
 use super::faults::{Faults, UNCREATABLE_OVERLAY};
+use super::freeze_log::{self, FreezeRecord};
 use super::manifest::{DiskEntry, Timings};
+use super::merge::{self, CommitLimits, MergeOutcome};
 use super::saved_state::{qmp, qmp_typed};
 use super::BackupError;
 use crate::image::qemu_img;
@@ -34,7 +36,17 @@ pub struct SnapshotSettings {
     /// The freeze must return within this ([`deadline::GUEST_FREEZE`] unless changed).
     pub freeze_deadline: Duration,
     pub thaw_deadline: Duration,
+    /// What the end of a merge may take once it has caught up (or once the VM is paused).
     pub merge_deadline: Duration,
+    /// How long an active commit may take to catch up with the guest's writes before the
+    /// VM is paused for the rest of the merge ([`deadline::BLOCK_MERGE`] unless changed).
+    pub merge_converge: Duration,
+    /// The merge's rate limit in bytes per second (QMP `speed`), so that it leaves the
+    /// guest's own I/O room; none means as fast as it goes.
+    pub merge_speed: Option<u64>,
+    /// Bytes allocated in the snapshot folder before the snapshot and released before the
+    /// merge, so that overlays that filled their volume can still be merged (see `merge`).
+    pub merge_reserve: u64,
     /// Re-read each copied image against the frozen one (`qemu-img compare`).
     pub verify_capture: bool,
     /// Disks (node names) the host cannot back up (pass-through, iSCSI): left out.
@@ -48,11 +60,17 @@ impl SnapshotSettings {
             freeze_deadline: deadline::GUEST_FREEZE,
             thaw_deadline: deadline::GUEST_THAW,
             merge_deadline: deadline::BLOCK_MERGE,
+            merge_converge: deadline::BLOCK_MERGE,
+            merge_speed: None,
+            merge_reserve: DEFAULT_MERGE_RESERVE,
             verify_capture: true,
             exclude: vec![],
         }
     }
 }
+
+/// The merge reserve unless changed: room for 64 MiB of clusters new to the disks.
+pub const DEFAULT_MERGE_RESERVE: u64 = 64 << 20;
 
 #[derive(Debug, Clone)]
 struct Overlay {
@@ -66,6 +84,8 @@ struct Overlay {
 #[derive(Debug, Default)]
 pub struct Undo {
     overlays: Vec<Overlay>,
+    /// The merge reserve's file, until it is released.
+    reserve: Option<PathBuf>,
     /// A freeze was sent and no thaw has succeeded since.
     frozen: bool,
     /// The transaction succeeded: the VM writes to the overlays until they are merged.
@@ -77,7 +97,7 @@ pub struct Undo {
 impl Undo {
     /// True when nothing is left to undo.
     pub fn is_clean(&self) -> bool {
-        !self.frozen && !self.snapshotted && self.overlays.is_empty()
+        !self.frozen && !self.snapshotted && self.overlays.is_empty() && self.reserve.is_none()
     }
 
     /// True when a recovery already undid something (thawed, merged or removed overlays).
@@ -90,6 +110,8 @@ impl Undo {
 pub struct Snapshotted {
     pub disks: Vec<DiskEntry>,
     pub timings: Timings,
+    /// What the guest's writers acknowledged at the freeze (see [`freeze_log`]).
+    pub freeze: FreezeRecord,
 }
 
 pub(super) fn lock(u: &Mutex<Undo>) -> std::sync::MutexGuard<'_, Undo> {
@@ -98,10 +120,11 @@ pub(super) fn lock(u: &Mutex<Undo>) -> std::sync::MutexGuard<'_, Undo> {
 
 /// A VM after PrepareForSnapshot: one overlay per disk took its writes from the snapshot
 /// point on, and the guest is thawed. The images under the overlays are the backup.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Frozen {
     window_ms: f64,
     host_ms: f64,
+    freeze: FreezeRecord,
 }
 
 /// Backs up `m`'s disks into `dir`, with `faults` injected. On error the VM is put back
@@ -116,7 +139,7 @@ pub async fn snapshot(
 ) -> Result<Snapshotted, BackupError> {
     // Nothing races a one-VM backup against an interruption, so firing this one stops nothing.
     let frozen = prepare(m, settings, faults, &Interrupt::new(), tl, undo).await?;
-    post(m, settings, dir, tl, undo, frozen).await
+    post(m, settings, faults, dir, tl, undo, frozen).await
 }
 
 async fn undo_after(
@@ -153,12 +176,13 @@ pub async fn prepare(
 pub async fn post(
     m: &Machine,
     settings: &SnapshotSettings,
+    faults: &Faults,
     dir: &Path,
     tl: &Timeline,
     undo: &Mutex<Undo>,
     frozen: Frozen,
 ) -> Result<Snapshotted, BackupError> {
-    match post_inner(m, settings, dir, tl, undo, frozen).await {
+    match post_inner(m, settings, faults, dir, tl, undo, frozen).await {
         Ok(s) => Ok(s),
         Err(e) => Err(undo_after(m, settings, undo, tl, e).await),
     }
@@ -177,16 +201,25 @@ async fn prepare_inner(
     tl.step(vm, "prepare overlays", prepare_overlays(m, settings, faulty.as_deref(), undo)).await?;
     let agent = m.agent().map_err(|e| BackupError::step(m.name(), "guest agent", e))?;
 
+    // This freeze's first line in the guest's freeze log; what the hooks write after it is
+    // read back after the thaw. A guest that keeps no log is backed up all the same.
+    let id = freeze_id(m);
+    let begun = freeze_log::begin(agent, &id, settings.freeze_deadline).await;
     let t_freeze = Instant::now();
-    lock(undo).frozen = true;
-    let frozen = tl
-        .step(vm, "freeze", async {
+    let frozen = if faults.skip_freeze {
+        tl.mark(vm, "freeze not sent (fault: skip-freeze)");
+        Ok(())
+    } else {
+        lock(undo).frozen = true;
+        tl.step(vm, "freeze", async {
             agent
                 .execute_within(guest_fsfreeze_freeze {}, settings.freeze_deadline)
                 .await
+                .map(drop)
                 .map_err(|e| super::vss::agent_failure(m.name(), "guest-fsfreeze-freeze", e))
         })
-        .await;
+        .await
+    };
     let t_frozen = Instant::now();
     if frozen.is_ok() {
         faults.after_freeze(agent, interrupt, settings.freeze_deadline).await;
@@ -203,24 +236,48 @@ async fn prepare_inner(
     let window = t_freeze.elapsed();
     snap?;
     thawed?;
-    Ok(Frozen { window_ms: window.as_secs_f64() * 1000.0, host_ms: (t_thaw - t_frozen).as_secs_f64() * 1000.0 })
+    let freeze = match begun {
+        Ok(()) => {
+            let read = freeze_log::read(agent, &id, settings.thaw_deadline);
+            tl.step(vm, "read the writers' acknowledgements", async { Ok::<_, BackupError>(read.await) }).await?
+        }
+        Err(why) => FreezeRecord { id, unreadable: Some(why), ..Default::default() },
+    };
+    Ok(Frozen { window_ms: window.as_secs_f64() * 1000.0, host_ms: (t_thaw - t_frozen).as_secs_f64() * 1000.0, freeze })
+}
+
+/// An id for one freeze of `m` that no other freeze has: the guest's log is shared by
+/// every backup of the VM, and a freeze's records are those after its own id.
+fn freeze_id(m: &Machine) -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let name: String = m.name().chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
+    format!("{name}-{}-{nanos}", std::process::id())
 }
 
 async fn post_inner(
     m: &Machine,
     settings: &SnapshotSettings,
+    faults: &Faults,
     dir: &Path,
     tl: &Timeline,
     undo: &Mutex<Undo>,
     frozen: Frozen,
 ) -> Result<Snapshotted, BackupError> {
     let vm = Some(m.name());
+    faults.before_copy(m, tl).await;
     let t = Instant::now();
-    let mut disks = tl.step(vm, "copy frozen images", copy_out(m, settings, dir, undo)).await?;
+    let mut disks = tl.step(vm, "copy frozen images", copy_out(m, settings, faults, dir, undo)).await?;
     let capture_ms = t.elapsed().as_secs_f64() * 1000.0;
+    // A VM paused on a full snapshot volume fails its backup (the undo merges and resumes
+    // it); so does one that filled it during the merge.
+    no_volume_full(m).await?;
     let t = Instant::now();
-    tl.step(vm, "merge overlays (active commit)", merge(m, settings, undo)).await?;
+    let outcome = tl.step(vm, "merge overlays (active commit)", merge(m, settings, undo)).await?;
     let merge_ms = t.elapsed().as_secs_f64() * 1000.0;
+    no_volume_full(m).await?;
+    if let MergeOutcome::PausedToFinish { .. } = outcome {
+        tl.mark(vm, "merge did not converge: finished with the VM paused");
+    }
     tl.step(vm, "hash the backup files", hash(m.name(), dir, &mut disks)).await?;
     Ok(Snapshotted {
         disks,
@@ -229,8 +286,10 @@ async fn post_inner(
             freeze_window_ms: Some(frozen.window_ms),
             freeze_host_ms: Some(frozen.host_ms),
             merge_ms: Some(merge_ms),
+            merge_outcome: Some(outcome),
             ..Default::default()
         },
+        freeze: frozen.freeze,
     })
 }
 
@@ -244,6 +303,11 @@ pub(super) async fn prepare_overlays(
 ) -> Result<(), BackupError> {
     let disks: Vec<DiskConfig> =
         m.config().disks.iter().filter(|d| !settings.exclude.contains(&d.node_name)).cloned().collect();
+    if settings.merge_reserve > 0 {
+        let path = merge::reserve_path(&settings.snapshot_dir, m.name());
+        merge::make_reserve(m.name(), &path, settings.merge_reserve)?;
+        lock(undo).reserve = Some(path);
+    }
     for d in disks {
         if faulty == Some(d.node_name.as_str()) {
             continue;
@@ -273,7 +337,7 @@ pub(super) async fn transaction(m: &Machine, faulty: Option<&str>, undo: &Mutex<
     let mut actions: Vec<Value> = lock(undo)
         .overlays
         .iter()
-        .map(|o| json!({"type": "blockdev-snapshot", "data": {"node": o.disk.node_name, "overlay": o.node}}))
+        .map(|o| json!({"type": "blockdev-snapshot", "data": {"node": m.qemu_node(&o.disk), "overlay": o.node}}))
         .collect();
     if let Some(disk) = faulty {
         actions.push(json!({"type": "blockdev-snapshot-sync", "data": {
@@ -304,11 +368,21 @@ async fn thaw(m: &Machine, settings: &SnapshotSettings, undo: &Mutex<Undo>) -> R
 async fn copy_out(
     m: &Machine,
     settings: &SnapshotSettings,
+    faults: &Faults,
     dir: &Path,
     undo: &Mutex<Undo>,
 ) -> Result<Vec<DiskEntry>, BackupError> {
     let disks: Vec<DiskConfig> = lock(undo).overlays.iter().map(|o| o.disk.clone()).collect();
-    super::capture::copy_disks(m.name(), disks, dir, settings.verify_capture).await
+    super::capture::copy_disks(m.name(), disks, dir, settings.verify_capture, faults.clone()).await
+}
+
+/// Fails if QEMU paused the VM because the snapshot volume is full.
+async fn no_volume_full(m: &Machine) -> Result<(), BackupError> {
+    let disks = merge::paused_for_space(m).await?;
+    if disks.is_empty() {
+        return Ok(());
+    }
+    Err(BackupError::SnapshotVolumeFull { vm: m.name().to_owned(), disks })
 }
 
 async fn hash(vm: &str, dir: &Path, disks: &mut [DiskEntry]) -> Result<(), BackupError> {
@@ -328,48 +402,44 @@ async fn hash(vm: &str, dir: &Path, disks: &mut [DiskEntry]) -> Result<(), Backu
 ///
 /// What is active is asked of QEMU, not taken from the log: an interruption can land after
 /// QEMU ran the transaction but before the log recorded it.
-pub(super) async fn merge(m: &Machine, settings: &SnapshotSettings, undo: &Mutex<Undo>) -> Result<(), BackupError> {
+pub(super) async fn merge(m: &Machine, settings: &SnapshotSettings, undo: &Mutex<Undo>) -> Result<MergeOutcome, BackupError> {
+    release_reserve(m, undo)?;
     let overlays = lock(undo).overlays.clone();
     if overlays.is_empty() {
         lock(undo).snapshotted = false;
-        return Ok(());
+        return Ok(MergeOutcome::Converged);
     }
     let active = active_roots(m).await?;
+    let limits = CommitLimits {
+        speed: settings.merge_speed,
+        converge: settings.merge_converge,
+        finish: settings.merge_deadline,
+    };
+    let mut outcome = MergeOutcome::Converged;
     for o in overlays.iter().filter(|o| active.contains(&o.node)) {
-        commit_one(m, o, settings.merge_deadline).await?;
+        outcome = outcome.then(merge::commit(m, &o.disk.node_name, m.qemu_node(&o.disk), &o.node, limits).await?);
     }
     lock(undo).snapshotted = false;
-    remove_overlays(m, undo).await
+    remove_overlays(m, undo).await?;
+    Ok(outcome)
+}
+
+/// Frees the merge reserve, giving the merge its room. Kept in the log if it cannot be.
+fn release_reserve(m: &Machine, undo: &Mutex<Undo>) -> Result<(), BackupError> {
+    let Some(path) = lock(undo).reserve.take() else { return Ok(()) };
+    match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            lock(undo).reserve = Some(path);
+            Err(BackupError::io(m.name(), "release the merge reserve", e))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// The node names attached to the VM's devices right now.
 async fn active_roots(m: &Machine) -> Result<Vec<String>, BackupError> {
     let blocks = qmp_typed(m, query_block {}).await?;
     Ok(blocks.into_iter().filter_map(|b| b.inserted?.node_name).collect())
-}
-
-async fn commit_one(m: &Machine, o: &Overlay, deadline: Duration) -> Result<(), BackupError> {
-    let job = format!("commit-{}", o.disk.node_name);
-    let step = |what: &str, e| BackupError::step(m.name(), &format!("{what} {}", o.disk.node_name), m.qmp_err(e));
-    let _ = m.qmp().events().drain("BLOCK_JOB_READY");
-    let _ = m.qmp().events().drain("BLOCK_JOB_COMPLETED");
-    qmp(m, "block-commit", json!({"job-id": job, "device": o.node, "base-node": o.disk.node_name})).await?;
-    let is_job = |d: &Value| d["device"] == job.as_str();
-    m.qmp().wait_event("BLOCK_JOB_READY", is_job, deadline).await.map_err(|e| step("wait for the commit of", e))?;
-    qmp(m, "job-complete", json!({"id": job})).await?;
-    let done = m
-        .qmp()
-        .wait_event("BLOCK_JOB_COMPLETED", is_job, deadline)
-        .await
-        .map_err(|e| step("wait for the pivot of", e))?;
-    if let Some(err) = done.data["error"].as_str() {
-        return Err(BackupError::Merge {
-            vm: m.name().to_owned(),
-            disk: o.disk.node_name.clone(),
-            error: err.to_owned(),
-        });
-    }
-    Ok(())
 }
 
 /// Deletes the overlay nodes, then their files. A file is deleted only once QEMU no longer
@@ -401,7 +471,7 @@ async fn remove_overlays(m: &Machine, undo: &Mutex<Undo>) -> Result<(), BackupEr
 pub async fn recover(m: &Machine, settings: &SnapshotSettings, undo: &Mutex<Undo>) -> Result<(), BackupError> {
     let dirty = !lock(undo).is_clean();
     let thawed = thaw(m, settings, undo).await;
-    let merged = merge(m, settings, undo).await;
+    let merged = merge(m, settings, undo).await.map(drop);
     let done = thawed.and(merged);
     if dirty && done.is_ok() {
         lock(undo).recovered = true;

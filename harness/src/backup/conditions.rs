@@ -145,9 +145,13 @@ pub async fn evaluate(m: &Machine, snapshot_dir: &Path, agent_deadline: Duration
         Ok(s) => Finding::Failed(format!("the VM is {} (QEMU: {})", s.label(), s.status)),
         Err(e) => Finding::Failed(format!("query-status failed: {e}")),
     };
-    let serials: Vec<&str> = cfg.disks.iter().map(|d| d.node_name.as_str()).collect();
+    // The serials of the VM's disks tell its filesystems from others. A VM quiesce did not
+    // start may have disks without one: then every disk the guest has counts as ours.
+    let known = m.guest_serials();
+    let serials: Vec<&str> = known.iter().flatten().map(String::as_str).collect();
+    let ours = |s: Option<&str>| known.is_none() || s.is_some_and(|s| serials.contains(&s));
     let basic = match (host_disks_basic(cfg), &guest) {
-        (Finding::Held(host), Some(g)) => match guest_disks_basic(&g.disks, &serials) {
+        (Finding::Held(host), Some(g)) => match guest_disks_basic_where(&g.disks, ours) {
             Finding::Held(guest) => match g.windows.as_ref().map(|w| windows::guest_disks(w, &serials)) {
                 None => Finding::Held(format!("{host}; {guest}")),
                 Some(Finding::Held(win)) => Finding::Held(format!("{host}; {guest}; {win}")),
@@ -158,7 +162,7 @@ pub async fn evaluate(m: &Machine, snapshot_dir: &Path, agent_deadline: Duration
         (Finding::Held(host), None) => Finding::NotChecked(format!("{NO_AGENT} (host side: {host})")),
         (host, _) => host,
     };
-    let filesystems = guest.as_ref().map_or_else(unchecked, |g| filesystems_support_snapshots(&g.fsinfo, &serials));
+    let filesystems = guest.as_ref().map_or_else(unchecked, |g| filesystems_support_snapshots_where(&g.fsinfo, ours));
     let os = guest.as_ref().map_or_else(unchecked, |g| os_supported(&g.osinfo));
     vec![
         agent.verdict(Condition::AgentCanFreeze),
@@ -175,7 +179,7 @@ pub async fn evaluate(m: &Machine, snapshot_dir: &Path, agent_deadline: Duration
 #[derive(Debug, thiserror::Error)]
 pub enum GuestFactsError {
     /// The VM was started without a guest agent channel, so nothing can be asked of the guest.
-    #[error("the VM has no guest agent channel (the agent is not installed)")]
+    #[error("the VM has no guest agent channel (none was given, or the agent is not installed)")]
     NoChannel,
     /// The agent did not answer in time: not running, hung, or the guest is not up.
     #[error("the guest agent did not answer {command} within {waited:?}")]
@@ -294,12 +298,13 @@ pub fn host_disks_basic(cfg: &MachineConfig) -> Finding {
 /// Condition 4, guest side, on a `guest-get-disks` reply: no device-mapper, md or LVM
 /// volume built on the backed-up disks (those may span disks or be dynamic).
 pub fn guest_disks_basic(disks: &[GuestDiskInfo], serials: &[&str]) -> Finding {
+    guest_disks_basic_where(disks, |s| s.is_some_and(|s| serials.contains(&s)))
+}
+
+/// [`guest_disks_basic`], with the backed-up disks told by `is_ours` on their serial.
+pub fn guest_disks_basic_where(disks: &[GuestDiskInfo], is_ours: impl Fn(Option<&str>) -> bool) -> Finding {
     let serial = |d: &GuestDiskInfo| d.address.as_ref().and_then(|a| a.serial.clone());
-    let ours: Vec<&str> = disks
-        .iter()
-        .filter(|d| serial(d).is_some_and(|s| serials.contains(&s.as_str())))
-        .map(|d| d.name.as_str())
-        .collect();
+    let ours: Vec<&str> = disks.iter().filter(|d| is_ours(serial(d).as_deref())).map(|d| d.name.as_str()).collect();
     for d in disks {
         let deps = d.dependencies.as_deref().unwrap_or_default();
         let virtual_volume = d.name.contains("/dm-") || d.name.contains("/md");
@@ -345,9 +350,18 @@ const NOT_SNAPSHOT_CAPABLE: &[(&str, &str)] = &[
 
 /// Condition 5 on a `guest-get-fsinfo` reply, for the filesystems on the backed-up disks.
 pub fn filesystems_support_snapshots(fsinfo: &[GuestFilesystemInfo], serials: &[&str]) -> Finding {
+    filesystems_support_snapshots_where(fsinfo, |s| s.is_some_and(|s| serials.contains(&s)))
+}
+
+/// [`filesystems_support_snapshots`], with the backed-up disks told by `is_ours` on their
+/// serial.
+pub fn filesystems_support_snapshots_where(
+    fsinfo: &[GuestFilesystemInfo],
+    is_ours: impl Fn(Option<&str>) -> bool,
+) -> Finding {
     let mut seen = Vec::new();
     for fs in fsinfo {
-        let on_ours = fs.disk.iter().any(|d| d.serial.as_deref().is_some_and(|s| serials.contains(&s)));
+        let on_ours = fs.disk.iter().any(|d| is_ours(d.serial.as_deref()));
         if !on_ours {
             continue;
         }

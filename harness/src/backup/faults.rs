@@ -8,11 +8,17 @@
 //! mistake. Every method is given the member's `Faults` the same way and reads only the
 //! switches that concern it.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::interrupt::Interrupt;
 use crate::qemu::{GuestAgent, Machine};
+use crate::sys::{deadline, Tool};
 use crate::timeline::Timeline;
+
+/// How long a faulty Child VM Snapshot waits, before its copy-out, for the guest's writer to
+/// fill the snapshot volume: the writer needs a few seconds under TCG on a shared CPU.
+const VOLUME_FILLS_WITHIN: Duration = Duration::from_secs(120);
 
 /// Where a faulty Child VM Snapshot asks QEMU to create an overlay: a folder that does not exist.
 pub(super) const UNCREATABLE_OVERLAY: &str = "/nonexistent-quiesce-fault/overlay.qcow2";
@@ -38,9 +44,20 @@ pub struct Faults {
     pub agent_stops_after_freeze: bool,
     /// Backup sets: this VM's QEMU is killed between PrepareForSnapshot and PostSnapshot.
     pub kill_after_prepare: bool,
+    /// Child VM Snapshot: everything as usual, but no freeze is sent, so the guest is never
+    /// quiesced and the images are a crash-consistent copy of a live guest. It proves that
+    /// the consistency checks fail on such a copy (they must, every time).
+    pub skip_freeze: bool,
     /// Child VM Snapshot: the host holds the guest frozen this long before the transaction
     /// (past Windows VSS's 10 s hold limit, its thaw reports that writes went on).
     pub hold_frozen_for: Option<Duration>,
+    /// Child VM Snapshot: before the copy-out, wait until QEMU pauses the VM because the
+    /// snapshot volume is full (a writer in the guest fills it after the thaw), so that the
+    /// volume is full while the images are copied out.
+    pub wait_for_full_snapshot_volume: bool,
+    /// Child VM Snapshot: the backup target, a mount point, vanishes (lazily unmounted)
+    /// after the VM's first disk has been copied, before the next one.
+    pub target_vanishes: Option<PathBuf>,
 }
 
 impl Faults {
@@ -67,6 +84,29 @@ impl Faults {
         if self.agent_stops_after_freeze {
             // Had the fault not fired, the backup succeeds and the scenario says so.
             let _ = agent.wait_silent(wait).await;
+        }
+    }
+
+    /// Strikes the faults due before a Child VM Snapshot's copy-out.
+    pub(super) async fn before_copy(&self, m: &Machine, tl: &Timeline) {
+        if !self.wait_for_full_snapshot_volume {
+            return;
+        }
+        let full = |d: &serde_json::Value| d["nospace"] == true;
+        let waited = m.qmp().wait_event("BLOCK_IO_ERROR", full, VOLUME_FILLS_WITHIN).await;
+        // Had the volume not filled, the backup succeeds and the scenario says so.
+        if waited.is_ok() {
+            tl.mark(Some(m.name()), "fault: snapshot volume full (QEMU paused the VM)");
+        }
+    }
+
+    /// Strikes the faults due after disk number `index` (from 0) of a VM was copied out.
+    pub(super) fn after_disk_copied(&self, index: usize) {
+        if let (0, Some(target)) = (index, &self.target_vanishes) {
+            // Lazily, as a yanked USB disk or a dropped share goes: the path is gone at once.
+            if let Err(e) = Tool::new("umount", deadline::MOUNT).arg("-l").arg(target).run() {
+                eprintln!("quiesce: fault: the backup target did not vanish: {e}");
+            }
         }
     }
 

@@ -144,15 +144,15 @@ pub async fn backup(
 ) -> Result<VmBackup, BackupError> {
     let dir = writer.vm_dir(m.name())?;
     let machine = machine_spec(m, &dir)?;
-    let (before, disks, state, timings) = match choice.method {
+    let (before, disks, state, timings, freeze) = match choice.method {
         Method::SavedState => {
             let saved = saved_state::save(m, settings.caps, &settings.save, &settings.faults, &dir, tl).await?;
-            (saved.before, saved.disks, Some(saved.state), saved.timings)
+            (saved.before, saved.disks, Some(saved.state), saved.timings, None)
         }
         Method::ChildSnapshot => {
             let before = runstate::query(m).await.map_err(|e| BackupError::step(m.name(), "query-status", e))?;
             let snap = child_snapshot::snapshot(m, &settings.snapshot, &settings.faults, &dir, tl, undo).await?;
-            (before, snap.disks, None, snap.timings)
+            (before, snap.disks, None, snap.timings, Some(snap.freeze))
         }
     };
     let vm = VmBackup {
@@ -166,6 +166,7 @@ pub async fn backup(
         state,
         excluded: vec![],
         timings,
+        freeze,
         files: vec![],
     };
     writer.add(vm.clone());

@@ -86,6 +86,9 @@ pub struct VmBackup {
     #[serde(default)]
     pub excluded: Vec<ExcludedDisk>,
     pub timings: Timings,
+    /// Child VM Snapshot: what the guest's writers acknowledged at the freeze.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freeze: Option<super::freeze_log::FreezeRecord>,
     /// Every other file of the VM's folder (the kernel and initrd under `boot/`), with its
     /// checksum. Empty in format 1, whose boot files are therefore unchecked.
     #[serde(default)]
@@ -167,6 +170,10 @@ pub struct Timings {
     /// Child VM Snapshot: merging the overlay back into the live image.
     #[serde(default)]
     pub merge_ms: Option<f64>,
+    /// Child VM Snapshot: whether the merge caught up with the guest by itself, or the VM
+    /// was paused to finish it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merge_outcome: Option<super::merge::MergeOutcome>,
 }
 
 /// Which entry of a VM's manifest names a file.
@@ -297,6 +304,7 @@ pub(crate) fn sample_vm(disks: Vec<DiskEntry>) -> VmBackup {
         state: None,
         excluded: vec![],
         timings: Timings::default(),
+        freeze: None,
         files: vec![],
     }
 }

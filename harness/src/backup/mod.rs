@@ -1,12 +1,15 @@
 //! Backups: the two methods, the backup folder and its manifest.
 
+pub mod attached;
 pub mod capture;
 pub mod child_snapshot;
 pub mod conditions;
 pub mod faults;
 pub mod folder;
+pub mod freeze_log;
 pub mod job;
 pub mod manifest;
+pub mod merge;
 pub mod passthrough;
 pub mod runstate;
 pub mod saved_state;
@@ -58,6 +61,12 @@ pub enum BackupError {
     /// to the overlay, which is kept.
     #[error("VM {vm}, disk {disk}: merging the overlay back failed: {error}")]
     Merge { vm: String, disk: String, error: String },
+    /// The snapshot volume (where the overlays are) filled up while the guest wrote during
+    /// the backup: QEMU paused the VM, holding its writes. The backup has failed; the
+    /// overlays were merged (into the room the merge reserve kept) and the VM continued,
+    /// which wrote the held writes to its own disks. Give the snapshot folder more room.
+    #[error("VM {vm}: the snapshot volume is full: QEMU paused the VM for space on {disks:?}")]
+    SnapshotVolumeFull { vm: String, disks: Vec<String> },
     /// Child VM Snapshot was demanded but a condition failed, or Saved State is impossible
     /// for this VM; nothing was touched. `conditions` holds every verdict.
     #[error("VM {vm}: Child VM Snapshot was required, but: {reasons}")]

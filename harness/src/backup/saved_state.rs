@@ -369,7 +369,7 @@ pub async fn migrate_to_file(m: &Machine, path: &Path, deadline: Duration) -> Re
 /// so reading the image files now sees exactly what the saved guest saw.
 async fn capture_disks(m: &Machine, dir: &Path, settings: &SaveSettings) -> Result<Vec<DiskEntry>, BackupError> {
     let disks = m.config().disks.iter().filter(|d| !settings.exclude.contains(&d.node_name)).cloned().collect();
-    super::capture::copy_disks(m.name(), disks, dir, settings.verify_capture).await
+    super::capture::copy_disks(m.name(), disks, dir, settings.verify_capture, Faults::default()).await
 }
 
 /// Where a VM's disks stand once it is back in its prior state.

@@ -338,19 +338,19 @@ async fn post_one(
     let m = s.member.machine;
     let prepared = s.prepared.lock().unwrap_or_else(|e| e.into_inner()).take();
     let machine = job::machine_spec(m, &s.dir)?;
-    let (disks, state, timings) = match prepared {
+    let (disks, state, timings, freeze) = match prepared {
         None | Some(Prepared::Skip) => return Ok(None),
         Some(Prepared::Saved(p)) => {
             let mut settings = s.member.save.clone();
             settings.exclude = exclude.to_vec();
             let saved = saved_state::post(m, caps, &settings, &s.dir, tl, p, &s.undo).await?;
-            (saved.disks, Some(saved.state), saved.timings)
+            (saved.disks, Some(saved.state), saved.timings, None)
         }
         Some(Prepared::Snap(f)) => {
             let mut settings = s.member.snapshot.clone();
             settings.exclude = exclude.to_vec();
-            let snap = child_snapshot::post(m, &settings, &s.dir, tl, &s.undo, f).await?;
-            (snap.disks, None, snap.timings)
+            let snap = child_snapshot::post(m, &settings, &s.member.faults, &s.dir, tl, &s.undo, f).await?;
+            (snap.disks, None, snap.timings, Some(snap.freeze))
         }
     };
     Ok(Some(VmBackup {
@@ -374,6 +374,7 @@ async fn post_one(
             })
             .collect(),
         timings,
+        freeze,
         files: vec![],
     }))
 }

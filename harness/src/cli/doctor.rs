@@ -28,7 +28,11 @@ fn version_number(line: &str) -> Option<&str> {
     line.split_whitespace().skip_while(|w| *w != "version").nth(1)
 }
 
-pub async fn run(accel: Option<quiesce::qemu::accel::AccelChoice>, no_build: bool) -> CliResult {
+pub async fn run(
+    accel: Option<quiesce::qemu::accel::AccelChoice>,
+    no_build: bool,
+    report_dir: &std::path::Path,
+) -> CliResult {
     let qemu = default_qemu_binary();
     let mut p = Progress::new();
     p.step("asking QEMU what it can do");
@@ -91,6 +95,18 @@ pub async fn run(accel: Option<quiesce::qemu::accel::AccelChoice>, no_build: boo
         ),
     }
     println!("cache folder  {}", quiesce::image::cache::cache_dir().display());
+    // Runs a killed quiesce left behind (SIGKILL: no undo ran); each is removed here.
+    let work = report_dir.join("work");
+    let leftovers = quiesce::scenario::stale::sweep(&work);
+    if leftovers.is_empty() {
+        println!("leftovers     none in {}", work.display());
+    }
+    for left in &leftovers {
+        println!("leftovers     {left}");
+        if !matches!(left.outcome, quiesce::scenario::stale::Swept::Removed) {
+            ok = false;
+        }
+    }
     Ok(if ok { 0 } else { super::EXIT_FAILED })
 }
 

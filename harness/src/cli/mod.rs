@@ -1,11 +1,13 @@
 //! The `quiesce` command line.
 
+mod backup;
 mod diff;
 mod doctor;
 mod durations;
 mod image;
 mod progress;
 mod report;
+mod restore;
 mod run;
 mod vm;
 
@@ -34,6 +36,10 @@ enum Command {
         /// Do not build the guest image if it is missing (the KVM probe needs its kernel).
         #[arg(long)]
         no_build: bool,
+        /// The report folder whose work folder is checked for runs left by a killed quiesce
+        /// (found ones are removed).
+        #[arg(long, default_value = "quiesce-reports")]
+        report_dir: std::path::PathBuf,
     },
     /// Work with a single test VM.
     Vm {
@@ -90,6 +96,12 @@ enum Command {
         #[arg(long)]
         blocks: bool,
     },
+    /// Back up VMs quiesce did not start, by their QMP (and agent) sockets. Several --qmp
+    /// are one set, all or nothing. The VMs are left as they were on every path.
+    Backup(backup::BackupArgs),
+    /// Restore a VM of a backup into a new QEMU (the backup is only read), run checks on
+    /// it, then shut it down or, with --keep-running, leave it running.
+    Restore(restore::RestoreArgs),
     /// Build or locate guest images.
     Image {
         #[command(subcommand)]
@@ -114,7 +126,7 @@ pub async fn run(cli: Cli) -> i32 {
         return EXIT_FAILED;
     }
     let result = match cli.command {
-        Command::Doctor { no_build } => doctor::run(cli.accel, no_build).await,
+        Command::Doctor { no_build, report_dir } => doctor::run(cli.accel, no_build, &report_dir).await,
         Command::Vm { command } => vm::run(command, cli.accel).await,
         Command::Image { command } => image::run(command, cli.accel).await,
         Command::Run { paths, report_dir, keep_backups, shard, junit } => {
@@ -124,6 +136,8 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Durations { report_dir, write } => durations::run(report_dir, write),
         Command::Verify { backup } => run::verify(backup).await,
         Command::Diff { a, b, ignore, blocks } => diff::run(a, b, ignore, blocks).await,
+        Command::Backup(args) => backup::run(args).await,
+        Command::Restore(args) => restore::run(args).await,
     };
     match result {
         Ok(code) => code,

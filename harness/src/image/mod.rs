@@ -3,6 +3,7 @@
 pub mod cache;
 pub mod fsck;
 pub mod fsread;
+pub mod inspect;
 pub mod manifest;
 pub mod partition;
 pub mod qemu_img;

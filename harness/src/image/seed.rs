@@ -111,6 +111,12 @@ fn run_tool(seed: &DiskSeed, tool: Tool, name: &'static str, package: &'static s
     })
 }
 
+/// The features of a seeded ext4, on top of mke2fs's built-in base (sparse_super,
+/// large_file, filetype, resize_inode, dir_index): Debian's `ext4` feature set, which the
+/// guest image's root filesystem has too (guest-images/linux/mke2fs.conf).
+pub const EXT4_FEATURES: [&str; 9] =
+    ["has_journal", "ext_attr", "extent", "huge_file", "flex_bg", "metadata_csum", "64bit", "dir_nlink", "extra_isize"];
+
 /// A fixed time for every seeded filesystem (2025-01-01), so seeds are reproducible.
 const SEED_TIME: &str = "1735689600";
 
@@ -163,9 +169,16 @@ fn mkfs_ext4(seed: &DiskSeed, staging: &Path, raw: &Path) -> Result<(), SeedErro
         std::fs::write(&p, content).map_err(io)?;
     }
     let uuid = fixed_uuid(&seed.name);
+    // The host's /etc/mke2fs.conf is ignored (MKE2FS_CONFIG=/dev/null), so the features,
+    // block and inode sizes are given here: the same on every host, and those of a real
+    // ext4 (a journal above all: without one there is no replay to prove or to rule out).
     let mkfs = Tool::new("mkfs.ext4", deadline::MKFS)
-        .args(["-q", "-F", "-L", &seed.name, "-U", &uuid, "-E"])
-        .arg(format!("root_owner=0:0,hash_seed={uuid}"))
+        .args(["-q", "-F", "-L", &seed.name, "-U", &uuid, "-b", "4096", "-I", "256", "-i", "16384", "-O"])
+        .arg(EXT4_FEATURES.join(","))
+        .arg("-E")
+        // Inode tables and the journal written out now, so the guest's kernel has no lazy
+        // initialisation of its own to do on the disk later (writes no one asked for).
+        .arg(format!("root_owner=0:0,hash_seed={uuid},lazy_itable_init=0,lazy_journal_init=0,nodiscard"))
         .arg("-d")
         .arg(&root)
         .arg(raw)
@@ -406,7 +419,7 @@ mod tests {
             let text = out.unwrap().stdout_text();
             let times: Vec<&str> = text.lines().filter(|l| l.trim_start().contains("time: 0x")).collect();
             assert!(times.len() >= 3, "{text}");
-            // 1735689600 = 0x67748580 (small inodes have no crtime)
+            // 1735689600 = 0x67748580
             assert!(times.iter().all(|l| l.contains("0x67748580")), "{path}: {times:?}");
         }
     }

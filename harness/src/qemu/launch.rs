@@ -61,7 +61,12 @@ pub fn qemu_args(cfg: &MachineConfig, fds: Fds, serial_log: &Path) -> Vec<String
             },
         });
         push(&["-blockdev", &node.to_string()]);
-        push(&["-device", &format!("virtio-blk-pci,drive={0},id={0}-dev,serial={0}", d.node_name)]);
+        // werror=enospc: a write that finds its volume full (a full snapshot volume) is
+        // held and the VM paused with BLOCK_IO_ERROR, never failed to the guest; a backup
+        // relies on that to merge and continue with nothing lost. QEMU's default, written
+        // out so that no other default can creep in.
+        let dev = format!("virtio-blk-pci,drive={0},id={0}-dev,serial={0},werror=enospc,rerror=report", d.node_name);
+        push(&["-device", &dev]);
     }
     if cfg.start_paused {
         push(&["-S"]);
@@ -99,7 +104,7 @@ mod tests {
         let node: serde_json::Value = serde_json::from_str(&args[i + 1]).unwrap();
         assert_eq!(node["driver"], "qcow2");
         assert_eq!(node["file"]["filename"], "/a,b/root.qcow2");
-        assert_eq!(args[i + 3], "virtio-blk-pci,drive=root,id=root-dev,serial=root");
+        assert_eq!(args[i + 3], "virtio-blk-pci,drive=root,id=root-dev,serial=root,werror=enospc,rerror=report");
     }
 
     #[test]

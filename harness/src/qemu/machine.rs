@@ -2,6 +2,10 @@
 //! connections. Dropping it always stops QEMU (quit, then SIGTERM, then SIGKILL), reaps it
 //! and removes the folder; if the machine failed or the thread is panicking, the evidence
 //! is copied out first.
+//!
+//! A machine can also be *attached* ([`super::attach`]): a QEMU someone else started,
+//! reached through its own QMP (and agent) sockets. Such a machine owns no process: it
+//! never quits, signals or kills that QEMU, and dropping it only closes the connections.
 
 use std::io::Write;
 use std::os::fd::AsRawFd;
@@ -14,7 +18,7 @@ use std::time::Duration;
 use serde_json::json;
 use tokio::net::UnixStream;
 
-use super::config::MachineConfig;
+use super::config::{DiskConfig, MachineConfig};
 use super::launch::{self, Fds};
 use super::process::QemuProcess;
 use super::qga::{AgentError, GuestAgent};
@@ -55,6 +59,19 @@ pub enum MachineError {
     /// the machine is dropped.
     #[error("machine {name}: QEMU did not exit within {waited:?} after the guest was asked to power off")]
     ShutdownTimeout { name: String, waited: Duration },
+    /// The machine is a QEMU quiesce did not start (attached by its sockets): quiesce does
+    /// not power it off, stop or kill it; `what` was refused.
+    #[error("machine {name} was not started by quiesce: it does not {what} it")]
+    NotOurs { name: String, what: &'static str },
+}
+
+/// Whose QEMU process a machine is.
+enum Owner {
+    /// Started by quiesce: stopped and reaped when the machine is dropped.
+    Started(QemuProcess),
+    /// Started by someone else: watched by pidfd when its pid is known (the QMP socket's
+    /// peer), never signalled.
+    Attached(Option<crate::sys::Process>),
 }
 
 pub struct Machine {
@@ -64,8 +81,13 @@ pub struct Machine {
     serial: SerialLog,
     /// A blocking handle on the QMP socket so Drop can send `quit` without a runtime.
     qmp_sync: StdUnixStream,
-    process: QemuProcess,
+    process: Owner,
     cfg: MachineConfig,
+    /// For an attached machine, the name QEMU gives each disk's node where it is not the
+    /// disk's own name (QEMU made it up, `#block123`, or it is not a valid node name).
+    qemu_nodes: Vec<(String, String)>,
+    /// For an attached machine, the serial each disk shows the guest (None: it has none).
+    guest_serials: Option<Vec<Option<String>>>,
     cmdline: String,
     failure: Mutex<Option<String>>,
     run_dir: tempfile::TempDir,
@@ -164,7 +186,70 @@ impl Machine {
                 });
             }
         };
-        Ok(Machine { qmp, agent, serial, qmp_sync, process, cfg, cmdline, failure: Mutex::new(None), run_dir })
+        Ok(Machine {
+            qmp,
+            agent,
+            serial,
+            qmp_sync,
+            process: Owner::Started(process),
+            cfg,
+            qemu_nodes: vec![],
+            guest_serials: None,
+            cmdline,
+            failure: Mutex::new(None),
+            run_dir,
+        })
+    }
+
+    /// A machine over a QEMU someone else started, already connected (see
+    /// [`super::attach`]). `qemu_nodes` maps a disk's name to QEMU's node name where they
+    /// differ; `guest_serials` is each disk's serial as the guest sees it.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn attached(
+        cfg: MachineConfig,
+        qmp: Qmp,
+        qmp_sync: StdUnixStream,
+        agent: Option<GuestAgent>,
+        process: Option<crate::sys::Process>,
+        qemu_nodes: Vec<(String, String)>,
+        guest_serials: Vec<Option<String>>,
+        describe: String,
+        run_dir: tempfile::TempDir,
+    ) -> Machine {
+        Machine {
+            qmp,
+            agent,
+            serial: SerialLog::new(&run_dir.path().join("serial.log")),
+            qmp_sync,
+            process: Owner::Attached(process),
+            cfg,
+            qemu_nodes,
+            guest_serials: Some(guest_serials),
+            cmdline: describe,
+            failure: Mutex::new(None),
+            run_dir,
+        }
+    }
+
+    /// True for a QEMU quiesce did not start: it is never quit, stopped or killed.
+    pub fn is_attached(&self) -> bool {
+        matches!(self.process, Owner::Attached(_))
+    }
+
+    /// The node name QEMU knows `disk` by (its own name, unless the machine is attached and
+    /// QEMU named the node otherwise).
+    pub fn qemu_node<'a>(&'a self, disk: &'a DiskConfig) -> &'a str {
+        self.qemu_nodes.iter().find(|(d, _)| *d == disk.node_name).map_or(disk.node_name.as_str(), |(_, n)| n)
+    }
+
+    /// The serials the guest sees on this machine's disks, to tell its filesystems on them
+    /// from others. None when some disk has no serial, so the guest cannot tell which
+    /// disks are ours: then every filesystem the guest reports counts.
+    pub fn guest_serials(&self) -> Option<Vec<String>> {
+        match &self.guest_serials {
+            None => Some(self.cfg.disks.iter().map(|d| d.node_name.clone()).collect()),
+            Some(s) => s.iter().cloned().collect(),
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -199,8 +284,12 @@ impl Machine {
         self.run_dir.path()
     }
 
+    /// QEMU's pid (0 for an attached QEMU whose pid could not be learnt).
     pub fn pid(&self) -> u32 {
-        self.process.pid()
+        match &self.process {
+            Owner::Started(p) => p.pid(),
+            Owner::Attached(p) => p.as_ref().map_or(0, |p| p.pid()),
+        }
     }
 
     pub fn cmdline(&self) -> &str {
@@ -219,16 +308,23 @@ impl Machine {
     /// Waits until the guest agent answers, failing early if QEMU exits meanwhile.
     pub async fn wait_agent(&mut self, timeout: Duration) -> Result<(), MachineError> {
         let agent = self.agent.as_ref().ok_or_else(|| MachineError::NoAgent { name: self.cfg.name.clone() })?;
-        let exited = tokio::select! {
-            r = agent.wait_ready(timeout) => match r {
+        let exited = match &mut self.process {
+            Owner::Started(process) => tokio::select! {
+                r = agent.wait_ready(timeout) => match r {
+                    Ok(()) => return Ok(()),
+                    Err(AgentError::NotResponding { .. }) => false,
+                    Err(source) => return Err(MachineError::Agent { name: self.cfg.name.clone(), source }),
+                },
+                // None is the timeout: QEMU is still running, the agent just never answered.
+                status = process.wait_async(timeout) => status.is_some(),
+            },
+            Owner::Attached(_) => match agent.wait_ready(timeout).await {
                 Ok(()) => return Ok(()),
                 Err(AgentError::NotResponding { .. }) => false,
                 Err(source) => return Err(MachineError::Agent { name: self.cfg.name.clone(), source }),
             },
-            // None is the timeout: QEMU is still running, the agent just never answered.
-            status = self.process.wait_async(timeout) => status.is_some(),
         };
-        if exited || self.process.try_status().is_some() {
+        if exited || !self.is_running() {
             return Err(self.exited_error("QEMU exited while waiting for the guest agent"));
         }
         self.mark_failed("guest agent never answered");
@@ -237,12 +333,16 @@ impl Machine {
 
     /// Asks the guest to power off through the agent and waits for QEMU to exit.
     pub async fn shutdown(&mut self, timeout: Duration) -> Result<ExitStatus, MachineError> {
+        let Owner::Started(_) = self.process else {
+            return Err(MachineError::NotOurs { name: self.cfg.name.clone(), what: "power off" });
+        };
         let agent = self.agent()?;
         agent
             .execute_no_reply("guest-shutdown", json!({"mode": "powerdown"}), timeout)
             .await
             .map_err(|e| self.agent_err(e))?;
-        match self.process.wait_async(timeout).await {
+        let Owner::Started(process) = &mut self.process else { unreachable!("checked above") };
+        match process.wait_async(timeout).await {
             Some(status) => Ok(status),
             None => {
                 self.mark_failed("guest did not power off");
@@ -253,12 +353,19 @@ impl Machine {
 
     /// True while the QEMU process is alive.
     pub fn is_running(&mut self) -> bool {
-        self.process.try_status().is_none()
+        match &mut self.process {
+            Owner::Started(p) => p.try_status().is_none(),
+            Owner::Attached(p) => p.as_ref().is_none_or(|p| !p.has_exited()),
+        }
     }
 
-    /// Kills QEMU at once (SIGKILL), as a fault would. The guard still cleans up.
+    /// Kills QEMU at once (SIGKILL), as a fault would. The guard still cleans up. An
+    /// attached QEMU is never killed: this does nothing to it and returns None.
     pub fn kill(&mut self) -> Option<ExitStatus> {
-        self.process.kill()
+        match &mut self.process {
+            Owner::Started(p) => p.kill(),
+            Owner::Attached(_) => None,
+        }
     }
 
     /// Marks the machine as failed, so Drop keeps its evidence.
@@ -274,7 +381,11 @@ impl Machine {
 
     fn exited_error(&mut self, why: &str) -> MachineError {
         self.mark_failed(why);
-        let status = self.process.try_status().map(|s| s.to_string()).unwrap_or_else(|| "still running".into());
+        let status = match &mut self.process {
+            Owner::Started(p) => p.try_status().map(|s| s.to_string()),
+            Owner::Attached(p) => p.as_ref().filter(|p| p.has_exited()).map(|_| "exited (not ours to reap)".into()),
+        }
+        .unwrap_or_else(|| "still running".into());
         let output = std::fs::read_to_string(self.run_dir.path().join("qemu.out")).unwrap_or_default();
         MachineError::Exited {
             name: self.cfg.name.clone(),
@@ -287,13 +398,15 @@ impl Machine {
     }
 
     fn stop_qemu(&mut self) {
-        if self.process.try_status().is_some() {
+        // A QEMU someone else started is left running: only the connections close.
+        let Owner::Started(process) = &mut self.process else { return };
+        if process.try_status().is_some() {
             return;
         }
         // A leading newline ends any half-written command a cancelled future left behind.
         let _ = self.qmp_sync.write_all(b"\n{\"execute\":\"quit\"}\n");
-        if self.process.wait_timeout(deadline::QEMU_QUIT).is_none() {
-            self.process.terminate(deadline::QEMU_QUIT);
+        if process.wait_timeout(deadline::QEMU_QUIT).is_none() {
+            process.terminate(deadline::QEMU_QUIT);
         }
     }
 }

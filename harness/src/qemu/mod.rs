@@ -2,6 +2,7 @@
 //! accelerator and capability probes, and the QMP and guest-agent clients.
 
 pub mod accel;
+pub mod attach;
 pub mod caps;
 pub mod compat;
 pub mod config;
@@ -21,6 +22,7 @@ pub mod serial;
 pub mod transcript;
 pub mod winexec;
 
+pub use attach::{attach, AttachError, AttachOptions};
 pub use config::{Accel, DiskConfig, DiskFormat, KernelBoot, MachineConfig};
 pub use events::{Event, EventQueue, WaitError};
 pub use machine::{Machine, MachineError};

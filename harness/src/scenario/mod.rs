@@ -8,13 +8,15 @@
 //! |---|---|---|
 //! | `format` | the file: `spec` (its types), `check` (what serde cannot check) | `format::spec` |
 //! | `report`, `fixture` | what a run produced, and its stable view | `report` |
-//! | `run` | the run itself, in order | all of `run::*` |
+//! | `run` | the run itself, in order | all of `run::*`, `stale` |
 //! | `run::rollback` | rollback cycles | `faults`, `disk_checks`, `ctx`, `error` |
 //! | `run::restore` | restore and its checks, in steps | `restore::guest`, `disk_checks`, `ctx`, `error` |
 //! | `run::restore::guest` | the checks inside a restored guest | `ctx`, `error` |
 //! | `run::after_backup` | the VMs are back as they were; nothing changed | `ctx`, `error` |
 //! | `run::setup` | each VM booted as declared, its workloads started | `ctx`, `error` |
 //! | `run::faults` | the set member and its faults, freeze hooks, the small tmpfs | `ctx`, `error` |
+//! | `run::host_faults` | production faults: a full snapshot volume, a merge that does not converge, a vanishing target | `stale`, `ctx`, `error` |
+//! | `stale` | run folders left by a killed quiesce: the run lock, the sweep | (lower layers only) |
 //! | `run::disk_checks` | manifests and blocks against the backup point | `error` |
 //! | `run::ctx` | options, the run's context value, each VM's state, deadlines | `error` |
 //! | `run::error` | the run's typed error | (lower layers only) |
@@ -27,6 +29,7 @@ pub mod format;
 pub mod report;
 pub mod run;
 pub mod shard;
+pub mod stale;
 
 pub use format::{load, parse, Scenario, ScenarioError};
 pub use report::Report;

@@ -28,6 +28,10 @@ pub const COMMAND_EVENT: Duration = QMP_COMMAND;
 /// it has parsed its arguments and opened its disks, under a second here.
 pub const QMP_CONNECT: Duration = Duration::from_secs(20);
 
+/// Reading the QMP greeting of a QEMU that is already running (`quiesce backup --qmp`): it
+/// greets at once on accept, so a socket silent this long is not a free QMP monitor.
+pub const QMP_ATTACH_GREETING: Duration = Duration::from_secs(5);
+
 /// A QEMU whose QMP greeting failed, exiting by itself: it is most often exiting already,
 /// on an argument it refused, and only its exit status and words are wanted.
 pub const QEMU_FAILED_START_EXIT: Duration = Duration::from_secs(2);

@@ -129,9 +129,13 @@ fn a_child_dies_with_the_thread_that_started_it() {
 
 #[test]
 fn kept_fds_are_inherited_under_their_number() {
-    let (rx, tx) = nix::unistd::pipe().unwrap();
+    // Close-on-exec, as every fd the crate makes: only `keep_fd` lets the child have it, and
+    // the children other tests start meanwhile do not hold the write end open. bash, not
+    // sh: dash takes only fds 0-9 in a redirection, and with tests running side by side the
+    // pipe is often 10 or above.
+    let (rx, tx) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
     let fd = std::os::fd::AsRawFd::as_raw_fd(&tx);
-    let mut child = Spawn::new("sh").args(["-c", &format!("echo hello >&{fd}")]).keep_fd(fd).spawn().unwrap();
+    let mut child = Spawn::new("bash").args(["-c", &format!("echo hello >&{fd}")]).keep_fd(fd).spawn().unwrap();
     drop(tx);
     assert!(child.wait_timeout(Duration::from_secs(10)).unwrap().success());
     let mut got = String::new();

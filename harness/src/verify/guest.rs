@@ -43,3 +43,102 @@ pub async fn fsck_ext4(agent: &GuestAgent, serial: &str, timeout: Duration) -> R
     let tail = lines[lines.len().saturating_sub(TAIL_LINES)..].join("\n");
     Ok(GuestFsck { disk: serial.to_owned(), device, exit_code: out.exit_code, tail })
 }
+
+/// A data disk mounted for the first time in a guest booted on its own: whether the
+/// kernel had to replay its journal, and whether it is clean afterwards.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recovery {
+    pub disk: String,
+    pub device: String,
+    /// The kernel mounted it.
+    pub mounted: bool,
+    /// The kernel said it replayed the journal ("EXT4-fs (vdX): recovery complete").
+    pub replayed: bool,
+    /// The kernel's lines about the device, for the report.
+    pub kernel: Vec<String>,
+    /// `e2fsck -fn` once the kernel had mounted and unmounted it (None if it never mounted).
+    pub fsck_exit: Option<i64>,
+    pub fsck_tail: String,
+}
+
+impl Recovery {
+    /// Mounted, and clean after whatever the kernel had to do.
+    pub fn recovered(&self) -> bool {
+        self.mounted && self.fsck_exit == Some(0)
+    }
+}
+
+/// Mounts the ext4 disk whose serial is `serial` at `/mnt/<serial>` for the first time in
+/// this boot, reads what the kernel said about it, unmounts it for `e2fsck -fn`, and
+/// mounts it again (left mounted for the checks that follow).
+pub async fn recover_ext4(agent: &GuestAgent, serial: &str, timeout: Duration) -> Result<Recovery, ExecError> {
+    let script = format!(
+        "dev=; for b in /sys/block/vd*; do [ \"$(cat $b/serial 2>/dev/null)\" = '{serial}' ] && dev=/dev/${{b##*/}}; done; \
+         [ -n \"$dev\" ] || {{ echo 'no disk with serial {serial}'; exit 8; }}; \
+         if grep -q \"^$dev \" /proc/mounts; then echo \"$dev is mounted already\"; exit 8; fi; \
+         echo \"device $dev\"; mnt=/mnt/{serial}; mkdir -p $mnt; \
+         mount -t ext4 $dev $mnt 2>&1 || {{ echo 'not mounted'; exit 0; }}; echo mounted; \
+         dmesg | grep \"EXT4-fs (${{dev#/dev/}})\" | tail -n 20 | sed 's/^/kernel /'; \
+         umount $mnt || exit 8; e2fsck -fn $dev > /tmp/recover.fsck 2>&1; echo \"fsck $?\"; \
+         tail -n {TAIL_LINES} /tmp/recover.fsck; mount -t ext4 $dev $mnt || exit 8"
+    );
+    let out = exec::run(agent, &["/bin/sh", "-c", &script], timeout).await?;
+    if out.exit_code != 0 {
+        return Err(ExecError::Failed {
+            argv: vec!["/bin/sh".into(), "-c".into(), format!("(mount, e2fsck and mount {serial})")],
+            exit_code: out.exit_code,
+            stderr: format!("{}{}", out.stdout.trim(), out.stderr.trim()),
+        });
+    }
+    Ok(parse_recovery(serial, &out.stdout))
+}
+
+fn parse_recovery(serial: &str, out: &str) -> Recovery {
+    let mut r = Recovery {
+        disk: serial.to_owned(),
+        device: "?".into(),
+        mounted: false,
+        replayed: false,
+        kernel: vec![],
+        fsck_exit: None,
+        fsck_tail: String::new(),
+    };
+    let mut tail = Vec::new();
+    for line in out.lines() {
+        if let Some(d) = line.strip_prefix("device ") {
+            r.device = d.to_owned();
+        } else if line == "mounted" {
+            r.mounted = true;
+        } else if let Some(k) = line.strip_prefix("kernel ") {
+            r.replayed |= k.ends_with("recovery complete");
+            r.kernel.push(k.to_owned());
+        } else if let Some(code) = line.strip_prefix("fsck ") {
+            r.fsck_exit = code.trim().parse().ok();
+        } else if r.fsck_exit.is_some() {
+            tail.push(line);
+        }
+    }
+    r.fsck_tail = tail.join("\n");
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recoveries_read_from_the_guest() {
+        let out = "device /dev/vdb\nmounted\nkernel [    6.1] EXT4-fs (vdb): recovery complete\n\
+                   kernel [    6.2] EXT4-fs (vdb): mounted filesystem r/w with ordered data mode\nfsck 0\n\
+                   data: 12/16384 files\n";
+        let r = parse_recovery("data", out);
+        assert!(r.replayed && r.recovered() && r.device == "/dev/vdb", "{r:?}");
+        assert_eq!(r.fsck_tail, "data: 12/16384 files");
+        let clean =
+            parse_recovery("data", "device /dev/vdb\nmounted\nkernel EXT4-fs (vdb): mounted filesystem\nfsck 0\n");
+        assert!(!clean.replayed && clean.recovered());
+        let bad = parse_recovery("data", "device /dev/vdb\nmount: invalid argument\nnot mounted\n");
+        assert!(!bad.mounted && !bad.recovered());
+        assert!(!parse_recovery("data", "device /dev/vdb\nmounted\nfsck 4\nerrors\n").recovered());
+    }
+}

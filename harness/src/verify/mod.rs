@@ -5,5 +5,6 @@ pub mod corrupt;
 pub mod guest;
 pub mod guest_windows;
 pub mod restore;
+pub mod rollback_attached;
 
 pub use restore::{RestoreError, RestoreOptions, Restored};

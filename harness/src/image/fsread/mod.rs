@@ -9,6 +9,7 @@
 pub mod ext4;
 pub mod ntfs;
 pub mod ntfs_file;
+pub mod state;
 pub mod volumes;
 
 use std::fs::File;

@@ -92,14 +92,32 @@ pub(super) fn check(f: &ScenarioFile) -> Result<(), (Range<usize>, String)> {
             return Err((r.checks.span(), msg.into()));
         }
         let corrupts = f.faults.iter().any(|x| x.get_ref().kind.on_restored_file());
-        if r.expect == RestoreExpect::Mismatch && !corrupts {
-            let msg =
-                "expect = \"mismatch\" needs a fault on a restored file (flip-byte-in-restore, truncate-in-restore)";
+        let defeats = f.faults.iter().find(|x| !x.get_ref().kind.defeats().is_empty());
+        if r.expect == RestoreExpect::Mismatch && !corrupts && defeats.is_none() {
+            let msg = "expect = \"mismatch\" needs a fault on a restored file (flip-byte-in-restore, \
+                       truncate-in-restore) or one that defeats a check (skip-freeze, skip-freeze-hooks)";
             return Err((r.checks.span(), msg.into()));
         }
         if corrupts && r.expect != RestoreExpect::Mismatch {
             let msg = "a fault on a restored file makes the restore differ: set expect = \"mismatch\"";
             return Err((r.checks.span(), msg.into()));
+        }
+        if let Some(fault) = defeats {
+            let kind = fault.get_ref().kind;
+            if r.expect != RestoreExpect::Mismatch {
+                let msg = format!("{} makes checks fail: set expect = \"mismatch\"", kind.name());
+                return Err((r.checks.span(), msg));
+            }
+            // Without one of the checks it defeats, the scenario would pass having proved nothing.
+            if !kind.defeats().iter().any(|c| r.checks.get_ref().contains(c)) {
+                let names: Vec<&str> = kind.defeats().iter().map(|c| c.name()).collect();
+                let msg = format!("{} is there to make checks fail: list at least one of {names:?}", kind.name());
+                return Err((r.checks.span(), msg));
+            }
+            if backup.method() != MethodChoice::ChildSnapshot {
+                let msg = format!("{} is a fault of Child VM Snapshot: set method = \"child-snapshot\"", kind.name());
+                return Err((fault.span(), msg));
+            }
         }
     }
     if let Some(rb) = &f.rollback {

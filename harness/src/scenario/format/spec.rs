@@ -98,18 +98,68 @@ pub enum FaultKind {
     FlipByteInRestore,
     /// A file is truncated to half its size in the restored guest (`disk`, `path`).
     TruncateInRestore,
+    /// Child VM Snapshot exactly as usual, but no freeze is sent: the backup is a
+    /// crash-consistent copy of a live guest. Test-only; the consistency checks must fail.
+    SkipFreeze,
+    /// The filesystems are frozen, but the app's freeze hook is made non-executable in the
+    /// guest first, so the app is not paused: a VSS writer that did not take part.
+    SkipFreezeHooks,
     /// Windows: the host holds the guest frozen for 12 s before the snapshot transaction,
     /// past VSS's 10 s hold limit, so the thaw reports that writes went on.
     HoldPastVssLimit,
     /// Windows: qemu-ga's VSS provider is unregistered in the guest before the backup
     /// (`qemu-ga.exe -s vss-uninstall`), so VSS fails to initialise.
     VssProviderUnregistered,
+    /// The VM's folder (disks and overlays) is a small tmpfs, and a writer in the guest
+    /// fills it after the thaw: QEMU pauses the VM for space during the copy-out (needs
+    /// root to mount it).
+    SnapshotVolumeFull,
+    /// A writer in the guest outpaces a rate-limited merge, which does not catch up within
+    /// its short convergence deadline: the VM is paused to finish it.
+    MergeDoesNotConverge,
+    /// The backup target is a tmpfs lazily unmounted after the VM's first disk is copied
+    /// (needs root to mount it).
+    BackupTargetVanishes,
 }
 
 impl FaultKind {
     /// Faults on a restored file, which need `disk` and `path`.
     pub fn on_restored_file(self) -> bool {
         matches!(self, FaultKind::FlipByteInRestore | FaultKind::TruncateInRestore)
+    }
+
+    /// The consistency checks this fault must make fail: a scenario with it expects the
+    /// restore's verification to fail (`expect = "mismatch"`), and proves that they bite.
+    pub fn defeats(self) -> &'static [Check] {
+        match self {
+            FaultKind::SkipFreeze => &[Check::FsQuiesced, Check::AppConsistent, Check::JournalCutAtFreeze],
+            FaultKind::SkipFreezeHooks => &[Check::AppConsistent],
+            _ => &[],
+        }
+    }
+
+    /// The name a scenario file gives it.
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultKind::TransactionFails => "transaction-fails",
+            FaultKind::SaveFails => "save-fails",
+            FaultKind::AgentHangsInFreeze => "agent-hangs-in-freeze",
+            FaultKind::InterruptAfterFreeze => "interrupt-after-freeze",
+            FaultKind::SigintAfterFreeze => "sigint-after-freeze",
+            FaultKind::QemuKilledAfterPrepare => "qemu-killed-after-prepare",
+            FaultKind::BackupTargetFull => "backup-target-full",
+            FaultKind::AgentFreezeFails => "agent-freeze-fails",
+            FaultKind::AgentStopsAfterFreeze => "agent-stops-after-freeze",
+            FaultKind::FlipByteInRestore => "flip-byte-in-restore",
+            FaultKind::TruncateInRestore => "truncate-in-restore",
+            FaultKind::SkipFreeze => "skip-freeze",
+            FaultKind::SkipFreezeHooks => "skip-freeze-hooks",
+            FaultKind::HoldPastVssLimit => "hold-past-vss-limit",
+            FaultKind::VssProviderUnregistered => "vss-provider-unregistered",
+            FaultKind::SnapshotVolumeFull => "snapshot-volume-full",
+            FaultKind::MergeDoesNotConverge => "merge-does-not-converge",
+            FaultKind::BackupTargetVanishes => "backup-target-vanishes",
+        }
     }
 }
 
@@ -348,6 +398,40 @@ pub enum Check {
     /// The restored guest booted from the backed-up root disk, not from the test image: a
     /// token written to it before the backup is there.
     RootFromBackup,
+    /// Child VM Snapshot: every ext4 filesystem in the backup was frozen when it was taken,
+    /// read from its superblock and journal on the host: `needs_recovery` clear and the
+    /// journal's log empty (NTFS: the dirty flag clear).
+    FsQuiesced,
+    /// Child VM Snapshot: the journal workload's lines acknowledged before the freeze are
+    /// all in the backup, and none acknowledged after the thaw is, read from the backup's
+    /// image on the host and placed by the guest's own clock against the freeze.
+    JournalCutAtFreeze,
+    /// The backup's ext4 data disks, booted on their own (never from a saved state), mount
+    /// clean: a crash-consistent one after the kernel replays its journal, which the check
+    /// names; a frozen one with no replay at all.
+    AutoRecoverable,
+}
+
+impl Check {
+    /// The name a scenario file gives it, and reports show.
+    pub fn name(self) -> &'static str {
+        match self {
+            Check::SameBoot => "same-boot",
+            Check::CounterContinues => "counter-continues",
+            Check::DisksMatchBackup => "disks-match-backup",
+            Check::FilesMatchSeed => "files-match-seed",
+            Check::JournalIntact => "journal-intact",
+            Check::FsckClean => "fsck-clean",
+            Check::AppConsistent => "app-consistent",
+            Check::ManifestMatchesBackup => "manifest-matches-backup",
+            Check::BlocksMatchBackup => "blocks-match-backup",
+            Check::GuestFsck => "guest-fsck",
+            Check::RootFromBackup => "root-from-backup",
+            Check::FsQuiesced => "fs-quiesced",
+            Check::JournalCutAtFreeze => "journal-cut-at-freeze",
+            Check::AutoRecoverable => "auto-recoverable",
+        }
+    }
 }
 
 /// A scenario that parsed and passed every check.
@@ -381,6 +465,16 @@ impl Scenario {
     /// Whether any VM gets a fault of `kind`.
     pub fn any_fault(&self, kind: FaultKind) -> bool {
         self.file.faults.iter().any(|f| f.get_ref().kind == kind)
+    }
+
+    /// The fault on VM `vm` that must make `check` fail, if there is one.
+    pub fn defeated_by(&self, vm: &str, check: Check) -> Option<FaultKind> {
+        self.file
+            .faults
+            .iter()
+            .map(|f| f.get_ref())
+            .find(|f| f.vm.get_ref() == vm && f.kind.defeats().contains(&check))
+            .map(|f| f.kind)
     }
 }
 

@@ -189,6 +189,44 @@ fn sizes() {
 }
 
 #[test]
+fn faults_that_defeat_checks_need_mismatch_those_checks_and_child_snapshot() {
+    let snap = GOOD.replace("method = \"saved-state\"", "method = \"child-snapshot\"");
+    let fault = |kind: &str| format!("\n[[fault]]\nvm = \"vm1\"\nkind = \"{kind}\"\n");
+    let with = |checks: &str, expect: &str, kind: &str| {
+        snap.replace("checks = [\"same-boot\", \"files-match-seed\"]", &format!("checks = {checks}\n{expect}"))
+            + &fault(kind)
+    };
+    let ok = parse(Path::new("x.toml"), &with("[\"fs-quiesced\"]", "expect = \"mismatch\"", "skip-freeze")).unwrap();
+    assert_eq!(ok.defeated_by("vm1", Check::FsQuiesced), Some(FaultKind::SkipFreeze));
+    assert_eq!(ok.defeated_by("vm1", Check::FilesMatchSeed), None);
+    let e = err(&with("[\"fs-quiesced\"]", "", "skip-freeze"));
+    assert!(e.message.contains("skip-freeze makes checks fail: set expect = \"mismatch\""), "{e}");
+    let e = err(&with("[\"same-boot\"]", "expect = \"mismatch\"", "skip-freeze-hooks"));
+    assert!(e.message.contains("list at least one of [\"app-consistent\"]"), "{e}");
+    let saved = with("[\"fs-quiesced\"]", "expect = \"mismatch\"", "skip-freeze")
+        .replace("method = \"child-snapshot\"", "method = \"saved-state\"");
+    assert!(err(&saved).message.contains("set method = \"child-snapshot\""));
+    // Check names as reports show them are those the file uses.
+    for c in [Check::FsQuiesced, Check::JournalCutAtFreeze, Check::AutoRecoverable, Check::GuestFsck] {
+        let parsed: Check = toml::Value::String(c.name().into()).try_into().unwrap();
+        assert_eq!(parsed, c);
+    }
+    for k in [
+        FaultKind::SkipFreeze,
+        FaultKind::SkipFreezeHooks,
+        FaultKind::AgentHangsInFreeze,
+        FaultKind::HoldPastVssLimit,
+        FaultKind::VssProviderUnregistered,
+        FaultKind::SnapshotVolumeFull,
+        FaultKind::MergeDoesNotConverge,
+        FaultKind::BackupTargetVanishes,
+    ] {
+        let parsed: FaultKind = toml::Value::String(k.name().into()).try_into().unwrap();
+        assert_eq!(parsed, k);
+    }
+}
+
+#[test]
 fn a_huge_value_is_not_repeated_in_full_and_a_huge_file_is_not_read() {
     // Found by the fuzz test (harness/tests/fuzz): serde repeats an unknown value whole.
     let long = "x".repeat(100_000);

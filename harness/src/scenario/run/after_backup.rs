@@ -105,7 +105,8 @@ pub(super) async fn nothing_changed(
             report.check(name, "killed-vm-reported", dead, "its QEMU was killed by the fault; it cannot be put back");
             continue;
         }
-        let overlays = names_in(&vm.snapshot_dir(ctx.s), |n| n.ends_with("-overlay.qcow2"));
+        let overlays =
+            names_in(&vm.snapshot_dir(ctx.s), |n| n.ends_with("-overlay.qcow2") || n.ends_with("-merge-reserve"));
         report.check(name, "no-overlays-left", overlays.is_empty(), format!("{overlays:?}"));
         let (own, detail) = own_images(m).await?;
         report.check(name, "on-its-own-images", own, detail);

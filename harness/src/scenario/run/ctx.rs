@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::super::format::{Filesystem, Scenario, VmSpec, VmState};
+use super::super::format::{Check, Filesystem, Scenario, VmSpec, VmState};
 use super::super::report::Report;
 use super::error::{io, At, Cause, RunError};
 use crate::interrupt::Interrupt;
@@ -104,6 +104,15 @@ impl Vm {
     /// Where its overlays go: the scenario's `snapshot_dir`, else beside its disks.
     pub fn snapshot_dir(&self, s: &Scenario) -> PathBuf {
         s.backup().snapshot_dir.as_ref().map(|d| PathBuf::from(d.get_ref())).unwrap_or_else(|| self.dir.clone())
+    }
+}
+
+/// Records how `check` went on VM `vm`: under its own name, or, when a fault of the
+/// scenario is there to make it fail, as "CHECK catches FAULT", passed when it failed.
+pub(super) fn verdict(s: &Scenario, report: &mut Report, vm: &str, check: Check, ok: bool, detail: impl Into<String>) {
+    match s.defeated_by(vm, check) {
+        Some(fault) => report.check(vm, &format!("{} catches {}", check.name(), fault.name()), !ok, detail),
+        None => report.check(vm, check.name(), ok, detail),
     }
 }
 

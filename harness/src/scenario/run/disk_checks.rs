@@ -1,6 +1,7 @@
 //! Host-side checks of restored disks against the backup point: file manifests (read from
 //! the backup's own image, then from the restored disk after its guest ran) and block
 //! content (before the guest runs). A failure names the path or the offset that differs.
+//! And one of the backup alone: the state its filesystems were left in (`fs-quiesced`).
 
 use std::path::{Path, PathBuf};
 
@@ -8,7 +9,9 @@ use super::super::format::ManifestSpec;
 use super::super::report::{ManifestReport, Report};
 use super::error::{At, Cause, DiskPlace, RunError};
 use crate::backup::{Backup, VmBackup};
-use crate::image::manifest::{self, EntryKind, Limits, Manifest};
+use crate::image::fsread::state::Quiesced;
+use crate::image::inspect::{FsState, RawImage};
+use crate::image::manifest::{self, place, EntryKind, Limits, Manifest};
 use crate::qemu::DiskFormat;
 use crate::verify::blockcmp::{self, BlockComparison};
 
@@ -113,6 +116,69 @@ pub(super) async fn compare_manifests(
         all.push((p.disk.clone(), differences));
     }
     Ok(all)
+}
+
+/// `fs-quiesced`: each filesystem of each backed-up disk as its metadata says it was left,
+/// read through QEMU's drivers; passed when every ext4 was frozen clean (no journal replay
+/// needed), at least one was judged, and no NTFS volume is marked for chkdsk (NTFS is not
+/// otherwise judged). An image that cannot be read fails it, with why.
+pub(super) async fn fs_quiesced(backup: &Backup, vb: &VmBackup) -> Result<(bool, String), RunError> {
+    let mut ok = true;
+    let mut seen = 0;
+    let mut lines = Vec::new();
+    for d in &vb.disks {
+        let (image, format) = (backup.vm_dir(&vb.name).join(&d.file), d.format);
+        let states = tokio::task::spawn_blocking(move || RawImage::open(&image, format)?.states()).await;
+        let states = match states {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                ok = false;
+                lines.push(format!("{}: unreadable: {e}", d.node_name));
+                continue;
+            }
+            Err(e) => {
+                ok = false;
+                lines.push(format!("{}: unreadable: {e}", d.node_name));
+                continue;
+            }
+        };
+        for v in states {
+            let at = match v.partition {
+                None => d.node_name.clone(),
+                Some(_) => format!("{} {}", d.node_name, place(v.partition)),
+            };
+            let line = match &v.fs {
+                FsState::Ext4(s) => {
+                    seen += 1;
+                    match s.quiesced() {
+                        Quiesced::Clean => format!("{at}: ext4 frozen clean (needs_recovery clear, journal empty)"),
+                        Quiesced::NeedsReplay { why } => {
+                            ok = false;
+                            format!("{at}: ext4 NEEDS A JOURNAL REPLAY: {why}")
+                        }
+                        Quiesced::Unknown { why } => {
+                            ok = false;
+                            format!("{at}: ext4 cannot be judged: {why}")
+                        }
+                    }
+                }
+                // The dirty flag means "chkdsk is due"; a live volume need not have it set
+                // (ntfs-3g never sets it), and $LogFile is not read: not proven either way.
+                FsState::Ntfs(s) if s.dirty => {
+                    ok = false;
+                    format!("{at}: ntfs marked DIRTY (chkdsk is due)")
+                }
+                FsState::Ntfs(_) => format!("{at}: ntfs not checked (dirty flag clear; $LogFile not read)"),
+                FsState::Unread(what) => format!("{at}: {what}, not checked"),
+            };
+            lines.push(line);
+        }
+    }
+    if seen == 0 {
+        ok = false;
+        lines.push("no ext4 filesystem to judge".into());
+    }
+    Ok((ok, lines.join("; ")))
 }
 
 /// One disk to compare block by block: its name, the restored image and the backup's.

@@ -1,7 +1,7 @@
 //! The faults a scenario injects into its backup, by real mechanisms: the backup job's own
 //! fault settings (set here, in the one function that builds a set member), freeze hooks
-//! in the guest, a watcher that stops the guest's agent, and a backup target too small to
-//! hold the backup. Faults on a restored disk belong to the restore (`restore.rs`).
+//! in the guest (added, or the app's made non-executable), a watcher that stops the
+//! guest's agent, and a backup target too small to hold the backup. Faults on a restored disk belong to the restore (`restore.rs`).
 //!
 //! Everything that knows how `backup::set` takes its faults, and how it reports what it
 //! could not put back, is in this file, so that a change there is a change here only.
@@ -55,7 +55,10 @@ pub(super) fn member<'a>(s: &Scenario, vm: &'a Vm, method: MethodChoice) -> Memb
             sigint_after_freeze: has(FaultKind::SigintAfterFreeze),
             agent_stops_after_freeze: has(FaultKind::AgentStopsAfterFreeze),
             kill_after_prepare: has(FaultKind::QemuKilledAfterPrepare),
+            skip_freeze: has(FaultKind::SkipFreeze),
             hold_frozen_for: has(FaultKind::HoldPastVssLimit).then_some(HOLD_PAST_VSS_LIMIT),
+            // Set by `host_faults::adjust`.
+            ..Faults::default()
         },
     }
 }
@@ -88,6 +91,14 @@ pub(super) async fn arm_guest(s: &Scenario, vm: &Vm) -> Result<(), RunError> {
         let veto = "[ \"$1\" = freeze ] || exit 0\necho \"quiesce fault: this writer vetoes the freeze\" >&2\nexit 1";
         install_hook(vm, "zz-quiesce-veto", veto).await?;
     }
+    if s.has_fault(vm.name(), FaultKind::SkipFreezeHooks) {
+        // The hook stays in place, but the freeze hook runs only executable scripts: the
+        // app is left out of the freeze, as a VSS writer that does not take part.
+        let agent = vm.guest.machine.agent().map_err(vm.fail("the guest agent"))?;
+        crate::qemu::exec::sh(agent, &format!("chmod a-x {APP_HOOK}"), deadline::GUEST_EXEC)
+            .await
+            .map_err(vm.fail("making the app's freeze hook non-executable"))?;
+    }
     if s.has_fault(vm.name(), FaultKind::AgentStopsAfterFreeze) {
         // Silent for longer than the thaw may wait, so the thaw times out; the undo's own
         // wait outlasts it.
@@ -99,6 +110,9 @@ pub(super) async fn arm_guest(s: &Scenario, vm: &Vm) -> Result<(), RunError> {
     }
     Ok(())
 }
+
+/// The test guest's freeze hook that pauses quiesce-app (guest-images/linux/rootfs).
+const APP_HOOK: &str = "/etc/qemu/fsfreeze-hook.d/quiesce-app";
 
 /// Installs a fault's freeze hook in the guest: `body` (printf escapes) after `#!/bin/sh`.
 /// One that sleeps past the freeze deadline hangs the agent in guest-fsfreeze-freeze; one

@@ -11,6 +11,7 @@ mod ctx;
 mod disk_checks;
 mod error;
 mod faults;
+mod host_faults;
 mod restore;
 mod rollback;
 mod setup;
@@ -74,7 +75,11 @@ async fn run_inner(
         .prefix(&format!("{}-", s.name))
         .tempdir_in(&opts.work_dir)
         .map_err(io(at(), &opts.work_dir))?;
+    // Held while the run lasts: a run folder whose lock is free was left by a killed run.
+    let _lock = super::stale::claim(work.path()).map_err(io(at(), work.path()))?;
     let mut ctx = RunCtx { s, opts, tl, caps: &caps, work: work.path(), report, progress };
+    // Before the VMs, so dropped after them: their disks may live on these.
+    let _volumes = host_faults::before_boot(s, work.path())?;
 
     let mut vms = Vec::new();
     for spec in s.vms() {
@@ -95,8 +100,17 @@ async fn run_inner(
     let full_target = s.any_fault(FaultKind::BackupTargetFull);
     // Mounted for the rest of the run: the backup lives on it.
     let _small = if full_target { Some(faults::SmallTmpfs::mount(&work.path().join("target"))?) } else { None };
-    let path = if full_target { work.path().join("target").join("backup") } else { work.path().join("backup") };
-    let Some(backup) = backup(&mut ctx, &mut vms, &path).await? else { return Ok(()) };
+    let vanishing = host_faults::vanishing_target(s, work.path())?;
+    let path = match &vanishing {
+        Some((_, path)) => path.clone(),
+        None if full_target => work.path().join("target").join("backup"),
+        None => work.path().join("backup"),
+    };
+    let backup = backup(&mut ctx, &mut vms, &path).await?;
+    for vm in &vms {
+        host_faults::after_job(&mut ctx, vm).await?;
+    }
+    let Some(backup) = backup else { return Ok(()) };
 
     for vm in &vms {
         let entry = backup.vm(vm.name());
@@ -141,9 +155,13 @@ async fn backup(ctx: &mut RunCtx<'_>, vms: &mut [Vm], backup_path: &Path) -> Res
     for vm in vms.iter_mut() {
         vm.journal_before = setup::journal_lines_before(vm).await?;
     }
-    let members: Vec<Member> = vms.iter().map(|vm| faults::member(s, vm, s.backup().method())).collect();
+    let mut members: Vec<Member> = vms.iter().map(|vm| faults::member(s, vm, s.backup().method())).collect();
+    for (vm, member) in vms.iter().zip(members.iter_mut()) {
+        host_faults::adjust(s, vm, ctx.work, member);
+    }
     for vm in vms.iter() {
         faults::arm_guest(s, vm).await?;
+        host_faults::arm(s, vm).await?;
     }
     let outcome = set::run(&members, ctx.caps, backup_path, ctx.tl, &local).await;
     if let Some(f) = forward {

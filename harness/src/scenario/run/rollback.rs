@@ -6,7 +6,8 @@
 //! A cycle proves, for both restores: every restored disk holds the backup's bytes before
 //! the guest runs (blocks; a difference names its offset), and the data disk's files after
 //! the guest ran equal the backup point's (manifests; a difference names its path). It also
-//! proves that the data really changed in between, or it would prove nothing.
+//! proves that the data really changed in between, or it would prove nothing, and that a
+//! Child VM Snapshot's filesystems were frozen clean (`fs-quiesced`).
 
 use std::path::Path;
 
@@ -99,6 +100,12 @@ pub(super) async fn run(ctx: &mut RunCtx<'_>, spec: &RollbackSpec, mut vm: Vm) -
         used.push(vb.method.as_str());
         if let Some(r) = ctx.report.vm_mut(&name) {
             r.method = Some(used.join(", "));
+        }
+        // A Child VM Snapshot claims a quiesced backup: every filesystem in it frozen clean.
+        if vb.method == Method::ChildSnapshot {
+            let states = disk_checks::fs_quiesced(&backup, &vb);
+            let (ok, detail) = ctx.tl.step(Some(&name), "read the backup's filesystem states", states).await?;
+            ctx.report.check(&name, &c.check("fs-quiesced"), ok, detail);
         }
         let at = "reading the backup point's manifest";
         let entry = vb.disks.iter().find(|d| d.node_name == disk).ok_or_else(|| RunError::NoDisk {

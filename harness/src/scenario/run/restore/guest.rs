@@ -3,22 +3,27 @@
 //! continues, the seeded files, the journal and the app; then the faults that truncate a
 //! restored file from inside the guest.
 
-use super::super::super::format::{Check, FaultKind};
+use super::super::super::format::{Check, FaultKind, Filesystem, Scenario};
 use super::super::super::report::Report;
-use super::super::ctx::{RunCtx, Vm, PROGRESS, ROOT_TOKEN};
+use super::super::ctx::{verdict, RunCtx, Vm, PROGRESS, ROOT_TOKEN};
 use super::super::error::{on, RunError};
-use crate::backup::Method;
+use super::quiesced::{self, HostFacts};
+use super::Restoring;
+use crate::backup::{Method, VmBackup};
 use crate::qemu::GuestAgent;
 use crate::sys::{deadline, shell_quote};
 use crate::verify::{self, Restored};
 use crate::workload;
 
-/// What the checks in the guest look at: the scenario's VM, how it was backed up (so how
-/// it was restored), and the checks the scenario asks for.
-pub(super) struct Asked<'a> {
-    pub vm: &'a Vm,
-    pub method: Method,
-    pub checks: &'a [Check],
+/// What the checks in the guest look at: the scenario, its VM, its backup (so how it was
+/// restored), what the host read from the backup, and the checks the scenario asks for.
+struct Asked<'a> {
+    s: &'a Scenario,
+    vm: &'a Vm,
+    vb: &'a VmBackup,
+    method: Method,
+    facts: &'a HostFacts,
+    checks: &'a [Check],
 }
 
 impl Asked<'_> {
@@ -31,10 +36,12 @@ impl Asked<'_> {
 /// Returns the files truncated (disk, path), which the manifest comparison must name.
 pub(super) async fn checks(
     ctx: &mut RunCtx<'_>,
-    asked: &Asked<'_>,
+    r: &Restoring<'_>,
+    facts: &HostFacts,
     restored: &Restored,
 ) -> Result<Vec<(String, String)>, RunError> {
-    let vm = asked.vm;
+    let vm = r.vm;
+    let asked = Asked { s: ctx.s, vm, vb: &r.vb, method: r.vb.method, facts, checks: r.checks() };
     if vm.spec.is_windows() {
         super::super::windows::restored_checks(ctx, vm, asked.method, asked.checks, restored).await?;
         return Ok(vec![]);
@@ -49,8 +56,16 @@ pub(super) async fn checks(
         if asked.wants(Check::GuestFsck) {
             guest_fsck(vm, agent, rname, ctx.report).await?;
         }
-        // A fresh boot: the data disks are not mounted yet.
+        // A fresh boot on the backup's disks: they are mounted here for the first time.
+        // Asked, each ext4 disk's first mount is watched for a journal replay.
+        let watched = asked.wants(Check::AutoRecoverable);
+        if watched {
+            quiesced::auto_recoverable(ctx, r, agent, rname).await?;
+        }
         for d in vm.spec.disks.iter().map(|d| d.get_ref()) {
+            if watched && d.filesystem == Filesystem::Ext4 {
+                continue;
+            }
             if let Some(fstype) = d.filesystem.guest_type().filter(|_| d.mount) {
                 workload::mount_disk(agent, d.name.get_ref(), fstype)
                     .await
@@ -67,7 +82,7 @@ pub(super) async fn checks(
         ctx.report.check(name, "root-from-backup", ok, detail);
     }
     for check in asked.checks {
-        guest_check(*check, asked, agent, rname, ctx.report).await?;
+        guest_check(*check, &asked, agent, rname, ctx.report).await?;
     }
     let mut truncated = Vec::new();
     for f in ctx.s.faults(name, FaultKind::TruncateInRestore) {
@@ -116,13 +131,16 @@ async fn guest_check(
     let (vm, method) = (asked.vm, asked.method);
     let name = vm.name();
     match check {
-        // Checked on the host, or before the guest ran.
+        // Checked on the host, or before the guest ran, or as the disks were mounted.
         Check::DisksMatchBackup
         | Check::FsckClean
         | Check::ManifestMatchesBackup
         | Check::BlocksMatchBackup
         | Check::GuestFsck
-        | Check::RootFromBackup => {}
+        | Check::RootFromBackup
+        | Check::FsQuiesced
+        | Check::JournalCutAtFreeze
+        | Check::AutoRecoverable => {}
         // A disk-only backup boots afresh: there is no boot or counter to continue.
         Check::SameBoot | Check::CounterContinues if method == Method::ChildSnapshot => {}
         Check::CounterContinues if vm.counter_before.is_none() => {}
@@ -164,17 +182,67 @@ async fn guest_check(
         },
         Check::AppConsistent => match &vm.app {
             None => {}
-            Some(dir) => {
-                if method == Method::SavedState {
-                    // Same boot: the writer runs on; stop it so the check sees a settled store.
-                    crate::qemu::exec::sh(agent, &format!("quiesce-app stop {dir}"), deadline::GUEST_EXEC)
-                        .await
-                        .map_err(on(rname, "stopping the app"))?;
-                }
+            Some(dir) if method == Method::SavedState => {
+                // Same boot: the writer runs on; stop it so the check sees a settled store.
+                crate::qemu::exec::sh(agent, &format!("quiesce-app stop {dir}"), deadline::GUEST_EXEC)
+                    .await
+                    .map_err(on(rname, "stopping the app"))?;
                 let r = workload::check_app(agent, dir).await.map_err(on(rname, "checking the app"))?;
-                report.check(name, "app-consistent", r.is_consistent(), r.to_string());
+                verdict(asked.s, report, name, check, r.is_consistent(), r.to_string());
+            }
+            Some(dir) => {
+                let r = workload::check_app(agent, dir).await.map_err(on(rname, "checking the app"))?;
+                let (ok, detail) = app_at_freeze(asked, dir, &r);
+                verdict(asked.s, report, name, check, ok, detail);
             }
         },
     }
     Ok(())
+}
+
+/// A frozen backup's app: the writer acknowledged the freeze at transfer N with its WAL
+/// emptied; the backup's WAL is empty (read on the host before anything opened the
+/// database); and the restored database, consistent by the app's own check, holds exactly
+/// N transfers. A crash-consistent copy fails one of these: no acknowledgement, a WAL
+/// left to replay, or another number.
+fn app_at_freeze(asked: &Asked<'_>, dir: &str, check: &workload::AppCheck) -> (bool, String) {
+    let mut bad = Vec::new();
+    let ack = asked.vb.freeze.as_ref().and_then(|f| f.ack("quiesce-app", dir));
+    match (ack, &asked.vb.freeze) {
+        (Some(a), _) if !a.checkpointed => bad.push(format!("the writer paused at {} with its WAL not emptied", a.seq)),
+        (Some(_), _) => {}
+        (None, Some(f)) => {
+            bad.push(format!("no acknowledgement from quiesce-app on {dir} at this freeze ({})", f.summary()))
+        }
+        (None, None) => bad.push("the backup has no freeze record".into()),
+    }
+    match &asked.facts.app_wal {
+        Some(Ok(0)) => {}
+        Some(Ok(n)) => bad.push(format!("the backup's WAL holds {n} bytes to replay")),
+        Some(Err(why)) => bad.push(format!("the backup's WAL could not be read: {why}")),
+        None => bad.push("the backup's WAL was not read".into()),
+    }
+    match check {
+        workload::AppCheck::Consistent { transfers, .. } => {
+            if let Some(a) = ack.filter(|a| a.seq != *transfers) {
+                bad.push(format!(
+                    "the restored database holds {transfers} transfers, the writer acknowledged {}",
+                    a.seq
+                ));
+            }
+        }
+        other => bad.push(format!("the app's own check: {other}")),
+    }
+    let restored = check.to_string();
+    let acked = ack.map_or("none".into(), |a| format!("transfers={} (WAL emptied: {})", a.seq, a.checkpointed));
+    let wal = match &asked.facts.app_wal {
+        Some(Ok(n)) => format!("{n} bytes"),
+        _ => "?".into(),
+    };
+    let detail = format!("acknowledged at the freeze: {acked}; backup's WAL: {wal}; restored: {restored}");
+    if bad.is_empty() {
+        (true, detail)
+    } else {
+        (false, format!("{}; {detail}", bad.join("; ")))
+    }
 }

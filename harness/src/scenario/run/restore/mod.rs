@@ -5,6 +5,7 @@
 //! shut down cleanly, the restored files against the backup point.
 
 mod guest;
+mod quiesced;
 
 use super::super::format::{AgentState, Check, FaultKind, ManifestSpec, RestoreExpect, RestoreSpec};
 use super::super::report::RestoreReport;
@@ -46,26 +47,38 @@ pub(super) async fn restore_and_check(
         .clone();
     let r = Restoring { vm, backup, vb, spec };
     r.fsck_backup(ctx)?;
-    let points = r.backup_points(ctx).await?;
-    let mut restored = r.restore(ctx).await?;
-    let mut corrupted = r.flip_bytes(ctx, &restored).await?;
-    r.block_checks(ctx, &restored, &corrupted).await?;
-    r.run(ctx, &mut restored).await?;
-    if vm.spec.agent == AgentState::Stopped {
-        return Ok(());
+    let facts = quiesced::host_checks(ctx, &r).await?;
+    r.restore_and_look(ctx, &facts).await?;
+    // With the restored VM gone: a Saved State backup's disks booted on their own.
+    if quiesced::wants_disks_alone(&r) {
+        quiesced::boot_disks_alone(ctx, &r).await?;
     }
-    let asked = guest::Asked { vm, method: r.vb.method, checks: spec.checks.get_ref() };
-    let truncated = guest::checks(ctx, &asked, &restored).await?;
-    corrupted.extend(truncated.into_iter().map(|(disk, path)| Corruption { disk, path, flipped_at: None }));
-    if points.is_empty() {
-        return Ok(());
-    }
-    r.compare_manifests(ctx, &mut restored, &points, &corrupted).await
+    quiesced::defeated_checks_ran(ctx, vm);
+    Ok(())
 }
 
 impl Restoring<'_> {
     fn name(&self) -> &str {
         self.vm.name()
+    }
+
+    /// The restore itself and the checks on it: blocks before the guest runs, the guest's
+    /// own, then the files once it is shut down. The restored VM ends with this call.
+    async fn restore_and_look(&self, ctx: &mut RunCtx<'_>, facts: &quiesced::HostFacts) -> Result<(), RunError> {
+        let points = self.backup_points(ctx).await?;
+        let mut restored = self.restore(ctx).await?;
+        let mut corrupted = self.flip_bytes(ctx, &restored).await?;
+        self.block_checks(ctx, &restored, &corrupted).await?;
+        self.run(ctx, &mut restored).await?;
+        if self.vm.spec.agent == AgentState::Stopped {
+            return Ok(());
+        }
+        let truncated = guest::checks(ctx, self, facts, &restored).await?;
+        corrupted.extend(truncated.into_iter().map(|(disk, path)| Corruption { disk, path, flipped_at: None }));
+        if points.is_empty() {
+            return Ok(());
+        }
+        self.compare_manifests(ctx, &mut restored, &points, &corrupted).await
     }
 
     fn checks(&self) -> &[Check] {
