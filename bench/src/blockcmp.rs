@@ -6,10 +6,9 @@
 //! - a qcow2 overlay (over a qcow2 base, with some writes of its own) against a flat copy
 //!   of it made by `qemu-img convert`;
 //! - a pair of vhdx images converted from it: QEMU's vhdx driver reports neither holes nor
-//!   host offsets, so ours reads both whole disks through the NBD export (this case
-//!   measures the NBD path itself against `qemu-img compare`);
-//! - a pair of vpc (VHD) images converted from it: QEMU's vpc driver reports allocation
-//!   but no host offsets we trust, so ours reads their allocated data through NBD;
+//!   host offsets, so ours reads the images' own block allocation tables and only their
+//!   allocated blocks, straight from the files (its NBD-only time reads both whole disks);
+//! - a pair of vpc (VHD) images converted from it: the same, from the VHD's own table;
 //!
 //! each identical, and with one byte differing near the end of the disk (so both tools
 //! must read everything before it). Ours is timed twice: with its default read path
