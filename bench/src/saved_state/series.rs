@@ -43,7 +43,7 @@ const GOAL_VS_LIBVIRT: f64 = 0.2;
 const GOAL_VS_DD: f64 = 0.8;
 
 /// One backup, timed.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub(super) struct Round {
     pub(super) downtime: f64,
     pub(super) save: f64,
@@ -51,6 +51,30 @@ pub(super) struct Round {
     pub(super) whole: f64,
     /// Bytes the backup folder occupies.
     pub(super) bytes: u64,
+    /// The steps inside the downtime (from the stop to the VM running again), seconds each:
+    /// what the downtime is made of.
+    pub(super) window: Vec<(String, f64)>,
+}
+
+/// The steps of `tl` from the last `stop` to the end of the `return to prior state` after
+/// it, with their lengths, and the time between steps where there is any: the VM's
+/// downtime, step by step.
+fn window_steps(tl: &Timeline) -> Vec<(String, f64)> {
+    let steps = tl.steps();
+    let Some(from) = steps.iter().rposition(|s| s.name == "stop") else { return vec![] };
+    let mut out = Vec::new();
+    let mut at = steps[from].start_ms;
+    for s in &steps[from..] {
+        if s.start_ms - at >= 1.0 {
+            out.push(("(between steps)".to_owned(), (s.start_ms - at) / 1000.0));
+        }
+        at = s.end_ms;
+        out.push((s.name.clone(), (s.end_ms - s.start_ms) / 1000.0));
+        if s.name == "return to prior state" {
+            break;
+        }
+    }
+    out
 }
 
 /// One point of the series.
@@ -117,6 +141,7 @@ async fn one_backup(
         save,
         whole,
         bytes: occupied(&backup.path),
+        window: window_steps(&tl),
     };
     super::remove_dir(&backup.path)?;
     Ok(r)
@@ -334,6 +359,12 @@ pub(super) fn render(points: &[Point], memory_mib: u32, rounds: usize) -> String
          proof; MB/s: the backup's bytes / whole"
     );
     let _ = writeln!(s, "  before: the method before issue 11 (disks copied and verified while the VM is stopped)");
+    for p in points {
+        if let Some(r) = p.ours.first() {
+            let parts: Vec<String> = r.window.iter().map(|(n, secs)| format!("{n} {secs:.3}")).collect();
+            let _ = writeln!(s, "  downtime @{} MiB, first round, step by step: {}", p.data_mib, parts.join(", "));
+        }
+    }
     let _ = writeln!(
         s,
         "  libvirt: virsh save + cp of the disks + sync of the copies + virsh restore (the guest's downtime)"
@@ -400,7 +431,7 @@ mod tests {
     use super::*;
 
     fn round(downtime: f64, save: f64) -> Round {
-        Round { downtime, save, whole: 2.0, bytes: 2_000_000_000 }
+        Round { downtime, save, whole: 2.0, bytes: 2_000_000_000, window: vec![("stop".into(), 0.01)] }
     }
 
     #[test]
@@ -421,6 +452,7 @@ mod tests {
             "@ 4096 MiB: downtime / save step 1.40x (goal <= 1.3x: goal missed)",
             "@ 4096 MiB: downtime / libvirt's 0.070 (goal <= 0.2: goal met)",
             "@ 4096 MiB: whole backup MB/s / dd fsync's 1.00x (goal >= 0.8x: goal met)",
+            "downtime @4096 MiB, first round, step by step: stop 0.010",
         ] {
             assert!(flat.contains(want), "missing {want:?} in\n{text}");
         }

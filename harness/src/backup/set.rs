@@ -317,7 +317,7 @@ async fn prepare_one(
         Method::SavedState => {
             let mut settings = s.member.save.clone();
             settings.exclude = exclude.to_vec();
-            Prepared::Saved(saved_state::prepare(m, caps, &settings, &s.member.faults, &s.dir, tl).await?)
+            Prepared::Saved(saved_state::prepare(m, caps, &settings, &s.member.faults, &s.dir, tl, &s.undo).await?)
         }
         Method::ChildSnapshot => {
             let mut settings = s.member.snapshot.clone();

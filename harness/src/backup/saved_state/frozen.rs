@@ -4,6 +4,11 @@
 //! under the overlays are copied out (hashed as they are written), proved against their
 //! copies, and the overlays are merged back with Child VM Snapshot's own machinery.
 //!
+//! Nothing that grows with the disks, or runs a program, is left in the downtime: the
+//! overlays are made ([`prepare`]) and the host's cache of the disks written back and
+//! dropped ([`drop_host_cache`]) before the VM is stopped, so the stopped VM waits only for
+//! its save, the reactivation, the transaction and `cont`.
+//!
 //! It needs `blockdev-set-active` (QEMU 10.0): a completed save leaves the disks inactive,
 //! QEMU will not put an active overlay over an inactive node, and without that command only
 //! `cont` reactivates them, which would let the guest write before the snapshot. The caller
@@ -46,6 +51,55 @@ fn captured_disks(m: &Machine, settings: &SaveSettings) -> Vec<DiskConfig> {
     m.config().disks.iter().filter(|d| !settings.exclude.contains(&d.node_name)).cloned().collect()
 }
 
+/// Writes back and then drops the host's page cache of every file under the VM's disks
+/// (whole backing chains), while the VM still runs: making a disk active again
+/// (`blockdev-set-active`, [`activate`]) flushes each file and drops its cached pages
+/// (QEMU's file driver does, so that a migration destination never reads stale pages),
+/// which takes time in proportion to what is cached, and that is inside the downtime.
+/// Done here first, it leaves that step only what the guest touched since. Best effort:
+/// a file that cannot be opened here only costs downtime, so nothing fails on it.
+pub(super) async fn drop_host_cache(m: &Machine) -> Result<(), BackupError> {
+    let Ok(nodes) = qmp(m, "query-named-block-nodes", json!({"flat": true})).await else { return Ok(()) };
+    let files: Vec<std::path::PathBuf> = nodes
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .filter(|n| n["drv"] == "file")
+        .filter_map(|n| n["file"].as_str().map(std::path::PathBuf::from))
+        .collect();
+    let _ = tokio::task::spawn_blocking(move || {
+        for f in files {
+            let Ok(file) = std::fs::File::open(&f) else { continue };
+            // Dirty pages are not dropped: write them back first.
+            let _ = file.sync_data();
+            let _ = nix::fcntl::posix_fadvise(
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                0,
+                0,
+                nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+            );
+        }
+    })
+    .await;
+    Ok(())
+}
+
+/// PrepareForSnapshot's share, while the VM still runs: makes the overlays (image files and
+/// unattached nodes, logged in `undo`) that [`capture`]'s transaction will put on the
+/// disks, so that the downtime holds no qemu-img run. [`discard`] removes them if the save
+/// fails.
+pub(super) async fn prepare(m: &Machine, settings: &SaveSettings, undo: &Mutex<Undo>) -> Result<(), BackupError> {
+    child_snapshot::prepare_overlays(m, &overlay_settings(m, settings), None, undo).await
+}
+
+/// Removes overlays [`prepare`] made that no transaction used (a save that failed), and the
+/// merge reserve. Nothing was snapshotted, so nothing is merged.
+pub(super) async fn discard(m: &Machine, undo: &Mutex<Undo>) -> Result<(), BackupError> {
+    let released = child_snapshot::release_reserve(m, undo);
+    child_snapshot::remove_overlays(m, undo).await.and(released)
+}
+
 /// Makes the saved VM's disks active again while it stays stopped, so overlays can go on
 /// top of them; the guest cannot write until it is continued.
 async fn activate(m: &Machine) -> Result<(), BackupError> {
@@ -72,7 +126,6 @@ pub(super) async fn capture(
     let snap = overlay_settings(m, settings);
     let held = async {
         tl.step(vm, "activate the disks (still stopped)", activate(m)).await?;
-        tl.step(vm, "prepare overlays", child_snapshot::prepare_overlays(m, &snap, None, undo)).await?;
         tl.step(vm, "snapshot all disks (transaction)", child_snapshot::transaction(m, None, undo)).await
     }
     .await;
