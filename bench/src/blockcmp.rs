@@ -132,9 +132,9 @@ pub fn run(
             b: flat_diff,
             differ_at: Some(DIFF_AT),
         },
-        Case { name: "vhdx pair (NBD path), identical", format: vx, a: va.clone(), b: vb, differ_at: None },
+        Case { name: "vhdx pair, identical", format: vx, a: va.clone(), b: vb, differ_at: None },
         Case {
-            name: "vhdx pair (NBD path), one byte differs near the end",
+            name: "vhdx pair, one byte differs near the end",
             format: vx,
             a: va,
             b: vb_diff,
