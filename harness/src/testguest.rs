@@ -2,13 +2,13 @@
 //! root disk (the cached image is never written), the accelerator verdict, and a machine
 //! guard. Everything it creates is removed when the [`TestGuest`] is dropped.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::image::qemu_img::{self, QemuImgError};
 use crate::image::{recipe, GuestImage, ImageError};
 use crate::qemu::accel::{self, AccelChoice, AccelError, Verdict};
-use crate::qemu::{DiskConfig, DiskFormat, Machine, MachineConfig, MachineError};
+use crate::qemu::{Accel, DiskConfig, DiskFormat, KernelBoot, Machine, MachineConfig, MachineError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GuestError {
@@ -94,11 +94,17 @@ pub fn accel_for(image: &GuestImage, choice: Option<AccelChoice>) -> Result<Verd
     Ok(accel::resolve(choice, &qemu, &image.kernel, &crate::image::cache::cache_dir()))
 }
 
-/// Builds the image if needed, then boots it and waits for the agent.
-pub async fn boot(opts: GuestOptions, progress: &mut dyn FnMut(&str)) -> Result<TestGuest, GuestError> {
-    let image = recipe::ensure("linux", false, progress)?;
-    progress("choosing the accelerator");
-    let verdict = accel_for(&image, opts.accel)?;
+/// The machine `opts` asks for, booted by `boot`, and the folder of its disks (removed with
+/// the guest): its root disk, named `root`, is a private qcow2 overlay over `base` (of
+/// format `base_format`), so the cached image is never written; `opts`' extra disks follow.
+/// Every guest of the crate, Linux or Windows, is set up so.
+pub fn machine_config(
+    opts: GuestOptions,
+    accel: Accel,
+    boot: KernelBoot,
+    base: &Path,
+    base_format: DiskFormat,
+) -> Result<(MachineConfig, tempfile::TempDir), GuestError> {
     let prefix = format!("quiesce-{}-disks-", opts.name);
     let mut b = tempfile::Builder::new();
     b.prefix(&prefix);
@@ -107,8 +113,8 @@ pub async fn boot(opts: GuestOptions, progress: &mut dyn FnMut(&str)) -> Result<
         None => b.tempdir()?,
     };
     let root = disks.path().join("root.qcow2");
-    qemu_img::create_overlay(&image.root, DiskFormat::Raw, &root)?;
-    let mut cfg = MachineConfig::new(&opts.name, verdict.accel, image.kernel_boot());
+    qemu_img::create_overlay(base, base_format, &root)?;
+    let mut cfg = MachineConfig::new(&opts.name, accel, boot);
     cfg.memory_mib = opts.memory_mib;
     cfg.cpus = opts.cpus;
     if let Some(dir) = opts.artifacts_dir {
@@ -116,7 +122,17 @@ pub async fn boot(opts: GuestOptions, progress: &mut dyn FnMut(&str)) -> Result<
     }
     cfg.disks.push(DiskConfig { node_name: "root".into(), path: root, format: DiskFormat::Qcow2, read_only: false });
     cfg.disks.extend(opts.extra_disks);
-    progress(&format!("booting {} under {}", opts.name, verdict.accel.as_str().to_uppercase()));
+    Ok((cfg, disks))
+}
+
+/// Builds the image if needed, then boots it and waits for the agent.
+pub async fn boot(opts: GuestOptions, progress: &mut dyn FnMut(&str)) -> Result<TestGuest, GuestError> {
+    let image = recipe::ensure("linux", false, progress)?;
+    progress("choosing the accelerator");
+    let verdict = accel_for(&image, opts.accel)?;
+    let name = opts.name.clone();
+    let (cfg, disks) = machine_config(opts, verdict.accel, image.kernel_boot(), &image.root, DiskFormat::Raw)?;
+    progress(&format!("booting {name} under {}", verdict.accel.as_str().to_uppercase()));
     let started = Instant::now();
     let mut machine = Machine::launch(cfg).await?;
     machine.wait_agent(crate::sys::deadline::BOOT_TO_AGENT).await?;

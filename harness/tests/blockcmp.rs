@@ -6,8 +6,10 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 use quiesce::qemu::DiskFormat;
+use quiesce::sys::{deadline, Tool};
 use quiesce::verify::blockcmp::{self, BlockCompareError, BlockComparison, Options, ReadPath};
 
 use common::rng::XorShift;
@@ -41,18 +43,27 @@ fn write_sparse(path: &Path, disk: &[u8]) {
     }
 }
 
+/// How long qemu-io may take to open an image: what a `qemu-img` metadata step is given.
+const QEMU_IO: Duration = deadline::QEMU_IMG_METADATA;
+
+/// `qemu-img args... paths...`, under the deadline of a whole-image copy (the longest any
+/// of its uses here needs); it must succeed.
 fn qemu_img(args: &[&str], paths: &[&Path]) {
-    let out = Command::new("qemu-img").args(args).args(paths).output().unwrap();
-    assert!(out.status.success(), "qemu-img {args:?} {paths:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Tool::new("qemu-img", deadline::QEMU_IMG_COPY).args(args).args(paths).output().unwrap();
+    assert!(out.status.success(), "qemu-img {args:?} {paths:?}: {}", out.stderr);
 }
 
 fn qemu_io(path: &Path, format: DiskFormat, cmd: &str) {
-    let out = Command::new("qemu-io").args(["-f", format.driver(), "-c", cmd]).arg(path).output().unwrap();
-    assert!(out.status.success(), "qemu-io -c {cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Tool::new("qemu-io", QEMU_IO).args(["-f", format.driver(), "-c", cmd]).arg(path).output().unwrap();
+    assert!(out.status.success(), "qemu-io -c {cmd:?}: {}", out.stderr);
 }
 
 fn create_qcow2(path: &Path, size: u64) {
-    let out = Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(path).arg(size.to_string()).output();
+    let out = Tool::new("qemu-img", deadline::QEMU_IMG_METADATA)
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(path)
+        .arg(size.to_string())
+        .output();
     assert!(out.unwrap().status.success());
 }
 
@@ -229,7 +240,9 @@ fn images_a_running_qemu_holds_can_be_compared() {
     raw_image(&raw, SIZE);
     let vhdx = convert(&raw, DiskFormat::Vhdx, dir.path());
     let qcow = convert(&raw, DiskFormat::Qcow2, dir.path());
-    // qemu-io holds both images open read-write (and locked) while it waits on its stdin.
+    // qemu-io holds both images open read-write (and locked) while it waits on its stdin:
+    // not a tool run to its end, so it is started here, and killed by `Kill` however the
+    // test ends.
     let hold = |p: &Path, f: DiskFormat| {
         let mut c = Command::new("qemu-io")
             .args(["-f", f.driver()])
@@ -239,17 +252,27 @@ fn images_a_running_qemu_holds_can_be_compared() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        // The prompt shows once the image is open and locked.
+        // The prompt shows once the image is open and locked. It is read on a thread of its
+        // own so that the wait has a deadline; the kill ends that read if it passes.
         let mut out = c.stdout.take().unwrap();
-        let mut byte = [0u8; 1];
-        use std::io::Read;
-        assert_eq!(out.read(&mut byte).unwrap(), 1);
-        Kill(c)
+        let c = Kill(c);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let mut byte = [0u8; 1];
+            let _ = tx.send(out.read(&mut byte).map_err(|e| e.to_string()));
+        });
+        let read = rx.recv_timeout(QEMU_IO).unwrap_or_else(|_| panic!("qemu-io did not open {p:?} in {QEMU_IO:?}"));
+        assert_eq!(read.unwrap(), 1);
+        c
     };
     let _a = hold(&vhdx, DiskFormat::Vhdx);
     let _b = hold(&qcow, DiskFormat::Qcow2);
-    let locked =
-        Command::new("qemu-img").args(["compare", "-q", "-f", "vhdx", "-F", "qcow2"]).arg(&vhdx).arg(&qcow).output();
+    let locked = Tool::new("qemu-img", deadline::QEMU_IMG_METADATA)
+        .args(["compare", "-q", "-f", "vhdx", "-F", "qcow2"])
+        .arg(&vhdx)
+        .arg(&qcow)
+        .output();
     assert!(!locked.unwrap().status.success(), "qemu-img compare without -U should meet the lock");
     let c = compare(&vhdx, DiskFormat::Vhdx, &qcow, DiskFormat::Qcow2);
     assert!(c.identical, "{c}");
@@ -280,12 +303,12 @@ fn a_qcow2_chain_is_read_from_its_own_files_and_agrees_with_the_export() {
     let base = dir.path().join("base.qcow2");
     qemu_img(&["convert", "-f", "raw", "-O", "qcow2"], &[&raw, &base]);
     // Named relative to the overlay's folder, as backup tools write them.
-    let out = Command::new("qemu-img")
+    let out = Tool::new("qemu-img", deadline::QEMU_IMG_METADATA)
         .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", "base.qcow2"])
         .arg(dir.path().join("top.qcow2"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{}", out.stderr);
     let top = dir.path().join("top.qcow2");
     qemu_io(&top, DiskFormat::Qcow2, "write -P 0x11 12M 64k");
     disk[(12 * MIB) as usize..(12 * MIB + 65536) as usize].fill(0x11);

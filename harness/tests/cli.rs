@@ -345,3 +345,173 @@ fn run_writes_junit_and_the_page() {
     assert!(page.contains(r#"id="s-paused" data-status="passed""#), "{page}");
     assert!(page.contains(r#"<svg class="timeline" data-vm="vm1""#) && page.contains("none: the VM was paused"));
 }
+
+/// A QEMU as a person starts one, with the disks given and no guest: `-S`, so no CPU ever
+/// runs and it starts at once even under TCG. Enough for what quiesce must refuse before
+/// it touches a VM. The test started it, so the test stops it.
+struct PausedQemu {
+    dir: std::path::PathBuf,
+    process: quiesce::sys::Process,
+}
+
+impl PausedQemu {
+    fn start(dir: &std::path::Path, disks: &[&str]) -> PausedQemu {
+        use quiesce::sys::{deadline, Tool};
+        let d = dir.display();
+        let mut args: Vec<String> = ["-name", "mine", "-M", "q35", "-accel", "tcg", "-S", "-display", "none"]
+            .into_iter()
+            .map(String::from)
+            .collect();
+        args.extend(["-nodefaults".into(), "-qmp".into(), format!("unix:{d}/qmp.sock,server=on,wait=off")]);
+        args.extend(disks.iter().map(|s| s.to_string()));
+        args.extend(["-pidfile".into(), format!("{d}/qemu.pid"), "-daemonize".into()]);
+        Tool::new("qemu-system-x86_64", deadline::QMP_CONNECT).args(&args).run().expect("QEMU starts");
+        let pid: u32 = std::fs::read_to_string(dir.join("qemu.pid")).unwrap().trim().parse().unwrap();
+        PausedQemu { dir: dir.to_owned(), process: quiesce::sys::Process::open(pid).unwrap() }
+    }
+
+    fn qmp(&self) -> std::path::PathBuf {
+        self.dir.join("qmp.sock")
+    }
+
+    /// What quiesce must leave as it found it: run state and block nodes.
+    async fn state(&self) -> serde_json::Value {
+        use quiesce::qemu::{Qmp, Transcript};
+        use quiesce::sys::deadline;
+        let s = tokio::net::UnixStream::connect(self.qmp()).await.unwrap();
+        let t = Transcript::create(&self.dir.join("test-qmp.log")).unwrap();
+        let q = Qmp::connect(s, t, deadline::QMP_CONNECT).await.unwrap();
+        let status = q.execute_raw("query-status", serde_json::Value::Null, deadline::QMP_COMMAND).await.unwrap();
+        let nodes =
+            q.execute_raw("query-named-block-nodes", serde_json::json!({"flat": true}), deadline::QMP_COMMAND).await;
+        let mut nodes: Vec<String> = nodes
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| format!("{} {} {} ro={} active={}", n["node-name"], n["drv"], n["file"], n["ro"], n["active"]))
+            .collect();
+        nodes.sort();
+        serde_json::json!({"status": status["status"], "nodes": nodes})
+    }
+}
+
+impl Drop for PausedQemu {
+    fn drop(&mut self) {
+        self.process.terminate(quiesce::sys::deadline::QEMU_QUIT);
+    }
+}
+
+fn qcow2(path: &std::path::Path, size: u64) -> std::path::PathBuf {
+    quiesce::image::qemu_img::create(path, quiesce::qemu::DiskFormat::Qcow2, size).unwrap();
+    path.to_owned()
+}
+
+fn sha(path: &std::path::Path) -> String {
+    quiesce::backup::folder::sha256_file(path).unwrap().0
+}
+
+/// `quiesce restore BACKUP --in-place --qmp SOCKET` is refused, and the VM and its images
+/// left as they were, when the VM's disks differ from the backup's in number, format or
+/// size: the message says what differs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(feature = "vm-tests"), ignore = "starts QEMU (no guest): cargo test --features vm-tests")]
+async fn in_place_restore_onto_another_layout_is_refused_and_touches_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    // A backup of one 1 MiB qcow2 disk, "root".
+    let backup = small_backup(dir.path());
+    let opened = quiesce::backup::Backup::open(&backup).unwrap();
+    let disk = qcow2(&opened.vm_dir("vm1").join(&opened.vm("vm1").unwrap().disks[0].file), 1 << 20);
+    let (disk_sha, disk_bytes) = quiesce::backup::folder::sha256_file(&disk).unwrap();
+    edit_manifest(&backup, |m| {
+        let d = &mut m["vms"][0]["disks"][0];
+        (d["sha256"], d["bytes"], d["virtual_size"]) =
+            (disk_sha.clone().into(), disk_bytes.into(), (1u64 << 20).into());
+    });
+    let (code, out, err) = verify(&backup);
+    assert_eq!(code, Some(0), "the test's backup does not verify: {out}{err}");
+
+    let drive = |p: &std::path::Path, fmt: &str| format!("file={},if=virtio,format={fmt}", p.display());
+    // What differs, the VM's disks (size, format), and what the refusal must say.
+    let cases = [
+        ("number", vec![(1 << 20, "qcow2"), (1 << 20, "qcow2")], "the backup has 1 disks, the VM 2"),
+        ("format", vec![(1 << 20, "raw")], "is qcow2 in the backup, but the VM's disk"),
+        ("size", vec![(2 << 20, "qcow2")], "is 1048576 bytes in the backup, but the VM's disk"),
+    ];
+    for (what, disks, says) in cases {
+        let vm_dir = dir.path().join(what);
+        std::fs::create_dir(&vm_dir).unwrap();
+        let mut images = Vec::new();
+        let mut args = Vec::new();
+        for (i, (size, fmt)) in disks.iter().enumerate() {
+            let p = vm_dir.join(format!("d{i}.{fmt}"));
+            match *fmt {
+                "raw" => quiesce::image::qemu_img::create(&p, quiesce::qemu::DiskFormat::Raw, *size).unwrap(),
+                _ => drop(qcow2(&p, *size)),
+            }
+            args.extend(["-drive".to_owned(), drive(&p, fmt)]);
+            images.push(p);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let vm = PausedQemu::start(&vm_dir, &args);
+        let before = vm.state().await;
+        let hashes: Vec<String> = images.iter().map(|p| sha(p)).collect();
+        let o = quiesce().arg("restore").arg(&backup).args(["--in-place", "--qmp"]).arg(vm.qmp()).output().unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{what}: {stderr}");
+        assert!(stderr.contains("does not match the backup, so nothing was touched"), "{what}: {stderr}");
+        assert!(stderr.contains(says), "{what}: {stderr}");
+        assert_eq!(vm.state().await, before, "{what}: the VM was touched");
+        assert_eq!(images.iter().map(|p| sha(p)).collect::<Vec<_>>(), hashes, "{what}: an image was written");
+    }
+    assert_eq!(sha(&disk), disk_sha, "the backup's image was written");
+}
+
+/// `quiesce backup` of a VM with a disk quiesce cannot read (behind a throttle filter; an
+/// image deleted under the running QEMU) is refused with the disk and the reason named,
+/// no backup folder, and the VM as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(feature = "vm-tests"), ignore = "starts QEMU (no guest): cargo test --features vm-tests")]
+async fn a_disk_quiesce_cannot_read_is_refused_and_the_vm_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let throttled_dir = dir.path().join("throttled");
+    std::fs::create_dir(&throttled_dir).unwrap();
+    let img = qcow2(&throttled_dir.join("t.qcow2"), 1 << 20);
+    let throttled = [
+        "-object".to_owned(),
+        "throttle-group,id=tg0,x-bps-total=1048576".to_owned(),
+        "-blockdev".to_owned(),
+        format!("driver=file,filename={},node-name=f0", img.display()),
+        "-blockdev".to_owned(),
+        "driver=qcow2,file=f0,node-name=q0".to_owned(),
+        "-blockdev".to_owned(),
+        "driver=throttle,throttle-group=tg0,file=q0,node-name=slow".to_owned(),
+        "-device".to_owned(),
+        "virtio-blk-pci,drive=slow".to_owned(),
+    ];
+    let gone_dir = dir.path().join("gone");
+    std::fs::create_dir(&gone_dir).unwrap();
+    let gone = qcow2(&gone_dir.join("g.qcow2"), 1 << 20);
+    let deleted = ["-drive".to_owned(), format!("file={},if=virtio,format=qcow2", gone.display())];
+    let cases: [(&std::path::Path, &[String], String); 2] = [
+        (&throttled_dir, &throttled, "its node slow is a throttle node".to_owned()),
+        (&gone_dir, &deleted, format!("quiesce cannot read its image {}", gone.display())),
+    ];
+    for (vm_dir, args, says) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let vm = PausedQemu::start(vm_dir, &args);
+        if vm_dir == gone_dir {
+            // QEMU keeps it open; the path no longer leads to it.
+            std::fs::remove_file(&gone).unwrap();
+        }
+        let before = vm.state().await;
+        let out = vm_dir.join("backup");
+        let o =
+            quiesce().args(["backup", "--method", "saved-state", "--qmp"]).arg(vm.qmp()).arg(&out).output().unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(&says), "{stderr}");
+        assert!(!out.exists(), "a backup folder was left");
+        assert_eq!(vm.state().await, before, "the VM was touched");
+    }
+}

@@ -7,12 +7,13 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::time::Duration;
 
 use quiesce::image::manifest::{self, Change, Entry, EntryKind, Field, FsKind, Limits, Manifest, ManifestError};
 use quiesce::image::qemu_img;
 use quiesce::image::seed::{self, DiskSeed, Filesystem, Partitioning};
 use quiesce::qemu::DiskFormat;
+use quiesce::sys::{deadline, Process, Tool};
 
 use common::rng::XorShift;
 
@@ -149,14 +150,14 @@ fn added_removed_and_mode_changes_on_a_default_ext4() {
         setup(&root);
         let img = dir.path().join(format!("{name}.raw"));
         std::fs::File::create(&img).unwrap().set_len(32 << 20).unwrap();
-        let out = Command::new("mkfs.ext4")
+        let out = Tool::new("mkfs.ext4", deadline::MKFS)
             .args(["-q", "-F", "-L", "sys", "-U", "0b3c8a52-6f0e-4d5a-9c1e-2f3a4b5c6d7e", "-E", "root_owner=0:0", "-d"])
             .arg(&root)
             .arg(&img)
             .env("E2FSPROGS_FAKE_TIME", "1735689600")
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "{}", out.stderr);
         img
     };
     use std::os::unix::fs::{symlink, PermissionsExt};
@@ -192,8 +193,11 @@ fn added_removed_and_mode_changes_on_a_default_ext4() {
     );
 }
 
+/// How long `command -v` may take to say whether a tool is installed.
+const WHICH: Duration = Duration::from_secs(10);
+
 fn have(tool: &str) -> bool {
-    Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().is_ok_and(|o| o.status.success())
+    Tool::new("sh", WHICH).arg("-c").arg(format!("command -v {tool}")).output().is_ok_and(|o| o.status.success())
 }
 
 /// A blank NTFS image made by mkntfs, with `files` copied into its root by ntfscp (no root
@@ -204,14 +208,14 @@ fn ntfs_image(path: &Path, size: u64, label: &str, files: &[(&str, &[u8])]) -> O
         return None;
     }
     std::fs::File::create(path).unwrap().set_len(size).unwrap();
-    let out = Command::new("mkntfs").args(["-F", "-Q", "-q", "-L", label]).arg(path).output().unwrap();
-    assert!(out.status.success(), "mkntfs: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Tool::new("mkntfs", deadline::MKFS).args(["-F", "-Q", "-q", "-L", label]).arg(path).output().unwrap();
+    assert!(out.status.success(), "mkntfs: {}", out.stderr);
     let tmp = tempfile::tempdir().unwrap();
     for (name, data) in files {
         let src = tmp.path().join("src");
         std::fs::write(&src, data).unwrap();
-        let out = Command::new("ntfscp").arg("-q").arg(path).arg(&src).arg(name).output().unwrap();
-        assert!(out.status.success(), "ntfscp {name}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Tool::new("ntfscp", deadline::MKFS).arg("-q").arg(path).arg(&src).arg(name).output().unwrap();
+        assert!(out.status.success(), "ntfscp {name}: {}", out.stderr);
     }
     Some(())
 }
@@ -256,7 +260,7 @@ struct Mounted(PathBuf);
 
 impl Drop for Mounted {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
+        let _ = Tool::new("umount", deadline::MOUNT).arg(&self.0).output();
     }
 }
 
@@ -276,8 +280,17 @@ fn ntfs_subdirectories_and_links_written_through_ntfs_3g() {
     }
     let mnt = subdir(dir.path(), "mnt");
     {
-        let st = Command::new("ntfs-3g").arg(&raw).arg(&mnt).status().unwrap();
-        assert!(st.success());
+        // Not through Tool: once a tool exits, what it left in its process group is killed,
+        // and the FUSE daemon ntfs-3g leaves behind is the mount. Its exit is awaited on a
+        // pidfd, under the mount deadline.
+        let mut mount = std::process::Command::new("ntfs-3g").arg(&raw).arg(&mnt).spawn().unwrap();
+        let watched = Process::open(mount.id()).unwrap();
+        if !watched.wait_exit(deadline::MOUNT) {
+            let _ = mount.kill();
+            let _ = mount.wait();
+            panic!("ntfs-3g did not mount within {:?}", deadline::MOUNT);
+        }
+        assert!(mount.wait().unwrap().success());
         let _m = Mounted(mnt.clone());
         std::fs::create_dir_all(mnt.join("Users/Ann/Documents")).unwrap();
         std::fs::write(mnt.join("Users/Ann/Documents/report.docx"), "quarterly numbers").unwrap();
@@ -465,7 +478,7 @@ fn hostile_images_are_errors_not_panics() {
     }
     let img = dir.path().join("ext4.raw");
     std::fs::File::create(&img).unwrap().set_len(8 << 20).unwrap();
-    let out = Command::new("mkfs.ext4").args(["-q", "-F", "-d"]).arg(&root).arg(&img).output().unwrap();
+    let out = Tool::new("mkfs.ext4", deadline::MKFS).args(["-q", "-F", "-d"]).arg(&root).arg(&img).output().unwrap();
     assert!(out.status.success());
     let clean = std::fs::read(&img).unwrap();
     let (mut ok, mut errors, mut panics) = (0, 0, 0);
@@ -549,7 +562,6 @@ fn limits_stop_the_walk_with_a_clear_error() {
 /// `program args... image` through quiesce's runner; its stdout and stderr, and whether it
 /// exited 0.
 fn tool(program: &str, args: &[&str], image: &Path) -> (bool, String) {
-    use quiesce::sys::{deadline, Tool};
     let out = Tool::new(program, deadline::E2FSCK).args(args).arg(image).output().unwrap();
     (out.status.success(), format!("{}{}", out.stdout_text(), out.stderr))
 }

@@ -347,19 +347,27 @@ async fn sigint_mid_backup_leaves_the_vm_as_it_was_and_no_backup() {
     let before = vm.state().await;
     let out = tempfile::tempdir().unwrap();
     // Child VM Snapshot: interrupted once the overlays exist, before or while the guest is
-    // frozen. KNOWN BUG, not yet fixed: Saved State interrupted once the VM is stopped,
-    // while its state is saved, passed here every time but once in a clean-clone CI run
-    // (2026-12-01), which left the VM in `postmigrate`, not resumed, though the undo said
-    // it was put back. Until that race is found, it is not asserted here; the README's
-    // "Back up your own VM" says so. Put `("saved-state", "stop: done")` back with the fix.
-    for (method, after) in [("child-snapshot", "prepare overlays: done")] {
-        let dest = out.path().join(method);
+    // frozen; Saved State: once the VM is stopped, while its state is saved. Then each
+    // method once its disks are being copied out (after the set's Thaw phase): the undo
+    // must find no `qemu-img` still reading the images, or QEMU cannot take their write
+    // lock back (Saved State's `cont`, Child VM Snapshot's merge).
+    let cases = [
+        ("child-snapshot", "prepare overlays: done"),
+        ("saved-state", "stop: done"),
+        ("child-snapshot", "Thaw: done"),
+        ("saved-state", "Thaw: done"),
+    ];
+    for (i, (method, after)) in cases.into_iter().enumerate() {
+        let dest = out.path().join(format!("{method}-{i}"));
         let (code, said) = interrupt_after(&vm, method, after, &dest);
         assert_eq!(code, Some(130), "quiesce did not report the interruption:\n{said}");
         assert!(said.contains("no VM was backed up"), "{said}");
+        if after == "Thaw: done" {
+            assert!(said.contains("interrupted in PostSnapshot"), "the copy-out window was missed:\n{said}");
+        }
         no_backup_at(&dest);
         assert!(overlays_in(vm.dir.path()).is_empty(), "overlays left: {:?}", overlays_in(vm.dir.path()));
-        assert_eq!(vm.state().await, before, "the VM is not as it was after SIGINT during {method}");
+        assert_eq!(vm.state().await, before, "the VM is not as it was after SIGINT in {method} after {after:?}");
         vm.assert_alive().await;
     }
 }

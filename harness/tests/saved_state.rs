@@ -30,7 +30,7 @@ async fn running_vm_is_saved_runs_on_and_restores_into_the_same_boot() {
     let mut w = BackupWriter::create(&out.path().join("b"), &caps.version).unwrap();
     let vm = job::saved_state(m, &caps, &SaveSettings::default(), "test", &mut w, &tl).await.unwrap();
     let backup = w.commit().unwrap();
-    assert_eq!(vm.run_state_before, "running");
+    assert_eq!(vm.run_state_before, runstate::Activity::Running);
     assert!(vm.timings.downtime_ms.is_some());
     // It runs on: running, disks active, the counter moves.
     assert!(runstate::query(m).await.unwrap().running);

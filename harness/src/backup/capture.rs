@@ -31,7 +31,9 @@ pub fn copy_disk(vm: &str, disk: &DiskConfig, dir: &Path, verify: bool) -> Resul
     })
 }
 
-/// Copies several disks on a blocking thread, striking `faults` between them.
+/// Copies several disks on a blocking thread, striking `faults` between them. Dropping the
+/// future (an interruption) kills and reaps the `qemu-img` under way before the drop
+/// returns, so the undo that follows finds no helper holding the VM's images.
 pub async fn copy_disks(
     vm: &str,
     disks: Vec<DiskConfig>,
@@ -48,7 +50,7 @@ pub async fn copy_disks(
         }
         Ok(out)
     };
-    tokio::task::spawn_blocking(copy_all)
+    crate::sys::blocking_tools(copy_all)
         .await
         .map_err(|e| BackupError::io(vm, "copy the disks", std::io::Error::other(e)))?
 }

@@ -160,7 +160,7 @@ pub async fn backup(
         method: choice.method,
         method_reason: choice.reason.clone(),
         conditions: choice.conditions.clone(),
-        run_state_before: before.label().to_owned(),
+        run_state_before: before.activity(),
         machine,
         disks,
         state,

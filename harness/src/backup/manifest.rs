@@ -75,8 +75,8 @@ pub struct VmBackup {
     /// The Child VM Snapshot conditions, as evaluated (empty when Saved State was forced).
     #[serde(default)]
     pub conditions: Vec<super::conditions::Verdict>,
-    /// "running" or "paused": what the VM was doing when the backup began.
-    pub run_state_before: String,
+    /// What the VM was doing when the backup began ("running" or "paused" in the file).
+    pub run_state_before: super::runstate::Activity,
     pub machine: MachineSpec,
     pub disks: Vec<DiskEntry>,
     /// The RAM and device state (Saved State only).
@@ -288,7 +288,7 @@ pub(crate) fn sample_vm(disks: Vec<DiskEntry>) -> VmBackup {
         method: Method::SavedState,
         method_reason: "test".into(),
         conditions: vec![],
-        run_state_before: "running".into(),
+        run_state_before: super::runstate::Activity::Running,
         machine: MachineSpec {
             machine_type: "q35".into(),
             accel: crate::qemu::Accel::Tcg,

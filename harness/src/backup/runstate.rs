@@ -21,14 +21,39 @@ pub struct RunState {
     pub state: QemuRunState,
 }
 
+/// What a VM is doing, as a backup records it and puts it back: QEMU's run state, reduced
+/// to whether QEMU reports it running (paused, saved and waiting, ... are all `Paused`).
+/// Serialized as "running" or "paused", as manifests, reports and fixtures show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Activity {
+    Running,
+    Paused,
+}
+
+impl Activity {
+    /// "running" or "paused", as reports and fixtures show it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Activity::Running => "running",
+            Activity::Paused => "paused",
+        }
+    }
+}
+
 impl RunState {
+    /// Running or not, as the backup records it.
+    pub fn activity(&self) -> Activity {
+        if self.running {
+            Activity::Running
+        } else {
+            Activity::Paused
+        }
+    }
+
     /// "running" or "paused", as reports and fixtures show it.
     pub fn label(&self) -> &'static str {
-        if self.running {
-            "running"
-        } else {
-            "paused"
-        }
+        self.activity().name()
     }
 
     /// True while QEMU is still in a migration's transient states, in which a `cont` may be
@@ -136,6 +161,20 @@ mod tests {
         let st = got.unwrap();
         assert_eq!((st.running, st.label(), st.status.as_str()), (false, "paused", "postmigrate"));
         assert!(!st.migrating());
+    }
+
+    /// A manifest keeps the words it always had ("running", "paused"), and one naming any
+    /// other state is refused rather than taken for "paused".
+    #[test]
+    fn activity_is_written_as_before_and_read_strictly() {
+        for (a, text) in [(Activity::Running, "\"running\""), (Activity::Paused, "\"paused\"")] {
+            assert_eq!(serde_json::to_string(&a).unwrap(), text);
+            assert_eq!(serde_json::from_str::<Activity>(text).unwrap(), a);
+            assert_eq!(format!("\"{}\"", a.name()), text);
+        }
+        for bad in ["\"Running\"", "\"postmigrate\"", "\"\"", "true"] {
+            assert!(serde_json::from_str::<Activity>(bad).is_err(), "{bad}");
+        }
     }
 
     #[tokio::test]

@@ -358,7 +358,7 @@ async fn post_one(
         method: s.choice.method,
         method_reason: s.choice.reason.clone(),
         conditions: s.choice.conditions.clone(),
-        run_state_before: s.before.label().to_owned(),
+        run_state_before: s.before.activity(),
         machine,
         disks,
         state,

@@ -19,7 +19,6 @@ use std::time::Duration;
 
 use base64::Engine;
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::sync::Notify;
 
@@ -32,15 +31,11 @@ use super::vss::{self, FreezeListError, VssFailure};
 use super::{BackupError, Faults, Method};
 use crate::image::qemu_img;
 use crate::interrupt::Interrupt;
+use crate::qemu::stand_in::{self, ALLOWED_FROZEN, HOLD_LIMIT, VSS_INIT};
 use crate::qemu::{caps, Accel, DiskConfig, DiskFormat, GuestAgent, KernelBoot, Machine, MachineConfig, Transcript};
 use crate::timeline::Timeline;
 
 const SYSTEM_RESERVED: &str = "\\\\?\\Volume{6b1c3a2e-0000-0000-0000-100000000000}\\";
-const HOLD_LIMIT: &str = "couldn't hold writes: fsfreeze is limited up to 10 seconds";
-const VSS_INIT: &str = "fsfreeze not possible as VSS failed to initialize";
-/// Commands qemu-ga still runs while the guest is frozen.
-const ALLOWED_FROZEN: [&str; 6] =
-    ["guest-ping", "guest-info", "guest-sync", "guest-sync-delimited", "guest-fsfreeze-status", "guest-fsfreeze-thaw"];
 
 /// What the scripted Windows agent does; changed by each test before it runs.
 #[derive(Default)]
@@ -134,41 +129,6 @@ impl Script {
     }
 }
 
-/// Serves the agent's side of the channel until the client goes away.
-async fn serve(stream: UnixStream, script: Arc<Mutex<Script>>, frozen: Arc<Notify>) {
-    let mut peer = BufReader::new(stream);
-    loop {
-        let mut buf = Vec::new();
-        if peer.read_until(b'\n', &mut buf).await.unwrap_or(0) == 0 {
-            return;
-        }
-        let start = buf.iter().position(|&b| b != 0xFF).unwrap_or(buf.len());
-        let Ok(req) = serde_json::from_slice::<Value>(&buf[start..]) else { continue };
-        let cmd = req["execute"].as_str().unwrap_or("").to_owned();
-        let out = if cmd == "guest-sync-delimited" {
-            let mut out = vec![0xFF];
-            out.extend(format!("{{\"return\": {}}}\n", req["arguments"]["id"]).as_bytes());
-            out
-        } else {
-            let answer = script.lock().unwrap().answer(&cmd, &req["arguments"]);
-            if script.lock().unwrap().frozen {
-                frozen.notify_one();
-            }
-            let mut reply = match answer {
-                Ok(v) => json!({"return": v}),
-                Err(desc) => json!({"error": {"class": "GenericError", "desc": desc}}),
-            };
-            if let Some(id) = req.get("id") {
-                reply["id"] = id.clone();
-            }
-            format!("{reply}\n").into_bytes()
-        };
-        if peer.get_mut().write_all(&out).await.is_err() {
-            return;
-        }
-    }
-}
-
 struct Fixture {
     machine: Machine,
     script: Arc<Mutex<Script>>,
@@ -195,7 +155,15 @@ async fn windows_vm(name: &str, script: Script) -> Fixture {
     machine.attach_scripted_agent(GuestAgent::new(client, transcript));
     let script = Arc::new(Mutex::new(script));
     let frozen = Arc::new(Notify::new());
-    tokio::spawn(serve(server, script.clone(), frozen.clone()));
+    let (peer, notify) = (script.clone(), frozen.clone());
+    let answer = move |cmd: &str, args: &Value| {
+        let answer = peer.lock().unwrap().answer(cmd, args);
+        if peer.lock().unwrap().frozen {
+            notify.notify_one();
+        }
+        answer
+    };
+    tokio::spawn(stand_in::serve(server, answer, || false));
     Fixture { machine, script, frozen, dir }
 }
 

@@ -76,18 +76,7 @@ pub async fn run(args: BackupArgs) -> CliResult {
         return Ok(EXIT_USAGE);
     }
     // SIGINT and SIGTERM fire the interruption: a backup under way puts every VM back.
-    let interrupt = Interrupt::new();
-    let signals = {
-        let interrupt = interrupt.clone();
-        tokio::spawn(async move {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-            }
-            interrupt.trigger();
-        })
-    };
+    let (interrupt, signals) = super::interrupt_on_signals();
     let code = backup(&args, &interrupt).await;
     signals.abort();
     code

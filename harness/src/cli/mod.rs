@@ -12,6 +12,7 @@ mod run;
 mod vm;
 
 use clap::{Parser, Subcommand};
+use quiesce::interrupt::Interrupt;
 use quiesce::qemu::accel::AccelChoice;
 use quiesce::qemu::compat::{self, QemuRelease};
 
@@ -114,6 +115,22 @@ pub const EXIT_FAILED: i32 = 1;
 /// A command given arguments that do not go together (clap's own code for bad usage).
 pub const EXIT_USAGE: i32 = 2;
 pub const EXIT_INTERRUPTED: i32 = 130;
+
+/// An interruption that SIGINT and SIGTERM fire, and the task that waits for them (abort it
+/// when the work is done, so that a later signal kills the process as usual).
+fn interrupt_on_signals() -> (Interrupt, tokio::task::JoinHandle<()>) {
+    let interrupt = Interrupt::new();
+    let fire = interrupt.clone();
+    let signals = tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+        fire.trigger();
+    });
+    (interrupt, signals)
+}
 
 pub async fn run(cli: Cli) -> i32 {
     // The profile is fixed for the process before anything probes QEMU; a bad

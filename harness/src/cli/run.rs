@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 
 use super::progress::Progress;
 use super::{CliResult, EXIT_FAILED, EXIT_INTERRUPTED};
-use quiesce::interrupt::Interrupt;
 use quiesce::qemu::accel::AccelChoice;
 use quiesce::report::{self, summary, ScenarioReport, Status};
 use quiesce::scenario::shard::{self, Shard};
@@ -62,18 +61,7 @@ pub async fn run(
     }
     // SIGINT and SIGTERM fire the run's interruption: a backup under way puts every VM back
     // (thawed, resumed, overlays merged) before the run stops.
-    let interrupt = Interrupt::new();
-    let signals = {
-        let interrupt = interrupt.clone();
-        tokio::spawn(async move {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-            }
-            interrupt.trigger();
-        })
-    };
+    let (interrupt, signals) = super::interrupt_on_signals();
     let mut reports: Vec<ScenarioReport> = Vec::new();
     let mut p = Progress::new();
     for (i, s) in scenarios.iter().enumerate() {

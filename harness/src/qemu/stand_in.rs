@@ -9,6 +9,8 @@
 
 use std::sync::Arc;
 
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
 /// The harness's end of a channel whose other end the test's peer serves, for the machine
@@ -27,4 +29,53 @@ pub(crate) async fn scope<F: std::future::Future>(factory: Factory, f: F) -> F::
 /// The stand-in's channel for machine `name`, if a scope is active and wants this machine.
 pub(super) fn channel_for(name: &str) -> Option<UnixStream> {
     STAND_IN.try_with(|f| f(name)).ok().flatten()
+}
+
+/// qemu-ga 10.0.2's Windows build when VSS could not start (`shared/design/windows.md`).
+pub(crate) const VSS_INIT: &str = "fsfreeze not possible as VSS failed to initialize";
+/// qemu-ga 10.0.2's Windows build thawing after VSS's 10 s hold of writes ran out.
+pub(crate) const HOLD_LIMIT: &str = "couldn't hold writes: fsfreeze is limited up to 10 seconds";
+/// Commands qemu-ga still runs while the guest is frozen.
+pub(crate) const ALLOWED_FROZEN: [&str; 6] =
+    ["guest-ping", "guest-info", "guest-sync", "guest-sync-delimited", "guest-fsfreeze-status", "guest-fsfreeze-thaw"];
+
+/// Serves the agent's side of a channel until the harness goes away: qemu-ga's framing
+/// (`guest-sync-delimited` answered after a 0xFF byte, ids echoed, errors as GenericError)
+/// around the test's `answer` to every other command. While `silent` says so, nothing is
+/// sent back (a stopped agent), but requests are still read.
+pub(crate) async fn serve(
+    stream: UnixStream,
+    mut answer: impl FnMut(&str, &Value) -> Result<Value, String>,
+    silent: impl Fn() -> bool,
+) {
+    let mut chan = BufReader::new(stream);
+    loop {
+        let mut buf = Vec::new();
+        if chan.read_until(b'\n', &mut buf).await.unwrap_or(0) == 0 {
+            return;
+        }
+        let start = buf.iter().position(|&b| b != 0xFF).unwrap_or(buf.len());
+        let Ok(req) = serde_json::from_slice::<Value>(&buf[start..]) else { continue };
+        let cmd = req["execute"].as_str().unwrap_or("").to_owned();
+        let out = if cmd == "guest-sync-delimited" {
+            let mut out = vec![0xFF];
+            out.extend(format!("{{\"return\": {}}}\n", req["arguments"]["id"]).as_bytes());
+            out
+        } else {
+            let mut reply = match answer(&cmd, &req["arguments"]) {
+                Ok(v) => json!({"return": v}),
+                Err(desc) => json!({"error": {"class": "GenericError", "desc": desc}}),
+            };
+            if let Some(id) = req.get("id") {
+                reply["id"] = id.clone();
+            }
+            format!("{reply}\n").into_bytes()
+        };
+        if silent() {
+            continue;
+        }
+        if chan.get_mut().write_all(&out).await.is_err() {
+            return;
+        }
+    }
 }

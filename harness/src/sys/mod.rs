@@ -28,7 +28,7 @@ mod tool;
 pub use child::{Child, Spawn};
 pub use process::Process;
 pub use quote::{shell_line, shell_quote};
-pub use tool::{Output, Running, Tool, ToolError};
+pub use tool::{blocking_tools, Output, Running, Tool, ToolError};
 
 #[cfg(test)]
 mod tests;

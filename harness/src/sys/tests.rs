@@ -177,6 +177,38 @@ async fn async_tools_run_to_their_end_and_stop_when_dropped() {
     assert!(exits(grandchild), "the grandchild sleep {grandchild} outlived the dropped future");
 }
 
+/// Blocking work that runs tools, dropped (an interruption): by the time the drop returns,
+/// its tool is dead and reaped, so what it held (here a lock, as `qemu-img convert` holds
+/// an image's) is free at once, and the work starts no further tool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_blocking_work_has_stopped_its_tools_when_the_drop_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let lock = dir.path().join("image.lock");
+    let later = dir.path().join("later");
+    let (lock2, later2) = (lock.clone(), later.clone());
+    let work = blocking_tools(move || {
+        let held = Tool::new("flock", Duration::from_secs(300)).arg(&lock2).args(["sleep", "300"]).output();
+        // Abandoned: a further tool is refused rather than started.
+        let next = Tool::new("touch", Duration::from_secs(5)).arg(&later2).output();
+        (held.is_err(), next.is_err())
+    });
+    // 0 once nobody holds the lock, 1 while someone does.
+    let try_lock =
+        || Tool::new("flock", Duration::from_secs(30)).arg("-n").arg(&lock).arg("true").output().unwrap().code();
+    let abandoned = tokio::time::timeout(Duration::from_secs(30), async {
+        tokio::select! {
+            _ = work => panic!("the work ended by itself"),
+            // Polls until the tool holds the lock (each try is a process: no spin).
+            _ = async { while try_lock() != Some(1) { tokio::task::yield_now().await } } => {}
+        }
+    })
+    .await;
+    assert!(abandoned.is_ok(), "the tool never took the lock");
+    // The work's future is gone: its tool must be too, with no wait.
+    assert_eq!(try_lock(), Some(0), "the lock was still held after the dropped work's future had gone");
+    assert!(!later.exists(), "abandoned work started another tool");
+}
+
 #[test]
 fn a_process_we_did_not_start_is_waited_for_and_stopped_by_pidfd() {
     // A daemon as `--daemon` makes one: its parent exits and it lives on in a session of

@@ -186,6 +186,9 @@ impl<'a> Tool<'a> {
         if self.stdout_cap.is_some() {
             spawn = spawn.stdout(Stdio::piped());
         }
+        if is_abandoned() {
+            return Err(ToolError::Io { program, command, source: std::io::ErrorKind::Interrupted.into() });
+        }
         let started = Instant::now();
         let mut child = match spawn.spawn() {
             Ok(c) => c,
@@ -201,7 +204,7 @@ impl<'a> Tool<'a> {
                 timeout: self.timeout,
                 deadline: started + self.timeout,
                 stdout_cap: self.stdout_cap.unwrap_or(0),
-                abandoned: None,
+                abandoned: abandoned_fd(),
             },
             on_stderr_line: self.on_stderr_line,
         })
@@ -221,21 +224,18 @@ impl<'a> Tool<'a> {
 
 impl Tool<'static> {
     /// [`Tool::output`] for async code: the tool is waited for on a blocking thread, so the
-    /// runtime's workers are not held up. Dropping the future stops the tool at once (its
-    /// group is killed and it is reaped), as dropping a [`Running`] does: the future holds
-    /// one end of a pipe whose other end the waiting thread polls beside the tool's. (Its
-    /// stderr is not given line by line: [`Tool::on_stderr_line`] is for blocking runs.)
+    /// runtime's workers are not held up. Dropping the future stops the tool (its group is
+    /// killed and it is reaped) before the drop returns, as [`blocking_tools`] does. (Its stderr is
+    /// not given line by line: [`Tool::on_stderr_line`] is for blocking runs.)
     pub async fn output_async(self) -> Result<Output, ToolError> {
         let (program, command) = (self.spawn.program(), self.spawn.command_line());
-        let (watched, held) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| ToolError::Io {
-            program: program.clone(),
-            command: command.clone(),
-            source: e.into(),
-        })?;
-        let mut waiting = self.spawn()?.waiting;
-        waiting.abandoned = Some(watched);
-        let waited = tokio::task::spawn_blocking(move || waiting.wait(None)).await;
-        drop(held);
+        let waiting = self.spawn()?.waiting;
+        let waited = blocking_tools(move || {
+            let mut waiting = waiting;
+            waiting.abandoned = abandoned_fd();
+            waiting.wait(None)
+        })
+        .await;
         waited.unwrap_or_else(|e| Err(ToolError::Io { program, command, source: std::io::Error::other(e) }))
     }
 
@@ -243,6 +243,74 @@ impl Tool<'static> {
     pub async fn run_async(self) -> Result<Output, ToolError> {
         self.output_async().await?.into_success()
     }
+}
+
+thread_local! {
+    /// On a thread running [`blocking_tools`] work: the read end of the pipe whose write end the
+    /// awaiting future holds. It hangs up when that future is dropped.
+    static ABANDONED: std::cell::RefCell<Option<OwnedFd>> = const { std::cell::RefCell::new(None) };
+}
+
+/// A copy of this thread's [`ABANDONED`] fd, if it runs [`blocking_tools`] work.
+fn abandoned_fd() -> Option<OwnedFd> {
+    ABANDONED.with(|a| a.borrow().as_ref().and_then(|fd| fd.try_clone().ok()))
+}
+
+/// True if this thread runs [`blocking_tools`] work whose future was dropped.
+fn is_abandoned() -> bool {
+    ABANDONED.with(|a| a.borrow().as_ref().is_some_and(|fd| super::child::readable(fd.as_fd(), Duration::ZERO)))
+}
+
+/// Runs blocking work that starts tools (`qemu-img convert` of a VM's disk) on a blocking
+/// thread, tied to the future that awaits it. Dropping that future (an interruption)
+/// stops every tool the work runs, killed and reaped, and refuses it new ones; the drop
+/// returns only once the work has returned, or after [`deadline::KILLED_EXIT`].
+///
+/// Why the drop waits: a plain `spawn_blocking` goes on after its future is dropped, and a
+/// tool it runs goes on holding what it opened. A `qemu-img convert` reading a saved VM's
+/// image holds its lock, so the undo's `cont` that follows the interruption failed with
+/// `Failed to get "write" lock` and left the VM paused. Whoever drops this future may
+/// touch what its tools touched as soon as the drop returns.
+pub async fn blocking_tools<T, F>(work: F) -> Result<T, tokio::task::JoinError>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    /// Held by the future: hangs up the pipe, then waits for the work to end.
+    struct Held {
+        write_end: Option<OwnedFd>,
+        ended: std::sync::mpsc::Receiver<()>,
+    }
+    impl Drop for Held {
+        fn drop(&mut self) {
+            drop(self.write_end.take());
+            // Disconnected once the work has returned (at once if it has already). A
+            // bounded block of this thread: a killed tool is reaped within KILLED_EXIT.
+            let _ = self.ended.recv_timeout(super::deadline::KILLED_EXIT);
+        }
+    }
+    /// Clears the thread's fd when the work ends, even by a panic (the thread is reused).
+    struct OnThread;
+    impl Drop for OnThread {
+        fn drop(&mut self) {
+            ABANDONED.with(|a| a.borrow_mut().take());
+        }
+    }
+    let (read_end, write_end) = match nix::unistd::pipe2(OFlag::O_CLOEXEC) {
+        Ok(p) => p,
+        // No pipe to be had (out of fds): the work runs unscoped rather than not at all;
+        // its tools are still killed at their deadlines.
+        Err(_) => return tokio::task::spawn_blocking(work).await,
+    };
+    let (ended_tx, ended) = std::sync::mpsc::channel::<()>();
+    let _held = Held { write_end: Some(write_end), ended };
+    tokio::task::spawn_blocking(move || {
+        let _ended = ended_tx;
+        ABANDONED.with(|a| *a.borrow_mut() = Some(read_end));
+        let _clear = OnThread;
+        work()
+    })
+    .await
 }
 
 /// A tool that was started. Dropping it kills its process group and reaps it.
@@ -270,8 +338,8 @@ struct Waiting {
     timeout: Duration,
     deadline: Instant,
     stdout_cap: usize,
-    /// The read end of a pipe whose write end an async caller holds: it closes when the
-    /// caller stops waiting, and the tool is then killed.
+    /// The read end of a pipe whose write end an async caller holds ([`blocking_tools`]): it
+    /// hangs up when the caller stops waiting, and the tool is then killed.
     abandoned: Option<OwnedFd>,
 }
 

@@ -12,6 +12,7 @@ use qapi::Enum;
 use serde_json::{json, Value};
 
 use crate::backup::manifest::{Entry, Method, StateEntry, VmBackup};
+use crate::backup::runstate::Activity;
 use crate::backup::saved_state::{migration_ended, migration_status, Plan};
 use crate::backup::{Backup, FolderError};
 use crate::image::qemu_img::{self, qemu_img, QemuImgError};
@@ -248,7 +249,7 @@ async fn load_state(
         }
     })
     .await?;
-    if opts.resume && vm.run_state_before == "running" {
+    if opts.resume && vm.run_state_before == Activity::Running {
         tl.step(Some(&opts.name), "resume", resume(m)).await?;
     }
     Ok(())

@@ -14,12 +14,11 @@ use std::time::Instant;
 
 use super::deadline;
 use super::ready::{self, ReadyError};
-use crate::image::qemu_img::{self, QemuImgError};
 use crate::image::windows::cache::{self, BuiltImage};
 use crate::image::windows::{plan, BUILD_COMMAND, RECIPE};
 use crate::image::{recipe, GuestImage, ImageError};
 use crate::qemu::accel::{AccelChoice, AccelError, Verdict};
-use crate::qemu::{Accel, DiskConfig, DiskFormat, KernelBoot, Machine, MachineConfig, MachineError};
+use crate::qemu::{Accel, DiskFormat, KernelBoot, Machine, MachineError};
 use crate::testguest::{self, GuestError, GuestOptions, TestGuest};
 
 /// Why a Windows guest did not boot to ready.
@@ -38,15 +37,10 @@ pub enum WindowsGuestError {
     /// The KVM probe boots the Linux guest's kernel, and it could not be built.
     #[error("the KVM probe needs the Linux guest's kernel: {0}")]
     Probe(#[from] ImageError),
-    /// The probe could not resolve the accelerator.
+    /// The probe could not resolve the accelerator, or the guest's disks could not be set
+    /// up (the folder for them, or the private overlay over the cached Windows disk).
     #[error(transparent)]
     Guest(#[from] GuestError),
-    /// The private overlay over the cached Windows disk could not be made.
-    #[error("creating the overlay over the Windows image: {0}")]
-    Overlay(#[from] QemuImgError),
-    /// The folder for the guest's disks could not be made.
-    #[error("making a folder for the Windows guest's disks: {0}")]
-    Io(#[from] std::io::Error),
     /// QEMU did not start.
     #[error(transparent)]
     Machine(#[from] MachineError),
@@ -116,29 +110,16 @@ pub async fn boot(opts: GuestOptions, progress: &mut dyn FnMut(&str)) -> Result<
     let img = image().ok_or(WindowsGuestError::NoImage)?;
     progress("choosing the accelerator");
     let verdict = accel(opts.accel, progress)?;
-    let prefix = format!("quiesce-{}-disks-", opts.name);
-    let mut b = tempfile::Builder::new();
-    b.prefix(&prefix);
-    let disks = match &opts.disk_dir {
-        Some(d) => b.tempdir_in(d)?,
-        None => b.tempdir()?,
-    };
-    let root = disks.path().join("root.qcow2");
-    qemu_img::create_overlay(&img.disk, DiskFormat::Qcow2, &root)?;
-    // The install's machine: q35 (MachineConfig's default), SeaBIOS (no kernel), the
+    let name = opts.name.clone();
+    // The install's machine: q35 (MachineConfig's default), SeaBIOS (no kernel), at least the
     // install's CPU count, virtio-blk disks whose serials are their node names.
-    let mut cfg = MachineConfig::new(&opts.name, verdict.accel, KernelBoot::firmware());
-    cfg.memory_mib = opts.memory_mib;
-    cfg.cpus = opts.cpus.max(plan::CPUS);
-    if let Some(dir) = opts.artifacts_dir {
-        cfg.artifacts_dir = dir;
-    }
-    cfg.disks.push(DiskConfig { node_name: "root".into(), path: root, format: DiskFormat::Qcow2, read_only: false });
-    cfg.disks.extend(opts.extra_disks);
+    let (mut cfg, disks) =
+        testguest::machine_config(opts, verdict.accel, KernelBoot::firmware(), &img.disk, DiskFormat::Qcow2)?;
+    cfg.cpus = cfg.cpus.max(plan::CPUS);
     progress(&format!(
         "booting Windows ({}) as {} under {}; ready when its agent answers and VSS is ready (deadline {} min)",
         img.info.edition,
-        opts.name,
+        name,
         verdict.accel.as_str().to_uppercase(),
         deadline::BOOT.as_secs() / 60
     ));

@@ -12,6 +12,35 @@ pub use crate::backup::job::MethodChoice;
 pub use crate::image::seed::{Filesystem, Partitioning};
 use crate::qemu::DiskFormat;
 
+/// Declares an enum whose variants each carry the one name a scenario file and a report
+/// give them: serde reads that name (`#[serde(rename)]`), `name()` returns it and `ALL`
+/// lists every variant, so the name is written once.
+macro_rules! named_enum {
+    (
+        $(#[$meta:meta])*
+        $vis:vis enum $ty:ident {
+            $( $(#[$vmeta:meta])* $variant:ident = $name:tt, )*
+        }
+    ) => {
+        $(#[$meta])*
+        $vis enum $ty {
+            $( $(#[$vmeta])* #[serde(rename = $name)] $variant, )*
+        }
+
+        impl $ty {
+            /// Every variant, in the order declared.
+            pub const ALL: &'static [$ty] = &[$($ty::$variant),*];
+
+            /// The name a scenario file gives it.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $($ty::$variant => $name,)*
+                }
+            }
+        }
+    };
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ScenarioFile {
@@ -69,57 +98,59 @@ impl FaultSpec {
     }
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "kebab-case")]
-pub enum FaultKind {
-    /// The snapshot transaction asks QEMU for an overlay at a path that cannot be created.
-    TransactionFails,
-    /// The saved state goes to a target folder that does not exist, so `migrate` fails.
-    SaveFails,
-    /// A freeze hook in the guest outlasts the freeze deadline (the agent hangs in freeze).
-    AgentHangsInFreeze,
-    /// The run is interrupted right after the guest is frozen (as SIGINT would).
-    InterruptAfterFreeze,
-    /// The harness process gets a real SIGINT right after the guest is frozen (CLI only).
-    SigintAfterFreeze,
-    /// QEMU is killed between PrepareForSnapshot and PostSnapshot.
-    QemuKilledAfterPrepare,
-    /// The backup is written to a small tmpfs that fills up during the copy (needs root
-    /// to mount it).
-    BackupTargetFull,
-    /// A freeze hook in the guest fails (a VSS writer's veto): guest-fsfreeze-freeze
-    /// returns the agent's error.
-    AgentFreezeFails,
-    /// The guest agent stops answering right after it froze the guest (SIGSTOP from inside
-    /// the guest), for longer than the thaw may wait: the thaw times out.
-    AgentStopsAfterFreeze,
-    /// One byte of a file's data is flipped in the restored disk, under the filesystem
-    /// (`disk` and `path` name the file). The verification must name it.
-    FlipByteInRestore,
-    /// A file is truncated to half its size in the restored guest (`disk`, `path`).
-    TruncateInRestore,
-    /// Child VM Snapshot exactly as usual, but no freeze is sent: the backup is a
-    /// crash-consistent copy of a live guest. Test-only; the consistency checks must fail.
-    SkipFreeze,
-    /// The filesystems are frozen, but the app's freeze hook is made non-executable in the
-    /// guest first, so the app is not paused: a VSS writer that did not take part.
-    SkipFreezeHooks,
-    /// Windows: the host holds the guest frozen for 12 s before the snapshot transaction,
-    /// past VSS's 10 s hold limit, so the thaw reports that writes went on.
-    HoldPastVssLimit,
-    /// Windows: qemu-ga's VSS provider is unregistered in the guest before the backup
-    /// (`qemu-ga.exe -s vss-uninstall`), so VSS fails to initialise.
-    VssProviderUnregistered,
-    /// The VM's folder (disks and overlays) is a small tmpfs, and a writer in the guest
-    /// fills it after the thaw: QEMU pauses the VM for space during the copy-out (needs
-    /// root to mount it).
-    SnapshotVolumeFull,
-    /// A writer in the guest outpaces a rate-limited merge, which does not catch up within
-    /// its short convergence deadline: the VM is paused to finish it.
-    MergeDoesNotConverge,
-    /// The backup target is a tmpfs lazily unmounted after the VM's first disk is copied
-    /// (needs root to mount it).
-    BackupTargetVanishes,
+named_enum! {
+    /// A fault a scenario injects (`[[fault]] kind`), by the name its file gives it.
+    #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+    pub enum FaultKind {
+        /// The snapshot transaction asks QEMU for an overlay at a path that cannot be created.
+        TransactionFails = "transaction-fails",
+        /// The saved state goes to a target folder that does not exist, so `migrate` fails.
+        SaveFails = "save-fails",
+        /// A freeze hook in the guest outlasts the freeze deadline (the agent hangs in freeze).
+        AgentHangsInFreeze = "agent-hangs-in-freeze",
+        /// The run is interrupted right after the guest is frozen (as SIGINT would).
+        InterruptAfterFreeze = "interrupt-after-freeze",
+        /// The harness process gets a real SIGINT right after the guest is frozen (CLI only).
+        SigintAfterFreeze = "sigint-after-freeze",
+        /// QEMU is killed between PrepareForSnapshot and PostSnapshot.
+        QemuKilledAfterPrepare = "qemu-killed-after-prepare",
+        /// The backup is written to a small tmpfs that fills up during the copy (needs root
+        /// to mount it).
+        BackupTargetFull = "backup-target-full",
+        /// A freeze hook in the guest fails (a VSS writer's veto): guest-fsfreeze-freeze
+        /// returns the agent's error.
+        AgentFreezeFails = "agent-freeze-fails",
+        /// The guest agent stops answering right after it froze the guest (SIGSTOP from inside
+        /// the guest), for longer than the thaw may wait: the thaw times out.
+        AgentStopsAfterFreeze = "agent-stops-after-freeze",
+        /// One byte of a file's data is flipped in the restored disk, under the filesystem
+        /// (`disk` and `path` name the file). The verification must name it.
+        FlipByteInRestore = "flip-byte-in-restore",
+        /// A file is truncated to half its size in the restored guest (`disk`, `path`).
+        TruncateInRestore = "truncate-in-restore",
+        /// Child VM Snapshot exactly as usual, but no freeze is sent: the backup is a
+        /// crash-consistent copy of a live guest. Test-only; the consistency checks must fail.
+        SkipFreeze = "skip-freeze",
+        /// The filesystems are frozen, but the app's freeze hook is made non-executable in the
+        /// guest first, so the app is not paused: a VSS writer that did not take part.
+        SkipFreezeHooks = "skip-freeze-hooks",
+        /// Windows: the host holds the guest frozen for 12 s before the snapshot transaction,
+        /// past VSS's 10 s hold limit, so the thaw reports that writes went on.
+        HoldPastVssLimit = "hold-past-vss-limit",
+        /// Windows: qemu-ga's VSS provider is unregistered in the guest before the backup
+        /// (`qemu-ga.exe -s vss-uninstall`), so VSS fails to initialise.
+        VssProviderUnregistered = "vss-provider-unregistered",
+        /// The VM's folder (disks and overlays) is a small tmpfs, and a writer in the guest
+        /// fills it after the thaw: QEMU pauses the VM for space during the copy-out (needs
+        /// root to mount it).
+        SnapshotVolumeFull = "snapshot-volume-full",
+        /// A writer in the guest outpaces a rate-limited merge, which does not catch up within
+        /// its short convergence deadline: the VM is paused to finish it.
+        MergeDoesNotConverge = "merge-does-not-converge",
+        /// The backup target is a tmpfs lazily unmounted after the VM's first disk is copied
+        /// (needs root to mount it).
+        BackupTargetVanishes = "backup-target-vanishes",
+    }
 }
 
 impl FaultKind {
@@ -135,30 +166,6 @@ impl FaultKind {
             FaultKind::SkipFreeze => &[Check::FsQuiesced, Check::AppConsistent, Check::JournalCutAtFreeze],
             FaultKind::SkipFreezeHooks => &[Check::AppConsistent],
             _ => &[],
-        }
-    }
-
-    /// The name a scenario file gives it.
-    pub fn name(self) -> &'static str {
-        match self {
-            FaultKind::TransactionFails => "transaction-fails",
-            FaultKind::SaveFails => "save-fails",
-            FaultKind::AgentHangsInFreeze => "agent-hangs-in-freeze",
-            FaultKind::InterruptAfterFreeze => "interrupt-after-freeze",
-            FaultKind::SigintAfterFreeze => "sigint-after-freeze",
-            FaultKind::QemuKilledAfterPrepare => "qemu-killed-after-prepare",
-            FaultKind::BackupTargetFull => "backup-target-full",
-            FaultKind::AgentFreezeFails => "agent-freeze-fails",
-            FaultKind::AgentStopsAfterFreeze => "agent-stops-after-freeze",
-            FaultKind::FlipByteInRestore => "flip-byte-in-restore",
-            FaultKind::TruncateInRestore => "truncate-in-restore",
-            FaultKind::SkipFreeze => "skip-freeze",
-            FaultKind::SkipFreezeHooks => "skip-freeze-hooks",
-            FaultKind::HoldPastVssLimit => "hold-past-vss-limit",
-            FaultKind::VssProviderUnregistered => "vss-provider-unregistered",
-            FaultKind::SnapshotVolumeFull => "snapshot-volume-full",
-            FaultKind::MergeDoesNotConverge => "merge-does-not-converge",
-            FaultKind::BackupTargetVanishes => "backup-target-vanishes",
         }
     }
 }

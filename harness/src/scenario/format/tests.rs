@@ -211,19 +211,14 @@ fn faults_that_defeat_checks_need_mismatch_those_checks_and_child_snapshot() {
         let parsed: Check = toml::Value::String(c.name().into()).try_into().unwrap();
         assert_eq!(parsed, c);
     }
-    for k in [
-        FaultKind::SkipFreeze,
-        FaultKind::SkipFreezeHooks,
-        FaultKind::AgentHangsInFreeze,
-        FaultKind::HoldPastVssLimit,
-        FaultKind::VssProviderUnregistered,
-        FaultKind::SnapshotVolumeFull,
-        FaultKind::MergeDoesNotConverge,
-        FaultKind::BackupTargetVanishes,
-    ] {
+    assert_eq!(FaultKind::ALL.len(), 18);
+    for &k in FaultKind::ALL {
         let parsed: FaultKind = toml::Value::String(k.name().into()).try_into().unwrap();
         assert_eq!(parsed, k);
     }
+    // The names a file gives, as its authors wrote them (kebab-case of the variant).
+    assert_eq!(FaultKind::QemuKilledAfterPrepare.name(), "qemu-killed-after-prepare");
+    assert_eq!(FaultKind::VssProviderUnregistered.name(), "vss-provider-unregistered");
 }
 
 #[test]

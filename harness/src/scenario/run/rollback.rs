@@ -338,7 +338,7 @@ async fn new_vm(c: &Cycle<'_>, ctx: &mut RunCtx<'_>, vm: &Vm, p: &Point) -> Resu
 async fn run_restored(c: &Cycle<'_>, m: &mut Machine, vb: &VmBackup, who: &str, tl: &Timeline) -> Result<(), RunError> {
     match vb.method {
         Method::SavedState => {
-            if vb.run_state_before == "running" {
+            if vb.run_state_before == runstate::Activity::Running {
                 tl.step(Some(who), "resume", restore::resume(m)).await.map_err(c.fail("resuming"))?;
             }
         }

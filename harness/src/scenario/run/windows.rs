@@ -228,21 +228,18 @@ pub(super) async fn boot_restored(m: &mut Machine) -> Result<(), RunError> {
 
 /// The checks inside a restored Windows guest: `chkdsk` of its NTFS data disks (a fresh
 /// boot), the boot and counter a saved state continues, the seeded files read back in the
-/// guest, and the journal read back from the restored disk on the host.
+/// guest, and the journal read back from the restored disk on the host. `agent` is the
+/// restored guest's, answering already.
 pub(super) async fn restored_checks(
     ctx: &mut RunCtx<'_>,
     vm: &Vm,
     method: Method,
     checks: &[Check],
     restored: &Restored,
+    agent: &GuestAgent,
 ) -> Result<(), RunError> {
     let name = vm.name();
     let rname = restored.machine.name();
-    let agent = restored.machine.agent().map_err(on(rname, "the restored guest's agent"))?;
-    agent
-        .wait_ready(deadline::AGENT_AFTER_RESUME)
-        .await
-        .map_err(on(rname, "waiting for the restored guest's agent"))?;
     if method == Method::ChildSnapshot {
         assign_letters(&vm.spec, agent, rname).await?;
     }

@@ -24,22 +24,17 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
 use crate::image::qemu_img;
 use crate::image::windows::cache::{BuiltImage, ImageInfo};
 use crate::qemu::accel::AccelChoice;
-use crate::qemu::stand_in::{self, Factory};
+use crate::qemu::stand_in::{self, Factory, ALLOWED_FROZEN, HOLD_LIMIT, VSS_INIT};
 use crate::qemu::{Accel, DiskFormat};
 use crate::scenario::{self, Report, RunOptions, Scenario};
 
-const VSS_INIT: &str = "fsfreeze not possible as VSS failed to initialize";
-const HOLD_LIMIT: &str = "couldn't hold writes: fsfreeze is limited up to 10 seconds";
 /// Windows caps VSS's hold of writes at 10 s; after that the guest writes again by itself.
 const VSS_HOLD: Duration = Duration::from_secs(10);
-const ALLOWED_FROZEN: [&str; 6] =
-    ["guest-ping", "guest-info", "guest-sync", "guest-sync-delimited", "guest-fsfreeze-status", "guest-fsfreeze-thaw"];
 
 /// The scripted Windows guest, shared by every machine of a run: a restored saved state
 /// continues the same boot, so it keeps the boot id and the counter.
@@ -196,41 +191,6 @@ impl Peer {
     }
 }
 
-/// Serves one machine's agent channel until the runner lets it go.
-async fn serve(stream: UnixStream, peer: Arc<Mutex<Peer>>) {
-    let mut chan = BufReader::new(stream);
-    loop {
-        let mut buf = Vec::new();
-        if chan.read_until(b'\n', &mut buf).await.unwrap_or(0) == 0 {
-            return;
-        }
-        let start = buf.iter().position(|&b| b != 0xFF).unwrap_or(buf.len());
-        let Ok(req) = serde_json::from_slice::<Value>(&buf[start..]) else { continue };
-        let cmd = req["execute"].as_str().unwrap_or("").to_owned();
-        let out = if cmd == "guest-sync-delimited" {
-            let mut out = vec![0xFF];
-            out.extend(format!("{{\"return\": {}}}\n", req["arguments"]["id"]).as_bytes());
-            out
-        } else {
-            let answer = peer.lock().unwrap().answer(&cmd, &req["arguments"]);
-            let mut reply = match answer {
-                Ok(v) => json!({"return": v}),
-                Err(desc) => json!({"error": {"class": "GenericError", "desc": desc}}),
-            };
-            if let Some(id) = req.get("id") {
-                reply["id"] = id.clone();
-            }
-            format!("{reply}\n").into_bytes()
-        };
-        if peer.lock().unwrap().stopped {
-            continue;
-        }
-        if chan.get_mut().write_all(&out).await.is_err() {
-            return;
-        }
-    }
-}
-
 /// A blank disk standing in for the built Windows image (SeaBIOS finds nothing to boot).
 fn blank_image(dir: &Path) -> BuiltImage {
     let disk = dir.join("disk.qcow2");
@@ -277,7 +237,9 @@ async fn run_in_scope(s: &Scenario, peer: Arc<Mutex<Peer>>) -> (Report, tempfile
     let image = blank_image(dir.path());
     let factory: Factory = Arc::new(move |_machine: &str| {
         let (harness, guest) = UnixStream::pair().ok()?;
-        tokio::spawn(serve(guest, peer.clone()));
+        let (answering, asked) = (peer.clone(), peer.clone());
+        let answer = move |cmd: &str, args: &Value| answering.lock().unwrap().answer(cmd, args);
+        tokio::spawn(stand_in::serve(guest, answer, move || asked.lock().unwrap().stopped));
         Some(harness)
     });
     let opts = RunOptions {

@@ -42,16 +42,16 @@ pub(super) async fn checks(
 ) -> Result<Vec<(String, String)>, RunError> {
     let vm = r.vm;
     let asked = Asked { s: ctx.s, vm, vb: &r.vb, method: r.vb.method, facts, checks: r.checks() };
-    if vm.spec.is_windows() {
-        super::super::windows::restored_checks(ctx, vm, asked.method, asked.checks, restored).await?;
-        return Ok(vec![]);
-    }
     let rname = restored.machine.name();
     let agent = restored.machine.agent().map_err(on(rname, "the restored guest's agent"))?;
     agent
         .wait_ready(deadline::AGENT_AFTER_RESUME)
         .await
         .map_err(on(rname, "waiting for the restored guest's agent"))?;
+    if vm.spec.is_windows() {
+        super::super::windows::restored_checks(ctx, vm, asked.method, asked.checks, restored, agent).await?;
+        return Ok(vec![]);
+    }
     if asked.method == Method::ChildSnapshot {
         if asked.wants(Check::GuestFsck) {
             guest_fsck(vm, agent, rname, ctx.report).await?;
