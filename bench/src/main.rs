@@ -14,6 +14,7 @@ use quiesce_bench::disk::{DiskBenchError, ROUNDS as DISK_ROUNDS};
 use quiesce_bench::freeze::{self, FreezeOptions};
 use quiesce_bench::manifest::{self, ManifestBenchOptions};
 use quiesce_bench::saved_state::{self, BenchOptions};
+use quiesce_bench::set_load::{self, SetLoadOptions};
 
 /// The `quiesce` binary's progress line, so both programs report progress alike.
 #[path = "../../harness/src/cli/progress.rs"]
@@ -95,6 +96,21 @@ enum BenchCommand {
         #[arg(long, default_value_t = DISK_ROUNDS as u64, value_parser = clap::value_parser!(u64).range(1..=100))]
         rounds: u64,
     },
+    /// One backup job over a set of VMs (2, 4, 8, 12 by default), mixed methods, each with
+    /// a journal writer, the last VM's QEMU killed mid-job: whether each set ends all or
+    /// nothing with nothing lost, its phase times, longest freeze window and downtime, with
+    /// ratios against the smallest set of the same run.
+    SetLoad {
+        /// VM counts, run in this order.
+        #[arg(long, value_delimiter = ',', default_values_t = set_load::DEFAULT_COUNTS)]
+        counts: Vec<usize>,
+        /// RAM per VM (MiB).
+        #[arg(long, default_value_t = set_load::DEFAULT_MEMORY_MIB)]
+        memory: u32,
+        /// Folder for the runs' disks and backups; each run's own folder inside it is removed.
+        #[arg(long, default_value = "quiesce-bench")]
+        work_dir: std::path::PathBuf,
+    },
 }
 
 /// Exit codes: 0 ok, 1 failed, 2 bad usage (clap).
@@ -145,6 +161,10 @@ async fn run(cmd: BenchCommand, accel: Option<AccelChoice>) -> Result<String, Bo
         BenchCommand::FreezeWindow { rounds, no_libvirt } => {
             let opts = FreezeOptions { accel, rounds: rounds as usize, libvirt: !no_libvirt };
             freeze::run(&opts, &mut |s| p.step(s)).await?
+        }
+        BenchCommand::SetLoad { counts, memory, work_dir } => {
+            let opts = SetLoadOptions { accel, counts, memory_mib: memory, work_dir };
+            set_load::run(&opts, &mut |s| p.step(s)).await?
         }
         BenchCommand::BlockCompare { work_dir, rounds } => {
             let opts = BlockCompareBenchOptions { work_dir, rounds: rounds as usize };
