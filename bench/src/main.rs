@@ -52,6 +52,16 @@ enum BenchCommand {
         /// Skip the libvirt comparison.
         #[arg(long)]
         no_libvirt: bool,
+        /// The downtime-against-disk-data series: MiB of data on the data disk at each
+        /// point, comma-separated; `--data-mib ''` skips the series.
+        #[arg(long, value_delimiter = ',', default_values_t = saved_state::DEFAULT_DATA_MIB)]
+        data_mib: Vec<u64>,
+        /// Backups per method at each point of the series; medians are compared.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=20))]
+        series_rounds: u64,
+        /// Run only the series (no save/restore rounds against dd, QEMU's defaults, virsh).
+        #[arg(long)]
+        series_only: bool,
     },
     /// Time the Child VM Snapshot's freeze window with 1 and 4 disks; print ratios against
     /// libvirt's `virsh snapshot-create-as --disk-only --quiesce` on the same guest, and
@@ -136,8 +146,16 @@ fn main() {
 async fn run(cmd: BenchCommand, accel: Option<AccelChoice>) -> Result<String, Box<dyn std::error::Error>> {
     let mut p = Progress::new();
     let text = match cmd {
-        BenchCommand::SavedState { memory, work_dir, no_libvirt } => {
-            let opts = BenchOptions { accel, memory_mib: memory, work_dir, libvirt: !no_libvirt };
+        BenchCommand::SavedState { memory, work_dir, no_libvirt, data_mib, series_rounds, series_only } => {
+            let opts = BenchOptions {
+                accel,
+                memory_mib: memory,
+                work_dir,
+                libvirt: !no_libvirt,
+                data_mib,
+                series_rounds: series_rounds as usize,
+                series_only,
+            };
             saved_state::run(&opts, &mut |s| p.step(s)).await?
         }
         BenchCommand::FreezeWindow { rounds, no_libvirt } => {
