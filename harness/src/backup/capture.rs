@@ -80,15 +80,18 @@ pub fn prove_copy(vm: &str, disk: &DiskConfig, dir: &Path, entry: &DiskEntry) ->
     Ok(())
 }
 
-/// [`copy_disk_hashed`] for several disks, on a blocking thread.
+/// [`copy_disk_hashed`] for several disks, on a blocking thread whose `qemu-img` is killed
+/// and reaped if this future is dropped (an interrupted job), so no copy holds an image's
+/// lock when the undo puts the VM back.
 pub async fn copy_disks_hashed(vm: &str, disks: Vec<DiskConfig>, dir: &Path) -> Result<Vec<DiskEntry>, BackupError> {
     let (vm_owned, dir) = (vm.to_owned(), dir.to_owned());
-    tokio::task::spawn_blocking(move || disks.iter().map(|d| copy_disk_hashed(&vm_owned, d, &dir)).collect())
+    crate::sys::blocking_tools(move || disks.iter().map(|d| copy_disk_hashed(&vm_owned, d, &dir)).collect())
         .await
         .map_err(|e| BackupError::io(vm, "copy the disks", std::io::Error::other(e)))?
 }
 
-/// [`prove_copy`] for each of `disks` (in the order of `entries`), on a blocking thread.
+/// [`prove_copy`] for each of `disks` (in the order of `entries`), on a blocking thread;
+/// its `qemu-img compare` dies with this future, as in [`copy_disks_hashed`].
 pub async fn prove_copies(
     vm: &str,
     disks: Vec<DiskConfig>,
@@ -96,7 +99,7 @@ pub async fn prove_copies(
     entries: &[DiskEntry],
 ) -> Result<(), BackupError> {
     let (vm_owned, dir, entries) = (vm.to_owned(), dir.to_owned(), entries.to_vec());
-    tokio::task::spawn_blocking(move || {
+    crate::sys::blocking_tools(move || {
         disks.iter().zip(&entries).try_for_each(|(d, e)| prove_copy(&vm_owned, d, &dir, e))
     })
     .await
