@@ -12,6 +12,9 @@
 #   the JUnit schema check, and Chromium for the HTML report's browser test (on Ubuntu,
 #   whose chromium is a snap, only where no Chromium or Chrome is on PATH already: GitHub's
 #   runners have Chrome).
+# - libvirt's daemon and virsh, for `quiesce backup --libvirt` and its test (harness/tests/
+#   libvirt.rs, which starts libvirtd itself when none runs) and the benchmarks' libvirt
+#   comparisons. Without recommends: they would pull in the distribution's other QEMUs.
 # - A Rust toolchain if there is none on PATH, and shellcheck.
 # - QUIESCE_SETUP_EXTRA: more packages to install.
 set -eu
@@ -76,6 +79,8 @@ else
     # shellcheck disable=SC2086
     apt-get install -y -q $QEMU_PKGS >/dev/null
 fi
+say "installing libvirt (daemon and virsh)"
+apt-get install -y -q --no-install-recommends libvirt-daemon-system libvirt-clients >/dev/null
 say "installing host tools (guest image recipe, disk seeding, Windows image tools, xmllint${BROWSER:+, $BROWSER})"
 # shellcheck disable=SC2086
 apt-get install -y -q $TOOLS $BROWSER ${QUIESCE_SETUP_EXTRA:-} >/dev/null

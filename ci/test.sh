@@ -30,8 +30,15 @@ scripts=$(find guest-images ci .ci -type f -exec awk 'FNR == 1 && /^#!\/bin\/sh/
 [ -n "$scripts" ] || { echo "shellcheck: found no scripts to check" >&2; exit 1; }
 # shellcheck disable=SC2086 # one path per word: no script path has a blank
 shellcheck -S warning $scripts
+echo "==> cargo test --no-run (building the tests, with the guest tests)"
+cargo test --workspace --locked --all-features --no-run
 echo "==> quiesce doctor"
-cargo run --locked -q -p quiesce -- doctor
+# The quiesce binary the test build has just made (the guest tests run it too). `cargo run`
+# would build quiesce and half its dependencies a second time, with other features (no
+# vm-tests, no dev-dependencies' tokio), for the same program.
+QUIESCE_BIN="${CARGO_TARGET_DIR:-target}/debug/quiesce"
+export QUIESCE_BIN
+"$QUIESCE_BIN" doctor
 echo "==> cargo test (with the guest tests)"
 # The fuzz targets (harness/tests/fuzz) share this many seconds; a plain `cargo test`
 # gives them 4.

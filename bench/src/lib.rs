@@ -17,6 +17,7 @@ pub mod freeze;
 pub mod libvirt;
 pub mod manifest;
 pub mod saved_state;
+pub mod set_load;
 pub mod stats;
 
 /// The deterministic generator the disk benchmarks fill their files with. One copy serves

@@ -14,6 +14,7 @@ use quiesce_bench::disk::{DiskBenchError, ROUNDS as DISK_ROUNDS};
 use quiesce_bench::freeze::{self, FreezeOptions};
 use quiesce_bench::manifest::{self, ManifestBenchOptions};
 use quiesce_bench::saved_state::{self, BenchOptions};
+use quiesce_bench::set_load::{self, SetLoadOptions};
 
 /// The `quiesce` binary's progress line, so both programs report progress alike.
 #[path = "../../harness/src/cli/progress.rs"]
@@ -51,6 +52,16 @@ enum BenchCommand {
         /// Skip the libvirt comparison.
         #[arg(long)]
         no_libvirt: bool,
+        /// The downtime-against-disk-data series: MiB of data on the data disk at each
+        /// point, comma-separated; `--data-mib ''` skips the series.
+        #[arg(long, value_delimiter = ',', default_values_t = saved_state::DEFAULT_DATA_MIB)]
+        data_mib: Vec<u64>,
+        /// Backups per method at each point of the series; medians are compared.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=20))]
+        series_rounds: u64,
+        /// Run only the series (no save/restore rounds against dd, QEMU's defaults, virsh).
+        #[arg(long)]
+        series_only: bool,
     },
     /// Time the Child VM Snapshot's freeze window with 1 and 4 disks; print ratios against
     /// libvirt's `virsh snapshot-create-as --disk-only --quiesce` on the same guest, and
@@ -84,6 +95,21 @@ enum BenchCommand {
         /// Runs of each measurement; medians are compared.
         #[arg(long, default_value_t = DISK_ROUNDS as u64, value_parser = clap::value_parser!(u64).range(1..=100))]
         rounds: u64,
+    },
+    /// One backup job over a set of VMs (2, 4, 8, 12 by default), mixed methods, each with
+    /// a journal writer, the last VM's QEMU killed mid-job: whether each set ends all or
+    /// nothing with nothing lost, its phase times, longest freeze window and downtime, with
+    /// ratios against the smallest set of the same run.
+    SetLoad {
+        /// VM counts, run in this order.
+        #[arg(long, value_delimiter = ',', default_values_t = set_load::DEFAULT_COUNTS)]
+        counts: Vec<usize>,
+        /// RAM per VM (MiB).
+        #[arg(long, default_value_t = set_load::DEFAULT_MEMORY_MIB)]
+        memory: u32,
+        /// Folder for the runs' disks and backups; each run's own folder inside it is removed.
+        #[arg(long, default_value = "quiesce-bench")]
+        work_dir: std::path::PathBuf,
     },
 }
 
@@ -120,13 +146,25 @@ fn main() {
 async fn run(cmd: BenchCommand, accel: Option<AccelChoice>) -> Result<String, Box<dyn std::error::Error>> {
     let mut p = Progress::new();
     let text = match cmd {
-        BenchCommand::SavedState { memory, work_dir, no_libvirt } => {
-            let opts = BenchOptions { accel, memory_mib: memory, work_dir, libvirt: !no_libvirt };
+        BenchCommand::SavedState { memory, work_dir, no_libvirt, data_mib, series_rounds, series_only } => {
+            let opts = BenchOptions {
+                accel,
+                memory_mib: memory,
+                work_dir,
+                libvirt: !no_libvirt,
+                data_mib,
+                series_rounds: series_rounds as usize,
+                series_only,
+            };
             saved_state::run(&opts, &mut |s| p.step(s)).await?
         }
         BenchCommand::FreezeWindow { rounds, no_libvirt } => {
             let opts = FreezeOptions { accel, rounds: rounds as usize, libvirt: !no_libvirt };
             freeze::run(&opts, &mut |s| p.step(s)).await?
+        }
+        BenchCommand::SetLoad { counts, memory, work_dir } => {
+            let opts = SetLoadOptions { accel, counts, memory_mib: memory, work_dir };
+            set_load::run(&opts, &mut |s| p.step(s)).await?
         }
         BenchCommand::BlockCompare { work_dir, rounds } => {
             let opts = BlockCompareBenchOptions { work_dir, rounds: rounds as usize };

@@ -338,13 +338,14 @@ fn a_vhdx_pair_one_byte_apart_is_found_exactly_through_the_pipelined_export() {
     // not the one the disk holds.
     let at = SIZE - MIB + 30_001;
     qemu_io(&b, DiskFormat::Vhdx, &format!("write -P {} {at} 1", disk[at as usize] ^ 0xff));
-    // Many small reads in flight, unaligned pieces, and the defaults.
-    let pipelined = Options { nbd_depth: 16, nbd_request: 4096, chunk: 1 << 20, ..Options::default() };
-    let one_at_a_time = Options { nbd_depth: 1, ..Options::default() };
-    for opts in [Options::default(), pipelined, one_at_a_time] {
+    // Many small reads in flight, unaligned pieces, and the defaults, all through the export.
+    let nbd = Options { read_path: ReadPath::ExportOnly, ..Options::default() };
+    let pipelined = Options { nbd_depth: 16, nbd_request: 4096, chunk: 1 << 20, ..nbd.clone() };
+    let one_at_a_time = Options { nbd_depth: 1, ..nbd.clone() };
+    for opts in [nbd, pipelined, one_at_a_time] {
         let r = blockcmp::compare_with(&a, DiskFormat::Vhdx, &b, DiskFormat::Vhdx, &opts).unwrap();
         assert_eq!(r.first_difference, Some(at), "{opts:?}: {r}");
-        // vhdx tells QEMU nothing about holes: the whole disk is read and compared.
+        // vhdx tells QEMU nothing about holes: through the export the whole disk is read.
         assert_eq!((r.bytes_compared, r.bytes_skipped), (SIZE, 0), "{r:?}");
         let same = blockcmp::compare_with(&a, DiskFormat::Vhdx, &c, DiskFormat::Vhdx, &opts).unwrap();
         assert!(same.identical, "{opts:?}: {same}");
@@ -355,4 +356,56 @@ fn a_vhdx_pair_one_byte_apart_is_found_exactly_through_the_pipelined_export() {
     let early = 20 * MIB + 3;
     qemu_io(&b, DiskFormat::Vhdx, &format!("write -P 0x01 {early} 1"));
     assert_eq!(compare(&a, DiskFormat::Vhdx, &b, DiskFormat::Vhdx).first_difference, Some(early));
+}
+
+/// A VHDX (block_size 1 MiB, so the holes are whole blocks) or VHD of `raw`, in `subformat`.
+fn convert_with(raw: &Path, format: DiskFormat, subformat: &str, dst: &Path) {
+    let opts = match format {
+        DiskFormat::Vhdx => format!("subformat={subformat},block_size=1M"),
+        _ => format!("subformat={subformat},force_size=on"),
+    };
+    qemu_img(&["convert", "-f", "raw", "-O", format.driver(), "-o", &opts], &[raw, dst]);
+}
+
+#[test]
+fn vhd_and_vhdx_allocation_is_read_from_their_own_tables() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("disk.raw");
+    let disk = raw_image(&raw, SIZE);
+    for (format, subformat) in [
+        (DiskFormat::Vhdx, "dynamic"),
+        (DiskFormat::Vpc, "dynamic"),
+        (DiskFormat::Vhdx, "fixed"),
+        (DiskFormat::Vpc, "fixed"),
+    ] {
+        let what = format!("{format:?} {subformat}");
+        let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
+        convert_with(&raw, format, subformat, &a);
+        convert_with(&raw, format, subformat, &b);
+        let c = compare(&a, format, &raw, DiskFormat::Raw);
+        assert!(c.identical, "{what}: {c}");
+        if subformat == "dynamic" {
+            // Only the blocks that hold data are read: 1 MiB VHDX blocks and 2 MiB VHD
+            // blocks around the 4.4 MiB of data, not the 24 MiB disk.
+            assert!(c.bytes_skipped >= 12 * MIB, "{what}: {c:?}");
+        }
+        // A byte in a block with data, and one in a block that has none yet (a hole first).
+        let at = 10 * MIB + 77_777;
+        qemu_io(&b, format, &format!("write -P {} {at} 1", disk[at as usize] ^ 0xff));
+        for other in [&raw, &a] {
+            let f = if other == &raw { DiskFormat::Raw } else { format };
+            assert_eq!(compare(&b, format, other, f).first_difference, Some(at), "{what}");
+            assert_eq!(export_only(&b, format, other, f).first_difference, Some(at), "{what}");
+        }
+        let early = 6 * MIB + 5;
+        qemu_io(&b, format, &format!("write -P 0x5a {early} 1"));
+        assert_eq!(compare(&a, format, &b, format).first_difference, Some(early), "{what}");
+        assert_eq!(compare(&b, format, &raw, DiskFormat::Raw).first_difference, Some(early), "{what}");
+        // Written zeros in a new block equal the hole they replace.
+        let zeros = 18 * MIB;
+        qemu_io(&a, format, &format!("write -P 0 {zeros} 4096"));
+        assert!(compare(&a, format, &raw, DiskFormat::Raw).identical, "{what}");
+        std::fs::remove_file(&a).unwrap();
+        std::fs::remove_file(&b).unwrap();
+    }
 }

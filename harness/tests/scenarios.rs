@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 
 use libtest_mimic::{Arguments, Failed, Trial};
-use quiesce::scenario::{self, fixture, RunOptions};
+use quiesce::scenario::{self, fixture, shard, RunOptions};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -97,7 +97,16 @@ fn fixtures_are_referenced() -> Result<(), Failed> {
 fn main() {
     let args = Arguments::from_args();
     let mut trials = vec![Trial::test("fixtures_are_referenced", fixtures_are_referenced)];
-    for path in scenario::discover(&scenarios_dir()).expect("the scenarios folder") {
+    // Longest recorded first, as `quiesce run -j` starts them: the test threads take trials
+    // in this order, and a long scenario started last would run on alone at the end.
+    let mut paths = scenario::discover(&scenarios_dir()).expect("the scenarios folder");
+    let stems: Vec<String> =
+        paths.iter().map(|p| p.file_stem().unwrap_or_default().to_string_lossy().into_owned()).collect();
+    let durations = shard::durations_beside(&[scenarios_dir()]).expect("scenarios/durations.txt");
+    let order = shard::longest_first(&stems, &durations);
+    let mut slots: Vec<Option<PathBuf>> = paths.drain(..).map(Some).collect();
+    let paths: Vec<PathBuf> = order.iter().filter_map(|&i| slots[i].take()).collect();
+    for path in paths {
         let name = path.file_stem().unwrap().to_string_lossy().into_owned();
         // Skipped (ignored) when it cannot run here; the reason is in `quiesce run`'s report.
         let skip = scenario::load(&path).ok().and_then(|s| scenario::skip_reason(&s));

@@ -22,6 +22,9 @@
 
 mod libvirt;
 mod report;
+mod series;
+
+pub use self::series::DEFAULT_DATA_MIB;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -53,6 +56,13 @@ pub struct BenchOptions {
     pub work_dir: std::path::PathBuf,
     /// Run the libvirt comparison (needs libvirt installed; its daemon is started by hand).
     pub libvirt: bool,
+    /// The series of downtime against disk data: the MiB of data of each point (empty: no
+    /// series).
+    pub data_mib: Vec<u64>,
+    /// Backups per method at each point of the series; medians are printed.
+    pub series_rounds: usize,
+    /// Only the series: skip the save/restore rounds against dd, QEMU's defaults and virsh.
+    pub series_only: bool,
 }
 
 /// Each measurement is taken this many times; the median is reported.
@@ -207,6 +217,14 @@ async fn run_inner(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Resul
     let caps = caps::probe(&qemu_bin).await?;
     let settings = SaveSettings::default();
     let plan = Plan::for_qemu(&caps, &settings);
+    if opts.series_only {
+        let text = series_text(opts, &caps, rd, progress).await?;
+        drop(run_dir);
+        if created {
+            let _ = std::fs::remove_dir(&work);
+        }
+        return Ok(text);
+    }
     // Local to this benchmark: its saves include one with QEMU's default (throttled)
     // bandwidth, and all write the guest's RAM, so the deadline grows with it: 2 minutes,
     // and a second per 4 MiB.
@@ -332,6 +350,7 @@ async fn run_inner(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Resul
         LibvirtOutcome::Skipped
     };
 
+    let series = if opts.data_mib.is_empty() { String::new() } else { series_text(opts, &caps, rd, progress).await? };
     let report = Report {
         memory_mib: opts.memory_mib,
         accel: accel.as_str().to_uppercase(),
@@ -356,7 +375,44 @@ async fn run_inner(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Resul
         // Only if it is empty: nothing but this run's files is ever removed.
         let _ = std::fs::remove_dir(&work);
     }
-    Ok(render(&report))
+    Ok(format!("{}{}{series}", render(&report), if series.is_empty() { "" } else { "\n" }))
+}
+
+/// Runs the series of downtime against disk data (with libvirt's path, unless
+/// `--no-libvirt`) and returns its report.
+async fn series_text(
+    opts: &BenchOptions,
+    caps: &caps::Capabilities,
+    rd: &Path,
+    progress: &mut dyn FnMut(&str),
+) -> Result<String, BenchError> {
+    let image = quiesce::image::recipe::ensure("linux", false, progress).map_err(GuestError::from)?;
+    let accel = testguest::accel_for(&image, opts.accel)?.accel;
+    let mut lv = None;
+    let mut lv_failed = None;
+    if opts.libvirt {
+        let mask_kvm = accel != quiesce::qemu::Accel::Kvm && Path::new("/dev/kvm").exists();
+        match crate::libvirt::Libvirt::start(mask_kvm, progress).await {
+            Ok(l) => lv = Some(l),
+            Err(e) => lv_failed = Some(e.to_string()),
+        }
+    }
+    let points = series::run(opts, caps, &image, accel, lv.as_ref(), rd, progress).await;
+    if let Some(lv) = lv {
+        progress("stopping the libvirt daemon");
+        let _ = tokio::task::spawn_blocking(move || {
+            let mut lv = lv;
+            lv.stop()
+        })
+        .await;
+    }
+    let mut points = points?;
+    if let Some(why) = lv_failed {
+        for p in &mut points {
+            p.libvirt = Err(why.clone());
+        }
+    }
+    Ok(series::render(&points, opts.memory_mib, opts.series_rounds))
 }
 
 fn qmp_def(m: &Machine) -> impl Fn(QmpError) -> BenchError + '_ {

@@ -54,3 +54,54 @@ pub async fn copy_disks(
         .await
         .map_err(|e| BackupError::io(vm, "copy the disks", std::io::Error::other(e)))?
 }
+
+/// Copies `disk` into `dir` in one pass over the data, and fills in its size and sha256:
+/// the copy is hashed and made durable (fdatasync) as soon as it is written, while its
+/// pages are still in the host's cache, so the data is read from the source once and
+/// never read back from the device. The proof that the copy equals its source is
+/// [`prove_copy`], which needs no VM downtime when the source is frozen under an overlay.
+pub fn copy_disk_hashed(vm: &str, disk: &DiskConfig, dir: &Path) -> Result<DiskEntry, BackupError> {
+    let mut entry = copy_disk(vm, disk, dir, false)?;
+    let dst = dir.join(&entry.file);
+    let io = |e| BackupError::io(vm, "hash and sync a copied disk", e);
+    let f = std::fs::File::open(&dst).map_err(io)?;
+    let (sha256, bytes) = super::folder::sha256_and_sync(f).map_err(io)?;
+    (entry.sha256, entry.bytes) = (sha256, bytes);
+    Ok(entry)
+}
+
+/// Reads `entry`'s copy in `dir` back against `disk`'s image (`qemu-img compare`): a
+/// difference is [`BackupError::CaptureMismatch`].
+pub fn prove_copy(vm: &str, disk: &DiskConfig, dir: &Path, entry: &DiskEntry) -> Result<(), BackupError> {
+    let img = |error| BackupError::Image { vm: vm.to_owned(), disk: disk.node_name.clone(), error };
+    if !qemu_img::identical(&disk.path, disk.format, &dir.join(&entry.file), disk.format).map_err(img)? {
+        return Err(BackupError::CaptureMismatch { vm: vm.to_owned(), disk: disk.node_name.clone() });
+    }
+    Ok(())
+}
+
+/// [`copy_disk_hashed`] for several disks, on a blocking thread whose `qemu-img` is killed
+/// and reaped if this future is dropped (an interrupted job), so no copy holds an image's
+/// lock when the undo puts the VM back.
+pub async fn copy_disks_hashed(vm: &str, disks: Vec<DiskConfig>, dir: &Path) -> Result<Vec<DiskEntry>, BackupError> {
+    let (vm_owned, dir) = (vm.to_owned(), dir.to_owned());
+    crate::sys::blocking_tools(move || disks.iter().map(|d| copy_disk_hashed(&vm_owned, d, &dir)).collect())
+        .await
+        .map_err(|e| BackupError::io(vm, "copy the disks", std::io::Error::other(e)))?
+}
+
+/// [`prove_copy`] for each of `disks` (in the order of `entries`), on a blocking thread;
+/// its `qemu-img compare` dies with this future, as in [`copy_disks_hashed`].
+pub async fn prove_copies(
+    vm: &str,
+    disks: Vec<DiskConfig>,
+    dir: &Path,
+    entries: &[DiskEntry],
+) -> Result<(), BackupError> {
+    let (vm_owned, dir, entries) = (vm.to_owned(), dir.to_owned(), entries.to_vec());
+    crate::sys::blocking_tools(move || {
+        disks.iter().zip(&entries).try_for_each(|(d, e)| prove_copy(&vm_owned, d, &dir, e))
+    })
+    .await
+    .map_err(|e| BackupError::io(vm, "verify the copied disks", std::io::Error::other(e)))?
+}

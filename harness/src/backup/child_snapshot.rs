@@ -114,7 +114,7 @@ pub struct Snapshotted {
     pub freeze: FreezeRecord,
 }
 
-fn lock(u: &Mutex<Undo>) -> std::sync::MutexGuard<'_, Undo> {
+pub(super) fn lock(u: &Mutex<Undo>) -> std::sync::MutexGuard<'_, Undo> {
     u.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -295,7 +295,7 @@ async fn post_inner(
 
 /// Makes and adds an overlay for each disk but the excluded ones and `faulty` (whose
 /// snapshot the transaction asks QEMU to make itself, at a path that cannot be created).
-async fn prepare_overlays(
+pub(super) async fn prepare_overlays(
     m: &Machine,
     settings: &SnapshotSettings,
     faulty: Option<&str>,
@@ -333,7 +333,7 @@ async fn prepare_overlays(
     Ok(())
 }
 
-async fn transaction(m: &Machine, faulty: Option<&str>, undo: &Mutex<Undo>) -> Result<(), BackupError> {
+pub(super) async fn transaction(m: &Machine, faulty: Option<&str>, undo: &Mutex<Undo>) -> Result<(), BackupError> {
     let mut actions: Vec<Value> = lock(undo)
         .overlays
         .iter()
@@ -402,7 +402,11 @@ async fn hash(vm: &str, dir: &Path, disks: &mut [DiskEntry]) -> Result<(), Backu
 ///
 /// What is active is asked of QEMU, not taken from the log: an interruption can land after
 /// QEMU ran the transaction but before the log recorded it.
-async fn merge(m: &Machine, settings: &SnapshotSettings, undo: &Mutex<Undo>) -> Result<MergeOutcome, BackupError> {
+pub(super) async fn merge(
+    m: &Machine,
+    settings: &SnapshotSettings,
+    undo: &Mutex<Undo>,
+) -> Result<MergeOutcome, BackupError> {
     release_reserve(m, undo)?;
     let overlays = lock(undo).overlays.clone();
     if overlays.is_empty() {
@@ -425,7 +429,7 @@ async fn merge(m: &Machine, settings: &SnapshotSettings, undo: &Mutex<Undo>) -> 
 }
 
 /// Frees the merge reserve, giving the merge its room. Kept in the log if it cannot be.
-fn release_reserve(m: &Machine, undo: &Mutex<Undo>) -> Result<(), BackupError> {
+pub(super) fn release_reserve(m: &Machine, undo: &Mutex<Undo>) -> Result<(), BackupError> {
     let Some(path) = lock(undo).reserve.take() else { return Ok(()) };
     match std::fs::remove_file(&path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -444,7 +448,7 @@ async fn active_roots(m: &Machine) -> Result<Vec<String>, BackupError> {
 
 /// Deletes the overlay nodes, then their files. A file is deleted only once QEMU no longer
 /// holds its node; one that is still in use stays in the log, for a later attempt.
-async fn remove_overlays(m: &Machine, undo: &Mutex<Undo>) -> Result<(), BackupError> {
+pub(super) async fn remove_overlays(m: &Machine, undo: &Mutex<Undo>) -> Result<(), BackupError> {
     let overlays = lock(undo).overlays.clone();
     let mut first_err = None;
     let mut kept = Vec::new();

@@ -327,6 +327,15 @@ pub fn sha256_file(path: &Path) -> std::io::Result<(String, u64)> {
     sha256_of(File::open(path)?)
 }
 
+/// The sha256 (hex) and length of `f`, which is then made durable (fdatasync): for a file
+/// just written, the hash reads the host's cache, not the device.
+pub(super) fn sha256_and_sync(f: File) -> std::io::Result<(String, u64)> {
+    let f2 = f.try_clone()?;
+    let out = sha256_of(f)?;
+    f2.sync_data()?;
+    Ok(out)
+}
+
 /// The sha256 (hex) and length of what is left to read in `f`.
 fn sha256_of(mut f: File) -> std::io::Result<(String, u64)> {
     let mut h = Sha256::new();

@@ -8,6 +8,7 @@ pub mod faults;
 pub mod folder;
 pub mod freeze_log;
 pub mod job;
+pub mod libvirt;
 pub mod manifest;
 pub mod merge;
 pub mod passthrough;

@@ -317,7 +317,7 @@ async fn prepare_one(
         Method::SavedState => {
             let mut settings = s.member.save.clone();
             settings.exclude = exclude.to_vec();
-            Prepared::Saved(saved_state::prepare(m, caps, &settings, &s.member.faults, &s.dir, tl).await?)
+            Prepared::Saved(saved_state::prepare(m, caps, &settings, &s.member.faults, &s.dir, tl, &s.undo).await?)
         }
         Method::ChildSnapshot => {
             let mut settings = s.member.snapshot.clone();
@@ -343,7 +343,7 @@ async fn post_one(
         Some(Prepared::Saved(p)) => {
             let mut settings = s.member.save.clone();
             settings.exclude = exclude.to_vec();
-            let saved = saved_state::post(m, caps, &settings, &s.dir, tl, p).await?;
+            let saved = saved_state::post(m, caps, &settings, &s.dir, tl, p, &s.undo).await?;
             (saved.disks, Some(saved.state), saved.timings, None)
         }
         Some(Prepared::Snap(f)) => {
@@ -380,7 +380,10 @@ async fn post_one(
 }
 
 /// Puts every VM back as it was before the job: thawed, overlays merged and removed, run
-/// state as before. Returns what was done (or why it could not be) per VM.
+/// state as before. Returns what was done (or why it could not be) per VM. A saved VM's
+/// overlays (taken in its PostSnapshot) are in the same undo log as a snapshotted VM's, so
+/// an interruption there merges them too; its step then reads "thawed, merged", the thaw
+/// being nothing for a guest that was never frozen.
 async fn undo_all(slots: &[Slot<'_>], caps: &Capabilities, tl: &Timeline) -> Vec<(String, Undone)> {
     let results = join_all(slots.iter().map(|s| async move {
         let m = s.member.machine;

@@ -17,6 +17,8 @@ use quiesce::qemu::{attach, AttachOptions, Machine};
 use quiesce::sys::deadline;
 use quiesce::timeline::{self, Timeline};
 
+mod libvirt;
+
 use super::{CliResult, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE};
 
 /// How often the steps done so far are printed while the backup runs (display only).
@@ -46,8 +48,15 @@ impl From<MethodArg> for MethodChoice {
 pub struct BackupArgs {
     /// The QMP socket of a running or paused QEMU (its -qmp unix:PATH,server). Repeat it to
     /// back up several VMs as one set, all or nothing.
-    #[arg(long = "qmp", value_name = "SOCKET", required = true)]
+    #[arg(long = "qmp", value_name = "SOCKET", required_unless_present = "libvirt", conflicts_with = "libvirt")]
     qmp: Vec<PathBuf>,
+    /// A running libvirt domain (its name or UUID), backed up through libvirt (virsh):
+    /// Child VM Snapshot only. See the README, "Back up a libvirt domain".
+    #[arg(long, value_name = "DOMAIN", conflicts_with = "agent")]
+    libvirt: Option<String>,
+    /// libvirt's connection URI for --libvirt (virsh -c); virsh's default if not given.
+    #[arg(long, value_name = "URI", requires = "libvirt")]
+    connect: Option<String>,
     /// The socket of its guest agent's chardev (virtserialport org.qemu.guest_agent.0). With
     /// several --qmp, give one --agent per --qmp in the same order ("none" for a VM without).
     #[arg(long = "agent", value_name = "SOCKET")]
@@ -77,7 +86,10 @@ pub async fn run(args: BackupArgs) -> CliResult {
     }
     // SIGINT and SIGTERM fire the interruption: a backup under way puts every VM back.
     let (interrupt, signals) = super::interrupt_on_signals();
-    let code = backup(&args, &interrupt).await;
+    let code = match &args.libvirt {
+        Some(domain) => libvirt::run(&args, domain, &interrupt).await,
+        None => backup(&args, &interrupt).await,
+    };
     signals.abort();
     code
 }

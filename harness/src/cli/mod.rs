@@ -5,6 +5,7 @@ mod diff;
 mod doctor;
 mod durations;
 mod image;
+mod jobs;
 mod progress;
 mod report;
 mod restore;
@@ -64,6 +65,11 @@ enum Command {
         /// Also write a JUnit XML report here: one test case per scenario.
         #[arg(long, value_name = "FILE")]
         junit: Option<std::path::PathBuf>,
+        /// Run N scenarios at a time (longest first); by default, what the machine can take:
+        /// one per core, as many as its available memory holds. The summary, the page and
+        /// the JUnit file keep the order of the files.
+        #[arg(short = 'j', long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
+        jobs: Option<u16>,
     },
     /// Rebuild the page (index.html) of a report folder from its JSON reports.
     Report {
@@ -146,8 +152,8 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Doctor { no_build, report_dir } => doctor::run(cli.accel, no_build, &report_dir).await,
         Command::Vm { command } => vm::run(command, cli.accel).await,
         Command::Image { command } => image::run(command, cli.accel).await,
-        Command::Run { paths, report_dir, keep_backups, shard, junit } => {
-            run::run(paths, report_dir, keep_backups, shard, junit, cli.accel).await
+        Command::Run { paths, report_dir, keep_backups, shard, junit, jobs } => {
+            run::run(paths, report_dir, keep_backups, shard, junit, cli.accel, jobs.map(usize::from)).await
         }
         Command::Report { dir, junit } => report::run(dir, junit),
         Command::Durations { report_dir, write } => durations::run(report_dir, write),

@@ -22,6 +22,9 @@ struct State {
     github: bool,
     start: Instant,
     scenario: Option<Scenario>,
+    /// With -j: the scenarios running now, and since when; (finished, of) so far.
+    running: Vec<(String, Instant)>,
+    tally: (usize, usize),
     /// A line is on the terminal that the next write must replace.
     shown: bool,
 }
@@ -44,6 +47,8 @@ impl Progress {
             github,
             start: Instant::now(),
             scenario: None,
+            running: Vec::new(),
+            tally: (0, 0),
             shown: false,
         };
         Self { state: Arc::new(Mutex::new(state)), ticker: None }
@@ -69,19 +74,7 @@ impl Progress {
             let _ = writeln!(err, "[{n}/{of}] {name}");
         }
         drop(st);
-        if self.lock().tty && self.ticker.is_none() && tokio::runtime::Handle::try_current().is_ok() {
-            let state = Arc::clone(&self.state);
-            self.ticker = Some(tokio::spawn(async move {
-                let mut every = tokio::time::interval(TICK);
-                loop {
-                    every.tick().await;
-                    let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
-                    if st.scenario.is_some() {
-                        st.draw();
-                    }
-                }
-            }));
-        }
+        self.tick();
     }
 
     /// What is being done now. A scenario's runner says `NAME: what`; the name is already
@@ -122,6 +115,48 @@ impl Progress {
         let _ = writeln!(err, "{line}");
     }
 
+    /// With -j: a scenario began. Nothing stays on screen for it until it has finished; on a
+    /// terminal, one line, rewritten in place, names the ones running.
+    pub fn started(&mut self, name: &str, of: usize) {
+        let mut st = self.lock();
+        st.tally.1 = of;
+        st.running.push((name.to_owned(), Instant::now()));
+        if st.tty {
+            st.draw();
+        }
+        drop(st);
+        self.tick();
+    }
+
+    /// With -j: a scenario ended, the `done`-th of `of` to do so; its line stays.
+    pub fn finished(&mut self, name: &str, done: usize, of: usize, result: &str, secs: f64) {
+        let mut st = self.lock();
+        st.running.retain(|(n, _)| n != name);
+        st.tally = (done, of);
+        st.clear();
+        let _ = writeln!(std::io::stderr().lock(), "[{done}/{of}] {name}: {result} ({secs:.1}s)");
+        if st.tty && !st.running.is_empty() {
+            st.draw();
+        }
+    }
+
+    /// On a terminal, a ticker keeps the times on the line moving.
+    fn tick(&mut self) {
+        if self.lock().tty && self.ticker.is_none() && tokio::runtime::Handle::try_current().is_ok() {
+            let state = Arc::clone(&self.state);
+            self.ticker = Some(tokio::spawn(async move {
+                let mut every = tokio::time::interval(TICK);
+                loop {
+                    every.tick().await;
+                    let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+                    if st.scenario.is_some() || !st.running.is_empty() {
+                        st.draw();
+                    }
+                }
+            }));
+        }
+    }
+
     /// Ends the in-place line so normal output starts on a fresh line.
     pub fn finish(&mut self) {
         if let Some(t) = self.ticker.take() {
@@ -134,6 +169,15 @@ impl Progress {
 impl State {
     /// Redraws the scenario's line: where it is, its step, and how long each has run.
     fn draw(&mut self) {
+        if self.scenario.is_none() && !self.running.is_empty() {
+            let (done, of) = self.tally;
+            let names: Vec<String> =
+                self.running.iter().map(|(n, since)| format!("{n} ({:.0}s)", since.elapsed().as_secs_f64())).collect();
+            let line =
+                format!("[{done}/{of} done, {:.0}s] running: {}", self.start.elapsed().as_secs_f64(), names.join(", "));
+            self.put(&line);
+            return;
+        }
         let Some(sc) = &self.scenario else { return };
         let line = format!(
             "[{}/{} {:.1}s] {}: {} ({:.1}s)",

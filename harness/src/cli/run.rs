@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use super::jobs::Event;
 use super::progress::Progress;
 use super::{CliResult, EXIT_FAILED, EXIT_INTERRUPTED};
 use quiesce::qemu::accel::AccelChoice;
@@ -20,6 +21,7 @@ pub async fn run(
     shard: Option<Shard>,
     junit: Option<PathBuf>,
     accel: Option<AccelChoice>,
+    jobs: Option<usize>,
 ) -> CliResult {
     let mut files = Vec::new();
     for p in &paths {
@@ -62,10 +64,15 @@ pub async fn run(
     // SIGINT and SIGTERM fire the run's interruption: a backup under way puts every VM back
     // (thawed, resumed, overlays merged) before the run stops.
     let (interrupt, signals) = super::interrupt_on_signals();
-    let mut reports: Vec<ScenarioReport> = Vec::new();
-    let mut p = Progress::new();
-    for (i, s) in scenarios.iter().enumerate() {
-        let opts = RunOptions {
+    let jobs = jobs.unwrap_or_else(|| super::jobs::jobs_for(&scenarios)).max(1);
+    let of = scenarios.len();
+    if jobs > 1 && of > 1 {
+        eprintln!("quiesce: {of} scenario(s), {} at a time (-j)", jobs.min(of));
+    }
+    let scenarios = std::sync::Arc::new(scenarios);
+    let options: std::sync::Arc<super::jobs::OptionsFor> = {
+        let (report_dir, interrupt) = (report_dir.clone(), interrupt.clone());
+        std::sync::Arc::new(move |s: &scenario::Scenario| RunOptions {
             accel,
             // Each scenario's failed machines leave their evidence in a folder of its own,
             // so that its report can point at exactly that.
@@ -73,24 +80,51 @@ pub async fn run(
             work_dir: report_dir.join("work"),
             keep_backup: keep_backups,
             interrupt: Some(interrupt.clone()),
-        };
-        p.begin(&s.name, i + 1, scenarios.len());
-        let report = scenario::run(s, &opts, &mut |m: &str| p.step(m)).await;
-        let path = report_dir.join(format!("{}.json", s.name));
-        std::fs::write(&path, serde_json::to_vec_pretty(&report)?).map_err(|e| format!("{}: {e}", path.display()))?;
-        let view = report::view(&report)?;
-        p.end(match view.status() {
-            Status::Passed => "passed",
-            Status::Failed => "FAILED",
-            Status::Skipped => "skipped",
-        });
-        reports.push(view);
-        // Written after every scenario, so that a run cut short still leaves both.
-        write_results(&report_dir, &reports, junit.as_deref())?;
-        if interrupt.is_triggered() {
-            break;
+        })
+    };
+    let durations = shard::durations_beside(&paths)?;
+    let mut events =
+        super::jobs::start(std::sync::Arc::clone(&scenarios), &durations, jobs, options, interrupt.clone());
+    // In file order, whatever order they finish in; None until a scenario has ended.
+    let mut done: Vec<Option<ScenarioReport>> = vec![None; of];
+    let mut lost = Vec::new();
+    let mut p = Progress::new();
+    let mut finished = 0;
+    while let Some(event) = events.recv().await {
+        match event {
+            Event::Started { index } if jobs == 1 => p.begin(&scenarios[index].name, index + 1, of),
+            Event::Started { index } => p.started(&scenarios[index].name, of),
+            Event::Step { what, .. } if jobs == 1 => p.step(&what),
+            Event::Step { .. } => {}
+            Event::Lost { index, why } => {
+                eprintln!("quiesce: error: scenario {}: {why}", scenarios[index].name);
+                lost.push(scenarios[index].name.clone());
+            }
+            Event::Finished { index, report } => {
+                let s = &scenarios[index];
+                let path = report_dir.join(format!("{}.json", s.name));
+                std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                let view = report::view(&report)?;
+                let result = match view.status() {
+                    Status::Passed => "passed",
+                    Status::Failed => "FAILED",
+                    Status::Skipped => "skipped",
+                };
+                finished += 1;
+                if jobs == 1 {
+                    p.end(result);
+                } else {
+                    p.finished(&s.name, finished, of, result, report.duration_ms / 1000.0);
+                }
+                done[index] = Some(view);
+                // Written after every scenario, so that a run cut short still leaves both.
+                let reports: Vec<ScenarioReport> = done.iter().flatten().cloned().collect();
+                write_results(&report_dir, &reports, junit.as_deref())?;
+            }
         }
     }
+    let reports: Vec<ScenarioReport> = done.into_iter().flatten().collect();
     signals.abort();
     p.finish();
     print_summary(&report_dir, &reports);
@@ -98,12 +132,15 @@ pub async fn run(
     if let Some(j) = &junit {
         println!("JUnit: {}", j.display());
     }
+    if !lost.is_empty() {
+        eprintln!("quiesce: {} scenario(s) ended without a report (a bug): {}", lost.len(), lost.join(", "));
+    }
     if interrupt.is_triggered() {
         eprintln!("quiesce: interrupted; every VM was put back before its machine was stopped (see the report)");
         return Ok(EXIT_INTERRUPTED);
     }
     // A skipped scenario (a Windows one with no Windows image) is neither passed nor failed.
-    Ok(if reports.iter().all(|r| r.status() != Status::Failed) { 0 } else { EXIT_FAILED })
+    Ok(if lost.is_empty() && reports.iter().all(|r| r.status() != Status::Failed) { 0 } else { EXIT_FAILED })
 }
 
 /// The page and the JUnit file, from the reports so far.

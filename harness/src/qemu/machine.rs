@@ -90,6 +90,9 @@ pub struct Machine {
     guest_serials: Option<Vec<Option<String>>>,
     cmdline: String,
     failure: Mutex<Option<String>>,
+    /// TESTS ONLY: a scripted peer stands in for this machine's agent (`stand_in`).
+    #[cfg(test)]
+    stand_in: bool,
     run_dir: tempfile::TempDir,
 }
 
@@ -160,6 +163,8 @@ impl Machine {
         // `quit` is written on this socket from Drop: if QEMU no longer reads it (hung), the
         // write gives up after a second, and SIGTERM follows under `deadline::QEMU_QUIT`.
         qmp_sync.set_write_timeout(Some(Duration::from_secs(1))).map_err(setup)?;
+        #[cfg(test)]
+        let standing_in = stand_in.is_some();
         let agent = match (socks.agent, stand_in) {
             (Some(s), _) => Some(GuestAgent::new(to_tokio(s).map_err(setup)?, transcript.clone())),
             (None, Some(s)) => Some(GuestAgent::new(s, transcript.clone())),
@@ -197,6 +202,8 @@ impl Machine {
             guest_serials: None,
             cmdline,
             failure: Mutex::new(None),
+            #[cfg(test)]
+            stand_in: standing_in,
             run_dir,
         })
     }
@@ -227,6 +234,8 @@ impl Machine {
             guest_serials: Some(guest_serials),
             cmdline: describe,
             failure: Mutex::new(None),
+            #[cfg(test)]
+            stand_in: false,
             run_dir,
         }
     }
@@ -341,8 +350,20 @@ impl Machine {
             .execute_no_reply("guest-shutdown", json!({"mode": "powerdown"}), timeout)
             .await
             .map_err(|e| self.agent_err(e))?;
+        // Tests only: a scripted peer cannot power QEMU off, so QEMU is told to quit, as the
+        // guest's power-off would end it (QEMU flushes and closes the disks either way).
+        #[cfg(test)]
+        if self.stand_in {
+            let _ = self.qmp.execute_raw("quit", json!({}), timeout).await;
+        }
         let Owner::Started(process) = &mut self.process else { unreachable!("checked above") };
         match process.wait_async(timeout).await {
+            #[cfg(test)]
+            Some(status) if self.stand_in => {
+                // What the peer's guest wrote, on its disks now that QEMU has let go of them.
+                super::stand_in::powered_off(&self.cfg);
+                Ok(status)
+            }
             Some(status) => Ok(status),
             None => {
                 self.mark_failed("guest did not power off");

@@ -20,7 +20,10 @@ const STOP: &str = "stop";
 /// ...and runs again at the end of this (or of the undo's, when the job failed).
 const RESUMED: [&str; 2] = ["return to prior state", "undo: return to prior state"];
 /// The backup's bytes being written: RAM and device state, disks, frozen images.
-const COPIES: [&str; 3] = ["save state (migrate to file)", "capture disks", "copy frozen images"];
+const COPIES: [&str; 3] = ["save state (migrate to file)", "copy frozen images", LEGACY_CAPTURE];
+/// Saved State's disk copy in reports written before issue 11, which `quiesce report` may
+/// still be given; the library no longer records it.
+const LEGACY_CAPTURE: &str = "capture disks";
 /// The restore itself, on a machine of its own or onto the VM's own disks: until the
 /// restored VM is there (what the guest does after that is the checks' business).
 const RESTORE: [&str; 6] = [
@@ -245,7 +248,7 @@ mod tests {
             steps: vec![
                 step(Some("vm1"), "stop", 100.0, 110.0),
                 step(Some("vm1"), "save state (migrate to file)", 110.0, 900.0),
-                step(Some("vm1"), "capture disks", 950.0, 1200.0),
+                step(Some("vm1"), "copy frozen images", 950.0, 1200.0),
                 step(Some("vm1"), "return to prior state", 1200.0, 1250.0),
                 // A second job that failed after its freeze: no thaw, the undo thawed.
                 step(Some("vm1"), "freeze", 2000.0, 2010.0),
@@ -281,7 +284,7 @@ mod tests {
             .chain([FREEZE, STOP].iter())
             .chain(THAW.iter())
             .chain(RESUMED.iter())
-            .chain(COPIES.iter())
+            .chain(COPIES.iter().filter(|n| **n != LEGACY_CAPTURE))
             .chain(RESTORE.iter());
         for name in names {
             assert!(listed(name), "no scenario fixture lists a step {name:?}: was it renamed?");

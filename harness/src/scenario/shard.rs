@@ -158,12 +158,7 @@ pub fn durations_beside(paths: &[std::path::PathBuf]) -> Result<Durations, Shard
 /// Pure: the share (1..=count) of each name, in the order given.
 pub fn assign(names: &[String], durations: &Durations, count: u32) -> Vec<u32> {
     let median = durations.median();
-    let mut order: Vec<usize> = (0..names.len()).collect();
-    // Longest first; equal times by name, so the order the files came in plays no part.
-    order.sort_by(|&a, &b| {
-        let (wa, wb) = (durations.weight(&names[a], median), durations.weight(&names[b], median));
-        wb.total_cmp(&wa).then_with(|| names[a].cmp(&names[b]))
-    });
+    let order = longest_first(names, durations);
     let mut load = vec![0.0f64; count.max(1) as usize];
     let mut share = vec![0u32; names.len()];
     for i in order {
@@ -172,6 +167,20 @@ pub fn assign(names: &[String], durations: &Durations, count: u32) -> Vec<u32> {
         share[i] = least as u32 + 1;
     }
     share
+}
+
+/// Pure: the indexes of `names`, longest recorded time first (a name with none counts as
+/// the median); equal times by name, so the order the files came in plays no part. The
+/// shares are filled in this order, and `quiesce run -j N` starts scenarios in it, so that
+/// the longest does not start last and keep one worker busy alone at the end.
+pub fn longest_first(names: &[String], durations: &Durations) -> Vec<usize> {
+    let median = durations.median();
+    let mut order: Vec<usize> = (0..names.len()).collect();
+    order.sort_by(|&a, &b| {
+        let (wa, wb) = (durations.weight(&names[a], median), durations.weight(&names[b], median));
+        wb.total_cmp(&wa).then_with(|| names[a].cmp(&names[b]))
+    });
+    order
 }
 
 /// The items of `shard`'s share, in their order, named by `name`.

@@ -7,12 +7,19 @@
 //! data in one image and a hole in the other is still read: data that is all zeros equals
 //! a hole.
 //!
+//! VHD (vpc) and VHDX images with no backing file are mapped from their own block
+//! allocation tables instead ([`alloc`]): QEMU's vhdx driver reports no allocation at all,
+//! and its vpc driver no host offsets, so `qemu-img map` would have every VHDX byte read
+//! through NBD. qemu-img map runs for them only if their tables cannot be read (a
+//! differencing disk, a VHDX log to replay, a fixed VHD).
+//!
 //! Bytes come from where they are cheapest to get, soundly:
-//! - raw images, and uncompressed qcow2 clusters (no external data file, no encryption),
-//!   are read straight from the file that holds them at the host offset the map gives; for
+//! - raw images, uncompressed qcow2 clusters (no external data file, no encryption), and
+//!   the blocks a VHD's or VHDX's table places in its file, are read straight from the
+//!   file that holds them at the host offset the map gives; for
 //!   a backing chain the map's `depth` names the layer, whose file `qemu-img info
 //!   --backing-chain` names;
-//! - everything else (compressed clusters, vpc and vhdx, layers we cannot open) through a
+//! - everything else (compressed clusters, layers we cannot open) through a
 //!   `qemu-storage-daemon` NBD export on a unix socket in a private folder (one I/O thread
 //!   per export), read by a small client of our own ([`nbd`]), one connection per worker
 //!   and image, several reads in flight on each.
@@ -31,7 +38,8 @@
 //! Images in use by a running QEMU can be compared (`-U`, `force-share`); what is read is
 //! then whatever the files hold at that moment.
 
-mod map;
+pub mod alloc;
+pub mod map;
 mod nbd;
 pub mod tools;
 
@@ -276,7 +284,9 @@ struct Inspect<'p> {
     format: DiskFormat,
     export: &'static str,
     info: Running<'static>,
-    map: Running<'static>,
+    /// qemu-img map, unless the image's own tables are to be read first.
+    map: Option<Running<'static>>,
+    opts: Options,
 }
 
 impl<'p> Inspect<'p> {
@@ -286,15 +296,10 @@ impl<'p> Inspect<'p> {
         opts: &Options,
         export: &'static str,
     ) -> Result<Self, BlockCompareError> {
-        let spawn = |step: &'static str, args: &[&std::ffi::OsStr]| {
-            Tool::new(QemuProgram::Img.path(), opts.tool_timeout)
-                .args(args)
-                .stdout_cap(tools::MAX_OUTPUT)
-                .spawn()
-                .map_err(|error| BlockCompareError::Failed { image: path.to_owned(), step, error })
-        };
         let f = format.driver().as_ref();
         let info = spawn(
+            path,
+            opts,
             "qemu-img info",
             &[
                 "info".as_ref(),
@@ -306,18 +311,17 @@ impl<'p> Inspect<'p> {
                 path.as_os_str(),
             ],
         )?;
-        let map = spawn(
-            "qemu-img map",
-            &["map".as_ref(), "-U".as_ref(), "--output=json".as_ref(), "-f".as_ref(), f, path.as_os_str()],
-        )?;
-        Ok(Inspect { path, format, export, info, map })
+        // VHD and VHDX: their own tables say more than qemu-img map would; it runs only
+        // if they cannot be read (see `alloc`).
+        let own_table = opts.read_path == ReadPath::Auto && alloc_reader(format).is_some();
+        let map = if own_table { None } else { Some(spawn_map(path, format, opts)?) };
+        Ok(Inspect { path, format, export, info, map, opts: opts.clone() })
     }
 
     fn finish(self, read_path: ReadPath) -> Result<Image<'p>, BlockCompareError> {
         let path = self.path;
         let failed = |step, error| BlockCompareError::Failed { image: path.to_owned(), step, error };
         let info = self.info.wait().and_then(Output::into_success).map_err(|e| failed("qemu-img info", e))?.stdout;
-        let map = self.map.wait().and_then(Output::into_success).map_err(|e| failed("qemu-img map", e))?.stdout;
         let bad = |step, problem: String| BlockCompareError::BadOutput { image: path.to_owned(), step, problem };
         let chain: Vec<serde_json::Value> =
             serde_json::from_slice(&info).map_err(|e| bad("qemu-img info", format!("not a list of images: {e}")))?;
@@ -326,6 +330,31 @@ impl<'p> Inspect<'p> {
         }
         let size = chain[0]["virtual-size"].as_u64().ok_or_else(|| bad("qemu-img info", "no virtual-size".into()))?;
         let cluster_size = chain[0]["cluster-size"].as_u64();
+        let name = path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
+        let image = |map, layers| Image {
+            path,
+            format: self.format,
+            name: name.clone(),
+            export: self.export,
+            map,
+            cluster_size,
+            layers,
+        };
+
+        if self.map.is_none() {
+            if let Some((read_table, step)) = alloc_reader(self.format).filter(|_| chain.len() == 1) {
+                let file =
+                    File::open(path).map_err(|error| BlockCompareError::Open { image: path.to_owned(), error })?;
+                if let Some(map) = read_table(&file, size).map_err(|p| bad(step, p))? {
+                    return Ok(image(map, vec![Some(file)]));
+                }
+            }
+        }
+        let map = match self.map {
+            Some(running) => running,
+            None => spawn_map(path, self.format, &self.opts)?,
+        };
+        let map = map.wait().and_then(Output::into_success).map_err(|e| failed("qemu-img map", e))?.stdout;
         let layers: Vec<Option<File>> = chain
             .iter()
             .enumerate()
@@ -345,9 +374,42 @@ impl<'p> Inspect<'p> {
         let trust: Vec<Option<u64>> =
             layers.iter().map(|f| f.as_ref().and_then(|f| f.metadata().ok()).map(|m| m.len())).collect();
         let map = map::parse(&map, size, &trust).map_err(|p| bad("qemu-img map", p))?;
-        let name = path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
-        Ok(Image { path, format: self.format, name, export: self.export, map, cluster_size, layers })
+        Ok(image(map, layers))
     }
+}
+
+/// Reads the allocation of an image of `format` from its own tables, if quiesce can
+/// ([`alloc`]), and the name of that step for errors.
+type TableReader = fn(&File, u64) -> Result<Option<Map>, String>;
+fn alloc_reader(format: DiskFormat) -> Option<(TableReader, &'static str)> {
+    match format {
+        DiskFormat::Vhdx => Some((|f, size| alloc::vhdx(f, size), "VHDX block allocation table")),
+        DiskFormat::Vpc => Some((|f, size| alloc::vhd(f, size), "VHD block allocation table")),
+        DiskFormat::Qcow2 | DiskFormat::Raw => None,
+    }
+}
+
+fn spawn(
+    path: &Path,
+    opts: &Options,
+    step: &'static str,
+    args: &[&std::ffi::OsStr],
+) -> Result<Running<'static>, BlockCompareError> {
+    Tool::new(QemuProgram::Img.path(), opts.tool_timeout)
+        .args(args)
+        .stdout_cap(tools::MAX_OUTPUT)
+        .spawn()
+        .map_err(|error| BlockCompareError::Failed { image: path.to_owned(), step, error })
+}
+
+fn spawn_map(path: &Path, format: DiskFormat, opts: &Options) -> Result<Running<'static>, BlockCompareError> {
+    let f = format.driver().as_ref();
+    spawn(
+        path,
+        opts,
+        "qemu-img map",
+        &["map".as_ref(), "-U".as_ref(), "--output=json".as_ref(), "-f".as_ref(), f, path.as_os_str()],
+    )
 }
 
 /// Backing chains longer than this are refused.

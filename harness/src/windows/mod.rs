@@ -1,6 +1,7 @@
 //! Windows guests: building the test guest's image from the user's ISOs ([`build`], with
 //! the install run in [`install`]), booting it in a scenario ([`guest`]), when a Windows
-//! guest is ready ([`ready`]), and its workloads ([`workload`]). What the
+//! guest is ready ([`ready`]), its workloads ([`workload`]) and the hook for a user-supplied
+//! VSS writer ([`app`]). What the
 //! layers below do differently for Windows lives with them: the agent's VSS failures in
 //! [`crate::backup::vss`], Windows programs run through the agent in
 //! [`crate::qemu::winexec`], the conditions' Windows cases in [`crate::backup::conditions`].
@@ -11,6 +12,7 @@
 //! error texts (from qemu-ga's Windows source) replayed by a scripted peer against the real
 //! conditions, method and set code, with real QEMU doing the block work.
 
+pub mod app;
 pub mod build;
 pub mod guest;
 pub mod install;
@@ -33,6 +35,8 @@ pub mod deadline {
     pub const BOOT: Duration = Duration::from_secs(10 * 60);
     /// A PowerShell command through guest-exec: PowerShell alone takes seconds to start.
     pub const POWERSHELL: Duration = Duration::from_secs(120);
+    /// `guest-shutdown` until QEMU exits: Windows stops its services first.
+    pub const SHUTDOWN: Duration = Duration::from_secs(5 * 60);
     /// `chkdsk` of a data volume, read-only.
     pub const CHKDSK: Duration = Duration::from_secs(10 * 60);
     /// The whole unattended install, by default: peers budget 2 h for what takes 20-60 min

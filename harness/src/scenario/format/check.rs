@@ -238,9 +238,10 @@ pub(super) fn check(f: &ScenarioFile) -> Result<(), (Range<usize>, String)> {
             match disk {
                 None => return Err((j.span(), format!("{what} disk {:?} is not a disk of VM {name}", j.get_ref()))),
                 // The journal appends lines, which any filesystem the guest writes can hold;
-                // the app's sqlite store is kept to ext4.
-                Some(d) if what == "app" && d.filesystem != Filesystem::Ext4 => {
-                    return Err((j.span(), format!("app disk {:?} has no ext4 filesystem", j.get_ref())))
+                // the app's sqlite store is kept to ext4, a Windows VM's SQL Server to NTFS.
+                Some(d) if what == "app" && d.filesystem != app_fs(vm) => {
+                    let fs = if vm.is_windows() { "ntfs" } else { "ext4" };
+                    return Err((j.span(), format!("app disk {:?} has no {fs} filesystem", j.get_ref())));
                 }
                 Some(d) if d.filesystem == Filesystem::None || d.filesystem == Filesystem::Vfat || !d.mount => {
                     return Err((
@@ -267,4 +268,14 @@ pub(super) fn check(f: &ScenarioFile) -> Result<(), (Range<usize>, String)> {
 
 fn valid_name(s: &str) -> bool {
     !s.is_empty() && s.len() <= 32 && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+}
+
+/// The filesystem an app's data disk must hold: ext4 for the Linux guest's sqlite store,
+/// NTFS for the Windows guest's SQL Server.
+fn app_fs(vm: &VmSpec) -> Filesystem {
+    if vm.is_windows() {
+        Filesystem::Ntfs
+    } else {
+        Filesystem::Ext4
+    }
 }

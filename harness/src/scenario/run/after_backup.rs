@@ -76,6 +76,9 @@ pub(super) async fn after_backup_checks(
         let (ok, detail) = journal_kept(vm, path, report).await?;
         report.check(name, "nothing-lost-after-backup", ok, detail);
     }
+    if vm.spec.is_windows() && vm.app.is_some() {
+        super::windows_app::after_backup(vm, agent, method, report).await?;
+    }
     Ok(())
 }
 
@@ -139,7 +142,11 @@ pub(super) async fn nothing_changed(
             report.check(name, "nothing-lost", ok, detail);
         }
         if let Some(dir) = &vm.app {
-            let (moves, detail) = app_commits_on(vm, agent, dir).await?;
+            let (moves, detail) = if vm.spec.is_windows() {
+                super::windows_app::app_writes_on(vm, agent).await?
+            } else {
+                app_commits_on(vm, agent, dir).await?
+            };
             report.check(name, "app-writes-on", moves, detail);
         }
     }

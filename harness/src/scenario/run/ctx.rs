@@ -76,6 +76,9 @@ pub(super) struct Vm {
     /// Journal lines on disk just before the job: all must be there afterwards.
     pub journal_before: Option<u64>,
     pub app: Option<String>,
+    /// Windows: the guest's UTC time when the app's writer (SQL Server) started; its
+    /// freeze events are looked for from then on.
+    pub app_since: Option<String>,
     /// Written to the root disk before the backup, for `root-from-backup`.
     pub root_token: Option<String>,
 }

@@ -24,6 +24,7 @@ use crate::verify::blockcmp::BlockCompareError;
 use crate::verify::corrupt::CorruptError;
 use crate::verify::guest_windows::ChkdskError;
 use crate::verify::RestoreError;
+use crate::windows::app::AppError;
 use crate::windows::guest::WindowsGuestError;
 use crate::windows::workload::UnregisterError;
 
@@ -143,6 +144,19 @@ pub enum RunError {
     /// failed check, not this).
     #[error("{at}: {source}")]
     Chkdsk { at: At, source: ChkdskError },
+    /// The Windows application-writer hook (`app-hook.ps1`, SQL Server's VSS writer) could
+    /// not be run or answered what it never answers; its words are in the error.
+    #[error("{at}: {source}")]
+    WindowsApp { at: At, source: AppError },
+    /// The scenario's `app` workload on a Windows VM needs a user-installed VSS writer
+    /// (SQL Server Express), and the image has none. Not a failure: the run reports the
+    /// scenario SKIPPED with this text, which says how to add one.
+    #[error(
+        "VM {vm}: the app workload needs a VSS writer, and this Windows image has none: install SQL Server \
+             Express in the image (see guest-images/windows/README.md, \"The application writer\"); \
+             app-hook.ps1 -Action detect said \"absent\""
+    )]
+    NoAppWriter { vm: String },
     /// The scenario asks for something of a Windows VM that this quiesce does not do yet;
     /// the error says what.
     #[error("{at}: not wired for a Windows VM yet: {what}")]
@@ -255,6 +269,7 @@ causes! {
     WinExecError => WindowsGuest,
     UnregisterError => VssFault,
     ChkdskError => Chkdsk,
+    AppError => WindowsApp,
 }
 
 /// Wraps a lower error with a step of the run as a whole: `.map_err(step("..."))`.

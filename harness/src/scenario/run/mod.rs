@@ -16,6 +16,14 @@ mod restore;
 mod rollback;
 mod setup;
 mod windows;
+mod windows_app;
+#[cfg(test)]
+mod windows_app_tests;
+mod windows_rollback;
+#[cfg(test)]
+mod windows_rollback_tests;
+#[cfg(all(test, feature = "vm-tests"))]
+mod windows_set_tests;
 #[cfg(test)]
 mod windows_tests;
 
@@ -49,6 +57,11 @@ pub async fn run(s: &Scenario, opts: &RunOptions, progress: &mut dyn FnMut(&str)
         return report;
     }
     let result = run_inner(s, opts, &tl, &mut report, progress).await;
+    if let Err(e @ RunError::NoAppWriter { .. }) = &result {
+        // Found only once the guest was up: skipped all the same, its checks discarded.
+        let (scenario, description) = (s.name.clone(), s.file.description.clone());
+        return Report { scenario, description, skipped: Some(e.to_string()), ..Default::default() };
+    }
     report.steps = tl.steps();
     report.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
     report.passed = result.is_ok() && report.checks.iter().all(|c| c.passed);

@@ -10,6 +10,7 @@
 //! Child VM Snapshot's filesystems were frozen clean (`fs-quiesced`).
 
 use std::path::Path;
+use std::time::Duration;
 
 use super::super::format::{MethodChoice, RollbackSpec};
 use super::super::report::{DiskReport, Report, RestoreReport};
@@ -17,6 +18,7 @@ use super::ctx::{RunCtx, Vm};
 use super::disk_checks::{self, Pair};
 use super::error::{io, At, Cause, DiskPlace, Interruption, RunError};
 use super::faults::member;
+use super::windows_rollback;
 use crate::backup::set;
 use crate::backup::{runstate, Backup, Method, VmBackup};
 use crate::image::manifest::{self, Change, Manifest};
@@ -102,7 +104,10 @@ pub(super) async fn run(ctx: &mut RunCtx<'_>, spec: &RollbackSpec, mut vm: Vm) -
             r.method = Some(used.join(", "));
         }
         // A Child VM Snapshot claims a quiesced backup: every filesystem in it frozen clean.
-        if vb.method == Method::ChildSnapshot {
+        // Not for Windows: NTFS is judged only by its dirty flag, which proves nothing
+        // either way, so the check could never pass there (the thaw's answer is the proof:
+        // a hold past VSS's 10 s fails the backup).
+        if vb.method == Method::ChildSnapshot && !vm.spec.is_windows() {
             let states = disk_checks::fs_quiesced(&backup, &vb);
             let (ok, detail) = ctx.tl.step(Some(&name), "read the backup's filesystem states", states).await?;
             ctx.report.check(&name, &c.check("fs-quiesced"), ok, detail);
@@ -209,24 +214,42 @@ async fn mutate(c: &Cycle<'_>, vm: &Vm, change: &str, remove: &str) -> Result<Ve
     let n = c.n;
     let added = format!("rollback-{n}.txt");
     let dir = format!("rollback-{n}");
-    let script = format!(
-        "set -e; cd {mnt}; printf 'added in cycle {n}\\n' > {added}; printf 'changed in cycle {n}\\n' >> {change}; \
-         rm {remove}; mkdir {dir}; sync",
-        mnt = shell_quote(&format!("/mnt/{}", c.disk)),
-        added = shell_quote(&added),
-        change = shell_quote(change),
-        remove = shell_quote(remove),
-        dir = shell_quote(&dir),
-    );
     let step = "changing the data in the guest";
     let agent = vm.guest.machine.agent().map_err(c.fail(step))?;
-    exec::sh(agent, &script, deadline::GUEST_EXEC).await.map_err(c.fail(step))?;
+    if vm.spec.is_windows() {
+        windows_rollback::mutate(vm, agent, c.disk, n, change, remove, || c.at(step)).await?;
+    } else {
+        mutate_linux(c, agent, &added, &dir, change, remove).await?;
+    }
     Ok(vec![
         (Made::Added, format!("/{added}")),
         (Made::Changed, format!("/{change}")),
         (Made::Removed, format!("/{remove}")),
         (Made::Added, format!("/{dir}")),
     ])
+}
+
+/// The changes of [`mutate`] in the Linux guest, by shell.
+async fn mutate_linux(
+    c: &Cycle<'_>,
+    agent: &GuestAgent,
+    added: &str,
+    dir: &str,
+    change: &str,
+    remove: &str,
+) -> Result<(), RunError> {
+    let n = c.n;
+    let script = format!(
+        "set -e; cd {mnt}; printf 'added in cycle {n}\\n' > {added}; printf 'changed in cycle {n}\\n' >> {change}; \
+         rm {remove}; mkdir {dir}; sync",
+        mnt = shell_quote(&format!("/mnt/{}", c.disk)),
+        added = shell_quote(added),
+        change = shell_quote(change),
+        remove = shell_quote(remove),
+        dir = shell_quote(dir),
+    );
+    let step = "changing the data in the guest";
+    exec::sh(agent, &script, deadline::GUEST_EXEC).await.map_err(c.fail(step)).map(drop)
 }
 
 /// The differences as `quiesce diff` prints them, the first few of them.
@@ -254,7 +277,15 @@ fn blocks_text(results: &[(String, BlockComparison)]) -> (bool, String) {
     }
 }
 
-/// Mounts the VM's data disks after a fresh boot, as the scenario's VM had them.
+/// Mounts the VM's data disks after a fresh boot, as the scenario's VM had them (a Windows
+/// VM's get their drive letters again).
+async fn after_fresh_boot(c: &Cycle<'_>, vm: &Vm, agent: &GuestAgent, machine: &str) -> Result<(), RunError> {
+    if vm.spec.is_windows() {
+        return windows_rollback::after_fresh_boot(vm, agent, machine).await;
+    }
+    mount_disks(vm, agent).await.map_err(c.fail("mounting the data disks"))
+}
+
 async fn mount_disks(vm: &Vm, agent: &GuestAgent) -> Result<(), ExecError> {
     for d in &vm.spec.disks {
         let d = d.get_ref();
@@ -266,15 +297,14 @@ async fn mount_disks(vm: &Vm, agent: &GuestAgent) -> Result<(), ExecError> {
 }
 
 /// The journal's own check, as a report check of this cycle (if the VM writes one).
-async fn journal_check(
-    c: &Cycle<'_>,
-    vm: &Vm,
-    agent: &GuestAgent,
-    what: &str,
-    report: &mut Report,
-) -> Result<(), RunError> {
+async fn journal_check(c: &Cycle<'_>, vm: &Vm, m: &Machine, what: &str, report: &mut Report) -> Result<(), RunError> {
     let Some(path) = &vm.journal else { return Ok(()) };
-    let j = workload::check_journal(agent, path).await.map_err(c.fail("checking the journal"))?;
+    let j = if vm.spec.is_windows() {
+        windows_rollback::journal(vm, m, path).await?
+    } else {
+        let agent = m.agent().map_err(c.fail("the guest agent"))?;
+        workload::check_journal(agent, path).await.map_err(c.fail("checking the journal"))?
+    };
     report.check(&c.vm, &c.check(what), j.intact(), format!("{} lines, first break {:?}", j.lines, j.first_break));
     Ok(())
 }
@@ -304,15 +334,15 @@ async fn new_vm(c: &Cycle<'_>, ctx: &mut RunCtx<'_>, vm: &Vm, p: &Point) -> Resu
     ctx.report.check(&c.vm, &c.check("new-vm-blocks"), same, detail);
 
     let m = &mut restored.machine;
-    run_restored(c, m, &p.vb, &rname, ctx.tl).await?;
+    run_restored(c, m, &p.vb, &rname, ctx.tl, vm.spec.is_windows()).await?;
     let agent = m.agent().map_err(c.fail("the new VM's agent"))?;
     if p.vb.method == Method::ChildSnapshot {
-        mount_disks(vm, agent).await.map_err(c.fail("mounting the new VM's data disks"))?;
+        after_fresh_boot(c, vm, agent, &rname).await?;
     }
-    journal_check(c, vm, agent, "new-vm-journal", ctx.report).await?;
+    journal_check(c, vm, m, "new-vm-journal", ctx.report).await?;
     let state_after_restore = runstate::query(m).await.map_err(c.fail("query-status"))?.label().to_owned();
     ctx.tl
-        .step(Some(&rname), "shut down", m.shutdown(deadline::GUEST_SHUTDOWN))
+        .step(Some(&rname), "shut down", m.shutdown(shutdown_deadline(vm)))
         .await
         .map_err(c.fail("shutting the new VM down"))?;
 
@@ -335,8 +365,17 @@ async fn new_vm(c: &Cycle<'_>, ctx: &mut RunCtx<'_>, vm: &Vm, p: &Point) -> Resu
 
 /// Runs a restored VM left stopped: resumes a saved state that was running, or boots a
 /// disk-only restore until its agent answers; then waits for the agent either way.
-async fn run_restored(c: &Cycle<'_>, m: &mut Machine, vb: &VmBackup, who: &str, tl: &Timeline) -> Result<(), RunError> {
+async fn run_restored(
+    c: &Cycle<'_>,
+    m: &mut Machine,
+    vb: &VmBackup,
+    who: &str,
+    tl: &Timeline,
+    windows: bool,
+) -> Result<(), RunError> {
     match vb.method {
+        // A fresh Windows boot is ready when its agent answers and VSS is ready.
+        Method::ChildSnapshot if windows => tl.step(Some(who), "boot", super::windows::boot_restored(m)).await?,
         Method::SavedState => {
             if vb.run_state_before == runstate::Activity::Running {
                 tl.step(Some(who), "resume", restore::resume(m)).await.map_err(c.fail("resuming"))?;
@@ -373,7 +412,7 @@ async fn in_place(
     let tl = ctx.tl;
     // A clean power-off: the guest's writes are on the disk files, and QEMU has exited (and
     // been reaped) so that nothing holds them.
-    tl.step(Some(name), "shut down", vm.guest.machine.shutdown(deadline::GUEST_SHUTDOWN))
+    tl.step(Some(name), "shut down", vm.guest.machine.shutdown(shutdown_deadline(vm)))
         .await
         .map_err(c.fail("shutting the VM down for the in-place restore"))?;
 
@@ -413,26 +452,32 @@ async fn in_place(
     let (same, detail) = blocks_text(&results);
     ctx.report.check(name, &c.check("in-place-blocks"), same, detail);
 
-    run_restored(c, &mut vm.guest.machine, &p.vb, name, tl).await?;
+    let windows = vm.spec.is_windows();
+    run_restored(c, &mut vm.guest.machine, &p.vb, name, tl, windows).await?;
     let agent = vm.guest.machine.agent().map_err(c.fail("the guest agent"))?;
     match p.vb.method {
         Method::SavedState => {
             // The saved state continues the boot it was saved in, workloads and mounts included.
-            let now = workload::boot_id(agent).await.map_err(c.fail("reading boot_id"))?;
+            let now = boot_id(c, vm, agent).await?;
             let same = Some(&now) == vm.boot_id.as_ref();
             let detail = if same { "boot_id unchanged".to_owned() } else { format!("boot_id {now}") };
             ctx.report.check(name, &c.check("in-place-same-boot"), same, detail);
-            journal_check(c, vm, agent, "in-place-journal", ctx.report).await?;
+            journal_check(c, vm, &vm.guest.machine, "in-place-journal", ctx.report).await?;
         }
         Method::ChildSnapshot => {
             // A fresh boot: mount the disks, check the journal as the backup froze it, then
             // start the workloads again.
-            mount_disks(vm, agent).await.map_err(c.fail("mounting the data disks"))?;
-            vm.boot_id = Some(workload::boot_id(agent).await.map_err(c.fail("reading boot_id"))?);
-            journal_check(c, vm, agent, "in-place-journal", ctx.report).await?;
-            tl.step(Some(name), "start the workloads", restart_workloads(vm, agent))
-                .await
-                .map_err(c.fail("starting the workloads again"))?;
+            after_fresh_boot(c, vm, agent, name).await?;
+            vm.boot_id = Some(boot_id(c, vm, agent).await?);
+            journal_check(c, vm, &vm.guest.machine, "in-place-journal", ctx.report).await?;
+            if vm.spec.is_windows() {
+                let at = || c.at("starting the workloads again");
+                tl.step(Some(name), "start the workloads", windows_rollback::restart_workloads(vm, agent, at)).await?;
+            } else {
+                tl.step(Some(name), "start the workloads", restart_workloads(vm, agent))
+                    .await
+                    .map_err(c.fail("starting the workloads again"))?;
+            }
         }
     }
 
@@ -454,7 +499,7 @@ async fn in_place(
         .step(
             Some(name),
             "read the data disk's manifest (frozen)",
-            read_frozen(&vm.guest.machine, &own.path, own.format, || c.at(step)),
+            read_frozen(&vm.guest.machine, &own.path, own.format, freeze_deadlines(vm), || c.at(step)),
         )
         .await?;
     let changes = manifest::diff(&p.files, &after, c.ignore);
@@ -510,16 +555,49 @@ async fn restart_workloads(vm: &Vm, agent: &GuestAgent) -> Result<(), ExecError>
 
 /// The manifest of a disk of a running VM, read on the host while the guest's filesystems
 /// are frozen. The guest is thawed on every path that returns.
-async fn read_frozen(m: &Machine, path: &Path, format: DiskFormat, at: impl Fn() -> At) -> Result<Manifest, RunError> {
+async fn read_frozen(
+    m: &Machine,
+    path: &Path,
+    format: DiskFormat,
+    (freeze, thaw): (Duration, Duration),
+    at: impl Fn() -> At,
+) -> Result<Manifest, RunError> {
     let agent = m.agent().map_err(|e| e.at(at()))?;
-    let frozen = agent.execute_within(qapi::qga::guest_fsfreeze_freeze {}, deadline::GUEST_FREEZE).await;
+    let frozen = agent.execute_within(qapi::qga::guest_fsfreeze_freeze {}, freeze).await;
     let read = match frozen {
         Ok(_) => disk_checks::read(path, format, at()).await,
         Err(e) => Err(e.at(At { step: "guest-fsfreeze-freeze", ..at() })),
     };
     // Thawed whether the freeze answered or not: a freeze that timed out may have happened.
-    match agent.execute_within(qapi::qga::guest_fsfreeze_thaw {}, deadline::GUEST_THAW).await {
+    match agent.execute_within(qapi::qga::guest_fsfreeze_thaw {}, thaw).await {
         Ok(_) => read,
         Err(e) => Err(e.at(At { step: "guest-fsfreeze-thaw failed, the guest may be left frozen", ..at() })),
+    }
+}
+
+/// How long the VM's guest gets to power off.
+fn shutdown_deadline(vm: &Vm) -> Duration {
+    if vm.spec.is_windows() {
+        windows_rollback::SHUTDOWN
+    } else {
+        deadline::GUEST_SHUTDOWN
+    }
+}
+
+/// The freeze and thaw deadlines of the VM's guest (VSS's for Windows).
+fn freeze_deadlines(vm: &Vm) -> (Duration, Duration) {
+    if vm.spec.is_windows() {
+        (windows_rollback::FREEZE, windows_rollback::THAW)
+    } else {
+        (deadline::GUEST_FREEZE, deadline::GUEST_THAW)
+    }
+}
+
+/// The guest's boot id, from either guest.
+async fn boot_id(c: &Cycle<'_>, vm: &Vm, agent: &GuestAgent) -> Result<String, RunError> {
+    if vm.spec.is_windows() {
+        windows_rollback::boot_id(agent, || c.at("reading the boot id")).await
+    } else {
+        workload::boot_id(agent).await.map_err(c.fail("reading boot_id"))
     }
 }

@@ -100,7 +100,19 @@ pub(super) async fn prepare_vm(ctx: &mut RunCtx<'_>, spec: &VmSpec) -> Result<Vm
     } else {
         None
     };
-    Ok(Vm { spec: spec.clone(), guest, dir, boot_id, counter_before, journal, journal_before: None, app, root_token })
+    let app_since = None;
+    Ok(Vm {
+        spec: spec.clone(),
+        guest,
+        dir,
+        boot_id,
+        counter_before,
+        journal,
+        journal_before: None,
+        app,
+        app_since,
+        root_token,
+    })
 }
 
 /// Where the app keeps its store: on the root filesystem, or on a mounted data disk.

@@ -10,7 +10,7 @@
 //! the journal's "nothing lost" is read from the data disk on the host (the guest flushes
 //! the volume, the VM is paused, the image is read with quiesce's own NTFS reader, the VM
 //! continues), and a restore is checked with `chkdsk` (read-only) in place of `e2fsck`.
-//! Rollback cycles of a Windows VM are not wired yet, and say so when skipped.
+//! The `app` workload (a user-supplied VSS writer: SQL Server) is in `windows_app.rs`.
 //!
 //! NEVER RUN AGAINST A LIVE WINDOWS GUEST: no Windows guest can run where this was written.
 //! `windows_tests.rs` drives this path through the real runner with a scripted agent
@@ -32,7 +32,8 @@ use crate::windows::workload::{self as win, JOURNAL_FILE, JOURNAL_MAX};
 use crate::workload::{self, JournalCheck};
 
 /// Why the scenario cannot run here, if it cannot: it has a Windows VM and no Windows image
-/// is built, or it asks for what the runner does not do for Windows yet.
+/// is built. (An `app` workload with no VSS writer in the image is skipped too, but only
+/// the booted guest can say so: see `windows_app.rs`.)
 pub fn skip_reason(s: &Scenario) -> Option<String> {
     // A Windows image the user brings needs no built one.
     if !s.vms().any(|v| v.is_windows() && v.image.get_ref().own().is_none()) {
@@ -43,18 +44,13 @@ pub fn skip_reason(s: &Scenario) -> Option<String> {
             "no Windows guest image is built; build it on a KVM host with `{}` (20-60 min), then run scenarios/windows/",
             crate::image::windows::BUILD_COMMAND
         )),
-        Some(img) if s.file.rollback.is_some() => Some(format!(
-            "a Windows guest image is built ({}), but rollback cycles of a Windows VM are not wired into the runner yet \
-             (see scenario/run/windows.rs)",
-            img.dir.display()
-        )),
         Some(_) => None,
     }
 }
 
 /// The drive letter of data disk `disk` of a Windows VM: its place among the VM's NTFS
 /// disks (`D:` first).
-fn letter(spec: &VmSpec, disk: &str) -> Option<char> {
+pub(super) fn letter(spec: &VmSpec, disk: &str) -> Option<char> {
     let ntfs = spec.disks.iter().map(|d| d.get_ref()).filter(|d| d.filesystem == Filesystem::Ntfs);
     ntfs.enumerate().find(|(_, d)| d.name.get_ref() == disk).and_then(|(i, _)| win::drive_letter(i))
 }
@@ -64,7 +60,7 @@ fn not_for_windows(name: &str, what: &'static str) -> RunError {
 }
 
 /// Gives every NTFS data disk its drive letter (idempotent: a restored guest keeps them).
-async fn assign_letters(spec: &VmSpec, agent: &GuestAgent, name: &str) -> Result<(), RunError> {
+pub(super) async fn assign_letters(spec: &VmSpec, agent: &GuestAgent, name: &str) -> Result<(), RunError> {
     for d in spec.disks.iter().map(|d| d.get_ref()).filter(|d| d.filesystem == Filesystem::Ntfs) {
         let disk = d.name.get_ref();
         let l = letter(spec, disk).ok_or_else(|| not_for_windows(name, "more than 23 NTFS data disks"))?;
@@ -77,10 +73,6 @@ async fn assign_letters(spec: &VmSpec, agent: &GuestAgent, name: &str) -> Result
 /// the counter and the journal, the agent stopped, the run paused.
 pub(super) async fn prepare(ctx: &RunCtx<'_>, spec: &VmSpec, guest: TestGuest, dir: PathBuf) -> Result<Vm, RunError> {
     let name = spec.name.get_ref();
-    if spec.workload.app.is_some() {
-        // The hook (app-hook.ps1) needs a user-installed VSS writer; the runner does not drive it yet.
-        return Err(not_for_windows(name, "the app workload (the SQL Server writer hook, app-hook.ps1)"));
-    }
     let wants = |c| ctx.s.file.restore.as_ref().is_some_and(|r| r.checks.get_ref().contains(&c));
     if wants(Check::RootFromBackup) || wants(Check::FsckClean) {
         return Err(not_for_windows(
@@ -105,6 +97,13 @@ pub(super) async fn prepare(ctx: &RunCtx<'_>, spec: &VmSpec, guest: TestGuest, d
         win::start_journal(agent, &path).await.map_err(on(name, "starting the journal"))?;
         journal = Some(path);
     }
+    let (app, app_since) = match &spec.workload.app {
+        Some(disk) => {
+            let (dir, since) = super::windows_app::start_app(spec, agent, disk.get_ref()).await?;
+            (Some(dir), Some(since))
+        }
+        None => (None, None),
+    };
     if spec.agent == AgentState::Stopped {
         win::stop_agent(agent, deadline::AGENT_COMMAND).await.map_err(on(name, "stopping the QEMU-GA service"))?;
     }
@@ -119,7 +118,8 @@ pub(super) async fn prepare(ctx: &RunCtx<'_>, spec: &VmSpec, guest: TestGuest, d
         counter_before,
         journal,
         journal_before: None,
-        app: None,
+        app,
+        app_since,
         root_token: None,
     })
 }
@@ -168,13 +168,20 @@ pub(super) async fn wait_counter_above(vm: &Vm, agent: &GuestAgent, value: u64) 
 /// dropped; for Windows, read on the host from the data disk's image.
 pub(super) async fn journal_now(vm: &Vm, path: &str) -> Result<JournalCheck, RunError> {
     let m = &vm.guest.machine;
-    let agent = m.agent().map_err(vm.fail("the guest agent"))?;
     if !vm.spec.is_windows() {
+        let agent = m.agent().map_err(vm.fail("the guest agent"))?;
         return workload::check_journal(agent, path).await.map_err(vm.fail("checking the journal"));
     }
+    journal_of(vm, m, path).await
+}
+
+/// A Windows VM's journal as machine `m` (the VM, or a restore of it) holds it on its data
+/// disk, read on the host.
+pub(super) async fn journal_of(vm: &Vm, m: &Machine, path: &str) -> Result<JournalCheck, RunError> {
+    let agent = m.agent().map_err(on(m.name(), "the guest agent"))?;
     let disk = vm.spec.workload.journal.as_ref().map(|d| d.get_ref().as_str()).unwrap_or("");
     let d = m.config().disks.iter().find(|d| d.node_name == disk).ok_or_else(|| RunError::NoDisk {
-        at: At::vm(vm.name(), "reading the journal on the host"),
+        at: At::vm(m.name(), "reading the journal on the host"),
         place: super::DiskPlace::Vm,
         disk: disk.to_owned(),
     })?;
@@ -310,6 +317,7 @@ pub(super) async fn restored_checks(
                 );
                 ctx.report.check(name, "journal-intact", j.intact(), detail);
             }
+            Check::AppConsistent => super::windows_app::consistent(vm, agent, rname, ctx.report).await?,
             // Checked on the host or before the guest ran, refused at setup, or not
             // applying to this restore (a fresh boot continues no boot, a saved state has
             // nothing to fsck before mounting).

@@ -12,10 +12,13 @@
 //! (VSS's 10 s hold included) and answering the runner's PowerShell as the recipe's
 //! scripts would. The "Windows image" is a blank disk.
 //!
+//! A peer cannot power QEMU off: when it gets `guest-shutdown`, QEMU is told to quit in
+//! its place (`Machine::shutdown`, tests only), so files can be compared on the host after
+//! a restored guest "powered off".
+//!
 //! Never tried this way, and so never tried at all: the PowerShell itself (the workloads,
-//! drive letters, the boot id, the VSS provider's removal), chkdsk, a restored Windows
-//! guest's shutdown before its files are compared (a peer cannot power QEMU off, so no
-//! scenario with `manifest-matches-backup` runs here), and NTFS as Windows writes it.
+//! drive letters, the boot id, the VSS provider's removal), chkdsk, a real Windows guest's
+//! shutdown, and NTFS as Windows writes it.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -38,27 +41,56 @@ const VSS_HOLD: Duration = Duration::from_secs(10);
 
 /// The scripted Windows guest, shared by every machine of a run: a restored saved state
 /// continues the same boot, so it keeps the boot id and the counter.
-struct Peer {
-    boot_id: String,
-    counter: u64,
-    frozen_at: Option<Instant>,
+pub(super) struct Peer {
+    pub(super) boot_id: String,
+    pub(super) counter: u64,
+    pub(super) frozen_at: Option<Instant>,
     next_pid: i64,
     exec: HashMap<i64, (i64, String, String)>,
     /// The PowerShell scripts run, in order (what the runner asked of "Windows").
-    scripts: Vec<String>,
-    freezes: u32,
+    pub(super) scripts: Vec<String>,
+    pub(super) freezes: u32,
     /// Files the guest reads back (`D:\\hello.txt` -> content): what the host seeded.
-    files: HashMap<String, String>,
+    pub(super) files: HashMap<String, String>,
     /// Programs other than PowerShell run, by path.
-    programs: Vec<String>,
+    pub(super) programs: Vec<String>,
     /// The QEMU-GA service was stopped: nothing answers any more.
-    stopped: bool,
+    pub(super) stopped: bool,
     /// qemu-ga's VSS provider was unregistered (and the agent restarted).
-    vss_init_failed: bool,
+    pub(super) vss_init_failed: bool,
+    /// SQL Server's instance, if the "image" has one (app-hook.ps1 answers for it).
+    pub(super) sql: Option<String>,
+    /// The app's writer was started (rows grow on every count).
+    pub(super) app_started: bool,
+    rows: u64,
+    /// SQL Server's freeze (3197) and resume (3198) events, at the peer's clock.
+    pub(super) events: Vec<(u32, String)>,
+    /// What DBCC CHECKDB says of the restored database: None for clean.
+    pub(super) checkdb_says: Option<String>,
+    /// The folders CHECKDB was run on.
+    pub(super) checked: Vec<String>,
+    tick: u64,
+    /// The machine whose agent channel the current command came on.
+    machine: String,
+    /// What each machine's guest was asked to write to its data disk, not yet on it: the
+    /// peer cannot write a disk QEMU holds, so it is written when that machine powers off
+    /// (`windows_rollback_tests::power_off`).
+    pub(super) pending: HashMap<String, Vec<GuestWrite>>,
+    /// Machines that got `guest-shutdown`.
+    pub(super) powered_off: Vec<String>,
+}
+
+/// A change the scripted guest makes to its data disk (`D:`), by path in the volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum GuestWrite {
+    Create(String, String),
+    Append(String, String),
+    Remove(String),
+    Mkdir(String),
 }
 
 impl Peer {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Peer {
             boot_id: "6f1d2c3b-0000-4000-8000-000000000001".into(),
             counter: 0,
@@ -71,6 +103,94 @@ impl Peer {
             programs: Vec::new(),
             stopped: false,
             vss_init_failed: false,
+            sql: None,
+            app_started: false,
+            rows: 0,
+            events: Vec::new(),
+            checkdb_says: None,
+            checked: Vec::new(),
+            tick: 0,
+            machine: String::new(),
+            pending: HashMap::new(),
+            powered_off: Vec::new(),
+        }
+    }
+
+    /// The rollback cycle's changes (`windows_rollback::mutate_script`), as the guest would
+    /// make them: recorded for this machine's data disk, written when it powers off.
+    fn mutate(&mut self, script: &str) -> (i64, String, String) {
+        let arg = |after: &str| -> Option<String> {
+            let rest = script.split(after).nth(1)?;
+            let path = rest.split('\'').next()?;
+            Some(path.strip_prefix("D:\\")?.replace('\\', "/"))
+        };
+        let text = |after: &str| -> Option<String> {
+            let rest = script.split(after).nth(1)?.split(", \"").nth(1)?;
+            Some(rest.split("`n\"").next()?.to_owned() + "\n")
+        };
+        let writes = (|| {
+            Some(vec![
+                GuestWrite::Create(arg("WriteAllText('")?, text("WriteAllText(")?),
+                GuestWrite::Append(arg("AppendAllText('")?, text("AppendAllText(")?),
+                GuestWrite::Remove(arg("Remove-Item -LiteralPath '")?),
+                GuestWrite::Mkdir(arg("New-Item -ItemType Directory -Path '")?),
+            ])
+        })();
+        match writes {
+            Some(w) => {
+                self.pending.entry(self.machine.clone()).or_default().extend(w);
+                (0, String::new(), String::new())
+            }
+            None => (1, String::new(), format!("scripted peer: cannot read the changes in {script}\r\n")),
+        }
+    }
+
+    /// The guest's UTC clock, as PowerShell's `o` format prints it: one second a tick.
+    fn now(&mut self) -> String {
+        self.tick += 1;
+        format!("2026-12-01T18:{:02}:{:02}.0000000Z", (self.tick / 60) % 60, self.tick % 60)
+    }
+
+    /// app-hook.ps1, as it answers with SQL Server installed, or without (exit 3).
+    fn app_hook(&mut self, script: &str) -> (i64, String, String) {
+        let action = script.split("app-hook.ps1' -Action ").nth(1).and_then(|r| r.split(' ').next()).unwrap_or("");
+        let dir = script.split("-Dir '").nth(1).and_then(|r| r.split('\'').next()).unwrap_or("").to_owned();
+        let Some(instance) = self.sql.clone() else {
+            return match action {
+                "detect" => (0, "absent\r\n".into(), String::new()),
+                _ => (3, "absent: no SQL Server instance\r\n".into(), String::new()),
+            };
+        };
+        match action {
+            "detect" => (0, format!("sqlserver {instance}\r\n"), String::new()),
+            "start" => {
+                self.app_started = true;
+                (0, format!("{}\r\n", self.now()), String::new())
+            }
+            "count" => {
+                self.rows += 7;
+                (0, format!("{}\r\n", self.rows), String::new())
+            }
+            "frozen" => {
+                let lines: String = self
+                    .events
+                    .iter()
+                    .rev()
+                    .map(|(id, at)| {
+                        let what = if *id == 3197 { "I/O is frozen on" } else { "I/O was resumed on" };
+                        format!("{id} {at} {what} database quiesce. No user action is required.\r\n")
+                    })
+                    .collect();
+                (0, lines, String::new())
+            }
+            "check" => {
+                self.checked.push(dir);
+                match &self.checkdb_says {
+                    None => (0, "consistent\r\n".into(), String::new()),
+                    Some(err) => (1, String::new(), format!("sqlcmd failed (1): {err}\r\n")),
+                }
+            }
+            _ => (1, String::new(), format!("scripted peer: no app-hook action {action}\r\n")),
         }
     }
 
@@ -78,7 +198,11 @@ impl Peer {
     fn powershell(&mut self, script: &str) -> (i64, String, String) {
         self.scripts.push(script.to_owned());
         let ok = |out: String| (0, out, String::new());
-        if script.contains("Get-Partition") {
+        if script.contains("app-hook.ps1' -Action ") {
+            self.app_hook(script)
+        } else if script.contains("Write-VolumeCache") && script.contains("WriteAllText(") {
+            self.mutate(script)
+        } else if script.contains("Get-Partition") {
             let parts = json!([{"Disk": 0, "Partition": 1, "Serial": "root", "Style": "MBR", "MbrType": 7, "GptType": null},
                                {"Disk": 0, "Partition": 2, "Serial": "root", "Style": "MBR", "MbrType": 7, "GptType": null},
                                {"Disk": 1, "Partition": 1, "Serial": "data", "Style": "MBR", "MbrType": 7, "GptType": null}]);
@@ -119,6 +243,11 @@ impl Peer {
         }
         match cmd {
             "guest-ping" => Ok(json!({})),
+            // The guest goes down (qemu-ga sends no reply: see `stand_in::serve`).
+            "guest-shutdown" => {
+                self.powered_off.push(self.machine.clone());
+                Ok(json!({}))
+            }
             "guest-info" => Ok(json!({"version": "109.1.0", "supported_commands": [
                 {"name": "guest-fsfreeze-freeze", "enabled": true, "success-response": true},
                 {"name": "guest-fsfreeze-thaw", "enabled": true, "success-response": true},
@@ -148,7 +277,20 @@ impl Peer {
             "guest-fsfreeze-freeze" => {
                 self.freezes += 1;
                 self.frozen_at = Some(Instant::now());
+                if self.app_started {
+                    // SQL Server's VSS writer freezes its database with the volume.
+                    let at = self.now();
+                    self.events.push((3197, at));
+                }
                 Ok(json!(3))
+            }
+            "guest-fsfreeze-thaw" if self.app_started && self.frozen_at.is_some() => {
+                let at = self.now();
+                self.events.push((3198, at));
+                self.app_started = false;
+                let r = self.answer(cmd, args);
+                self.app_started = true;
+                r
             }
             "guest-fsfreeze-thaw" => match self.frozen_at.take() {
                 // The agent resets to thawed even when it reports the hold was too long.
@@ -209,7 +351,7 @@ fn blank_image(dir: &Path) -> BuiltImage {
     BuiltImage { dir: dir.to_owned(), disk, info }
 }
 
-fn windows_scenario(file: &str) -> (PathBuf, String) {
+pub(super) fn windows_scenario(file: &str) -> (PathBuf, String) {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios/windows").join(file);
     let text = std::fs::read_to_string(&path).unwrap();
     (path, text)
@@ -219,26 +361,48 @@ fn windows_scenario(file: &str) -> (PathBuf, String) {
 /// a thread of its own with the stack the whole runner's future needs in a debug build
 /// (as `quiesce run` and `tests/scenarios.rs` run it on a main thread). QEMU lives as long
 /// as the thread that launched it, which is this one until the run is over.
-fn run_with_peer(s: &Scenario, peer: Arc<Mutex<Peer>>) -> (Report, tempfile::TempDir) {
+pub(super) fn run_with_peer(s: &Scenario, peer: Arc<Mutex<Peer>>) -> (Report, tempfile::TempDir) {
+    run_with_peer_but(s, peer, &[])
+}
+
+/// As [`run_with_peer`], but the machines whose names start with one of `real` (a Linux VM
+/// of a mixed set, and its restore) get a real agent port: their real qemu-ga answers.
+pub(super) fn run_with_peer_but(
+    s: &Scenario,
+    peer: Arc<Mutex<Peer>>,
+    real: &'static [&'static str],
+) -> (Report, tempfile::TempDir) {
     let s = s.clone();
     std::thread::Builder::new()
         .stack_size(64 << 20)
         .spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            rt.block_on(run_in_scope(&s, peer))
+            rt.block_on(run_in_scope(&s, peer, real))
         })
         .unwrap()
         .join()
         .unwrap()
 }
 
-async fn run_in_scope(s: &Scenario, peer: Arc<Mutex<Peer>>) -> (Report, tempfile::TempDir) {
+async fn run_in_scope(
+    s: &Scenario,
+    peer: Arc<Mutex<Peer>>,
+    real: &'static [&'static str],
+) -> (Report, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let image = blank_image(dir.path());
-    let factory: Factory = Arc::new(move |_machine: &str| {
+    let power_off = super::windows_rollback_tests::power_off(peer.clone());
+    let factory: Factory = Arc::new(move |machine: &str| {
+        if real.iter().any(|r| machine.starts_with(r)) {
+            return None;
+        }
         let (harness, guest) = UnixStream::pair().ok()?;
-        let (answering, asked) = (peer.clone(), peer.clone());
-        let answer = move |cmd: &str, args: &Value| answering.lock().unwrap().answer(cmd, args);
+        let (answering, asked, machine) = (peer.clone(), peer.clone(), machine.to_owned());
+        let answer = move |cmd: &str, args: &Value| {
+            let mut p = answering.lock().unwrap();
+            p.machine = machine.clone();
+            p.answer(cmd, args)
+        };
         tokio::spawn(stand_in::serve(guest, answer, move || asked.lock().unwrap().stopped));
         Some(harness)
     });
@@ -251,11 +415,12 @@ async fn run_in_scope(s: &Scenario, peer: Arc<Mutex<Peer>>) -> (Report, tempfile
     };
     let mut quiet = |_: &str| {};
     let run = scenario::run(s, &opts, &mut quiet);
-    let report = stand_in::scope(factory, crate::windows::guest::with_image(image, run)).await;
+    let run = stand_in::on_power_off(power_off, crate::windows::guest::with_image(image, run));
+    let report = stand_in::scope(factory, run).await;
     (report, dir)
 }
 
-fn passed(report: &Report, check: &str) -> Option<bool> {
+pub(super) fn passed(report: &Report, check: &str) -> Option<bool> {
     report.checks.iter().find(|c| c.check == check).map(|c| c.passed)
 }
 
@@ -410,20 +575,28 @@ fn win_vss_provider_unregistered_falls_back_in_the_agents_words() {
 }
 
 #[tokio::test]
-async fn with_an_image_built_only_rollback_cycles_are_still_skipped() {
+async fn with_an_image_built_every_windows_scenario_runs() {
     let dir = tempfile::tempdir().unwrap();
     let image = blank_image(dir.path());
-    let load = |f: &str| {
-        let (path, text) = windows_scenario(f);
-        scenario::parse(&path, &text).unwrap()
-    };
-    let (running, rollback) = (load("win-saved-state-running.toml"), load("win-rollback-cycles.toml"));
-    let (a, b) = crate::windows::guest::with_image(image, async {
-        (scenario::skip_reason(&running), scenario::skip_reason(&rollback))
-    })
-    .await;
-    assert_eq!(a, None);
-    assert!(b.is_some_and(|why| why.contains("rollback cycles of a Windows VM are not wired")));
-    // Without one, both are skipped with the command that builds it.
-    assert!(scenario::skip_reason(&running).is_some_and(|why| why.contains("quiesce image build windows")));
+    let files: Vec<_> = std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios/windows"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|f| f.ends_with(".toml"))
+        .collect();
+    assert!(files.len() >= 10, "{files:?}");
+    let all: Vec<Scenario> = files
+        .iter()
+        .map(|f| {
+            let (path, text) = windows_scenario(f);
+            scenario::parse(&path, &text).unwrap()
+        })
+        .collect();
+    let reasons =
+        crate::windows::guest::with_image(image, async { all.iter().map(scenario::skip_reason).collect::<Vec<_>>() })
+            .await;
+    assert!(reasons.iter().all(Option::is_none), "{reasons:?}");
+    // Without one, every one is skipped with the command that builds it.
+    for s in &all {
+        assert!(scenario::skip_reason(s).is_some_and(|why| why.contains("quiesce image build windows")), "{}", s.name);
+    }
 }

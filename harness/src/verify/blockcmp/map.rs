@@ -107,7 +107,7 @@ pub fn parse(json: &[u8], size: u64, trust: Trust) -> Result<Map, String> {
 }
 
 /// Appends `e`, merging it into the last extent if it continues it.
-fn push(extents: &mut Vec<Extent>, e: Extent) {
+pub(super) fn push(extents: &mut Vec<Extent>, e: Extent) {
     if let Some(last) = extents.last_mut() {
         let continues = match (last.source, e.source) {
             (Source::Zero, Source::Zero) | (Source::Export, Source::Export) => true,

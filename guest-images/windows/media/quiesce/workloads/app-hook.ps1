@@ -12,13 +12,20 @@
 #
 #   app-hook.ps1 -Action detect            prints "sqlserver <instance>" or "absent"
 #   app-hook.ps1 -Action start -Dir D:\    creates the quiesce database there and a writer
-#   app-hook.ps1 -Action frozen            prints the 3197/3198 events of the last freeze
-#   app-hook.ps1 -Action check -Dir D:\    DBCC CHECKDB on the restored database
+#                                          inserting rows; prints the guest's UTC time then
+#   app-hook.ps1 -Action count             prints the rows the writer committed
+#   app-hook.ps1 -Action frozen            prints the newest 3197/3198 events, one a line:
+#                                          "<id> <UTC time, o format> <message>"
+#   app-hook.ps1 -Action check -Dir D:\    DBCC CHECKDB on the restored database; prints
+#                                          "consistent", or fails with CHECKDB's words
+#
+# The harness side is harness/src/windows/app.rs; the scenario is
+# scenarios/windows/win-app-sqlserver.toml.
 #
 # Without SQL Server every action but detect exits 3 ("absent"): the scenario's app checks
 # are reported skipped, never passed.
 param(
-    [Parameter(Mandatory = $true)][ValidateSet('detect', 'start', 'frozen', 'check')][string]$Action,
+    [Parameter(Mandatory = $true)][ValidateSet('detect', 'start', 'count', 'frozen', 'check')][string]$Action,
     [string]$Dir
 )
 
@@ -44,6 +51,10 @@ switch ($Action) {
         Sql "IF DB_ID('quiesce') IS NULL CREATE DATABASE quiesce ON (NAME=quiesce, FILENAME='$Dir\quiesce.mdf') LOG ON (NAME=quiesce_log, FILENAME='$Dir\quiesce.ldf')"
         Sql "USE quiesce; IF OBJECT_ID('t') IS NULL CREATE TABLE t (n BIGINT IDENTITY PRIMARY KEY, at DATETIME2 DEFAULT SYSUTCDATETIME())"
         Start-Process powershell.exe -WindowStyle Hidden -ArgumentList "-NoProfile -Command while (`$true) { sqlcmd.exe -S $server -E -Q 'INSERT INTO quiesce.dbo.t DEFAULT VALUES' | Out-Null; Start-Sleep -Milliseconds 20 }"
+        (Get-Date).ToUniversalTime().ToString('o')
+    }
+    'count' {
+        (Sql "SET NOCOUNT ON; SELECT COUNT_BIG(*) FROM quiesce.dbo.t" | Select-Object -First 1).Trim()
     }
     'frozen' {
         Get-WinEvent -FilterHashtable @{ LogName = 'Application'; Id = 3197, 3198 } -MaxEvents 10 |
@@ -51,6 +62,8 @@ switch ($Action) {
     }
     'check' {
         Sql "IF DB_ID('quiesce') IS NULL CREATE DATABASE quiesce ON (FILENAME='$Dir\quiesce.mdf'), (FILENAME='$Dir\quiesce.ldf') FOR ATTACH"
+        # A restored guest may have started SQL Server before its data disk had its letter.
+        Sql "IF DATABASEPROPERTYEX('quiesce', 'Status') <> 'ONLINE' ALTER DATABASE quiesce SET ONLINE"
         Sql "DBCC CHECKDB('quiesce') WITH NO_INFOMSGS"
         'consistent'
     }
