@@ -33,7 +33,7 @@ pub enum ImageSpec {
     /// A guest image recipe under guest-images/ (`image = "linux"`).
     Recipe(String),
     /// An image of the user's own (`image = { path = ..., format = ..., os = ... }`).
-    Own(OwnImage),
+    Own(Box<OwnImage>),
 }
 
 /// An image the user brings, with qemu-ga in it.
@@ -79,7 +79,7 @@ impl ImageSpec {
     /// The image the user brings, if it is one.
     pub fn own(&self) -> Option<&OwnImage> {
         match self {
-            ImageSpec::Own(o) => Some(o),
+            ImageSpec::Own(o) => Some(o.as_ref()),
             ImageSpec::Recipe(_) => None,
         }
     }
@@ -112,7 +112,7 @@ impl<'de> Deserialize<'de> for ImageSpec {
                 Ok(ImageSpec::Recipe(v.to_owned()))
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<ImageSpec, A::Error> {
-                OwnImage::deserialize(de::value::MapAccessDeserializer::new(map)).map(ImageSpec::Own)
+                OwnImage::deserialize(de::value::MapAccessDeserializer::new(map)).map(|o| ImageSpec::Own(Box::new(o)))
             }
         }
         d.deserialize_any(V)
