@@ -138,3 +138,43 @@ pub async fn boot(opts: GuestOptions, progress: &mut dyn FnMut(&str)) -> Result<
     machine.wait_agent(crate::sys::deadline::BOOT_TO_AGENT).await?;
     Ok(TestGuest { machine, image, accel: verdict, boot_time: started.elapsed(), disks })
 }
+
+/// An image the user brings (a scenario's `image = { path, ... }`): the file, its format,
+/// and how it boots (its own bootloader, or the kernel given beside it).
+#[derive(Debug, Clone)]
+pub struct OwnBoot {
+    pub path: PathBuf,
+    pub format: DiskFormat,
+    pub boot: KernelBoot,
+}
+
+/// Boots a Linux image the user brought, as [`boot`] boots the recipe's: under a private
+/// qcow2 overlay (QEMU opens the image read-only, as the overlay's backing file, so it is
+/// never written), and waits for its agent. The accelerator is probed with the cached
+/// recipe's kernel, as everywhere.
+pub async fn boot_own(
+    opts: GuestOptions,
+    own: OwnBoot,
+    progress: &mut dyn FnMut(&str),
+) -> Result<TestGuest, GuestError> {
+    let probe = recipe::ensure("linux", false, progress)?;
+    progress("choosing the accelerator");
+    let verdict = accel_for(&probe, opts.accel)?;
+    let name = opts.name.clone();
+    let (cfg, disks) = machine_config(opts, verdict.accel, own.boot.clone(), &own.path, own.format)?;
+    progress(&format!("booting {name} from {} under {}", own.path.display(), verdict.accel.as_str().to_uppercase()));
+    let started = Instant::now();
+    let mut machine = Machine::launch(cfg).await?;
+    machine.wait_agent(crate::sys::deadline::BOOT_TO_AGENT).await?;
+    // What the backup and the restores know of the image: no recipe, no cache entry.
+    let image = GuestImage {
+        recipe: "own".into(),
+        key: String::new(),
+        dir: own.path.parent().map(Path::to_owned).unwrap_or_default(),
+        kernel: own.boot.kernel.clone(),
+        initrd: own.boot.initrd.clone(),
+        root: own.path.clone(),
+        cmdline: own.boot.append.clone(),
+    };
+    Ok(TestGuest { machine, image, accel: verdict, boot_time: started.elapsed(), disks })
+}

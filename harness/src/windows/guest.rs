@@ -9,7 +9,7 @@
 //! NEVER RUN AGAINST A LIVE WINDOWS GUEST. The scenario runner's use of it is driven in
 //! tests by a scripted agent over a real QEMU booting no OS (`scenario/run/windows_tests.rs`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::deadline;
@@ -108,17 +108,48 @@ fn guest_image(img: &BuiltImage) -> GuestImage {
 /// the extra disks follow) and waits until it is ready for VSS.
 pub async fn boot(opts: GuestOptions, progress: &mut dyn FnMut(&str)) -> Result<TestGuest, WindowsGuestError> {
     let img = image().ok_or(WindowsGuestError::NoImage)?;
+    let what = format!("Windows ({})", img.info.edition);
+    boot_disk(opts, &img.disk, DiskFormat::Qcow2, guest_image(&img), &what, progress).await
+}
+
+/// Boots a Windows image the user brought (a scenario's `image = { path, os = "windows" }`)
+/// as [`boot`] boots the built one: from its own bootloader, under a private overlay (the
+/// image is only ever the overlay's read-only backing file).
+pub async fn boot_own(
+    opts: GuestOptions,
+    disk: &Path,
+    format: DiskFormat,
+    progress: &mut dyn FnMut(&str),
+) -> Result<TestGuest, WindowsGuestError> {
+    let image = GuestImage {
+        recipe: "own".into(),
+        key: String::new(),
+        dir: disk.parent().map(Path::to_owned).unwrap_or_default(),
+        kernel: PathBuf::new(),
+        initrd: PathBuf::new(),
+        root: disk.to_owned(),
+        cmdline: String::new(),
+    };
+    boot_disk(opts, disk, format, image, &format!("Windows from {}", disk.display()), progress).await
+}
+
+async fn boot_disk(
+    opts: GuestOptions,
+    disk: &Path,
+    format: DiskFormat,
+    image: GuestImage,
+    what: &str,
+    progress: &mut dyn FnMut(&str),
+) -> Result<TestGuest, WindowsGuestError> {
     progress("choosing the accelerator");
     let verdict = accel(opts.accel, progress)?;
     let name = opts.name.clone();
     // The install's machine: q35 (MachineConfig's default), SeaBIOS (no kernel), at least the
     // install's CPU count, virtio-blk disks whose serials are their node names.
-    let (mut cfg, disks) =
-        testguest::machine_config(opts, verdict.accel, KernelBoot::firmware(), &img.disk, DiskFormat::Qcow2)?;
+    let (mut cfg, disks) = testguest::machine_config(opts, verdict.accel, KernelBoot::firmware(), disk, format)?;
     cfg.cpus = cfg.cpus.max(plan::CPUS);
     progress(&format!(
-        "booting Windows ({}) as {} under {}; ready when its agent answers and VSS is ready (deadline {} min)",
-        img.info.edition,
+        "booting {what} as {} under {}; ready when its agent answers and VSS is ready (deadline {} min)",
         name,
         verdict.accel.as_str().to_uppercase(),
         deadline::BOOT.as_secs() / 60
@@ -129,5 +160,5 @@ pub async fn boot(opts: GuestOptions, progress: &mut dyn FnMut(&str)) -> Result<
         machine.mark_failed("the Windows guest did not become ready");
         return Err(WindowsGuestError::NotReady { minutes: deadline::BOOT.as_secs() / 60, error });
     }
-    Ok(TestGuest::adopt(machine, guest_image(&img), verdict, started.elapsed(), disks))
+    Ok(TestGuest::adopt(machine, image, verdict, started.elapsed(), disks))
 }

@@ -4,6 +4,7 @@
 
 use std::ops::Range;
 
+use super::own::ImageSpec;
 use super::spec::*;
 
 pub(super) fn check(f: &ScenarioFile) -> Result<(), (Range<usize>, String)> {
@@ -24,6 +25,7 @@ pub(super) fn check(f: &ScenarioFile) -> Result<(), (Range<usize>, String)> {
         }
     }
     super::windows::check(f)?;
+    super::own::check(f)?;
     if let Some(d) = &backup.freeze_deadline_ms {
         // A Windows guest's VSS freeze may take far longer than its 10 s hold (see windows.rs).
         let max = super::windows::max_freeze_deadline_ms(f);
@@ -174,11 +176,10 @@ pub(super) fn check(f: &ScenarioFile) -> Result<(), (Range<usize>, String)> {
             return Err((vm.name.span(), format!("VM name {name:?} is used twice")));
         }
         vm_names.push(name.clone());
-        if !known.contains(&vm.image.get_ref().as_str()) {
-            return Err((
-                vm.image.span(),
-                format!("no guest image recipe {:?}; expected one of {known:?}", vm.image.get_ref()),
-            ));
+        if let ImageSpec::Recipe(recipe) = vm.image.get_ref() {
+            if !known.contains(&recipe.as_str()) {
+                return Err((vm.image.span(), format!("no guest image recipe {recipe:?}; expected one of {known:?}")));
+            }
         }
         let mem = *vm.memory_mib.get_ref();
         if !(128..=16384).contains(&mem) {
@@ -252,7 +253,8 @@ pub(super) fn check(f: &ScenarioFile) -> Result<(), (Range<usize>, String)> {
             }
         }
         if vm.agent == AgentState::Stopped {
-            let guest_side = vm.workload.counter || vm.workload.journal.is_some() || vm.workload.app.is_some();
+            let guest_side =
+                *vm.workload.counter.get_ref() || vm.workload.journal.is_some() || vm.workload.app.is_some();
             let guest_checks = f.restore.as_ref().is_some_and(|r| {
                 r.checks.get_ref().iter().any(|c| *c != Check::DisksMatchBackup && *c != Check::FsckClean)
             });

@@ -3,12 +3,14 @@
 //! impossible value, is reported as `file:line:column: what is wrong, what was expected`,
 //! before anything is booted.
 //!
-//! `spec` holds the file's types, `check` what serde cannot check, `bounds` what a file may
-//! hold before it is parsed, and this file reads a file and turns every mistake into a
+//! `spec` holds the file's types, `check` what serde cannot check, `own` the images users
+//! bring (their paths checked last, as that reads files), `bounds` what a file may hold
+//! before it is parsed, and this file reads a file and turns every mistake into a
 //! [`ScenarioError`] at its line and column.
 
 mod bounds;
 mod check;
+mod own;
 mod spec;
 #[cfg(test)]
 mod tests;
@@ -18,6 +20,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 pub use bounds::MAX_ITEMS;
+pub use own::{ImageSpec, OwnImage, OwnOs, Resolved};
 pub use spec::*;
 
 /// A mistake in a scenario file, at the line and column it was written (0:0 when the file
@@ -63,7 +66,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Scenario, ScenarioError> {
         return Err(at(None, format!("the scenario is larger than {MAX_FILE_BYTES} bytes; no scenario needs that")));
     }
     bounds::check(text).map_err(|(offset, message)| at(Some(offset..offset + 1), message))?;
-    let file: ScenarioFile = toml::from_str(text).map_err(|e| {
+    let mut file: ScenarioFile = toml::from_str(text).map_err(|e| {
         // toml has no words for some mistakes (a value missing at the end of the file).
         let message = match e.message() {
             "" => "the TOML is malformed here: a value, key or table was expected".to_owned(),
@@ -73,6 +76,9 @@ pub fn parse(path: &Path, text: &str) -> Result<Scenario, ScenarioError> {
     })?;
     let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     check::check(&file).map_err(|(span, msg)| at(Some(span), msg))?;
+    // Last, as it reads files: an own image's paths, against the scenario's folder.
+    let dir = path.parent().unwrap_or(Path::new(""));
+    own::resolve(&mut file, dir).map_err(|(span, msg)| at(Some(span), msg))?;
     Ok(Scenario { name, path: path.to_owned(), file })
 }
 

@@ -174,9 +174,9 @@ impl FaultKind {
 #[serde(deny_unknown_fields)]
 pub struct VmSpec {
     pub name: Spanned<String>,
-    /// A guest image recipe under guest-images/.
+    /// A guest image recipe under guest-images/, or an image the user brings (`own.rs`).
     #[serde(default = "default_image")]
-    pub image: Spanned<String>,
+    pub image: Spanned<super::own::ImageSpec>,
     #[serde(default = "default_memory")]
     pub memory_mib: Spanned<u32>,
     /// What the VM is doing when the backup begins.
@@ -192,8 +192,8 @@ pub struct VmSpec {
     pub disks: Vec<Spanned<DiskSpec>>,
 }
 
-fn default_image() -> Spanned<String> {
-    Spanned::new(0..0, "linux".to_owned())
+fn default_image() -> Spanned<super::own::ImageSpec> {
+    Spanned::new(0..0, super::own::ImageSpec::Recipe("linux".to_owned()))
 }
 
 fn default_memory() -> Spanned<u32> {
@@ -216,12 +216,13 @@ pub enum AgentState {
     Stopped,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WorkloadSpec {
-    /// A counter in guest RAM; a restored saved state continues it.
-    #[serde(default)]
-    pub counter: bool,
+    /// A counter in guest RAM; a restored saved state continues it. (Spanned, so that an
+    /// image that cannot run it refuses it at its line.)
+    #[serde(default = "no")]
+    pub counter: Spanned<bool>,
     /// The name of a data disk to append a sequence-number journal to, throughout.
     #[serde(default)]
     pub journal: Option<Spanned<String>>,
@@ -258,6 +259,16 @@ pub struct DiskSpec {
 
 fn yes() -> bool {
     true
+}
+
+fn no() -> Spanned<bool> {
+    Spanned::new(0..0, false)
+}
+
+impl Default for WorkloadSpec {
+    fn default() -> Self {
+        WorkloadSpec { counter: no(), journal: None, app: None }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]

@@ -15,9 +15,9 @@ use super::spec::*;
 pub const WINDOWS_IMAGE: &str = crate::image::windows::RECIPE;
 
 impl VmSpec {
-    /// Whether the VM runs the Windows test guest.
+    /// Whether the VM runs Windows: the Windows test guest, or an own image said to.
     pub fn is_windows(&self) -> bool {
-        self.image.get_ref() == WINDOWS_IMAGE
+        self.image.get_ref().is_windows()
     }
 }
 

@@ -541,7 +541,7 @@ fn made_seen(made: &[(Made, String)], changes: &[Change]) -> (bool, String) {
 
 /// Starts the VM's workloads again after a fresh boot.
 async fn restart_workloads(vm: &Vm, agent: &GuestAgent) -> Result<(), ExecError> {
-    if vm.spec.workload.counter {
+    if *vm.spec.workload.counter.get_ref() {
         workload::start_counter(agent).await?;
     }
     if let Some(path) = &vm.journal {

@@ -8,9 +8,9 @@ use super::ctx::{label, RunCtx, Vm, PROGRESS, ROOT_TOKEN};
 use super::error::{io, on, At, RunError};
 use crate::image::qemu_img;
 use crate::image::seed::{self, DiskSeed};
-use crate::qemu::{DiskConfig, Machine};
+use crate::qemu::{DiskConfig, KernelBoot, Machine};
 use crate::sys::deadline;
-use crate::testguest::{self, GuestOptions};
+use crate::testguest::{self, GuestOptions, OwnBoot};
 use crate::workload;
 
 /// Makes VM `spec`'s disks, boots it, mounts its data disks and starts its workloads.
@@ -39,10 +39,30 @@ pub(super) async fn prepare_vm(ctx: &mut RunCtx<'_>, spec: &VmSpec) -> Result<Vm
     gopts.artifacts_dir = ctx.opts.artifacts_dir.clone();
     gopts.disk_dir = Some(dir.clone());
     if spec.is_windows() {
-        let guest = crate::windows::guest::boot(gopts, ctx.progress).await.map_err(on(name, "booting Windows"))?;
+        let guest = match spec.image.get_ref().own() {
+            Some(own) => crate::windows::guest::boot_own(gopts, &own.resolved.path, own.disk_format(), ctx.progress)
+                .await
+                .map_err(on(name, "booting its own Windows image"))?,
+            None => crate::windows::guest::boot(gopts, ctx.progress).await.map_err(on(name, "booting Windows"))?,
+        };
         return super::windows::prepare(ctx, spec, guest, dir).await;
     }
-    let guest = testguest::boot(gopts, ctx.progress).await.map_err(on(name, "booting"))?;
+    let guest = match spec.image.get_ref().own() {
+        Some(own) => {
+            let boot = match &own.resolved.kernel {
+                Some((kernel, initrd)) => KernelBoot {
+                    kernel: kernel.clone(),
+                    initrd: initrd.clone(),
+                    append: own.append.as_ref().map(|a| a.get_ref().clone()).unwrap_or_default(),
+                },
+                // Its own bootloader: SeaBIOS boots the first disk.
+                None => KernelBoot::firmware(),
+            };
+            let own = OwnBoot { path: own.resolved.path.clone(), format: own.disk_format(), boot };
+            testguest::boot_own(gopts, own, ctx.progress).await.map_err(on(name, "booting its own image"))?
+        }
+        None => testguest::boot(gopts, ctx.progress).await.map_err(on(name, "booting"))?,
+    };
     let agent = guest.machine.agent().map_err(on(name, "the guest agent"))?;
     for d in &spec.disks {
         let d = d.get_ref();
@@ -51,7 +71,7 @@ pub(super) async fn prepare_vm(ctx: &mut RunCtx<'_>, spec: &VmSpec) -> Result<Vm
     }
     let boot_id = Some(workload::boot_id(agent).await.map_err(on(name, "reading boot_id"))?);
     let mut counter_before = None;
-    if spec.workload.counter {
+    if *spec.workload.counter.get_ref() {
         workload::start_counter(agent).await.map_err(on(name, "starting the counter"))?;
         let first = workload::wait_counter_above(agent, 0, PROGRESS).await.map_err(on(name, "reading the counter"))?;
         counter_before = Some(first);

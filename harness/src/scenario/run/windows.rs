@@ -35,7 +35,8 @@ use crate::workload::{self, JournalCheck};
 /// is built. (An `app` workload with no VSS writer in the image is skipped too, but only
 /// the booted guest can say so: see `windows_app.rs`.)
 pub fn skip_reason(s: &Scenario) -> Option<String> {
-    if !s.vms().any(|v| v.is_windows()) {
+    // A Windows image the user brings needs no built one.
+    if !s.vms().any(|v| v.is_windows() && v.image.get_ref().own().is_none()) {
         return None;
     }
     match crate::windows::guest::image() {
@@ -83,7 +84,7 @@ pub(super) async fn prepare(ctx: &RunCtx<'_>, spec: &VmSpec, guest: TestGuest, d
     assign_letters(spec, agent, name).await?;
     let boot_id = Some(win::boot_id(agent).await.map_err(on(name, "reading the boot id"))?);
     let mut counter_before = None;
-    if spec.workload.counter {
+    if *spec.workload.counter.get_ref() {
         win::start_counter(agent).await.map_err(on(name, "starting the counter"))?;
         counter_before =
             Some(win::wait_counter_above(agent, 0, PROGRESS).await.map_err(on(name, "reading the counter"))?);

@@ -90,7 +90,7 @@ pub(super) async fn boot_id(agent: &GuestAgent, at: impl Fn() -> At) -> Result<S
 
 /// Starts the VM's workloads again after a fresh boot.
 pub(super) async fn restart_workloads(vm: &Vm, agent: &GuestAgent, at: impl Fn() -> At) -> Result<(), RunError> {
-    if vm.spec.workload.counter {
+    if *vm.spec.workload.counter.get_ref() {
         win::start_counter(agent).await.map_err(|e| e.at(at()))?;
     }
     if let Some(path) = &vm.journal {
