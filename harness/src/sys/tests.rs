@@ -187,7 +187,10 @@ async fn dropped_blocking_work_has_stopped_its_tools_when_the_drop_returns() {
     let later = dir.path().join("later");
     let (lock2, later2) = (lock.clone(), later.clone());
     let work = blocking_tools(move || {
-        let held = Tool::new("flock", Duration::from_secs(300)).arg(&lock2).args(["sleep", "300"]).output();
+        // `-o`: only flock itself holds the lock, not its `sleep`, as qemu-img holds an
+        // image alone. Without it the lock would outlive the reaped leader until the
+        // SIGKILLed `sleep` finished exiting: a race under load, not the property tested.
+        let held = Tool::new("flock", Duration::from_secs(300)).arg("-o").arg(&lock2).args(["sleep", "300"]).output();
         // Abandoned: a further tool is refused rather than started.
         let next = Tool::new("touch", Duration::from_secs(5)).arg(&later2).output();
         (held.is_err(), next.is_err())
