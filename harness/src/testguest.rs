@@ -135,7 +135,7 @@ pub async fn boot(opts: GuestOptions, progress: &mut dyn FnMut(&str)) -> Result<
     progress(&format!("booting {name} under {}", verdict.accel.as_str().to_uppercase()));
     let started = Instant::now();
     let mut machine = Machine::launch(cfg).await?;
-    machine.wait_agent(crate::sys::deadline::BOOT_TO_AGENT).await?;
+    machine.wait_agent(crate::sys::deadline::boot_to_agent()).await?;
     Ok(TestGuest { machine, image, accel: verdict, boot_time: started.elapsed(), disks })
 }
 
@@ -165,7 +165,7 @@ pub async fn boot_own(
     progress(&format!("booting {name} from {} under {}", own.path.display(), verdict.accel.as_str().to_uppercase()));
     let started = Instant::now();
     let mut machine = Machine::launch(cfg).await?;
-    machine.wait_agent(crate::sys::deadline::BOOT_TO_AGENT).await?;
+    machine.wait_agent(crate::sys::deadline::boot_to_agent()).await?;
     // What the backup and the restores know of the image: no recipe, no cache entry.
     let image = GuestImage {
         recipe: "own".into(),

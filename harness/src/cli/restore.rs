@@ -106,7 +106,7 @@ pub async fn run(args: RestoreArgs) -> CliResult {
         // The guest runs now: booted afresh, or resumed from its saved state.
         restore::resume(&restored.machine).await?;
         if vb.method == Method::ChildSnapshot || args.check.contains(&CheckArg::Guest) {
-            if let Err(e) = restored.machine.wait_agent(deadline::BOOT_TO_AGENT).await {
+            if let Err(e) = restored.machine.wait_agent(deadline::boot_to_agent()).await {
                 // Its serial log and transcript are kept when the machine is dropped.
                 restored.machine.mark_failed("the restored guest's agent did not answer");
                 return Err(e.into());

@@ -65,6 +65,35 @@ pub const CONDITION_AGENT_COMMAND: Duration = Duration::from_secs(3);
 /// backup): about 5 s under TCG; this leaves room for a loaded CI machine.
 pub const BOOT_TO_AGENT: Duration = Duration::from_secs(90);
 
+/// [`BOOT_TO_AGENT`] for a boot starting now, scaled by [`under_load`]: the guests a set
+/// has already booted run their workloads while the next one boots, and under TCG each
+/// takes a core's share. A fixed 90 s fired on the 5th to 8th VM of a set at a load of 25
+/// on 2 cores (`quiesce-bench set-load`) while the guest was only slow, not stuck.
+pub fn boot_to_agent() -> Duration {
+    under_load(BOOT_TO_AGENT)
+}
+
+/// The most a deadline is stretched by the host's load: past this the host is not loaded
+/// but overcommitted, and the wait should fire and say so.
+pub const MAX_LOAD_FACTOR: f64 = 8.0;
+
+/// `base` stretched by the host's 1-minute load average per core (`/proc/loadavg`), never
+/// shortened, at most [`MAX_LOAD_FACTOR`] times: a wait for work that needs CPU time takes
+/// longer in wall time when more runnable threads share the cores.
+pub fn under_load(base: Duration) -> Duration {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|l| l.parse::<f64>().ok()));
+    scaled(base, load.unwrap_or(0.0), cores)
+}
+
+/// The arithmetic of [`under_load`]: `base` times the load per core, within 1..=[`MAX_LOAD_FACTOR`].
+pub fn scaled(base: Duration, load: f64, cores: usize) -> Duration {
+    let per_core = if load.is_finite() { load / cores.max(1) as f64 } else { 0.0 };
+    base.mul_f64(per_core.clamp(1.0, MAX_LOAD_FACTOR))
+}
+
 /// A guest's agent answering again once its VM runs on (resumed from a saved state, or
 /// thawed and merged): the agent was never stopped, only the VM, so a few seconds.
 pub const AGENT_AFTER_RESUME: Duration = Duration::from_secs(30);
@@ -160,3 +189,19 @@ pub const BLOCK_MERGE: Duration = Duration::from_secs(300);
 /// A VM's state migrated to or from a file (Saved State, and its restore): RAM at the
 /// disk's speed, seconds for scenario guests.
 pub const STATE_FILE_MIGRATION: Duration = Duration::from_secs(300);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_loaded_host_stretches_a_deadline_and_an_idle_one_never_shortens_it() {
+        let base = Duration::from_secs(90);
+        assert_eq!(scaled(base, 0.3, 2), base, "an idle host keeps the base");
+        assert_eq!(scaled(base, 6.0, 2), Duration::from_secs(270), "load 6 on 2 cores: 3x");
+        assert_eq!(scaled(base, 25.0, 2), base.mul_f64(MAX_LOAD_FACTOR), "capped");
+        assert_eq!(scaled(base, f64::NAN, 2), base, "an unreadable load keeps the base");
+        assert_eq!(scaled(base, 4.0, 0), base.mul_f64(4.0), "no core count reads as one");
+        assert!(boot_to_agent() >= BOOT_TO_AGENT);
+    }
+}

@@ -199,7 +199,7 @@ async fn start(
 async fn boot_until_agent(m: &mut Machine, vm: &str, opts: &RestoreOptions, tl: &Timeline) -> Result<(), RestoreError> {
     tl.step(Some(&opts.name), "boot until the agent answers", async {
         resume(m).await?;
-        m.wait_agent(deadline::BOOT_TO_AGENT).await.map_err(|error| RestoreError::Machine {
+        m.wait_agent(deadline::boot_to_agent()).await.map_err(|error| RestoreError::Machine {
             vm: vm.to_owned(),
             step: "boot".into(),
             error,

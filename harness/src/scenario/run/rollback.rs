@@ -384,7 +384,7 @@ async fn run_restored(
         Method::ChildSnapshot => {
             tl.step(Some(who), "boot", async {
                 restore::resume(m).await?;
-                m.wait_agent(deadline::BOOT_TO_AGENT).await.map_err(|error| RestoreError::Machine {
+                m.wait_agent(deadline::boot_to_agent()).await.map_err(|error| RestoreError::Machine {
                     vm: who.to_owned(),
                     step: "boot".into(),
                     error,

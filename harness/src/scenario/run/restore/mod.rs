@@ -245,34 +245,33 @@ impl Restoring<'_> {
         let name = self.name();
         let m = &mut restored.machine;
         let rname = m.name().to_owned();
-        let state_after_restore =
-            match self.vb.method {
-                Method::SavedState if self.vm.spec.state == super::super::format::VmState::Running => {
-                    ctx.tl.step(Some(&rname), "resume", restore::resume(m)).await.map_err(on(&rname, "resume"))?;
-                    runstate::query(m).await.map_err(on(&rname, "query-status"))?.label().to_owned()
-                }
-                Method::SavedState => {
-                    let label = runstate::query(m).await.map_err(on(&rname, "query-status"))?.label().to_owned();
-                    restore::resume(m).await.map_err(on(&rname, "resume for checks"))?;
-                    label
-                }
-                Method::ChildSnapshot if self.vm.spec.is_windows() => {
-                    ctx.tl.step(Some(&rname), "boot", super::windows::boot_restored(m)).await?;
-                    "booted".to_owned()
-                }
-                Method::ChildSnapshot => {
-                    ctx.tl
-                        .step(Some(&rname), "boot", async {
-                            restore::resume(m).await?;
-                            m.wait_agent(crate::sys::deadline::BOOT_TO_AGENT).await.map_err(|error| {
-                                RestoreError::Machine { vm: name.to_owned(), step: "boot".into(), error }
-                            })
-                        })
-                        .await
-                        .map_err(on(&rname, "booting the restored VM"))?;
-                    "booted".to_owned()
-                }
-            };
+        let state_after_restore = match self.vb.method {
+            Method::SavedState if self.vm.spec.state == super::super::format::VmState::Running => {
+                ctx.tl.step(Some(&rname), "resume", restore::resume(m)).await.map_err(on(&rname, "resume"))?;
+                runstate::query(m).await.map_err(on(&rname, "query-status"))?.label().to_owned()
+            }
+            Method::SavedState => {
+                let label = runstate::query(m).await.map_err(on(&rname, "query-status"))?.label().to_owned();
+                restore::resume(m).await.map_err(on(&rname, "resume for checks"))?;
+                label
+            }
+            Method::ChildSnapshot if self.vm.spec.is_windows() => {
+                ctx.tl.step(Some(&rname), "boot", super::windows::boot_restored(m)).await?;
+                "booted".to_owned()
+            }
+            Method::ChildSnapshot => {
+                ctx.tl
+                    .step(Some(&rname), "boot", async {
+                        restore::resume(m).await?;
+                        m.wait_agent(crate::sys::deadline::boot_to_agent())
+                            .await
+                            .map_err(|error| RestoreError::Machine { vm: name.to_owned(), step: "boot".into(), error })
+                    })
+                    .await
+                    .map_err(on(&rname, "booting the restored VM"))?;
+                "booted".to_owned()
+            }
+        };
         let want = match self.vb.method {
             Method::SavedState => label(self.vm.spec.state),
             Method::ChildSnapshot => "booted",

@@ -198,7 +198,7 @@ pub(super) async fn boot_disks_alone(ctx: &mut RunCtx<'_>, r: &Restoring<'_>) ->
     let booted =
         restore::boot(r.backup, name, &ro, ctx.tl).await.map_err(on(name, "booting the backup's disks alone"))?;
     let agent = booted.machine.agent().map_err(on(&ro.name, "the guest agent"))?;
-    agent.wait_ready(deadline::BOOT_TO_AGENT).await.map_err(on(&ro.name, "waiting for the guest agent"))?;
+    agent.wait_ready(deadline::boot_to_agent()).await.map_err(on(&ro.name, "waiting for the guest agent"))?;
     auto_recoverable(ctx, r, agent, &ro.name).await
 }
 
