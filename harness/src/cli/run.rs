@@ -64,10 +64,12 @@ pub async fn run(
     // SIGINT and SIGTERM fire the run's interruption: a backup under way puts every VM back
     // (thawed, resumed, overlays merged) before the run stops.
     let (interrupt, signals) = super::interrupt_on_signals();
-    let jobs = jobs.unwrap_or_else(|| super::jobs::jobs_for(&scenarios)).max(1);
     let of = scenarios.len();
-    if jobs > 1 && of > 1 {
-        eprintln!("quiesce: {of} scenario(s), {} at a time (-j)", jobs.min(of));
+    // Never more workers than scenarios: a single scenario keeps the step-by-step progress
+    // of `-j 1`, which only makes sense while one scenario runs.
+    let jobs = jobs.unwrap_or_else(|| super::jobs::jobs_for(&scenarios)).clamp(1, of.max(1));
+    if jobs > 1 {
+        eprintln!("quiesce: {of} scenario(s), {jobs} at a time (-j)");
     }
     let scenarios = std::sync::Arc::new(scenarios);
     let options: std::sync::Arc<super::jobs::OptionsFor> = {
