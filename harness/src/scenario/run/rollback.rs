@@ -21,17 +21,16 @@ use super::faults::member;
 use super::windows_rollback;
 use crate::backup::set;
 use crate::backup::{runstate, Backup, Method, VmBackup};
-use crate::image::manifest::{self, Change, Manifest};
+use crate::image::manifest::{self, Manifest};
 use crate::qemu::exec::{self, ExecError};
 use crate::qemu::{DiskFormat, GuestAgent, Machine};
 use crate::sys::{deadline, shell_quote};
 use crate::timeline::Timeline;
-use crate::verify::blockcmp::BlockComparison;
 use crate::verify::{restore, RestoreError, RestoreOptions};
 use crate::workload;
+use verdicts::{blocks_text, changes_text, made_seen, Made};
 
-/// Differences listed in a check's detail before the rest are only counted.
-const MAX_LINES: usize = 20;
+mod verdicts;
 
 /// One cycle: its number (from 1), and what every step of it reports against.
 struct Cycle<'a> {
@@ -63,14 +62,6 @@ struct Point {
     backup: Backup,
     vb: VmBackup,
     files: Manifest,
-}
-
-/// A change the cycle makes to the data, as the manifest comparison must show it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Made {
-    Added,
-    Changed,
-    Removed,
 }
 
 /// Runs the scenario's rollback cycles on its one VM.
@@ -250,31 +241,6 @@ async fn mutate_linux(
     );
     let step = "changing the data in the guest";
     exec::sh(agent, &script, deadline::GUEST_EXEC).await.map_err(c.fail(step)).map(drop)
-}
-
-/// The differences as `quiesce diff` prints them, the first few of them.
-fn changes_text(changes: &[Change]) -> String {
-    if changes.is_empty() {
-        return "no differences".into();
-    }
-    let mut lines: Vec<String> = changes.iter().take(MAX_LINES).map(|c| c.to_string()).collect();
-    if changes.len() > MAX_LINES {
-        lines.push(format!("... and {} more", changes.len() - MAX_LINES));
-    }
-    lines.join("; ")
-}
-
-/// Whether all restored disks are identical to the backup's, and a detail naming every
-/// difference's offset.
-fn blocks_text(results: &[(String, BlockComparison)]) -> (bool, String) {
-    let differ: Vec<String> =
-        results.iter().filter(|(_, r)| !r.identical).map(|(disk, r)| format!("disk {disk}: {r}")).collect();
-    if differ.is_empty() {
-        let names: Vec<&str> = results.iter().map(|(d, _)| d.as_str()).collect();
-        (true, format!("{} identical to the backup", names.join(", ")))
-    } else {
-        (false, differ.join("; "))
-    }
 }
 
 /// Mounts the VM's data disks after a fresh boot, as the scenario's VM had them (a Windows
@@ -511,32 +477,6 @@ async fn in_place(
         restore_ms: restored.restore_ms,
     });
     Ok(())
-}
-
-/// Whether every change the cycle made shows among the differences between the backup
-/// point and the changed disk (and there are some), and a detail naming what was not seen.
-fn made_seen(made: &[(Made, String)], changes: &[Change]) -> (bool, String) {
-    let missing: Vec<String> = made
-        .iter()
-        .filter(|(how, path)| {
-            !changes.iter().any(|ch| {
-                ch.path() == Some(path.as_str())
-                    && matches!(
-                        (how, ch),
-                        (Made::Added, Change::Added { .. })
-                            | (Made::Changed, Change::Changed { .. })
-                            | (Made::Removed, Change::Removed { .. })
-                    )
-            })
-        })
-        .map(|(how, path)| format!("{how:?} {path}").to_lowercase())
-        .collect();
-    let detail = if missing.is_empty() {
-        changes_text(changes)
-    } else {
-        format!("not seen on the disk: {}; the differences: {}", missing.join(", "), changes_text(changes))
-    };
-    (!changes.is_empty() && missing.is_empty(), detail)
 }
 
 /// Starts the VM's workloads again after a fresh boot.
