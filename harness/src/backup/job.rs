@@ -17,7 +17,7 @@ use super::runstate;
 use super::saved_state::{self, SaveSettings};
 use super::BackupError;
 use crate::qemu::caps::Capabilities;
-use crate::qemu::Machine;
+use crate::qemu::{Machine, MachineConfig};
 use crate::sys::deadline;
 use crate::timeline::Timeline;
 
@@ -98,17 +98,23 @@ pub fn migration_blockers(info: &MigrationInfo) -> Vec<String> {
 /// The machine configuration a restore needs, with kernel and initrd copied into `dir/boot`
 /// so the backup restores without the image cache that booted the VM.
 pub fn machine_spec(m: &Machine, dir: &Path) -> Result<MachineSpec, BackupError> {
-    let cfg = m.config();
-    let boot = dir.join("boot");
-    std::fs::create_dir_all(&boot).map_err(|e| BackupError::io(m.name(), "create the boot folder", e))?;
-    // A firmware boot (a Windows guest) boots its own disk: there is nothing to copy.
-    let files = if cfg.boot.is_firmware() {
-        vec![]
-    } else {
-        vec![(&cfg.boot.kernel, "vmlinuz"), (&cfg.boot.initrd, "initrd.img")]
-    };
-    for (from, to) in files {
-        std::fs::copy(from, boot.join(to)).map_err(|e| BackupError::io(m.name(), "copy the kernel and initrd", e))?;
+    machine_spec_of(m.name(), m.config(), dir)
+}
+
+/// [`machine_spec`] from a configuration alone (a libvirt domain's, read from its XML). A
+/// firmware boot (a Windows guest) boots its own disk: there is nothing to copy. A kernel
+/// boot without an initrd copies the kernel alone.
+pub fn machine_spec_of(vm: &str, cfg: &MachineConfig, dir: &Path) -> Result<MachineSpec, BackupError> {
+    let firmware = cfg.boot.is_firmware();
+    let has_initrd = !cfg.boot.initrd.as_os_str().is_empty();
+    if !firmware {
+        let boot = dir.join("boot");
+        std::fs::create_dir_all(&boot).map_err(|e| BackupError::io(vm, "create the boot folder", e))?;
+        for (from, to) in [(&cfg.boot.kernel, "vmlinuz"), (&cfg.boot.initrd, "initrd.img")] {
+            if !from.as_os_str().is_empty() {
+                std::fs::copy(from, boot.join(to)).map_err(|e| BackupError::io(vm, "copy the kernel and initrd", e))?;
+            }
+        }
     }
     Ok(MachineSpec {
         machine_type: cfg.machine_type.clone(),
@@ -116,8 +122,8 @@ pub fn machine_spec(m: &Machine, dir: &Path) -> Result<MachineSpec, BackupError>
         memory_mib: cfg.memory_mib,
         cpus: cfg.cpus,
         agent: cfg.agent,
-        kernel: if cfg.boot.is_firmware() { "".into() } else { "boot/vmlinuz".into() },
-        initrd: if cfg.boot.is_firmware() { "".into() } else { "boot/initrd.img".into() },
+        kernel: if firmware { "".into() } else { "boot/vmlinuz".into() },
+        initrd: if firmware || !has_initrd { "".into() } else { "boot/initrd.img".into() },
         append: cfg.boot.append.clone(),
         disk_order: cfg.disks.iter().map(|d| d.node_name.clone()).collect(),
     })

@@ -56,7 +56,7 @@ use self::domain::{Domain, DomainDisk, DomainXmlError};
 use self::virsh::{Virsh, VirshError};
 use super::conditions::{self, Condition, Finding, Verdict};
 use super::job::MethodChoice;
-use super::manifest::{DiskEntry, MachineSpec, Method, Timings, VmBackup};
+use super::manifest::{DiskEntry, Method, Timings, VmBackup};
 use super::{BackupError, BackupWriter, Faults};
 use crate::interrupt::Interrupt;
 use crate::qemu::{DiskConfig, MachineConfig};
@@ -186,7 +186,7 @@ async fn backup(
     let version = qemu_version(&virsh).await;
     let mut writer = BackupWriter::create(out, &version).map_err(BackupError::from)?;
     let dir = writer.vm_dir(&vm).map_err(BackupError::from)?;
-    let machine = machine_spec(&vm, &cfg, &dir)?;
+    let machine = super::job::machine_spec_of(&vm, &cfg, &dir)?;
     // From here the domain may be changed: every path below goes through the put-back.
     let started = Instant::now();
     let snap = tl.step(Some(&vm), "snapshot with the freeze (libvirt)", snapshot(&virsh, name, &dom, &overlays)).await;
@@ -265,32 +265,6 @@ fn machine_config(vm: &str, dom: &Domain) -> MachineConfig {
         .map(|d| DiskConfig { node_name: d.target.clone(), path: d.path.clone(), format: d.format, read_only: false })
         .collect();
     cfg
-}
-
-/// The machine spec of the backup, with the kernel and initrd copied into `dir/boot`.
-fn machine_spec(vm: &str, cfg: &MachineConfig, dir: &Path) -> Result<MachineSpec, BackupError> {
-    let firmware = cfg.boot.is_firmware();
-    if !firmware {
-        let boot = dir.join("boot");
-        std::fs::create_dir_all(&boot).map_err(|e| BackupError::io(vm, "create the boot folder", e))?;
-        for (from, to) in [(&cfg.boot.kernel, "vmlinuz"), (&cfg.boot.initrd, "initrd.img")] {
-            if !from.as_os_str().is_empty() {
-                std::fs::copy(from, boot.join(to)).map_err(|e| BackupError::io(vm, "copy the kernel and initrd", e))?;
-            }
-        }
-    }
-    let has_initrd = !cfg.boot.initrd.as_os_str().is_empty();
-    Ok(MachineSpec {
-        machine_type: cfg.machine_type.clone(),
-        accel: cfg.accel,
-        memory_mib: cfg.memory_mib,
-        cpus: cfg.cpus,
-        agent: cfg.agent,
-        kernel: if firmware { "".into() } else { "boot/vmlinuz".into() },
-        initrd: if firmware || !has_initrd { "".into() } else { "boot/initrd.img".into() },
-        append: cfg.boot.append.clone(),
-        disk_order: cfg.disks.iter().map(|d| d.node_name.clone()).collect(),
-    })
 }
 
 /// QEMU's version as libvirt reports it (`Running hypervisor: QEMU 10.0.2`), for the
