@@ -39,6 +39,9 @@ fn kill_when_held(qmp: &Path, state: &Path, args: &[String], hold: &str, out: &P
         .args(args)
         .arg(out)
         .env("QUIESCE_STATE_DIR", state)
+        // Its run folder (transcript; Saved State's overlays), which SIGKILL leaves, goes
+        // in the test's folder, removed with it.
+        .env("TMPDIR", state)
         .env("QUIESCE_TEST_HOLD_AT", hold)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -82,6 +85,7 @@ fn backup(qmp: &Path, state: &Path, args: &[String], out: &Path) -> quiesce::sys
         .args(args)
         .arg(out)
         .env("QUIESCE_STATE_DIR", state)
+        .env("TMPDIR", state)
         .output()
         .unwrap();
     eprintln!("{}\n{}", o.stdout_text(), o.stderr);
