@@ -38,6 +38,7 @@ mod report;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use quiesce::backup::conditions::Outcome as Condition;
 use quiesce::qemu::accel::AccelChoice;
 use quiesce::scenario::{self, Report as RunReport, RunOptions};
 use quiesce::timeline::{Outcome, Step};
@@ -140,7 +141,16 @@ pub struct CountRun {
 pub enum CountResult {
     /// The run ended; `measured` is read from its timeline, `failed_checks` names every
     /// check that did not pass, `error` what stopped the run (a deadline names its wait).
-    Ran { measured: Measured, failed_checks: Vec<String>, error: Option<String>, booted: usize, lost: u64 },
+    /// `fell_back` names each VM planned for Child VM Snapshot that went by Saved State
+    /// instead, with the condition that failed (under load, an agent too slow to answer).
+    Ran {
+        measured: Box<Measured>,
+        failed_checks: Vec<String>,
+        error: Option<String>,
+        booted: usize,
+        lost: u64,
+        fell_back: Vec<String>,
+    },
     /// The run's own deadline fired while it was in `step`.
     TimedOut { after: Duration, step: String },
 }
@@ -243,12 +253,29 @@ fn judge(r: &RunReport) -> CountResult {
     let failed_checks = r.checks.iter().filter(|c| !c.passed).map(|c| format!("{} {}: {}", c.vm, c.check, c.detail));
     let lost = r.vms.iter().filter_map(|v| v.journal.as_ref()).map(|j| j.lost).sum();
     CountResult::Ran {
-        measured: measure(&r.steps),
+        fell_back: fell_back(r),
+        measured: Box::new(measure(&r.steps)),
         failed_checks: failed_checks.collect(),
         error: r.error.clone(),
         booted: r.steps.iter().filter(|s| s.name == "boot and prepare" && s.outcome == Outcome::Ok).count(),
         lost,
     }
+}
+
+/// The VMs planned for Child VM Snapshot whose conditions failed, each with the first
+/// failed condition and its reason, so a run under load says why it measured fewer freeze
+/// windows than planned.
+fn fell_back(r: &RunReport) -> Vec<String> {
+    r.vms
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !saved_state(i + 1))
+        .filter_map(|(_, v)| {
+            let (name, _) = v.conditions.iter().find(|(_, o)| *o == Condition::Failed)?;
+            let why = v.method_reason.as_deref().unwrap_or("no reason recorded");
+            Some(format!("{}: {name} failed ({why})", v.name))
+        })
+        .collect()
 }
 
 /// The 1-minute load average now (0 when it cannot be read).

@@ -118,7 +118,7 @@ pub fn render(accel: &str, qemu: &str, memory_mib: u32, runs: &[CountRun]) -> St
             let _ = write!(s, "second attempt (the first stopped before the job: {why}); ");
         }
         match &r.result {
-            CountResult::Ran { measured: m, failed_checks, error, booted, .. } => {
+            CountResult::Ran { measured: m, failed_checks, error, booted, fell_back, .. } => {
                 let _ = writeln!(
                     s,
                     "{booted} of {} booted; {} freeze windows and {} downtimes measured; {}",
@@ -131,6 +131,9 @@ pub fn render(accel: &str, qemu: &str, memory_mib: u32, runs: &[CountRun]) -> St
                         format!("{} checks failed", failed_checks.len())
                     }
                 );
+                for f in fell_back {
+                    let _ = writeln!(s, "  fell back to Saved State: {f}");
+                }
                 if let Some(e) = error {
                     let _ = writeln!(s, "  stopped by: {}", e.replace('\n', "\n    "));
                 }

@@ -19,6 +19,8 @@ mod windows;
 mod windows_app;
 #[cfg(test)]
 mod windows_app_tests;
+#[cfg(test)]
+mod windows_peer;
 mod windows_rollback;
 #[cfg(test)]
 mod windows_rollback_tests;

@@ -11,7 +11,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use super::windows_tests::{passed, run_with_peer, windows_scenario, Peer};
+use super::windows_peer::{passed, run_with_peer, windows_scenario, Peer};
 use crate::scenario;
 
 fn sql_peer() -> Peer {

@@ -16,7 +16,7 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 
-use super::windows_tests::{passed, run_with_peer, windows_scenario, GuestWrite, Peer};
+use super::windows_peer::{passed, run_with_peer, windows_scenario, GuestWrite, Peer};
 use crate::qemu::stand_in::PowerOff;
 use crate::qemu::{DiskFormat, MachineConfig};
 use crate::scenario;

@@ -10,7 +10,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use super::windows_tests::{passed, run_with_peer_but, windows_scenario, Peer};
+use super::windows_peer::{passed, run_with_peer_but, windows_scenario, Peer};
 use crate::qemu::stand_in::HOLD_LIMIT;
 use crate::scenario::{self, Report};
 
