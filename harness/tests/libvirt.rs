@@ -246,6 +246,7 @@ async fn a_libvirt_domain_is_backed_up_through_libvirt_and_left_as_it_was() {
     // The Saved State backup restores through libvirt, beside the domain itself, and passes
     // blocks, files and guest; so does the disk-only one, into quiesce's own QEMU.
     restore_passes(&out.path().join("saved-state"), &["--connect", lv.uri()]);
+    restored_on_its_own_overlays(&lv, &out.path().join("saved-state"), &before);
     restore_passes(&out.path().join("auto"), &[]);
     let left = lv.virsh(&["list", "--all", "--name"], T).await.unwrap();
     assert_eq!(left.split_whitespace().collect::<Vec<_>>(), [name.as_str()], "the restore left a domain");
@@ -255,6 +256,47 @@ async fn a_libvirt_domain_is_backed_up_through_libvirt_and_left_as_it_was() {
     lv.destroy(&name).await.unwrap();
     let problems = tokio::task::spawn_blocking(move || lv.stop()).await.unwrap();
     assert!(problems.is_empty(), "libvirt clean-up: {problems:?}");
+}
+
+/// A Saved State restore kept running (`--keep-running`) runs on overlays of its own (not
+/// the original domain's images, which the saved XML names), and Ctrl-C destroys it.
+fn restored_on_its_own_overlays(lv: &Libvirt, backup: &Path, original: &(String, String)) {
+    let mut child = Spawn::new(quiesce())
+        .arg("restore")
+        .arg(backup)
+        .args(["--connect", lv.uri(), "--keep-running"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.take_stdout().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let start = Instant::now();
+    let name = loop {
+        let left = BACKUP.saturating_sub(start.elapsed());
+        let line = rx.recv_timeout(left).expect("quiesce restore --keep-running says the domain runs");
+        eprintln!("{line}");
+        if let Some(rest) = line.strip_prefix("libvirt domain ") {
+            break rest.split_whitespace().next().unwrap().to_owned();
+        }
+    };
+    let rt = tokio::runtime::Handle::current();
+    let disks = tokio::task::block_in_place(|| rt.block_on(lv.virsh(&["domblklist", &name, "--details"], T))).unwrap();
+    child.signal_group(nix::sys::signal::Signal::SIGINT);
+    let status = child.wait_timeout(BACKUP).expect("quiesce restore ends after SIGINT");
+    assert!(status.success(), "quiesce restore --keep-running after Ctrl-C: {status:?}");
+    let src = disks.split_whitespace().last().unwrap_or("").to_owned();
+    assert!(src.contains("-restore-libvirt-") && src.ends_with("/vda.qcow2"), "the restored domain runs on {disks}");
+    assert!(!original.1.contains(&src), "the restored domain runs on the original's image: {disks}");
+    let left = tokio::task::block_in_place(|| rt.block_on(lv.virsh(&["list", "--all", "--name"], T))).unwrap();
+    assert!(!left.contains(&name), "the restored domain {name} was left after Ctrl-C: {left}");
 }
 
 /// Sets and clears the immutable attribute of a folder (even root cannot create a file in
