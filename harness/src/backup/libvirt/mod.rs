@@ -44,11 +44,12 @@
 //! The domain is left as it was on every path: after the snapshot, the put-back reads the
 //! live XML (not what was asked: a virsh past its deadline may have left libvirt to finish
 //! alone) and commits each disk still on its overlay; after a failure the agent is thawed
-//! (`virsh domfsthaw`, harmless on a thawed guest). SIGINT is acted on between steps: the
-//! step under way (a libvirt call, or the copy of the disks) finishes (virsh and qemu-img
-//! run in process groups of their own, so a Ctrl-C at the terminal does not cut them
-//! half-way), then the domain is put back. quiesce never destroys, undefines or
-//! reconfigures the domain, and saves it only by the checkpoint that leaves it running.
+//! (`virsh domfsthaw`, harmless on a thawed guest). SIGINT is acted on between libvirt
+//! calls: a snapshot or commit under way finishes (virsh runs in a process group of its
+//! own, so a Ctrl-C at the terminal does not cut it half-way; libvirt would finish it alone
+//! anyway), a copy of the disks is stopped (its qemu-img killed), then every domain is put
+//! back. quiesce never destroys, undefines or reconfigures the domain, and saves it only
+//! by the checkpoint that leaves it running (or paused, if it was).
 //!
 //! The measurements (README): a virsh call costs 77-134 ms here (a process and a
 //! connection), QMP on a socket under 1 ms; `qemu-monitor-command` taints the domain
