@@ -12,6 +12,8 @@
 #   the JUnit schema check, and Chromium for the HTML report's browser test (on Ubuntu,
 #   whose chromium is a snap, only where no Chromium or Chrome is on PATH already: GitHub's
 #   runners have Chrome).
+# - syslinux (its mtools installer and MBR code) for the own-image test's bootable disk
+#   (harness/tests/own_image.rs), made without root or a mount; it skips, saying so, without.
 # - libvirt's daemon and virsh, for `quiesce backup --libvirt` and its test (harness/tests/
 #   libvirt.rs, which starts libvirtd itself when none runs) and the benchmarks' libvirt
 #   comparisons. Without recommends: they would pull in the distribution's other QEMUs.
@@ -33,6 +35,8 @@ fi
 TOOLS="cpio e2fsprogs dosfstools ntfs-3g xz-utils kmod gzip ca-certificates gcc libc6-dev shellcheck python3-venv"
 # The Windows image tools, and xmllint (the JUnit file against its schema).
 TOOLS="$TOOLS xorriso mtools wimtools msitools p7zip-full libxml2-utils"
+# A disk that boots by its own bootloader, made unprivileged (syslinux --install uses mtools).
+TOOLS="$TOOLS syslinux syslinux-common"
 QEMU_PKGS="qemu-system-x86 qemu-utils qemu-guest-agent"
 
 export DEBIAN_FRONTEND=noninteractive
@@ -81,7 +85,7 @@ else
 fi
 say "installing libvirt (daemon and virsh)"
 apt-get install -y -q --no-install-recommends libvirt-daemon-system libvirt-clients >/dev/null
-say "installing host tools (guest image recipe, disk seeding, Windows image tools, xmllint${BROWSER:+, $BROWSER})"
+say "installing host tools (guest image recipe, disk seeding, Windows image tools, syslinux, xmllint${BROWSER:+, $BROWSER})"
 # shellcheck disable=SC2086
 apt-get install -y -q $TOOLS $BROWSER ${QUIESCE_SETUP_EXTRA:-} >/dev/null
 

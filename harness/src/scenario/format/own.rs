@@ -55,6 +55,10 @@ pub struct OwnImage {
     /// ...and its command line (e.g. "root=/dev/vda console=ttyS0").
     #[serde(default)]
     pub append: Option<Spanned<String>>,
+    /// The firmware that boots it: "bios" (SeaBIOS, the default); "uefi" is refused at its
+    /// line, with why, until a backup carries the firmware's variable store.
+    #[serde(default)]
+    pub firmware: Option<Spanned<OwnFirmware>>,
     /// The paths above, resolved and checked when the scenario is loaded.
     #[serde(skip)]
     pub resolved: Resolved,
@@ -73,6 +77,14 @@ pub struct Resolved {
 pub enum OwnOs {
     Linux,
     Windows,
+}
+
+/// The firmware an own image boots by.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OwnFirmware {
+    Bios,
+    Uefi,
 }
 
 impl ImageSpec {
@@ -183,6 +195,12 @@ pub(super) fn check(f: &ScenarioFile) -> Result<(), Mistake> {
                 return Err((r.checks.span(), needs(&format!("the check {}", c.name()))));
             }
         }
+        if let Some(fw) = own.firmware.as_ref().filter(|f| *f.get_ref() == OwnFirmware::Uefi) {
+            let msg = "firmware = \"uefi\" is not offered yet: a UEFI VM's variable store (OVMF_VARS, its boot \
+                       entries) is guest state that neither backup method carries yet, so a restore could not \
+                       boot as the VM did; give a BIOS-bootable image (firmware = \"bios\", the default)";
+            return Err((fw.span(), msg.into()));
+        }
         if own.kernel.is_some() != own.initrd.is_some() || (own.append.is_some() && own.kernel.is_none()) {
             let msg = "an image without a bootloader takes kernel and initrd (and append) together; \
                        an image with one takes none of them";
@@ -292,6 +310,12 @@ mod tests {
         assert!(e.contains("s.toml:4:41:") && e.contains("unknown variant `qcow3`"), "{e}");
         let e = err(r#"{ path = "disk.qcow2", format = "qcow2", os = "linux", kernel = "gone" }"#);
         assert!(e.contains("kernel and initrd (and append) together"), "{e}");
+        let e = err(r#"{ path = "disk.qcow2", format = "qcow2", os = "linux", firmware = "uefi" }"#);
+        assert!(e.contains("s.toml:4:75: firmware = \"uefi\" is not offered yet"), "{e}");
+        let e = err(r#"{ path = "disk.qcow2", format = "qcow2", os = "linux", firmware = "coreboot" }"#);
+        assert!(e.contains("s.toml:4:75:") && e.contains("unknown variant `coreboot`"), "{e}");
+        parse(d, r#"{ path = "disk.qcow2", format = "qcow2", os = "linux", firmware = "bios" }"#, "[backup]\n")
+            .unwrap();
         let e = err(r#"{ path = "disk.qcow2", os = "linux" }"#);
         assert!(e.contains("s.toml:4:9:") && e.contains("missing field `format`"), "{e}");
     }
