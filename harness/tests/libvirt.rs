@@ -4,8 +4,11 @@
 //! running one if there is one, else one of its own in a mount namespace), and backs it up
 //! with `quiesce backup --libvirt`. Afterwards the domain must be as it was: running, the
 //! same disk sources, no snapshot in libvirt's records, no overlay file, the guest thawed.
-//! The backup is verified and restored (blocks, files, guest). Skipped, saying why, where
-//! libvirt is not installed or this is not root (libvirtd must be started as root here).
+//! The backup is verified and restored (blocks, files, guest): by each method, a Saved State
+//! restored through libvirt beside the running domain. A paused domain stays paused. A set
+//! of two domains is backed up all or nothing (one made to fail for real: nothing is left
+//! on either). Skipped, saying why, where libvirt is not installed or this is not root
+//! (libvirtd must be started as root here).
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
@@ -88,34 +91,23 @@ fn no_backup_at(out: &Path) {
     assert!(!partial, "a partial backup was left beside {}", out.display());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_libvirt_domain_is_backed_up_through_libvirt_and_left_as_it_was() {
-    if let Some(why) = unavailable() {
-        eprintln!("SKIPPED a_libvirt_domain_is_backed_up_through_libvirt_and_left_as_it_was: {why}");
-        return;
-    }
-    let image = recipe::ensure("linux", false, &mut |s| eprintln!("  {s}")).expect("the test guest image");
-    let accel = quiesce::testguest::accel_for(&image, None).expect("an accelerator").accel;
-    // Where KVM does not work, libvirt must not see /dev/kvm (see quiesce-bench's notes).
-    let mask_kvm = accel != Accel::Kvm && Path::new("/dev/kvm").exists();
-    let mut lv = Libvirt::start(mask_kvm, &mut |s| eprintln!("  {s}")).await.expect("libvirtd answers");
-    eprintln!("libvirt: {}", lv.how);
-    let dir = tempfile::Builder::new().prefix("quiesce-libvirt-test-").tempdir().unwrap();
+/// A domain defined (transiently) from the cached Linux guest, with its own copies of the
+/// files in `dir`; started, its agent answering.
+async fn start_domain(lv: &Libvirt, image: &recipe::GuestImage, accel: Accel, dir: &Path, name: &str) {
     // The domain's own copies of the cached files (hard links where they can be).
     let own = |from: &Path, to: &str| {
-        let to = dir.path().join(to);
+        let to = dir.join(to);
         std::fs::hard_link(from, &to).or_else(|_| std::fs::copy(from, &to).map(|_| ())).unwrap();
         to
     };
     let base = own(&image.root, "base.img");
-    let overlay = dir.path().join("root.qcow2");
+    let overlay = dir.join("root.qcow2");
     qemu_img::create_overlay(&base, DiskFormat::Raw, &overlay).unwrap();
     let boot = image.kernel_boot();
-    let name = format!("quiesce-test-{}", std::process::id());
     let qemu = quiesce::qemu::config::default_qemu_binary();
     let emulator = if qemu.starts_with('/') { PathBuf::from(&qemu) } else { find_program(&qemu).unwrap() };
     let spec = DomainSpec {
-        name: name.clone(),
+        name: name.to_owned(),
         kvm: accel == Accel::Kvm,
         emulator,
         memory_mib: 256,
@@ -127,35 +119,109 @@ async fn a_libvirt_domain_is_backed_up_through_libvirt_and_left_as_it_was() {
         backing: base,
         backing_format: "raw".into(),
         data_disks: vec![],
-        serial_log: dir.path().join("serial.log"),
+        serial_log: dir.join("serial.log"),
     };
     lv.create(&spec).await.expect("the domain starts");
-    lv.wait_agent(&name, &spec.serial_log, deadline::BOOT_TO_AGENT).await.expect("its agent answers");
+    lv.wait_agent(name, &spec.serial_log, deadline::BOOT_TO_AGENT).await.expect("its agent answers");
+}
+
+/// libvirt (started or found) and the cached guest image, or why the test cannot run.
+async fn setup() -> Result<(Libvirt, recipe::GuestImage, Accel), String> {
+    if let Some(why) = unavailable() {
+        return Err(why);
+    }
+    let image = recipe::ensure("linux", false, &mut |s| eprintln!("  {s}")).expect("the test guest image");
+    let accel = quiesce::testguest::accel_for(&image, None).expect("an accelerator").accel;
+    // Where KVM does not work, libvirt must not see /dev/kvm (see quiesce-bench's notes).
+    let mask_kvm = accel != Accel::Kvm && Path::new("/dev/kvm").exists();
+    let lv = Libvirt::start(mask_kvm, &mut |s| eprintln!("  {s}")).await.expect("libvirtd answers");
+    eprintln!("libvirt: {}", lv.how);
+    Ok((lv, image, accel))
+}
+
+/// The guest's uptime in seconds: it goes up while the guest runs.
+async fn uptime(lv: &Libvirt, name: &str) -> f64 {
+    let up = lv.guest_sh(name, "cat /proc/uptime", T).await.expect("the guest runs commands");
+    up.split_whitespace().next().and_then(|u| u.parse().ok()).unwrap_or_else(|| panic!("uptime {up:?}"))
+}
+
+/// `quiesce restore` of `backup` (with `extra` arguments) passes blocks, files and guest.
+fn restore_passes(backup: &Path, extra: &[&str]) {
+    let o = Tool::new(quiesce(), BACKUP)
+        .arg("restore")
+        .arg(backup)
+        .args(["--check", "blocks", "--check", "files", "--check", "guest"])
+        .args(extra)
+        .output()
+        .unwrap();
+    let text = o.stdout_text();
+    eprintln!("{text}\n{}", o.stderr);
+    assert!(o.status.success(), "quiesce restore {} failed", backup.display());
+    for check in ["blocks", "files", "guest"] {
+        assert!(text.lines().any(|l| l.starts_with(&format!("check {check}")) && l.contains(" passed ")), "{text}");
+    }
+}
+
+fn verify(dest: &Path) {
+    let v = Tool::new(quiesce(), BACKUP).arg("verify").arg(dest).output().unwrap();
+    assert!(v.status.success(), "quiesce verify: {}{}", v.stdout_text(), v.stderr);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_libvirt_domain_is_backed_up_through_libvirt_and_left_as_it_was() {
+    let (mut lv, image, accel) = match setup().await {
+        Ok(s) => s,
+        Err(why) => {
+            eprintln!("SKIPPED a_libvirt_domain_is_backed_up_through_libvirt_and_left_as_it_was: {why}");
+            return;
+        }
+    };
+    let dir = tempfile::Builder::new().prefix("quiesce-libvirt-test-").tempdir().unwrap();
+    let name = format!("quiesce-test-{}", std::process::id());
+    start_domain(&lv, &image, accel, dir.path(), &name).await;
     lv.guest_sh(&name, "echo before-backup > /root/marker && sync", T).await.unwrap();
     let before = look(&lv, &name).await;
     assert_eq!(before.0, "running");
     let out = tempfile::tempdir().unwrap();
 
-    for method in ["auto", "child-snapshot"] {
+    for (method, chosen) in
+        [("auto", "child-snapshot"), ("child-snapshot", "child-snapshot"), ("saved-state", "saved-state")]
+    {
         let dest = out.path().join(method);
+        let up = uptime(&lv, &name).await;
         let o = backup(&lv, &name, method, &dest);
         assert!(o.status.success(), "quiesce backup --libvirt --method {method} failed");
         let text = o.stdout_text();
-        assert!(text.contains("method child-snapshot"), "{text}");
+        assert!(text.contains(&format!("method {chosen}")), "{text}");
         for c in quiesce::backup::conditions::Condition::ALL {
             assert!(text.contains(&format!("  {} ", c.name())), "no verdict on {}: {text}", c.name());
         }
         as_it_was(&lv, &name, &before, dir.path()).await;
-        let v = Tool::new(quiesce(), BACKUP).arg("verify").arg(&dest).output().unwrap();
-        assert!(v.status.success(), "quiesce verify: {}{}", v.stdout_text(), v.stderr);
+        // Still running, its clock going on.
+        assert!(uptime(&lv, &name).await > up, "the guest's uptime did not go on after --method {method}");
+        verify(&dest);
     }
+    let manifest = std::fs::read_to_string(out.path().join("saved-state/manifest.json")).unwrap();
+    assert!(manifest.contains("state.libvirt") && manifest.contains("libvirt-domain.xml"), "{manifest}");
 
-    // Saved State is refused for a domain, clearly, touching nothing.
-    let dest = out.path().join("saved-state");
-    let o = backup(&lv, &name, "saved-state", &dest);
-    assert_eq!(o.code(), Some(1));
-    assert!(o.stderr.contains("Saved State is not offered for a libvirt domain"), "{}", o.stderr);
-    no_backup_at(&dest);
+    // A paused domain stays paused: auto falls back to Saved State (vm-running fails) and
+    // saves it with no overlay; it is paused afterwards, and runs on when continued.
+    lv.virsh(&["suspend", &name], T).await.unwrap();
+    let paused = look(&lv, &name).await;
+    assert_eq!(paused.0, "paused");
+    let dest = out.path().join("paused");
+    let o = backup(&lv, &name, "auto", &dest);
+    assert!(o.status.success(), "quiesce backup of the paused domain failed");
+    let text = o.stdout_text();
+    assert!(text.contains("method saved-state (fell back to Saved State: ") && text.contains("vm-running"), "{text}");
+    assert_eq!(look(&lv, &name).await, paused, "the paused domain is not as it was");
+    verify(&dest);
+    let manifest = std::fs::read_to_string(dest.join("manifest.json")).unwrap();
+    assert!(
+        manifest.contains("\"run_state_before\": \"paused\"") || manifest.contains("\"run_state_before\":\"paused\""),
+        "{manifest}"
+    );
+    lv.virsh(&["resume", &name], T).await.unwrap();
     as_it_was(&lv, &name, &before, dir.path()).await;
 
     // A domain libvirt does not know: libvirt's own words, and nothing else happens.
@@ -165,26 +231,26 @@ async fn a_libvirt_domain_is_backed_up_through_libvirt_and_left_as_it_was() {
     no_backup_at(&out.path().join("none"));
 
     // SIGINT once the overlays exist: the domain is put back and no backup is left.
-    let dest = out.path().join("interrupted");
-    let (code, said) = interrupt_after(&lv, &name, "snapshot with the freeze (libvirt): done", &dest);
-    assert_eq!(code, Some(130), "quiesce did not report the interruption:\n{said}");
-    assert!(said.contains("put back as it was"), "{said}");
-    no_backup_at(&dest);
-    as_it_was(&lv, &name, &before, dir.path()).await;
-
-    // The backup restores into a new QEMU and passes blocks, files and guest.
-    let o = Tool::new(quiesce(), BACKUP)
-        .arg("restore")
-        .arg(out.path().join("auto"))
-        .args(["--check", "blocks", "--check", "files", "--check", "guest"])
-        .output()
-        .unwrap();
-    let text = o.stdout_text();
-    eprintln!("{text}\n{}", o.stderr);
-    assert!(o.status.success(), "quiesce restore failed");
-    for check in ["blocks", "files", "guest"] {
-        assert!(text.lines().any(|l| l.starts_with(&format!("check {check}")) && l.contains(" passed ")), "{text}");
+    for (method, after) in [
+        ("child-snapshot", "snapshot with the freeze (libvirt): done"),
+        ("saved-state", "save the state, overlays on (libvirt checkpoint): done"),
+    ] {
+        let dest = out.path().join(format!("interrupted-{method}"));
+        let (code, said) = interrupt_after(&lv, &name, method, after, &dest);
+        assert_eq!(code, Some(130), "quiesce did not report the interruption:\n{said}");
+        assert!(said.contains("put back as it was"), "{said}");
+        no_backup_at(&dest);
+        as_it_was(&lv, &name, &before, dir.path()).await;
     }
+
+    // The Saved State backup restores through libvirt, beside the domain itself, and passes
+    // blocks, files and guest; so does the disk-only one, into quiesce's own QEMU.
+    restore_passes(&out.path().join("saved-state"), &["--connect", lv.uri()]);
+    restored_on_its_own_overlays(&lv, &out.path().join("saved-state"), &before);
+    restore_passes(&out.path().join("auto"), &[]);
+    let left = lv.virsh(&["list", "--all", "--name"], T).await.unwrap();
+    assert_eq!(left.split_whitespace().collect::<Vec<_>>(), [name.as_str()], "the restore left a domain");
+    as_it_was(&lv, &name, &before, dir.path()).await;
 
     // The test defined the domain, so the test destroys it (quiesce never does).
     lv.destroy(&name).await.unwrap();
@@ -192,11 +258,149 @@ async fn a_libvirt_domain_is_backed_up_through_libvirt_and_left_as_it_was() {
     assert!(problems.is_empty(), "libvirt clean-up: {problems:?}");
 }
 
+/// A Saved State restore kept running (`--keep-running`) runs on overlays of its own (not
+/// the original domain's images, which the saved XML names), and Ctrl-C destroys it.
+fn restored_on_its_own_overlays(lv: &Libvirt, backup: &Path, original: &(String, String)) {
+    let mut child = Spawn::new(quiesce())
+        .arg("restore")
+        .arg(backup)
+        .args(["--connect", lv.uri(), "--keep-running"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.take_stdout().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let start = Instant::now();
+    let name = loop {
+        let left = BACKUP.saturating_sub(start.elapsed());
+        let line = rx.recv_timeout(left).expect("quiesce restore --keep-running says the domain runs");
+        eprintln!("{line}");
+        if let Some(rest) = line.strip_prefix("libvirt domain ") {
+            break rest.split_whitespace().next().unwrap().to_owned();
+        }
+    };
+    let rt = tokio::runtime::Handle::current();
+    let disks = tokio::task::block_in_place(|| rt.block_on(lv.virsh(&["domblklist", &name, "--details"], T))).unwrap();
+    child.signal_group(nix::sys::signal::Signal::SIGINT);
+    let status = child.wait_timeout(BACKUP).expect("quiesce restore ends after SIGINT");
+    assert!(status.success(), "quiesce restore --keep-running after Ctrl-C: {status:?}");
+    let src = disks.split_whitespace().last().unwrap_or("").to_owned();
+    assert!(src.contains("-restore-libvirt-") && src.ends_with("/vda.qcow2"), "the restored domain runs on {disks}");
+    assert!(!original.1.contains(&src), "the restored domain runs on the original's image: {disks}");
+    let left = tokio::task::block_in_place(|| rt.block_on(lv.virsh(&["list", "--all", "--name"], T))).unwrap();
+    assert!(!left.contains(&name), "the restored domain {name} was left after Ctrl-C: {left}");
+}
+
+/// Sets and clears the immutable attribute of a folder (even root cannot create a file in
+/// it): the way the test makes one domain's snapshot fail for real. Cleared on drop.
+struct Immutable(PathBuf);
+
+impl Immutable {
+    fn set(dir: &Path) -> Option<Immutable> {
+        let chattr = find_program("chattr")?;
+        Tool::new(chattr, T).arg("+i").arg(dir).run().ok()?;
+        Some(Immutable(dir.to_owned()))
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        if let Some(chattr) = find_program("chattr") {
+            let _ = Tool::new(chattr, T).arg("-i").arg(&self.0).run();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_set_of_libvirt_domains_is_backed_up_all_or_nothing() {
+    let (mut lv, image, accel) = match setup().await {
+        Ok(s) => s,
+        Err(why) => {
+            eprintln!("SKIPPED a_set_of_libvirt_domains_is_backed_up_all_or_nothing: {why}");
+            return;
+        }
+    };
+    // Each domain in a folder of its own: its overlays go there.
+    let dirs = [
+        tempfile::Builder::new().prefix("quiesce-libvirt-set-a-").tempdir().unwrap(),
+        tempfile::Builder::new().prefix("quiesce-libvirt-set-b-").tempdir().unwrap(),
+    ];
+    let names = [format!("quiesce-set-a-{}", std::process::id()), format!("quiesce-set-b-{}", std::process::id())];
+    for (d, n) in dirs.iter().zip(&names) {
+        start_domain(&lv, &image, accel, d.path(), n).await;
+    }
+    let mut before = Vec::new();
+    for n in &names {
+        before.push(look(&lv, n).await);
+    }
+    let out = tempfile::tempdir().unwrap();
+    let set_args = |method: &str, dest: &Path| {
+        let mut a: Vec<String> = vec!["backup".into()];
+        for n in &names {
+            a.extend(["--libvirt".into(), n.clone()]);
+        }
+        a.extend(["--connect", lv.uri(), "--method", method].map(str::to_owned));
+        a.push(dest.display().to_string());
+        a
+    };
+
+    // Both, one backup.
+    let dest = out.path().join("both");
+    let o = Tool::new(quiesce(), BACKUP).args(set_args("auto", &dest)).output().unwrap();
+    eprintln!("{}\n{}", o.stdout_text(), o.stderr);
+    assert!(o.status.success(), "the set's backup failed");
+    for step in ["PrepareForSnapshot: done", "Freeze: done", "Thaw: done", "PostSnapshot: done"] {
+        assert!(o.stderr.contains(step), "no {step:?}: {}", o.stderr);
+    }
+    verify(&dest);
+    let manifest = std::fs::read_to_string(dest.join("manifest.json")).unwrap();
+    for n in &names {
+        assert!(manifest.contains(&format!("\"{n}\"")), "{n} is not in the backup: {manifest}");
+    }
+    for ((n, b), d) in names.iter().zip(&before).zip(&dirs) {
+        as_it_was(&lv, n, b, d.path()).await;
+    }
+
+    // The second domain's snapshot fails (its folder takes no overlay): the first, already
+    // snapshotted, is put back too, and no backup is left.
+    match Immutable::set(dirs[1].path()) {
+        None => eprintln!("SKIPPED the all-or-nothing half: chattr +i does not work here"),
+        Some(guard) => {
+            let dest = out.path().join("one-fails");
+            let o = Tool::new(quiesce(), BACKUP).args(set_args("child-snapshot", &dest)).output().unwrap();
+            drop(guard);
+            eprintln!("{}\n{}", o.stdout_text(), o.stderr);
+            assert_eq!(o.code(), Some(1), "the set's backup did not fail");
+            assert!(o.stderr.contains("PrepareForSnapshot failed"), "{}", o.stderr);
+            assert!(o.stderr.contains("no domain was backed up"), "{}", o.stderr);
+            assert!(o.stderr.contains(&format!("{}: put back as it was", names[0])), "{}", o.stderr);
+            no_backup_at(&dest);
+            for ((n, b), d) in names.iter().zip(&before).zip(&dirs) {
+                as_it_was(&lv, n, b, d.path()).await;
+            }
+        }
+    }
+
+    for n in &names {
+        lv.destroy(n).await.unwrap();
+    }
+    let problems = tokio::task::spawn_blocking(move || lv.stop()).await.unwrap();
+    assert!(problems.is_empty(), "libvirt clean-up: {problems:?}");
+}
+
 /// Starts `quiesce backup --libvirt`, sends its process group SIGINT once its stderr
 /// shows `after`, and returns its exit code and what it printed.
-fn interrupt_after(lv: &Libvirt, name: &str, after: &str, out: &Path) -> (Option<i32>, String) {
+fn interrupt_after(lv: &Libvirt, name: &str, method: &str, after: &str, out: &Path) -> (Option<i32>, String) {
     let mut child = Spawn::new(quiesce())
-        .args(backup_args(lv, name, "child-snapshot", out))
+        .args(backup_args(lv, name, method, out))
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

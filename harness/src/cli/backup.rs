@@ -51,10 +51,11 @@ pub struct BackupArgs {
     /// back up several VMs as one set, all or nothing.
     #[arg(long = "qmp", value_name = "SOCKET", required_unless_present = "libvirt", conflicts_with = "libvirt")]
     qmp: Vec<PathBuf>,
-    /// A running libvirt domain (its name or UUID), backed up through libvirt (virsh):
-    /// Child VM Snapshot only. See the README, "Back up a libvirt domain".
+    /// A running or paused libvirt domain (its name or UUID), backed up through libvirt
+    /// (virsh). Repeat it to back up several domains as one set, all or nothing. See the
+    /// README, "Back up a libvirt domain".
     #[arg(long, value_name = "DOMAIN", conflicts_with = "agent")]
-    libvirt: Option<String>,
+    libvirt: Vec<String>,
     /// libvirt's connection URI for --libvirt (virsh -c); virsh's default if not given.
     #[arg(long, value_name = "URI", requires = "libvirt")]
     connect: Option<String>,
@@ -87,10 +88,8 @@ pub async fn run(args: BackupArgs) -> CliResult {
     }
     // SIGINT and SIGTERM fire the interruption: a backup under way puts every VM back.
     let (interrupt, signals) = super::interrupt_on_signals();
-    let code = match &args.libvirt {
-        Some(domain) => libvirt::run(&args, domain, &interrupt).await,
-        None => backup(&args, &interrupt).await,
-    };
+    let code =
+        if args.libvirt.is_empty() { backup(&args, &interrupt).await } else { libvirt::run(&args, &interrupt).await };
     signals.abort();
     code
 }

@@ -12,10 +12,12 @@ use quiesce::image::manifest::{self, Limits};
 use quiesce::qemu::DiskFormat;
 use quiesce::sys::deadline;
 use quiesce::timeline::Timeline;
-use quiesce::verify::restore::{self, RestoreOptions, Restored};
+use quiesce::verify::restore::{self, RestoreOptions};
 use quiesce::verify::{blockcmp, rollback_attached};
 
 use super::{CliResult, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE};
+
+mod libvirt;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum CheckArg {
@@ -49,6 +51,10 @@ pub struct RestoreArgs {
     /// The QMP socket of the VM to roll back (with --in-place).
     #[arg(long, value_name = "SOCKET", requires = "in_place")]
     qmp: Option<PathBuf>,
+    /// For a libvirt domain's Saved State backup, restored through libvirt: libvirt's
+    /// connection URI (virsh -c); virsh's default if not given.
+    #[arg(long, value_name = "URI", conflicts_with = "in_place")]
+    connect: Option<String>,
 }
 
 pub async fn run(args: RestoreArgs) -> CliResult {
@@ -78,6 +84,9 @@ pub async fn run(args: RestoreArgs) -> CliResult {
     if let Some(qmp) = &args.qmp {
         return in_place(&backup, &vm, qmp, &args.check).await;
     }
+    if quiesce::backup::libvirt::restore::is_libvirt_saved_state(vb) {
+        return libvirt::run(&backup, &vm, &args.check, args.keep_running, args.connect.clone()).await;
+    }
     let tl = Timeline::new();
     let mut opts = RestoreOptions::named(&format!("{vm}-restored"));
     // Stopped before its first instruction (or with its state loaded), so the disks are
@@ -89,20 +98,7 @@ pub async fn run(args: RestoreArgs) -> CliResult {
             Method::ChildSnapshot => restore::boot(&backup, &vm, &opts, &tl).await?,
         };
         println!("VM {vm}: restored from {} ({})", backup.path.display(), vb.method.as_str());
-        let mut failed = 0;
-        for check in &args.check {
-            let (ok, detail) = match check {
-                CheckArg::Blocks => blocks(&backup, &vm, &restored).await?,
-                CheckArg::Files => files(&backup, &vm, &restored).await?,
-                CheckArg::Guest => continue,
-            };
-            println!(
-                "check {:<7} {} {detail}",
-                format!("{check:?}").to_lowercase(),
-                if ok { "passed" } else { "FAILED" }
-            );
-            failed += usize::from(!ok);
-        }
+        let mut failed = disk_checks(&backup, &vm, &restored.disks, &args.check).await?;
         // The guest runs now: booted afresh, or resumed from its saved state.
         restore::resume(&restored.machine).await?;
         if vb.method == Method::ChildSnapshot || args.check.contains(&CheckArg::Guest) {
@@ -113,7 +109,7 @@ pub async fn run(args: RestoreArgs) -> CliResult {
             }
         }
         if args.check.contains(&CheckArg::Guest) {
-            let (ok, detail) = match guest(&restored).await {
+            let (ok, detail) = match guest(&restored.machine).await {
                 Ok(r) => r,
                 Err(e) => {
                     restored.machine.mark_failed("the guest check could not run");
@@ -152,16 +148,42 @@ pub async fn run(args: RestoreArgs) -> CliResult {
 }
 
 /// The backup's image of disk `node` of `vm`, and its format.
+/// The checks of `checks` that read the restored disks (`blocks`, `files`), each printed
+/// with its verdict; returns how many failed. Run before the guest runs, so the disks are
+/// as the backup left them. `guest` is left to the caller.
+pub(super) async fn disk_checks(
+    backup: &Backup,
+    vm: &str,
+    disks: &[(String, PathBuf)],
+    checks: &[CheckArg],
+) -> Result<usize, Box<dyn std::error::Error>> {
+    let mut failed = 0;
+    for check in checks {
+        let (ok, detail) = match check {
+            CheckArg::Blocks => blocks(backup, vm, disks).await?,
+            CheckArg::Files => files(backup, vm, disks).await?,
+            CheckArg::Guest => continue,
+        };
+        println!("check {:<7} {} {detail}", format!("{check:?}").to_lowercase(), if ok { "passed" } else { "FAILED" });
+        failed += usize::from(!ok);
+    }
+    Ok(failed)
+}
+
 fn backed_up(backup: &Backup, vm: &str, node: &str) -> Result<(PathBuf, DiskFormat), Box<dyn std::error::Error>> {
     let vb = backup.vm(vm).ok_or("no such VM")?;
     let d = vb.disks.iter().find(|d| d.node_name == node).ok_or("no such disk")?;
     Ok((backup.file_path(vm, &Entry::Disk(d.node_name.clone()), &d.file)?, d.format))
 }
 
-async fn blocks(backup: &Backup, vm: &str, r: &Restored) -> Result<(bool, String), Box<dyn std::error::Error>> {
+async fn blocks(
+    backup: &Backup,
+    vm: &str,
+    disks: &[(String, PathBuf)],
+) -> Result<(bool, String), Box<dyn std::error::Error>> {
     let mut parts = Vec::new();
     let mut ok = true;
-    for (node, overlay) in &r.disks {
+    for (node, overlay) in disks {
         let (image, fmt) = backed_up(backup, vm, node)?;
         let overlay = overlay.clone();
         let c =
@@ -176,10 +198,14 @@ async fn blocks(backup: &Backup, vm: &str, r: &Restored) -> Result<(bool, String
     Ok((ok, parts.join("; ")))
 }
 
-async fn files(backup: &Backup, vm: &str, r: &Restored) -> Result<(bool, String), Box<dyn std::error::Error>> {
+async fn files(
+    backup: &Backup,
+    vm: &str,
+    disks: &[(String, PathBuf)],
+) -> Result<(bool, String), Box<dyn std::error::Error>> {
     let mut parts = Vec::new();
     let mut ok = true;
-    for (node, overlay) in &r.disks {
+    for (node, overlay) in disks {
         let (image, fmt) = backed_up(backup, vm, node)?;
         let read = |p: PathBuf, f: DiskFormat| {
             tokio::task::spawn_blocking(move || manifest::read_image(&p, f, &Limits::default()))
@@ -198,24 +224,14 @@ async fn files(backup: &Backup, vm: &str, r: &Restored) -> Result<(bool, String)
     Ok((ok, parts.join("; ")))
 }
 
-async fn guest(r: &Restored) -> Result<(bool, String), Box<dyn std::error::Error>> {
-    let agent = r.machine.agent()?;
+async fn guest(m: &quiesce::qemu::Machine) -> Result<(bool, String), Box<dyn std::error::Error>> {
+    let agent = m.agent()?;
     agent.wait_ready(deadline::AGENT_AFTER_RESUME).await?;
     let frozen = agent.execute_raw("guest-fsfreeze-status", serde_json::Value::Null, deadline::AGENT_COMMAND).await?;
     let out =
         quiesce::qemu::exec::run(agent, &["/bin/sh", "-c", "sync && cat /proc/mounts"], deadline::GUEST_EXEC).await?;
-    let root_rw = out.stdout.lines().any(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        f.get(1) == Some(&"/") && f.get(3).is_some_and(|o| o.split(',').any(|o| o == "rw"))
-    });
-    let ok = frozen == serde_json::json!("thawed") && root_rw;
-    Ok((
-        ok,
-        format!(
-            "agent answers; filesystems {frozen}; root filesystem mounted {}",
-            if root_rw { "rw" } else { "NOT rw" }
-        ),
-    ))
+    let (ok, detail) = quiesce::verify::guest::judge_restored(&frozen, &out.stdout);
+    Ok((ok, format!("agent answers; {detail}")))
 }
 
 /// `--in-place --qmp SOCKET`: the VM behind the socket rolled back to the backup.

@@ -9,7 +9,22 @@
 //! - Child VM Snapshot is libvirt's external disk-only snapshot with the agent's freeze
 //!   (`virsh snapshot-create-as --disk-only --quiesce --atomic --no-metadata`, overlays in the
 //!   snapshot folder), a copy of the images under the overlays, then `virsh blockcommit
-//!   --active --shallow --pivot` per disk and the overlays deleted.
+//!   --active --shallow --pivot` per disk and the overlays deleted;
+//! - Saved State is libvirt's external checkpoint (`snapshot-create-as --no-metadata
+//!   --memspec file=STATE` without `--live`): libvirt pauses the domain, saves its RAM and
+//!   devices into the backup, puts the overlays on and continues it, so the downtime is the
+//!   save alone; then the same copy and merge. A paused domain stays paused: its state is
+//!   saved with no overlay (`--diskspec DISK,snapshot=no`: nothing can write to its disks),
+//!   and its disks are copied as they are. (With overlays, the paused domain's disks would
+//!   stay inactive in QEMU 10 after the save, and `blockcommit` fails on them until it is
+//!   continued, measured on libvirt 9.0.) The domain's XML is kept in the backup, and the
+//!   restore goes through libvirt ([`restore`]): a libvirt save image loads only into the
+//!   devices libvirt builds for it.
+//!
+//! Several domains are one set, all or nothing, through the phases of a set of QEMUs
+//! ([`crate::backup::set`]): PrepareForSnapshot (every domain's snapshot or checkpoint),
+//! Freeze and Thaw (recorded), PostSnapshot (copies and merges). If any domain fails, or
+//! the run is interrupted, every domain is put back and no backup is left.
 //!
 //! Why libvirt's APIs and not QMP passed through it (`virsh qemu-monitor-command`), measured
 //! on libvirt 9.0 with QEMU 10.0 under TCG (README, "Back up a libvirt domain", and the
@@ -26,19 +41,15 @@
 //! that process but needs libvirt's C library to build, and quiesce must build where
 //! libvirt is absent; virsh also gives each call a deadline for free.
 //!
-//! Saved State is not offered for a domain: a state libvirt saves (`virsh save`) loads only
-//! into the devices libvirt builds for that domain (its PCIe root ports, controllers and
-//! their order), which `quiesce restore` does not rebuild, so the backup could not be
-//! restored. It is refused with that reason, touching nothing.
-//!
 //! The domain is left as it was on every path: after the snapshot, the put-back reads the
 //! live XML (not what was asked: a virsh past its deadline may have left libvirt to finish
 //! alone) and commits each disk still on its overlay; after a failure the agent is thawed
-//! (`virsh domfsthaw`, harmless on a thawed guest). SIGINT is acted on between steps: the
-//! step under way (a libvirt call, or the copy of the disks) finishes (virsh and qemu-img
-//! run in process groups of their own, so a Ctrl-C at the terminal does not cut them
-//! half-way), then the domain is put back. quiesce never destroys, undefines, saves or
-//! reconfigures the domain.
+//! (`virsh domfsthaw`, harmless on a thawed guest). SIGINT is acted on between libvirt
+//! calls: a snapshot or commit under way finishes (virsh runs in a process group of its
+//! own, so a Ctrl-C at the terminal does not cut it half-way; libvirt would finish it alone
+//! anyway), a copy of the disks is stopped (its qemu-img killed), then every domain is put
+//! back. quiesce never destroys, undefines or reconfigures the domain, and saves it only
+//! by the checkpoint that leaves it running (or paused, if it was).
 //!
 //! The measurements (README): a virsh call costs 77-134 ms here (a process and a
 //! connection), QMP on a socket under 1 ms; `qemu-monitor-command` taints the domain
@@ -47,29 +58,28 @@
 //! snapshot took 1.3 s and its active commit 0.15 s on an idle guest under TCG.
 
 pub mod domain;
+pub mod member;
+pub mod restore;
+pub mod save_image;
 pub mod virsh;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
-use self::domain::{Domain, DomainDisk, DomainXmlError};
+use futures::future::join_all;
+
+use self::domain::{DomainDisk, DomainXmlError};
+use self::member::Member;
 use self::virsh::{Virsh, VirshError};
-use super::conditions::{self, Condition, Finding, Verdict};
+use super::conditions::Verdict;
 use super::job::MethodChoice;
-use super::manifest::{DiskEntry, Method, Timings, VmBackup};
-use super::{BackupError, BackupWriter, Faults};
+use super::manifest::Method;
+use super::{BackupError, BackupWriter};
 use crate::interrupt::Interrupt;
-use crate::qemu::{DiskConfig, MachineConfig};
 use crate::timeline::Timeline;
 
-/// `virsh snapshot-create-as --quiesce`: the agent's freeze (seconds under TCG with a busy
-/// guest), the overlays made and the thaw.
-const SNAPSHOT: Duration = Duration::from_secs(120);
-/// `virsh blockcommit --wait` of one overlay: what the guest wrote during the copy.
-const COMMIT: Duration = Duration::from_secs(600);
-
-/// Why a libvirt domain was not backed up. In every case the domain was put back as it was,
-/// unless the error says otherwise ([`LibvirtError::NotPutBack`]).
+/// Why libvirt domains were not backed up. In every case each domain was put back as it
+/// was, unless the error says otherwise ([`LibvirtError::NotPutBack`], or a put-back named
+/// in [`LibvirtError::SetFailed`]).
 #[derive(Debug, thiserror::Error)]
 pub enum LibvirtError {
     /// virsh failed or timed out; libvirt's own words follow.
@@ -79,13 +89,13 @@ pub enum LibvirtError {
     /// Nothing was touched.
     #[error("libvirt domain {domain}: {source}")]
     Domain { domain: String, source: DomainXmlError },
-    /// Child VM Snapshot needs all six conditions and one failed; nothing was touched.
-    #[error("libvirt domain {domain}: Child VM Snapshot needs all six conditions, but: {reasons}")]
+    /// The method asked for cannot be used on the domain (a condition of Child VM Snapshot
+    /// failed, or Saved State on a domain neither running nor paused); nothing was touched.
+    #[error("libvirt domain {domain}: refused: {reasons}")]
     Refused { domain: String, reasons: String },
-    /// Saved State was asked for a libvirt domain (see the module notes); nothing was
-    /// touched.
-    #[error("libvirt domain {domain}: Saved State is not offered for a libvirt domain: a state libvirt saves loads only into the devices libvirt builds for it, which `quiesce restore` does not rebuild; use --method child-snapshot (or `virsh save` yourself)")]
-    SavedStateUnsupported { domain: String },
+    /// Two domains of the set have the same name in the backup; nothing was touched.
+    #[error("two domains are both named {vm} in the backup: give each once; nothing was touched")]
+    Duplicate { vm: String },
     /// An overlay file of this run's name exists already in the snapshot folder (another
     /// quiesce backup of the domain under way, or one killed): remove it or give
     /// --snapshot-dir. Nothing was touched.
@@ -94,9 +104,13 @@ pub enum LibvirtError {
     /// Copying or writing the backup failed; the domain was put back.
     #[error(transparent)]
     Backup(#[from] BackupError),
-    /// SIGINT or SIGTERM: the domain was put back and no backup was left.
-    #[error("libvirt domain {domain}: interrupted; the domain was put back as it was and no backup was written")]
-    Interrupted { domain: String },
+    /// A domain failed in a phase: no backup was written, and every domain of the set was
+    /// put back (`undone` says how, per domain, and names any that could not be).
+    #[error("{phase} failed: {error}\nno domain was backed up; undone: {undone}")]
+    SetFailed { phase: &'static str, error: Box<LibvirtError>, undone: String },
+    /// SIGINT or SIGTERM: every domain was put back and no backup was left.
+    #[error("interrupted in {phase}; every domain was put back as it was and no backup was written{undone}")]
+    Interrupted { phase: &'static str, undone: String },
     /// The backup failed, and putting the domain back failed too: it may still run on an
     /// overlay (named here) and needs a person: `virsh blockcommit DOMAIN DISK --active
     /// --shallow --pivot`, then delete the overlay.
@@ -107,41 +121,41 @@ pub enum LibvirtError {
 /// What to back up, and how.
 #[derive(Debug, Clone)]
 pub struct LibvirtBackup {
-    pub domain: String,
+    /// The domains (names or UUIDs): one set, all or nothing.
+    pub domains: Vec<String>,
     /// libvirt's connection URI (`virsh -c`); virsh's default when None.
     pub connect: Option<String>,
     pub method: MethodChoice,
-    /// Where the overlays go while the backup runs; by default the first disk's folder.
+    /// Where the overlays go while the backup runs; by default each domain's first disk's
+    /// folder.
     pub snapshot_dir: Option<PathBuf>,
 }
 
-/// A backup that was made.
+/// What the run learnt of one domain before it acted.
 #[derive(Debug, Clone)]
-pub struct Done {
-    pub backup: PathBuf,
-    pub method_reason: String,
-}
-
-/// What a run found and did: the verdicts (empty if it stopped before asking them) and
-/// the result.
-#[derive(Debug)]
-pub struct Outcome {
-    /// The domain's name in the backup.
+pub struct Seen {
+    pub domain: String,
+    /// Its name in the backup.
     pub vm: String,
     pub disks: Vec<DomainDisk>,
     pub verdicts: Vec<Verdict>,
-    pub result: Result<Done, LibvirtError>,
+    /// The method and why; None if it stopped before choosing.
+    pub method: Option<(Method, String)>,
 }
 
-/// Backs up one libvirt domain into `out` (a folder that must not exist).
+/// What a run found and did: each domain as it was seen (before anything was touched),
+/// and the backup's folder or the error.
+#[derive(Debug)]
+pub struct Outcome {
+    pub seen: Vec<Seen>,
+    pub result: Result<PathBuf, LibvirtError>,
+}
+
+/// Backs up `opts.domains` as one set into `out` (a folder that must not exist).
 pub async fn run(opts: &LibvirtBackup, out: &Path, tl: &Timeline, interrupt: &Interrupt) -> Outcome {
-    let mut outcome = Outcome { vm: opts.domain.clone(), disks: vec![], verdicts: vec![], result: Ok(placeholder()) };
-    outcome.result = backup(opts, out, tl, interrupt, &mut outcome).await;
-    outcome
-}
-
-fn placeholder() -> Done {
-    Done { backup: PathBuf::new(), method_reason: String::new() }
+    let mut seen = Vec::new();
+    let result = backup(opts, out, tl, interrupt, &mut seen).await;
+    Outcome { seen, result }
 }
 
 async fn backup(
@@ -149,122 +163,137 @@ async fn backup(
     out: &Path,
     tl: &Timeline,
     interrupt: &Interrupt,
-    seen: &mut Outcome,
-) -> Result<Done, LibvirtError> {
-    let name = opts.domain.as_str();
+    seen: &mut Vec<Seen>,
+) -> Result<PathBuf, LibvirtError> {
     let virsh = Virsh::new(opts.connect.clone())?;
-    let xml = tl.step(Some(name), "read the domain XML", virsh.run(&["dumpxml", name], virsh::COMMAND)).await?;
-    let dom = domain::parse(&xml).map_err(|source| LibvirtError::Domain { domain: name.to_owned(), source })?;
-    let vm = crate::qemu::attach::node_safe(&dom.name);
-    seen.vm = vm.clone();
-    seen.disks = dom.disks.clone();
-    let state = virsh.run(&["domstate", name], virsh::COMMAND).await?.trim().to_owned();
-    let snapshot_dir = match &opts.snapshot_dir {
-        Some(d) => d.clone(),
-        None => dom.disks[0].path.parent().map(Path::to_owned).unwrap_or_else(|| PathBuf::from(".")),
-    };
-    let cfg = machine_config(&vm, &dom);
-    seen.verdicts =
-        tl.step(Some(&vm), "check the conditions", evaluate(&virsh, name, &dom, &state, &cfg, &snapshot_dir)).await?;
-    if opts.method == MethodChoice::SavedState {
-        return Err(LibvirtError::SavedStateUnsupported { domain: name.to_owned() });
-    }
-    if let Some(reasons) = conditions::failures(&seen.verdicts) {
-        return Err(LibvirtError::Refused { domain: name.to_owned(), reasons });
-    }
-    if interrupt.is_triggered() {
-        return Err(LibvirtError::Interrupted { domain: name.to_owned() });
-    }
-    let overlays: Vec<PathBuf> = dom
-        .disks
-        .iter()
-        .map(|d| snapshot_dir.join(format!("{vm}-{}-quiesce-overlay-{}.qcow2", d.target, std::process::id())))
-        .collect();
-    if let Some(p) = overlays.iter().find(|p| p.exists()) {
-        return Err(LibvirtError::OverlayExists { domain: name.to_owned(), path: p.clone() });
+    // Questions only: a refusal or an error here has touched nothing.
+    let mut members: Vec<Member> = Vec::new();
+    for domain in &opts.domains {
+        let (mut m, snapshot_dir) = member::inspect(&virsh, domain, opts.snapshot_dir.as_deref(), tl).await?;
+        let chosen = member::choose(&mut m, opts.method, &snapshot_dir);
+        seen.push(Seen {
+            domain: domain.clone(),
+            vm: m.vm.clone(),
+            disks: m.dom.disks.clone(),
+            verdicts: m.verdicts.clone(),
+            method: chosen.is_ok().then(|| (m.method, m.reason.clone())),
+        });
+        chosen?;
+        if members.iter().any(|o| o.vm == m.vm) {
+            return Err(LibvirtError::Duplicate { vm: m.vm });
+        }
+        members.push(m);
+        if interrupt.is_triggered() {
+            return Err(LibvirtError::Interrupted { phase: "the conditions", undone: String::new() });
+        }
     }
     let version = qemu_version(&virsh).await;
-    let mut writer = BackupWriter::create(out, &version).map_err(BackupError::from)?;
-    let dir = writer.vm_dir(&vm).map_err(BackupError::from)?;
-    let machine = super::job::machine_spec_of(&vm, &cfg, &dir)?;
-    // From here the domain may be changed: every path below goes through the put-back.
-    let started = Instant::now();
-    let snap = tl.step(Some(&vm), "snapshot with the freeze (libvirt)", snapshot(&virsh, name, &dom, &overlays)).await;
-    let freeze_window_ms = started.elapsed().as_secs_f64() * 1000.0;
-    let copied = match snap {
-        Err(e) => Err(LibvirtError::from(e)),
-        Ok(()) if interrupt.is_triggered() => Err(LibvirtError::Interrupted { domain: name.to_owned() }),
-        Ok(()) => {
-            let disks: Vec<DiskConfig> = cfg.disks.clone();
-            let copy = super::capture::copy_disks(&vm, disks, &dir, false, Faults::default());
-            let t = Instant::now();
-            tl.step(Some(&vm), "copy the disks", copy).await.map(|d| (d, t.elapsed())).map_err(LibvirtError::from)
-        }
-    };
-    let merge_start = Instant::now();
-    let put_back =
-        tl.step(Some(&vm), "merge the overlays back (libvirt)", put_back(&virsh, name, &dom, &overlays)).await;
-    let merge_ms = merge_start.elapsed().as_secs_f64() * 1000.0;
-    let (mut disks, capture) = match (copied, put_back) {
-        (Ok(c), Ok(())) => c,
-        (Err(e), Ok(())) => {
-            thaw_after_failure(&virsh, name).await;
-            return Err(e);
-        }
-        (result, Err(pb)) => {
-            thaw_after_failure(&virsh, name).await;
-            let error = result.err().map_or_else(|| "the backup was made".to_owned(), |e| e.to_string());
-            return Err(LibvirtError::NotPutBack { domain: name.to_owned(), error, put_back: pb.to_string() });
-        }
-    };
-    if interrupt.is_triggered() {
-        return Err(LibvirtError::Interrupted { domain: name.to_owned() });
+    let out_abs = std::path::absolute(out).map_err(|e| BackupError::io("-", "find the backup folder", e))?;
+    let mut writer = BackupWriter::create(&out_abs, &version).map_err(BackupError::from)?;
+    let mut dirs = Vec::new();
+    let mut specs = Vec::new();
+    for m in &members {
+        let dir = writer.vm_dir(&m.vm).map_err(BackupError::from)?;
+        specs.push(super::job::machine_spec_of(&m.vm, &m.cfg, &dir)?);
+        // The domain's XML as libvirt would define it elsewhere: the record of the domain,
+        // and what marks the backup as a libvirt domain's for `quiesce restore`.
+        let xml = virsh.run(&["dumpxml", &m.domain, "--migratable"], virsh::COMMAND).await?;
+        std::fs::write(dir.join(restore::DOMAIN_XML), xml)
+            .map_err(|e| BackupError::io(&m.vm, "write the domain XML", e))?;
+        dirs.push(dir);
     }
-    tl.step(Some(&vm), "hash the backup files", hash(&vm, &dir, &mut disks)).await?;
-    let method_reason = "all six conditions held (libvirt's disk-only snapshot with the agent's freeze)".to_owned();
-    writer.add(VmBackup {
-        name: vm.clone(),
-        method: Method::ChildSnapshot,
-        method_reason: method_reason.clone(),
-        conditions: seen.verdicts.clone(),
-        run_state_before: super::runstate::Activity::Running,
-        machine,
-        disks,
-        state: None,
-        excluded: vec![],
-        timings: Timings {
-            downtime_ms: None,
-            save_ms: None,
-            save_mb_per_s: None,
-            capture_ms: capture.as_secs_f64() * 1000.0,
-            // libvirt's freeze, overlays and thaw are one call: its length bounds the window.
-            freeze_window_ms: Some(freeze_window_ms),
-            freeze_host_ms: None,
-            merge_ms: Some(merge_ms),
-            merge_outcome: None,
-        },
-        freeze: None,
-        files: vec![],
-    });
+
+    // PrepareForSnapshot, every domain at once. Not raced with the interruption: a virsh
+    // snapshot cut half-way leaves libvirt to finish alone; it is acted on after the phase.
+    let prepared = tl
+        .step(None, "PrepareForSnapshot", async {
+            let all = join_all(members.iter().zip(&dirs).map(|(m, dir)| {
+                let step = if m.method == Method::SavedState {
+                    "save the state, overlays on (libvirt checkpoint)"
+                } else {
+                    "snapshot with the freeze (libvirt)"
+                };
+                let (state, virsh) = (dir.join(member::STATE_FILE), &virsh);
+                async move { tl.step(Some(&m.vm), step, member::prepare(virsh, m, &state)).await }
+            }))
+            .await;
+            all.into_iter().collect::<Result<Vec<_>, VirshError>>().map_err(LibvirtError::from)
+        })
+        .await;
+    let prepared = match prepared {
+        Err(e) => return Err(failed("PrepareForSnapshot", e, undo_all(&virsh, &members, tl).await)),
+        Ok(_) if interrupt.is_triggered() => return Err(interrupted("PrepareForSnapshot", &virsh, &members, tl).await),
+        Ok(p) => p,
+    };
+    // As in Hyper-V, the writer does nothing in these two; they are recorded all the same.
+    tl.step(None, "Freeze", async { Ok::<_, LibvirtError>(()) }).await?;
+    tl.step(None, "Thaw", async { Ok::<_, LibvirtError>(()) }).await?;
+
+    // PostSnapshot: the copies (an interruption stops them) and the merges.
+    let posted = tl
+        .step(None, "PostSnapshot", async {
+            let all = join_all(
+                members
+                    .iter()
+                    .zip(&dirs)
+                    .zip(prepared.iter().zip(specs))
+                    .map(|((m, dir), (p, spec))| member::post(&virsh, m, *p, dir, spec, tl, interrupt)),
+            )
+            .await;
+            all.into_iter().collect::<Result<Vec<_>, LibvirtError>>()
+        })
+        .await;
+    let vms = match posted {
+        Err(LibvirtError::Interrupted { .. }) => {
+            return Err(interrupted("PostSnapshot", &virsh, &members, tl).await);
+        }
+        Err(e) => return Err(failed("PostSnapshot", e, undo_all(&virsh, &members, tl).await)),
+        Ok(_) if interrupt.is_triggered() => return Err(interrupted("PostSnapshot", &virsh, &members, tl).await),
+        Ok(v) => v,
+    };
+    for vb in vms {
+        writer.add(vb);
+    }
     let backup = writer.commit().map_err(BackupError::from)?;
-    Ok(Done { backup: backup.path, method_reason })
+    Ok(backup.path)
 }
 
-/// The machine as quiesce's own configuration describes one (for the conditions on the
-/// host side and the backup's machine spec). Disks are named by their libvirt target.
-fn machine_config(vm: &str, dom: &Domain) -> MachineConfig {
-    let mut cfg = MachineConfig::new(vm, dom.accel, dom.boot.clone());
-    cfg.qemu_binary = PathBuf::new();
-    cfg.machine_type = dom.machine_type.clone();
-    cfg.memory_mib = dom.memory_mib;
-    cfg.cpus = dom.cpus;
-    cfg.agent = dom.agent_channel;
-    cfg.disks = dom
-        .disks
-        .iter()
-        .map(|d| DiskConfig { node_name: d.target.clone(), path: d.path.clone(), format: d.format, read_only: false })
-        .collect();
-    cfg
+/// The set's error after `error` in `phase`; `undone` says how each domain was put back.
+fn failed(phase: &'static str, error: LibvirtError, undone: Result<String, String>) -> LibvirtError {
+    let (Ok(undone) | Err(undone)) = undone;
+    LibvirtError::SetFailed { phase, error: Box::new(error), undone }
+}
+
+async fn interrupted(phase: &'static str, virsh: &Virsh, members: &[Member], tl: &Timeline) -> LibvirtError {
+    match undo_all(virsh, members, tl).await {
+        Ok(_) => LibvirtError::Interrupted { phase, undone: String::new() },
+        Err(undone) => LibvirtError::SetFailed {
+            phase,
+            error: Box::new(LibvirtError::Interrupted { phase, undone: String::new() }),
+            undone,
+        },
+    }
+}
+
+/// Puts every domain back (overlays merged and removed, guest thawed), all at once. Ok with
+/// the summary if every domain was put back, Err with it if one could not be.
+async fn undo_all(virsh: &Virsh, members: &[Member], tl: &Timeline) -> Result<String, String> {
+    let results = join_all(members.iter().map(|m| async move {
+        let r = tl.step(Some(&m.vm), "undo: merge back and thaw", member::put_back(virsh, m)).await;
+        member::thaw_after_failure(virsh, m).await;
+        match r {
+            Ok(()) => (true, format!("{}: put back as it was ({})", m.vm, m.state)),
+            Err(e) => (false, format!("{}: COULD NOT BE PUT BACK: {e}", m.vm)),
+        }
+    }))
+    .await;
+    let all_ok = results.iter().all(|(ok, _)| *ok);
+    let text = results.into_iter().map(|(_, t)| t).collect::<Vec<_>>().join("; ");
+    if all_ok {
+        Ok(text)
+    } else {
+        Err(text)
+    }
 }
 
 /// QEMU's version as libvirt reports it (`Running hypervisor: QEMU 10.0.2`), for the
@@ -276,195 +305,4 @@ async fn qemu_version(virsh: &Virsh) -> String {
         .and_then(|h| h.split_whitespace().last())
         .unwrap_or("unknown")
         .to_owned()
-}
-
-/// The six conditions on the domain, from libvirt (its state, its XML) and its agent.
-async fn evaluate(
-    virsh: &Virsh,
-    domain: &str,
-    dom: &Domain,
-    state: &str,
-    cfg: &MachineConfig,
-    snapshot_dir: &Path,
-) -> Result<Vec<Verdict>, LibvirtError> {
-    let facts = if dom.agent_channel {
-        guest_facts(virsh, domain).await
-    } else {
-        Err("the domain has no guest agent channel (org.qemu.guest_agent.0)".to_owned())
-    };
-    let unchecked = |why: &str| Finding::NotChecked(format!("not checked: {why}"));
-    let agent = match &facts {
-        Ok(f) => conditions::agent_can_freeze(&f.info),
-        Err(e) => Finding::Failed(e.clone()),
-    };
-    let running = if state == "running" {
-        Finding::Held("libvirt reports the domain running".into())
-    } else {
-        Finding::Failed(format!("libvirt reports the domain {state:?}"))
-    };
-    // A disk without a serial cannot be told from others in the guest: then every disk
-    // the guest has counts as the domain's own (as for a QEMU attached by its sockets).
-    let serials: Vec<&str> = dom.disks.iter().filter_map(|d| d.serial.as_deref()).collect();
-    let all_have = serials.len() == dom.disks.len();
-    let ours = |s: Option<&str>| !all_have || s.is_some_and(|s| serials.contains(&s));
-    let basic = match (conditions::host_disks_basic(cfg), &facts) {
-        (Finding::Held(host), Ok(f)) => match conditions::guest_disks_basic_where(&f.disks, ours) {
-            Finding::Held(guest) => Finding::Held(format!("{host}; {guest}")),
-            other => other,
-        },
-        (Finding::Held(_), Err(_)) => unchecked("the guest agent is not answering"),
-        (host, _) => host,
-    };
-    let (filesystems, os) = match &facts {
-        Ok(f) => {
-            (conditions::filesystems_support_snapshots_where(&f.fsinfo, ours), conditions::os_supported(&f.osinfo))
-        }
-        Err(_) => (unchecked("the guest agent is not answering"), unchecked("the guest agent is not answering")),
-    };
-    Ok(vec![
-        agent.verdict(Condition::AgentCanFreeze),
-        running.verdict(Condition::VmRunning),
-        conditions::same_volume(cfg, snapshot_dir).verdict(Condition::SnapshotOnSameVolume),
-        basic.verdict(Condition::BasicDisksOnly),
-        filesystems.verdict(Condition::FilesystemsSupportSnapshots),
-        os.verdict(Condition::GuestOsSupported),
-    ])
-}
-
-struct GuestFacts {
-    info: qapi::qga::GuestAgentInfo,
-    fsinfo: Vec<qapi::qga::GuestFilesystemInfo>,
-    disks: Vec<qapi::qga::GuestDiskInfo>,
-    osinfo: qapi::qga::GuestOSInfo,
-}
-
-/// What the agent says about the guest, through libvirt; the first failure, in words.
-async fn guest_facts(virsh: &Virsh, domain: &str) -> Result<GuestFacts, String> {
-    async fn ask<T: serde::de::DeserializeOwned>(virsh: &Virsh, domain: &str, command: &str) -> Result<T, String> {
-        let reply =
-            virsh.agent(domain, command, crate::sys::deadline::AGENT_COMMAND).await.map_err(|e| e.to_string())?;
-        serde_json::from_value(reply)
-            .map_err(|e| format!("the agent's {command} reply does not fit QEMU's schema: {e}"))
-    }
-    let info = ask(virsh, domain, "guest-info").await?;
-    let fsinfo = ask(virsh, domain, "guest-get-fsinfo").await?;
-    // Older agents lack guest-get-disks: not a reason to refuse (as for quiesce's own VMs).
-    let disks = ask(virsh, domain, "guest-get-disks").await.unwrap_or_default();
-    let osinfo = ask(virsh, domain, "guest-get-osinfo").await?;
-    Ok(GuestFacts { info, fsinfo, disks, osinfo })
-}
-
-/// A path in a `--diskspec`, whose fields are separated by commas: a comma is doubled.
-fn diskspec_path(p: &Path) -> String {
-    p.to_string_lossy().replace(',', ",,")
-}
-
-/// libvirt's disk-only snapshot with the freeze: an overlay (at `overlays[i]`) on each
-/// disk, nothing recorded as a snapshot.
-async fn snapshot(virsh: &Virsh, domain: &str, dom: &Domain, overlays: &[PathBuf]) -> Result<(), VirshError> {
-    let specs: Vec<String> = dom
-        .disks
-        .iter()
-        .zip(overlays)
-        .map(|(d, o)| format!("{},snapshot=external,file={},driver=qcow2", d.target, diskspec_path(o)))
-        .collect();
-    let snap_name = format!("quiesce-{}", std::process::id());
-    let mut args = vec!["snapshot-create-as", domain, "--name", &snap_name];
-    args.extend(["--disk-only", "--quiesce", "--atomic", "--no-metadata"]);
-    for s in &specs {
-        args.extend(["--diskspec", s.as_str()]);
-    }
-    virsh.run(&args, SNAPSHOT).await.map(drop)
-}
-
-/// Puts each disk back on its own image, as the live XML shows it now: a disk on its
-/// overlay is committed (`blockcommit --active --shallow --pivot`), then the overlay is
-/// deleted. A disk on neither its image nor its overlay is an error (someone else changed
-/// it meanwhile), and is left as it is.
-async fn put_back(virsh: &Virsh, domain: &str, dom: &Domain, overlays: &[PathBuf]) -> Result<(), LibvirtError> {
-    let xml_error = |source| LibvirtError::Domain { domain: domain.to_owned(), source };
-    for (disk, overlay) in dom.disks.iter().zip(overlays) {
-        let now = domain::sources(&virsh.run(&["dumpxml", domain], virsh::COMMAND).await?).map_err(xml_error)?;
-        let on = now.iter().find(|(t, _)| *t == disk.target).map(|(_, p)| p.clone());
-        if on.as_ref() == Some(overlay) {
-            let secs = COMMIT.as_secs().to_string();
-            virsh
-                .run(
-                    &[
-                        "blockcommit",
-                        domain,
-                        &disk.target,
-                        "--active",
-                        "--shallow",
-                        "--pivot",
-                        "--wait",
-                        "--timeout",
-                        &secs,
-                    ],
-                    COMMIT + virsh::OWN_TIMEOUT_MARGIN,
-                )
-                .await?;
-            let after = domain::sources(&virsh.run(&["dumpxml", domain], virsh::COMMAND).await?).map_err(xml_error)?;
-            let back = after.iter().any(|(t, p)| *t == disk.target && *p == disk.path);
-            if !back {
-                return Err(LibvirtError::NotPutBack {
-                    domain: domain.to_owned(),
-                    error: format!("disk {}: blockcommit returned", disk.target),
-                    put_back: format!("the disk is not on {} again", disk.path.display()),
-                });
-            }
-        } else if on.as_ref() != Some(&disk.path) {
-            return Err(LibvirtError::NotPutBack {
-                domain: domain.to_owned(),
-                error: format!("disk {}", disk.target),
-                put_back: format!(
-                    "it is on {}, neither its image {} nor quiesce's overlay; left as it is",
-                    on.map_or_else(|| "nothing".to_owned(), |p| p.display().to_string()),
-                    disk.path.display()
-                ),
-            });
-        }
-        // The overlay is quiesce's own file (its name has this run's pid), in use no more.
-        match std::fs::remove_file(overlay) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(BackupError::io(domain, &format!("remove the overlay {}", overlay.display()), e).into())
-            }
-        }
-    }
-    Ok(())
-}
-
-/// After a failure the guest may be frozen (an agent call cut short): thaw it. Thawing a
-/// thawed guest does nothing; a failure here is only printed (the error that led here is
-/// the one to report).
-async fn thaw_after_failure(virsh: &Virsh, domain: &str) {
-    if let Err(e) = virsh.run(&["domfsthaw", domain], virsh::COMMAND).await {
-        eprintln!("quiesce: libvirt domain {domain}: thawing after the failure: {e}");
-    }
-}
-
-/// Sizes and checksums of the copied disks.
-async fn hash(vm: &str, dir: &Path, disks: &mut [DiskEntry]) -> Result<(), BackupError> {
-    for d in disks.iter_mut() {
-        let p = dir.join(&d.file);
-        let (h, n) = tokio::task::spawn_blocking(move || super::folder::sha256_file(&p))
-            .await
-            .map_err(|e| BackupError::io(vm, "hash the disks", std::io::Error::other(e)))?
-            .map_err(|e| BackupError::io(vm, "hash the disks", e))?;
-        d.sha256 = h;
-        d.bytes = n;
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn diskspec_paths_double_their_commas() {
-        assert_eq!(diskspec_path(Path::new("/a,b/c.qcow2")), "/a,,b/c.qcow2");
-    }
 }

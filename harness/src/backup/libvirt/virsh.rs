@@ -56,14 +56,27 @@ impl Virsh {
         Ok(Virsh { program, connect })
     }
 
-    /// Runs `virsh -q [-c URI] args` within `timeout`; its stdout.
-    pub async fn run(&self, args: &[&str], timeout: Duration) -> Result<String, VirshError> {
-        let shown = args.join(" ");
+    fn tool(&self, args: &[&str], timeout: Duration) -> Tool<'static> {
         let mut tool = Tool::new(&self.program, timeout).arg("-q").stdout_cap(STDOUT_CAP);
         if let Some(uri) = &self.connect {
             tool = tool.args(["-c", uri]);
         }
-        match tool.args(args).run_async().await {
+        tool.args(args)
+    }
+
+    /// Runs `virsh -q [-c URI] args` within `timeout`; its stdout.
+    pub async fn run(&self, args: &[&str], timeout: Duration) -> Result<String, VirshError> {
+        Self::answer(args, self.tool(args, timeout).run_async().await)
+    }
+
+    /// [`Virsh::run`] on this thread (for a clean-up in `Drop`).
+    pub fn run_blocking(&self, args: &[&str], timeout: Duration) -> Result<String, VirshError> {
+        Self::answer(args, self.tool(args, timeout).run())
+    }
+
+    fn answer(args: &[&str], r: Result<crate::sys::Output, ToolError>) -> Result<String, VirshError> {
+        let shown = args.join(" ");
+        match r {
             Ok(out) => Ok(out.stdout_text()),
             Err(ToolError::Failed { status, stderr, .. }) => {
                 Err(VirshError::Failed { args: shown, status: status.to_string(), stderr: stderr.trim().to_owned() })
@@ -76,8 +89,13 @@ impl Virsh {
     /// One guest agent command through libvirt (`virsh qemu-agent-command`), given
     /// `timeout` inside libvirt and a little more outside; its `return` value.
     pub async fn agent(&self, domain: &str, command: &str, timeout: Duration) -> Result<Value, VirshError> {
+        self.agent_json(domain, &serde_json::json!({ "execute": command }), timeout).await
+    }
+
+    /// [`Virsh::agent`] with arguments: `cmd` is the whole `{"execute", "arguments"}`.
+    pub async fn agent_json(&self, domain: &str, cmd: &Value, timeout: Duration) -> Result<Value, VirshError> {
         let secs = timeout.as_secs().max(1).to_string();
-        let json = format!("{{\"execute\":\"{command}\"}}");
+        let json = cmd.to_string();
         let out =
             self.run(&["qemu-agent-command", domain, &json, "--timeout", &secs], timeout + OWN_TIMEOUT_MARGIN).await?;
         let reply: Value = serde_json::from_str(out.trim()).map_err(|e| VirshError::Other {

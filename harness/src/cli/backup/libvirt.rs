@@ -1,5 +1,5 @@
-//! `quiesce backup --libvirt DOMAIN [--connect URI]`: a libvirt domain backed up through
-//! libvirt ([`quiesce::backup::libvirt`]), printed as a backup by sockets is.
+//! `quiesce backup --libvirt DOMAIN... [--connect URI]`: libvirt domains backed up through
+//! libvirt ([`quiesce::backup::libvirt`]) as one set, printed as a backup by sockets is.
 
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
@@ -11,9 +11,9 @@ use quiesce::timeline::Timeline;
 use super::{print_new_steps, print_steps, verdict_line, BackupArgs};
 use crate::cli::{CliResult, EXIT_FAILED, EXIT_INTERRUPTED};
 
-pub async fn run(args: &BackupArgs, domain: &str, interrupt: &Interrupt) -> CliResult {
+pub async fn run(args: &BackupArgs, interrupt: &Interrupt) -> CliResult {
     let opts = LibvirtBackup {
-        domain: domain.to_owned(),
+        domains: args.libvirt.clone(),
         connect: args.connect.clone(),
         method: args.method.into(),
         snapshot_dir: args.snapshot_dir.clone(),
@@ -24,25 +24,22 @@ pub async fn run(args: &BackupArgs, domain: &str, interrupt: &Interrupt) -> CliR
     let outcome = libvirt::run(&opts, &args.out, &tl, interrupt).await;
     printer.abort();
     print_new_steps(&tl, &shown);
-    let vm = &outcome.vm;
-    if !outcome.disks.is_empty() {
-        let disks: Vec<String> = outcome
-            .disks
-            .iter()
-            .map(|d| format!("{} ({}, {})", d.target, d.format.driver(), d.path.display()))
-            .collect();
-        println!("VM {vm} (libvirt domain {domain}): {}", disks.join(", "));
-    }
-    if !outcome.verdicts.is_empty() {
+    for s in &outcome.seen {
+        let vm = &s.vm;
+        let disks: Vec<String> =
+            s.disks.iter().map(|d| format!("{} ({}, {})", d.target, d.format.driver(), d.path.display())).collect();
+        println!("VM {vm} (libvirt domain {}): {}", s.domain, disks.join(", "));
         println!("VM {vm}: conditions for Child VM Snapshot:");
-        for v in &outcome.verdicts {
+        for v in &s.verdicts {
             println!("  {}", verdict_line(v));
+        }
+        if let Some((method, reason)) = &s.method {
+            println!("VM {vm}: method {} ({reason})", method.as_str());
         }
     }
     Ok(match outcome.result {
-        Ok(done) => {
-            println!("VM {vm}: method child-snapshot ({})", done.method_reason);
-            println!("backup: {}", done.backup.display());
+        Ok(path) => {
+            println!("backup: {}", path.display());
             0
         }
         Err(e @ LibvirtError::Interrupted { .. }) => {
