@@ -17,8 +17,13 @@ const QEMU_CONF: &str = "/etc/libvirt/qemu.conf";
 /// (it would try to recreate the masked /dev/kvm inside it, and fail).
 const QEMU_CONF_TEXT: &str = "stdio_handler = \"file\"\nnamespaces = [ ]\n";
 /// Run by `unshare --mount`: $1 is our qemu.conf, $2 the /dev/kvm mask (or empty), the rest
-/// is libvirtd's command line. The bind mounts are seen only by this libvirtd and its QEMUs.
+/// is libvirtd's command line. The mounts are seen only by this libvirtd and its QEMUs. The
+/// private tmpfs on /run/libvirt keeps its drivers' pid files and state apart from any other
+/// libvirtd's (a system one, or another test's or benchmark's started at the same time):
+/// each driver holds a lock on its pid file there, and a second daemon on the same
+/// /run/libvirt fails to start ("Failed to acquire pid file '/run/libvirt/network/driver.pid'").
 const LAUNCH_SCRIPT: &str = "set -e; mount --bind \"$1\" /etc/libvirt/qemu.conf; \
+    mkdir -p /run/libvirt; mount -t tmpfs -o mode=0755 quiesce-libvirt-run /run/libvirt; \
     if [ -n \"$2\" ]; then mount --bind \"$2\" /dev/kvm; fi; shift 2; exec \"$@\"";
 /// `libvirtd --daemon` returning: its parent returns once the daemon's sockets listen, a
 /// second or two.
