@@ -61,6 +61,7 @@ impl Timeline {
         fut: impl Future<Output = Result<T, E>>,
     ) -> Result<T, E> {
         trace(vm, name);
+        hold_if_asked(vm, name).await;
         let mut guard = StepGuard { tl: self, vm, name, start_ms: self.now_ms(), done: false };
         let result = fut.await;
         guard.done = true;
@@ -95,6 +96,20 @@ fn trace(vm: Option<&str>, name: &str) {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     if *ON.get_or_init(|| std::env::var_os("QUIESCE_TRACE_STEPS").is_some()) {
         eprintln!("quiesce-step: {}: {name}", vm.unwrap_or("(job)"));
+    }
+}
+
+/// Test-only: with `QUIESCE_TEST_HOLD_AT="VM: STEP"`, that step never starts: quiesce
+/// writes `quiesce-held: VM: STEP` to stderr and waits there for good. The tests that kill
+/// quiesce with SIGKILL at a precise point of a backup (the guest frozen, the VM stopped)
+/// use it, so they need no sleep to get there; nothing else sets it.
+async fn hold_if_asked(vm: Option<&str>, name: &str) {
+    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let at = AT.get_or_init(|| std::env::var("QUIESCE_TEST_HOLD_AT").ok());
+    let here = format!("{}: {name}", vm.unwrap_or("(job)"));
+    if at.as_deref() == Some(here.as_str()) {
+        eprintln!("quiesce-held: {here}");
+        std::future::pending::<()>().await;
     }
 }
 

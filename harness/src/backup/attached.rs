@@ -6,12 +6,14 @@
 //! only what the method needs, and only while it runs.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
 
 use super::job::MethodChoice;
+use super::recovery::Journal;
 use super::saved_state::{qmp, SaveSettings};
-use super::set::{self, Member, SetError, SetOutcome};
+use super::set::{self, Member, SetError, SetOutcome, Undone};
 use super::{child_snapshot::SnapshotSettings, BackupError, Faults};
 use crate::interrupt::Interrupt;
 use crate::qemu::caps::{self, Capabilities};
@@ -30,8 +32,10 @@ pub async fn capabilities(m: &Machine) -> Result<Capabilities, BackupError> {
     Ok(caps::from_replies(&version, &schema, &migrate))
 }
 
-/// A VM's migration settings as they were before the backup.
-#[derive(Debug, Clone, PartialEq)]
+/// A VM's migration settings as they were before the backup (also kept in its recovery
+/// journal, so a replay puts back what a killed save changed).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct MigrationSettings {
     capabilities: Vec<(String, bool)>,
     parameters: Map<String, Value>,
@@ -58,6 +62,22 @@ impl MigrationSettings {
         Self { capabilities, parameters }
     }
 
+    /// Read from a journal (untrusted): only the settings a save changes, each once, the
+    /// parameters numbers; `Err` names the first that is not.
+    pub fn check(&self) -> Result<(), String> {
+        for (c, _) in &self.capabilities {
+            if !CAPABILITIES.contains(&c.as_str()) || self.capabilities.iter().filter(|(d, _)| d == c).count() > 1 {
+                return Err(format!("migration capability {c:?} is not one a save changes, or is named twice"));
+            }
+        }
+        for (p, v) in &self.parameters {
+            if !PARAMETERS.contains(&p.as_str()) || !v.is_u64() {
+                return Err(format!("migration parameter {p:?} is not one a save changes, or not a number"));
+            }
+        }
+        Ok(())
+    }
+
     /// Sets them again. Safe when nothing changed.
     pub async fn put_back(&self, m: &Machine) -> Result<(), BackupError> {
         let caps: Vec<Value> = self.capabilities.iter().map(|(c, on)| json!({"capability": c, "state": on})).collect();
@@ -78,6 +98,8 @@ pub struct AttachedBackup {
     /// Where Child VM Snapshot's overlays go; by default each VM's first disk's folder (the
     /// disks' own host volume, as condition 3 asks).
     pub snapshot_dir: Option<PathBuf>,
+    /// Each VM's recovery journal, in the order of the machines (none: not journaled).
+    pub journals: Vec<Option<Arc<Journal>>>,
 }
 
 /// What the backup of a set of attached VMs did: the set's outcome, or its error, and for
@@ -119,16 +141,19 @@ pub async fn run(
     }
     let members: Vec<Member<'_>> = machines
         .iter()
-        .map(|m| Member {
+        .enumerate()
+        .map(|(i, m)| Member {
             machine: m,
             method: how.method,
             snapshot: SnapshotSettings::new(&snapshot_dir_for(m, how.snapshot_dir.as_deref())),
             save: SaveSettings::default(),
             declared_iscsi: vec![],
             faults: Faults::default(),
+            journal: how.journals.get(i).cloned().flatten(),
         })
         .collect();
     let result = set::run(&members, &caps, out, tl, interrupt).await;
+    clear_journals(machines, how, &result);
     let mut settings_not_restored = Vec::new();
     for (m, s) in machines.iter().zip(&before) {
         if let Err(e) = s.put_back(m).await {
@@ -136,6 +161,26 @@ pub async fn run(
         }
     }
     Ok(AttachedOutcome { result, settings_not_restored })
+}
+
+/// Removes the journal of each VM that is as it was: all of them after a backup, a refusal
+/// or an error before any change; after a failure, each VM put back. A VM that could not be
+/// put back keeps its journal, for the next run to try again.
+fn clear_journals(machines: &[Machine], how: &AttachedBackup, result: &Result<SetOutcome, SetError>) {
+    let kept: Vec<&str> = match result {
+        Err(SetError::Failed { undone, .. } | SetError::Interrupted { undone, .. }) => {
+            undone.iter().filter(|(_, u)| matches!(u, Undone::CouldNotPutBack(_))).map(|(vm, _)| vm.as_str()).collect()
+        }
+        _ => vec![],
+    };
+    for (m, j) in machines.iter().zip(&how.journals) {
+        let Some(j) = j else { continue };
+        if kept.contains(&m.name()) {
+            eprintln!("quiesce: VM {}: its recovery journal {} is kept for the next run", m.name(), j.path().display());
+        } else if let Err(e) = j.clear() {
+            eprintln!("quiesce: VM {}: {e}", m.name());
+        }
+    }
 }
 
 #[cfg(test)]

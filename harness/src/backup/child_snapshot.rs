@@ -10,7 +10,7 @@
 //! snapshotted and removes the overlays.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use qapi::qga::{guest_fsfreeze_freeze, guest_fsfreeze_thaw};
@@ -21,6 +21,7 @@ use super::faults::{Faults, UNCREATABLE_OVERLAY};
 use super::freeze_log::{self, FreezeRecord};
 use super::manifest::{DiskEntry, Timings};
 use super::merge::{self, CommitLimits, MergeOutcome};
+use super::recovery;
 use super::saved_state::{qmp, qmp_typed};
 use super::BackupError;
 use crate::image::qemu_img;
@@ -75,6 +76,9 @@ pub const DEFAULT_MERGE_RESERVE: u64 = 64 << 20;
 #[derive(Debug, Clone)]
 struct Overlay {
     disk: DiskConfig,
+    /// The node QEMU attaches the disk's device to: the overlay goes on it, and is merged
+    /// into it.
+    base_node: String,
     node: String,
     path: PathBuf,
     added: bool,
@@ -92,6 +96,12 @@ pub struct Undo {
     snapshotted: bool,
     /// A recovery put the VM back from a state that was not clean.
     recovered: bool,
+    /// Saved State: the VM is (about to be) stopped and saved, and not back yet. Only the
+    /// recovery journal reads it; the job's undo compares run states.
+    saving: bool,
+    /// For a VM quiesce did not start: the journal each change is written to first, so that
+    /// the next run can undo it if this one is killed ([`recovery`]).
+    journal: Option<Arc<recovery::Journal>>,
 }
 
 impl Undo {
@@ -104,6 +114,72 @@ impl Undo {
     pub fn recovered(&self) -> bool {
         self.recovered
     }
+
+    /// A log whose changes are written to `journal` before they are made.
+    pub fn journaled(journal: Option<Arc<recovery::Journal>>) -> Self {
+        Undo { journal, ..Default::default() }
+    }
+
+    /// What is left to undo, as the journal records it.
+    fn leftovers(&self) -> recovery::Leftovers {
+        recovery::Leftovers {
+            frozen: self.frozen,
+            saving: self.saving,
+            overlays: self
+                .overlays
+                .iter()
+                .map(|o| recovery::OverlayRecord {
+                    disk: o.disk.node_name.clone(),
+                    base_node: o.base_node.clone(),
+                    node: o.node.clone(),
+                    file: o.path.clone(),
+                })
+                .collect(),
+            reserve: self.reserve.clone(),
+        }
+    }
+
+    /// A log rebuilt from a journal a killed quiesce left ([`recovery::replay`]): the
+    /// overlays QEMU still has (`added`) or whose files are still there, a guest found
+    /// frozen, the reserve; [`recover`] then undoes them as after a failure.
+    pub(super) fn from_journal(
+        overlays: Vec<(recovery::OverlayRecord, bool)>,
+        frozen: bool,
+        reserve: Option<PathBuf>,
+    ) -> Self {
+        let overlays = overlays
+            .into_iter()
+            .map(|(o, added)| Overlay {
+                disk: DiskConfig {
+                    node_name: o.disk,
+                    path: PathBuf::new(),
+                    format: crate::qemu::DiskFormat::Qcow2,
+                    read_only: false,
+                },
+                base_node: o.base_node,
+                node: o.node,
+                path: o.file,
+                added,
+            })
+            .collect();
+        Undo { overlays, frozen, reserve, snapshotted: true, ..Default::default() }
+    }
+}
+
+/// Writes the log to the VM's recovery journal, if it keeps one: called after a change is
+/// logged and before it is made, so a SIGKILL between the two leaves it in the journal.
+pub(super) fn journal(m: &Machine, undo: &Mutex<Undo>) -> Result<(), BackupError> {
+    let u = lock(undo);
+    let Some(j) = &u.journal else { return Ok(()) };
+    j.write(u.leftovers())
+        .map_err(|e| BackupError::io(m.name(), "write the recovery journal", std::io::Error::other(e)))
+}
+
+/// Saved State's hook: the VM is about to be stopped and saved (`true`, written to the
+/// journal before it is), or is back in its prior state (`false`).
+pub(super) fn note_saving(m: &Machine, undo: &Mutex<Undo>, saving: bool) -> Result<(), BackupError> {
+    lock(undo).saving = saving;
+    journal(m, undo)
 }
 
 #[derive(Debug, Clone)]
@@ -211,6 +287,7 @@ async fn prepare_inner(
         Ok(())
     } else {
         lock(undo).frozen = true;
+        journal(m, undo)?;
         tl.step(vm, "freeze", async {
             agent
                 .execute_within(guest_fsfreeze_freeze {}, settings.freeze_deadline)
@@ -305,8 +382,10 @@ pub(super) async fn prepare_overlays(
         m.config().disks.iter().filter(|d| !settings.exclude.contains(&d.node_name)).cloned().collect();
     if settings.merge_reserve > 0 {
         let path = merge::reserve_path(&settings.snapshot_dir, m.name());
+        // Journaled before it is made; an undo of one never made finds no file, which is fine.
+        lock(undo).reserve = Some(path.clone());
+        journal(m, undo)?;
         merge::make_reserve(m.name(), &path, settings.merge_reserve)?;
-        lock(undo).reserve = Some(path);
     }
     for d in disks {
         if faulty == Some(d.node_name.as_str()) {
@@ -316,7 +395,15 @@ pub(super) async fn prepare_overlays(
         let path = settings.snapshot_dir.join(format!("{}-{}-overlay.qcow2", m.name(), d.node_name));
         let img = |error| BackupError::Image { vm: m.name().to_owned(), disk: d.node_name.clone(), error };
         let size = qemu_img::virtual_size(&d.path).map_err(img)?;
-        lock(undo).overlays.push(Overlay { disk: d.clone(), node: node.clone(), path: path.clone(), added: false });
+        let base_node = m.qemu_node(&d).to_owned();
+        lock(undo).overlays.push(Overlay {
+            disk: d.clone(),
+            base_node,
+            node: node.clone(),
+            path: path.clone(),
+            added: false,
+        });
+        journal(m, undo)?;
         qemu_img::create_overlay_unsafe(&d.path, d.format, size, &path).map_err(img)?;
         // No backing here: blockdev-snapshot attaches the live node as the backing.
         qmp(
@@ -337,7 +424,7 @@ pub(super) async fn transaction(m: &Machine, faulty: Option<&str>, undo: &Mutex<
     let mut actions: Vec<Value> = lock(undo)
         .overlays
         .iter()
-        .map(|o| json!({"type": "blockdev-snapshot", "data": {"node": m.qemu_node(&o.disk), "overlay": o.node}}))
+        .map(|o| json!({"type": "blockdev-snapshot", "data": {"node": o.base_node, "overlay": o.node}}))
         .collect();
     if let Some(disk) = faulty {
         actions.push(json!({"type": "blockdev-snapshot-sync", "data": {
@@ -361,6 +448,8 @@ async fn thaw(m: &Machine, settings: &SnapshotSettings, undo: &Mutex<Undo>) -> R
         .await
         .map_err(|e| super::vss::agent_failure(m.name(), step, e))?;
     lock(undo).frozen = false;
+    // Best effort: a journal still saying "frozen" only makes a replay ask the agent.
+    let _ = journal(m, undo);
     Ok(())
 }
 
@@ -421,7 +510,7 @@ pub(super) async fn merge(
     };
     let mut outcome = MergeOutcome::Converged;
     for o in overlays.iter().filter(|o| active.contains(&o.node)) {
-        outcome = outcome.then(merge::commit(m, &o.disk.node_name, m.qemu_node(&o.disk), &o.node, limits).await?);
+        outcome = outcome.then(merge::commit(m, &o.disk.node_name, &o.base_node, &o.node, limits).await?);
     }
     lock(undo).snapshotted = false;
     remove_overlays(m, undo).await?;

@@ -12,6 +12,7 @@ pub mod libvirt;
 pub mod manifest;
 pub mod merge;
 pub mod passthrough;
+pub mod recovery;
 pub mod runstate;
 pub mod saved_state;
 pub mod set;

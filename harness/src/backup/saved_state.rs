@@ -19,7 +19,7 @@ use qapi::Enum;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::child_snapshot::Undo;
+use super::child_snapshot::{self, Undo};
 use super::faults::{Faults, UNWRITABLE_STATE};
 use super::folder::sha256_file;
 use super::manifest::{DiskEntry, StateEntry, Timings};
@@ -186,7 +186,12 @@ pub async fn prepare(
         tl.step(vm, "drop the disks' host cache", frozen::drop_host_cache(m)).await?;
     }
     let state_path = if faults.save_fails { PathBuf::from(UNWRITABLE_STATE) } else { dir.join("state.bin") };
-    match save_state(m, caps, settings, &state_path, tl, &before).await {
+    // Journaled (for a VM quiesce did not start) before the VM is stopped.
+    let saved = async {
+        child_snapshot::note_saving(m, undo, true)?;
+        save_state(m, caps, settings, &state_path, tl, &before).await
+    };
+    match saved.await {
         Ok(s) => {
             Ok(Prepared { before, plan: s.plan, stopped_at: s.stopped_at, save_secs: s.secs, mb_per_s: s.mb_per_s })
         }
@@ -223,6 +228,8 @@ pub async fn post(
         } else {
             copy_while_stopped(m, caps, settings, dir, tl, &p).await?
         };
+    // Back in its prior state; best effort: a replay finds a running VM needs nothing.
+    let _ = child_snapshot::note_saving(m, undo, false);
     let state_path = dir.join("state.bin");
     let bytes = std::fs::metadata(&state_path).map_err(|e| BackupError::io(m.name(), "stat the state file", e))?.len();
     let mut saved = Saved {

@@ -33,6 +33,8 @@ pub struct Member<'a> {
     pub declared_iscsi: Vec<String>,
     /// Test-only fault injection into this VM's backup; [`Faults::default`] injects none.
     pub faults: Faults,
+    /// For a VM quiesce did not start: its recovery journal, written before each change.
+    pub journal: Option<std::sync::Arc<super::recovery::Journal>>,
 }
 
 /// What the job did with each VM.
@@ -213,7 +215,7 @@ pub async fn run(
             member: m,
             before,
             choice,
-            undo: Mutex::new(Undo::default()),
+            undo: Mutex::new(Undo::journaled(m.journal.clone())),
             dir: writer.vm_dir(vm).map_err(BackupError::from)?,
             exclude: ex.iter().map(|e| e.disk.clone()).collect(),
             prepared: Mutex::new(None),

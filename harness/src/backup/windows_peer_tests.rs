@@ -177,6 +177,7 @@ fn member<'a>(m: &'a Machine, dir: &Path, faults: Faults) -> Member<'a> {
         save: SaveSettings::default(),
         declared_iscsi: vec![],
         faults,
+        journal: None,
     }
 }
 

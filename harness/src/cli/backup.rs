@@ -18,6 +18,7 @@ use quiesce::sys::deadline;
 use quiesce::timeline::{self, Timeline};
 
 mod libvirt;
+pub mod recover;
 
 use super::{CliResult, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE};
 
@@ -95,6 +96,7 @@ pub async fn run(args: BackupArgs) -> CliResult {
 
 async fn backup(args: &BackupArgs, interrupt: &Interrupt) -> CliResult {
     let mut machines: Vec<Machine> = Vec::new();
+    let mut attached_as = Vec::new();
     for (i, qmp) in args.qmp.iter().enumerate() {
         let agent = args.agent.get(i).filter(|a| a.as_os_str() != "none").cloned();
         let opts = AttachOptions {
@@ -112,7 +114,10 @@ async fn backup(args: &BackupArgs, interrupt: &Interrupt) -> CliResult {
             }
             m = attach(&opts) => m?,
         };
+        // Before anything else: what a quiesce killed mid-backup left in this VM is undone.
+        let m = recover::leftovers(m, &opts).await?;
         machines.push(m);
+        attached_as.push(opts);
     }
     let names: Vec<String> = machines.iter().map(|m| m.name().to_owned()).collect();
     if let Some(dup) = names.iter().enumerate().find_map(|(i, n)| names[..i].contains(n).then_some(n)) {
@@ -131,7 +136,8 @@ async fn backup(args: &BackupArgs, interrupt: &Interrupt) -> CliResult {
         println!("VM {}: {}", m.name(), disks.join(", "));
     }
     let tl = Timeline::new();
-    let how = AttachedBackup { method: args.method.into(), snapshot_dir: args.snapshot_dir.clone() };
+    let journals = recover::journals(&machines, &attached_as).await?;
+    let how = AttachedBackup { method: args.method.into(), snapshot_dir: args.snapshot_dir.clone(), journals };
     let shown = Arc::new(AtomicUsize::new(0));
     let printer = tokio::spawn(print_steps(tl.clone(), shown.clone()));
     let outcome = attached::run(&machines, &how, &args.out, &tl, interrupt).await;

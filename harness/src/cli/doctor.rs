@@ -107,7 +107,53 @@ pub async fn run(
             ok = false;
         }
     }
+    ok &= print_journals();
     Ok(if ok { 0 } else { super::EXIT_FAILED })
+}
+
+/// The recovery journals a killed `quiesce backup --qmp` left (read only: nothing is undone
+/// or removed here); false if one names a VM that still runs, whose leftovers need undoing.
+fn print_journals() -> bool {
+    use quiesce::backup::recovery::{self, Liveness};
+    let (dir, journals) = match recovery::list() {
+        Ok(found) => found,
+        Err(e) => {
+            println!("journals      {e}");
+            return true;
+        }
+    };
+    if journals.is_empty() {
+        println!("journals      none in {}", dir.display());
+    }
+    let mut ok = true;
+    for (path, r) in journals {
+        let r = match r {
+            Ok(r) => r,
+            Err(e) => {
+                println!("journal       {e}");
+                continue;
+            }
+        };
+        let vm = format!("VM {} (QMP {}, pid {})", r.vm.name, r.vm.qmp.display(), r.vm.pid);
+        let run = format!("`quiesce backup --qmp {}`", r.vm.qmp.display());
+        let file = path.display();
+        match r.vm.liveness() {
+            Liveness::Live => {
+                ok = false;
+                println!("journal       {vm}: live, left by a killed quiesce (pid {}): {}", r.writer_pid, r.left);
+                println!("              the next {run} undoes it first ({file})");
+            }
+            Liveness::Gone => {
+                println!("journal       {vm}: stale, its QEMU is gone (it named: {})", r.left);
+                println!("              the next {run} removes it, touching no VM ({file})");
+            }
+            Liveness::OtherProcess => {
+                println!("journal       {vm}: stale, pid {} is another process now (it named: {})", r.vm.pid, r.left);
+                println!("              the next {run} removes it, touching no VM ({file})");
+            }
+        }
+    }
+    ok
 }
 
 /// The QEMU tools and their versions; false if one is missing. A tool of another version

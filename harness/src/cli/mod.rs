@@ -106,6 +106,9 @@ enum Command {
     /// Back up VMs quiesce did not start, by their QMP (and agent) sockets. Several --qmp
     /// are one set, all or nothing. The VMs are left as they were on every path.
     Backup(backup::BackupArgs),
+    /// Undo what a `quiesce backup --qmp` killed mid-backup left in a VM (its recovery
+    /// journal), and nothing else; `quiesce backup` does the same before it backs up.
+    Recover(backup::recover::RecoverArgs),
     /// Restore a VM of a backup into a new QEMU (the backup is only read), run checks on
     /// it, then shut it down or, with --keep-running, leave it running.
     Restore(restore::RestoreArgs),
@@ -160,6 +163,7 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Verify { backup } => run::verify(backup).await,
         Command::Diff { a, b, ignore, blocks } => diff::run(a, b, ignore, blocks).await,
         Command::Backup(args) => backup::run(args).await,
+        Command::Recover(args) => backup::recover::run(args).await,
         Command::Restore(args) => restore::run(args).await,
     };
     match result {

@@ -98,20 +98,7 @@ pub async fn run(args: RestoreArgs) -> CliResult {
             Method::ChildSnapshot => restore::boot(&backup, &vm, &opts, &tl).await?,
         };
         println!("VM {vm}: restored from {} ({})", backup.path.display(), vb.method.as_str());
-        let mut failed = 0;
-        for check in &args.check {
-            let (ok, detail) = match check {
-                CheckArg::Blocks => blocks(&backup, &vm, &restored.disks).await?,
-                CheckArg::Files => files(&backup, &vm, &restored.disks).await?,
-                CheckArg::Guest => continue,
-            };
-            println!(
-                "check {:<7} {} {detail}",
-                format!("{check:?}").to_lowercase(),
-                if ok { "passed" } else { "FAILED" }
-            );
-            failed += usize::from(!ok);
-        }
+        let mut failed = disk_checks(&backup, &vm, &restored.disks, &args.check).await?;
         // The guest runs now: booted afresh, or resumed from its saved state.
         restore::resume(&restored.machine).await?;
         if vb.method == Method::ChildSnapshot || args.check.contains(&CheckArg::Guest) {
@@ -161,6 +148,28 @@ pub async fn run(args: RestoreArgs) -> CliResult {
 }
 
 /// The backup's image of disk `node` of `vm`, and its format.
+/// The checks of `checks` that read the restored disks (`blocks`, `files`), each printed
+/// with its verdict; returns how many failed. Run before the guest runs, so the disks are
+/// as the backup left them. `guest` is left to the caller.
+pub(super) async fn disk_checks(
+    backup: &Backup,
+    vm: &str,
+    disks: &[(String, PathBuf)],
+    checks: &[CheckArg],
+) -> Result<usize, Box<dyn std::error::Error>> {
+    let mut failed = 0;
+    for check in checks {
+        let (ok, detail) = match check {
+            CheckArg::Blocks => blocks(backup, vm, disks).await?,
+            CheckArg::Files => files(backup, vm, disks).await?,
+            CheckArg::Guest => continue,
+        };
+        println!("check {:<7} {} {detail}", format!("{check:?}").to_lowercase(), if ok { "passed" } else { "FAILED" });
+        failed += usize::from(!ok);
+    }
+    Ok(failed)
+}
+
 fn backed_up(backup: &Backup, vm: &str, node: &str) -> Result<(PathBuf, DiskFormat), Box<dyn std::error::Error>> {
     let vb = backup.vm(vm).ok_or("no such VM")?;
     let d = vb.disks.iter().find(|d| d.node_name == node).ok_or("no such disk")?;
@@ -221,18 +230,8 @@ async fn guest(m: &quiesce::qemu::Machine) -> Result<(bool, String), Box<dyn std
     let frozen = agent.execute_raw("guest-fsfreeze-status", serde_json::Value::Null, deadline::AGENT_COMMAND).await?;
     let out =
         quiesce::qemu::exec::run(agent, &["/bin/sh", "-c", "sync && cat /proc/mounts"], deadline::GUEST_EXEC).await?;
-    let root_rw = out.stdout.lines().any(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        f.get(1) == Some(&"/") && f.get(3).is_some_and(|o| o.split(',').any(|o| o == "rw"))
-    });
-    let ok = frozen == serde_json::json!("thawed") && root_rw;
-    Ok((
-        ok,
-        format!(
-            "agent answers; filesystems {frozen}; root filesystem mounted {}",
-            if root_rw { "rw" } else { "NOT rw" }
-        ),
-    ))
+    let (ok, detail) = quiesce::verify::guest::judge_restored(&frozen, &out.stdout);
+    Ok((ok, format!("agent answers; {detail}")))
 }
 
 /// `--in-place --qmp SOCKET`: the VM behind the socket rolled back to the backup.

@@ -25,6 +25,21 @@ impl GuestFsck {
     }
 }
 
+/// The `guest` check of a restore, from the agent's `guest-fsfreeze-status` reply and the
+/// guest's `/proc/mounts`: it passes when the filesystems are thawed and the root filesystem
+/// is mounted read-write (a guest that came up on a damaged root remounts it read-only).
+/// Returns the verdict and its detail, for a restore through QEMU or through libvirt alike.
+pub fn judge_restored(freeze_status: &serde_json::Value, mounts: &str) -> (bool, String) {
+    let root_rw = mounts.lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.get(1) == Some(&"/") && f.get(3).is_some_and(|o| o.split(',').any(|o| o == "rw"))
+    });
+    let ok = *freeze_status == serde_json::json!("thawed") && root_rw;
+    let detail =
+        format!("filesystems {freeze_status}; root filesystem mounted {}", if root_rw { "rw" } else { "NOT rw" });
+    (ok, detail)
+}
+
 /// `e2fsck -fn` of the unmounted disk whose serial is `serial`, in the guest, within
 /// `timeout`. A disk that is not there is an error of its own (exit code 8 from the shell).
 pub async fn fsck_ext4(agent: &GuestAgent, serial: &str, timeout: Duration) -> Result<GuestFsck, ExecError> {
@@ -125,6 +140,19 @@ fn parse_recovery(serial: &str, out: &str) -> Recovery {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_restore_passes_when_thawed_on_a_read_write_root() {
+        let thawed = serde_json::json!("thawed");
+        let rw = "sysfs /sys sysfs rw,nosuid 0 0\n/dev/vda / ext4 rw,relatime 0 0\n";
+        let ro = "/dev/vda / ext4 ro,relatime 0 0\n/dev/vdb /mnt/rw ext4 rw 0 0\n";
+        assert_eq!(judge_restored(&thawed, rw), (true, "filesystems \"thawed\"; root filesystem mounted rw".into()));
+        // A root remounted read-only after errors fails, whatever else is mounted rw.
+        assert!(!judge_restored(&thawed, ro).0);
+        assert!(!judge_restored(&serde_json::json!("frozen"), rw).0);
+        // Garbage from an untrusted guest is no pass.
+        assert!(!judge_restored(&thawed, "\u{0}/ / \n").0);
+    }
 
     #[test]
     fn recoveries_read_from_the_guest() {

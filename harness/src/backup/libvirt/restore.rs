@@ -129,9 +129,10 @@ impl DomainGuard {
         }
     }
 
-    /// The guest check of a restore, through libvirt's agent connection: the agent
-    /// answers, the filesystems are thawed, the root filesystem is mounted read-write.
-    pub async fn guest_check(&self) -> Result<(bool, String), VirshError> {
+    /// What the guest check of a restore judges, asked through libvirt's agent connection:
+    /// the agent's `guest-fsfreeze-status` reply and the guest's `/proc/mounts` (bounded).
+    /// The verdict is `verify::guest::judge_restored`'s, a layer above this one.
+    pub async fn guest_state(&self) -> Result<(serde_json::Value, String), VirshError> {
         let agent_timeout = crate::sys::deadline::AGENT_COMMAND;
         let frozen = self.virsh.agent(&self.name, "guest-fsfreeze-status", agent_timeout).await?;
         let exec = serde_json::json!({"execute": "guest-exec", "arguments": {
@@ -155,19 +156,7 @@ impl DomainGuard {
         };
         let mut out = status.out_data.unwrap_or_default();
         out.truncate(crate::qemu::exec::MAX_OUTPUT);
-        let mounts = String::from_utf8_lossy(&out);
-        let root_rw = mounts.lines().any(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.get(1) == Some(&"/") && f.get(3).is_some_and(|o| o.split(',').any(|o| o == "rw"))
-        });
-        let ok = frozen == serde_json::json!("thawed") && root_rw;
-        Ok((
-            ok,
-            format!(
-                "agent answers (through libvirt); filesystems {frozen}; root filesystem mounted {}",
-                if root_rw { "rw" } else { "NOT rw" }
-            ),
-        ))
+        Ok((frozen, String::from_utf8_lossy(&out).into_owned()))
     }
 }
 

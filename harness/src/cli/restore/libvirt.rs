@@ -9,7 +9,7 @@ use quiesce::backup::Backup;
 use quiesce::sys::deadline;
 use quiesce::verify::restore;
 
-use super::{blocks, files, CheckArg};
+use super::{disk_checks, CheckArg};
 use crate::cli::{CliResult, EXIT_FAILED, EXIT_INTERRUPTED};
 
 pub async fn run(
@@ -27,25 +27,13 @@ pub async fn run(
             r.guard.name,
             r.restore_ms
         );
-        let mut failed = 0;
-        // Checked before the guest runs, so the disks are as the backup left them.
-        for check in checks {
-            let (ok, detail) = match check {
-                CheckArg::Blocks => blocks(backup, vm, &r.disks).await?,
-                CheckArg::Files => files(backup, vm, &r.disks).await?,
-                CheckArg::Guest => continue,
-            };
-            println!(
-                "check {:<7} {} {detail}",
-                format!("{check:?}").to_lowercase(),
-                if ok { "passed" } else { "FAILED" }
-            );
-            failed += usize::from(!ok);
-        }
+        let mut failed = disk_checks(backup, vm, &r.disks, checks).await?;
         restore::resume(&r.machine).await?;
         if checks.contains(&CheckArg::Guest) {
             r.guard.wait_agent(deadline::AGENT_AFTER_RESUME).await?;
-            let (ok, detail) = r.guard.guest_check().await?;
+            let (frozen, mounts) = r.guard.guest_state().await?;
+            let (ok, detail) = quiesce::verify::guest::judge_restored(&frozen, &mounts);
+            let detail = format!("agent answers (through libvirt); {detail}");
             println!("check guest   {} {detail}", if ok { "passed" } else { "FAILED" });
             failed += usize::from(!ok);
         }

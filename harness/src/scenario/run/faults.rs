@@ -60,6 +60,8 @@ pub(super) fn member<'a>(s: &Scenario, vm: &'a Vm, method: MethodChoice) -> Memb
             // Set by `host_faults::adjust`.
             ..Faults::default()
         },
+        // quiesce started this VM: it dies with quiesce (PDEATHSIG), nothing to journal.
+        journal: None,
     }
 }
 

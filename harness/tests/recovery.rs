@@ -1,0 +1,309 @@
+//! quiesce killed with SIGKILL in the middle of a backup of a VM it did not start, so no
+//! undo can run: the guest stays frozen, overlays stay on its disks, a saved VM stays
+//! stopped. The recovery journal quiesce wrote before each change lets `quiesce doctor`
+//! show them, and the next `quiesce backup` on that VM undo them before anything else.
+//! A journal of another QEMU on the same socket path is stale: removed, nothing touched.
+//!
+//! Real QEMU, real guest, real qemu-ga. quiesce is held at a named step by the test-only
+//! `QUIESCE_TEST_HOLD_AT` (it says so on stderr, then waits), so the kill lands exactly
+//! there, with no sleep.
+
+mod common;
+mod hand_started;
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use hand_started::{HandStarted, T};
+use quiesce::image::qemu_img;
+use quiesce::qemu::DiskFormat;
+use quiesce::sys::{deadline, Process, Spawn, Tool};
+
+/// A whole `quiesce backup` of a 256 MiB guest under TCG on a shared machine.
+const BACKUP: Duration = Duration::from_secs(600);
+
+fn quiesce() -> &'static str {
+    env!("CARGO_BIN_EXE_quiesce")
+}
+
+/// Starts `quiesce backup --qmp VM [args] out` with its journals in `state`, held at step
+/// `hold` ("VM: STEP"), and kills it with SIGKILL there. Returns what it said.
+fn kill_when_held(qmp: &Path, state: &Path, args: &[String], hold: &str, out: &Path) -> String {
+    let mut child = Spawn::new(quiesce())
+        .args(["backup", "--qmp"])
+        .arg(qmp)
+        .args(args)
+        .arg(out)
+        .env("QUIESCE_STATE_DIR", state)
+        // Its run folder (transcript; Saved State's overlays), which SIGKILL leaves, goes
+        // in the test's folder, removed with it.
+        .env("TMPDIR", state)
+        .env("QUIESCE_TEST_HOLD_AT", hold)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = child.take_stderr().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let marker = format!("quiesce-held: {hold}");
+    let mut seen = String::new();
+    let start = Instant::now();
+    loop {
+        let left = BACKUP.saturating_sub(start.elapsed());
+        let Ok(line) = rx.recv_timeout(left) else {
+            child.kill();
+            panic!("quiesce never reached {hold:?}; it said:\n{seen}");
+        };
+        seen.push_str(&line);
+        seen.push('\n');
+        if line == marker {
+            break;
+        }
+    }
+    let status = child.kill().expect("quiesce dies of SIGKILL");
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(9), "{seen}");
+    eprintln!("{seen}");
+    seen
+}
+
+/// Runs `quiesce backup` to its end, its journals in `state`.
+fn backup(qmp: &Path, state: &Path, args: &[String], out: &Path) -> quiesce::sys::Output {
+    let o = Tool::new(quiesce(), BACKUP)
+        .args(["backup", "--qmp"])
+        .arg(qmp)
+        .args(args)
+        .arg(out)
+        .env("QUIESCE_STATE_DIR", state)
+        .env("TMPDIR", state)
+        .output()
+        .unwrap();
+    eprintln!("{}\n{}", o.stdout_text(), o.stderr);
+    o
+}
+
+/// `quiesce doctor`'s lines about journals in `state` (it changes nothing there).
+fn doctor(state: &Path) -> String {
+    let reports = tempfile::tempdir().unwrap();
+    let o = Tool::new(quiesce(), Duration::from_secs(120))
+        .args(["doctor", "--no-build", "--report-dir"])
+        .arg(reports.path())
+        .env("QUIESCE_STATE_DIR", state)
+        .output()
+        .unwrap();
+    let text = o.stdout_text();
+    let mut lines = Vec::new();
+    let mut journal = false;
+    for l in text.lines() {
+        journal = l.starts_with("journal") || (journal && l.starts_with(' '));
+        if journal {
+            lines.push(l);
+        }
+    }
+    eprintln!("doctor:\n{}", lines.join("\n"));
+    lines.join("\n")
+}
+
+fn journals(state: &Path) -> Vec<PathBuf> {
+    match std::fs::read_dir(state.join("journals")) {
+        Ok(d) => d.flatten().map(|e| e.path()).collect(),
+        Err(_) => vec![],
+    }
+}
+
+fn overlays_in(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().contains("-overlay"))
+        .collect()
+}
+
+fn verify(out: &Path) {
+    let v = Tool::new(quiesce(), BACKUP).arg("verify").arg(out).output().unwrap();
+    assert!(v.status.success(), "quiesce verify {}: {}{}", out.display(), v.stdout_text(), v.stderr);
+}
+
+/// The node names attached to the VM's devices.
+async fn on_top(vm: &HandStarted) -> Vec<String> {
+    let blocks = vm.qmp_ask("query-block", Value::Null).await;
+    blocks.as_array().unwrap().iter().filter_map(|b| b["inserted"]["node-name"].as_str().map(str::to_owned)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_while_frozen_on_overlays_is_undone_by_the_next_backup() {
+    let vm = HandStarted::start("rec-frozen").await;
+    let before = vm.state().await;
+    let state = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let args: Vec<String> =
+        ["--agent", &vm.agent().display().to_string(), "--method", "child-snapshot"].map(str::to_owned).to_vec();
+    // At the start of the thaw: the transaction ran (overlays on top), the guest is frozen.
+    kill_when_held(&vm.qmp(), state.path(), &args, "rec-frozen: thaw", &out.path().join("killed"));
+
+    // The leftovers are real: a frozen guest, the overlay on top of the disk, its file.
+    let a = vm.agent_conn().await;
+    a.wait_ready(T).await.unwrap();
+    assert_eq!(a.execute_raw("guest-fsfreeze-status", Value::Null, T).await.unwrap(), json!("frozen"));
+    drop(a);
+    let top = on_top(&vm).await;
+    assert!(top.iter().any(|n| n.ends_with("-snap")), "no overlay on top: {top:?}");
+    assert_eq!(overlays_in(vm.dir.path()).len(), 1);
+    assert_eq!(journals(state.path()).len(), 1);
+
+    // doctor shows them, and touches nothing.
+    let d = doctor(state.path());
+    assert!(d.contains("VM rec-frozen") && d.contains(": live, left by a killed quiesce"), "{d}");
+    assert!(d.contains("the guest frozen") && d.contains("-snap"), "{d}");
+    assert_eq!(journals(state.path()).len(), 1);
+
+    // The next backup undoes them first, then backs up.
+    let after = out.path().join("after");
+    let o = backup(&vm.qmp(), state.path(), &args, &after);
+    assert!(o.status.success(), "the backup after the kill failed");
+    let text = o.stdout_text();
+    assert!(text.contains("of a killed quiesce named"), "{text}");
+    assert!(text.contains("guest was frozen: thawed"), "{text}");
+    assert!(text.contains("merged and removed"), "{text}");
+    assert_eq!(vm.state().await, before, "the VM is not as it was");
+    assert!(overlays_in(vm.dir.path()).is_empty(), "overlays left: {:?}", overlays_in(vm.dir.path()));
+    assert!(journals(state.path()).is_empty(), "journal left: {:?}", journals(state.path()));
+    vm.assert_alive().await;
+    verify(&after);
+    assert!(doctor(state.path()).starts_with("journals      none"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_while_saved_leaves_the_vm_stopped_until_the_next_backup() {
+    let vm = HandStarted::start("rec-saved").await;
+    let before = vm.state().await;
+    let state = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let args: Vec<String> =
+        ["--agent", &vm.agent().display().to_string(), "--method", "saved-state"].map(str::to_owned).to_vec();
+    // Its state saved, its disks inactive, the overlays made but not on yet.
+    let hold = "rec-saved: activate the disks (still stopped)";
+    kill_when_held(&vm.qmp(), state.path(), &args, hold, &out.path().join("killed"));
+
+    let status = vm.qmp_ask("query-status", Value::Null).await;
+    assert_eq!((status["running"].clone(), status["status"].clone()), (json!(false), json!("postmigrate")));
+    let nodes = vm.qmp_ask("query-named-block-nodes", json!({"flat": true})).await;
+    assert!(nodes.as_array().unwrap().iter().any(|n| n["node-name"].as_str().is_some_and(|s| s.ends_with("-snap"))));
+
+    let d = doctor(state.path());
+    assert!(d.contains(": live, left by a killed quiesce") && d.contains("the VM stopped for Saved State"), "{d}");
+
+    let after = out.path().join("after");
+    let o = backup(&vm.qmp(), state.path(), &args, &after);
+    assert!(o.status.success(), "the backup after the kill failed");
+    let text = o.stdout_text();
+    assert!(text.contains("VM left postmigrate by a Saved State: put back"), "{text}");
+    assert!(text.contains("not in use: removed"), "{text}");
+    assert!(text.contains("migration settings changed by the save: put back"), "{text}");
+    assert_eq!(vm.state().await, before, "the VM is not as it was");
+    assert!(overlays_in(vm.dir.path()).is_empty(), "overlays left: {:?}", overlays_in(vm.dir.path()));
+    assert!(journals(state.path()).is_empty());
+    vm.assert_alive().await;
+    verify(&after);
+}
+
+/// A QEMU the test started, stopped when dropped.
+struct Bare(Process);
+
+impl Drop for Bare {
+    fn drop(&mut self) {
+        self.0.terminate(deadline::QEMU_QUIT);
+    }
+}
+
+/// A QEMU with no guest (`-S`: it never runs), on `dir/qmp.sock`, over `dir/disk.qcow2`.
+fn bare_qemu(dir: &Path) -> Bare {
+    let d = dir.display();
+    Tool::new("qemu-system-x86_64", deadline::QMP_CONNECT)
+        .args(["-name", "stale", "-M", "q35", "-accel", "tcg", "-m", "64", "-display", "none", "-nodefaults", "-S"])
+        .args(["-drive", &format!("file={d}/disk.qcow2,if=virtio,format=qcow2")])
+        .args(["-qmp", &format!("unix:{d}/qmp.sock,server=on,wait=off"), "-pidfile", &format!("{d}/qemu.pid")])
+        .arg("-daemonize")
+        .run()
+        .expect("QEMU starts");
+    let pid: u32 = std::fs::read_to_string(dir.join("qemu.pid")).unwrap().trim().parse().unwrap();
+    Bare(Process::open(pid).expect("QEMU runs"))
+}
+
+async fn qmp_state(qmp: &Path) -> Value {
+    let ask = |c: &'static str, a: Value| async move {
+        let s = tokio::net::UnixStream::connect(qmp).await.unwrap();
+        let t = quiesce::qemu::Transcript::create(&qmp.with_file_name("test-qmp.log")).unwrap();
+        let q = quiesce::qemu::Qmp::connect(s, t, deadline::QMP_CONNECT).await.unwrap();
+        q.execute_raw(c, a, deadline::QMP_COMMAND).await.unwrap()
+    };
+    let nodes = ask("query-named-block-nodes", json!({"flat": true})).await;
+    let mut nodes: Vec<String> =
+        nodes.as_array().unwrap().iter().map(|n| format!("{} {}", n["node-name"], n["file"])).collect();
+    nodes.sort();
+    json!({"status": ask("query-status", Value::Null).await["status"], "nodes": nodes})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_of_another_qemu_on_the_same_socket_is_stale_and_touches_nothing() {
+    let dir = tempfile::Builder::new().prefix("quiesce-stale-").tempdir().unwrap();
+    qemu_img::create(&dir.path().join("disk.qcow2"), DiskFormat::Qcow2, 64 << 20).unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let qmp = dir.path().join("qmp.sock");
+    let first = bare_qemu(dir.path());
+    let args: Vec<String> = ["--method", "saved-state"].map(str::to_owned).to_vec();
+    kill_when_held(&qmp, state.path(), &args, "stale: save state (migrate to file)", &out.path().join("killed"));
+    assert_eq!(journals(state.path()).len(), 1);
+    // The journal names the save under way (a paused VM's disks are copied while it stays
+    // stopped, so no overlay is made).
+    let journal = std::fs::read_to_string(&journals(state.path())[0]).unwrap();
+    assert!(journal.contains("\"saving\": true"), "{journal}");
+    let left = overlays_in(dir.path());
+    let named: Value = serde_json::from_str(&journal).unwrap();
+    // That QEMU ends; another starts on the same socket path.
+    assert!(first.0.terminate(deadline::QEMU_QUIT));
+    let d = doctor(state.path());
+    assert!(d.contains("VM stale") && d.contains(": stale, its QEMU is gone"), "{d}");
+    let second = bare_qemu(dir.path());
+    let before = qmp_state(&qmp).await;
+
+    // Child VM Snapshot is refused (no agent) after the journal was dealt with: the run
+    // does nothing but find the journal stale.
+    let o = backup(&qmp, state.path(), &["--method".into(), "child-snapshot".into()], &out.path().join("b"));
+    let text = o.stdout_text();
+    assert!(text.contains("stale recovery journal") && text.contains("removed, no VM touched"), "{text}");
+    assert!(journals(state.path()).is_empty());
+    assert_eq!(qmp_state(&qmp).await, before, "the other QEMU was touched");
+    assert_eq!(overlays_in(dir.path()), left, "a file the stale journal named was touched");
+    // `quiesce recover` (the replay alone) finds nothing left to do.
+    let r = Tool::new(quiesce(), BACKUP)
+        .args(["recover", "--qmp"])
+        .arg(&qmp)
+        .env("QUIESCE_STATE_DIR", state.path())
+        .output()
+        .unwrap();
+    assert!(
+        r.status.success() && r.stdout_text().contains("no recovery journal: nothing to undo"),
+        "{}{}",
+        r.stdout_text(),
+        r.stderr
+    );
+    assert_eq!(qmp_state(&qmp).await, before);
+    // The files it named are still there (the reserve is 64 MiB): the test removes them.
+    let reserve = PathBuf::from(named["left"]["reserve"].as_str().expect("a merge reserve named"));
+    assert!(reserve.exists(), "{} was touched", reserve.display());
+    std::fs::remove_dir_all(reserve.parent().unwrap()).unwrap();
+    drop(second);
+}
