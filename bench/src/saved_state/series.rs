@@ -54,6 +54,33 @@ pub(super) struct Round {
     /// The steps inside the downtime (from the stop to the VM running again), seconds each:
     /// what the downtime is made of.
     pub(super) window: Vec<(String, f64)>,
+    /// The whole backup, step by step (top-level steps of the timeline, and the commit that
+    /// makes it durable): where the time beyond the downtime goes.
+    pub(super) phases: Vec<(String, f64)>,
+}
+
+/// The steps of `tl` that do not overlap an earlier one (nested steps are left out, so the
+/// lengths add up), with the gaps between them, then `commit` seconds for the folder's
+/// commit: the whole backup, step by step.
+fn whole_steps(tl: &Timeline, commit: f64) -> Vec<(String, f64)> {
+    let mut out = Vec::new();
+    let mut steps = tl.steps();
+    // A step is recorded when it ends, so an enclosing step comes after what it encloses:
+    // by start, the longer first, each step comes before those inside it.
+    steps.sort_by(|a, b| a.start_ms.total_cmp(&b.start_ms).then(b.end_ms.total_cmp(&a.end_ms)));
+    let mut at = 0.0;
+    for s in steps {
+        if s.start_ms < at {
+            continue;
+        }
+        if s.start_ms - at >= 1.0 {
+            out.push(("(between steps)".to_owned(), (s.start_ms - at) / 1000.0));
+        }
+        at = s.end_ms;
+        out.push((s.name.clone(), (s.end_ms - s.start_ms) / 1000.0));
+    }
+    out.push(("commit (sync and rename)".to_owned(), commit));
+    out
 }
 
 /// The steps of `tl` from the last `stop` to the end of the `return to prior state` after
@@ -133,7 +160,9 @@ async fn one_backup(
     let t = Instant::now();
     let mut w = BackupWriter::create(path, &caps.version)?;
     let vm = job::saved_state(m, caps, settings, "benchmark", &mut w, &tl).await?;
+    let c = Instant::now();
     let backup = w.commit()?;
+    let commit = c.elapsed().as_secs_f64();
     let whole = t.elapsed().as_secs_f64();
     let save = step_secs(&tl, SAVE_STEP).ok_or(BenchError::NoStep { round, step: SAVE_STEP })?;
     let r = Round {
@@ -142,6 +171,7 @@ async fn one_backup(
         whole,
         bytes: occupied(&backup.path),
         window: window_steps(&tl),
+        phases: whole_steps(&tl, commit),
     };
     super::remove_dir(&backup.path)?;
     Ok(r)
@@ -365,6 +395,12 @@ pub(super) fn render(points: &[Point], memory_mib: u32, rounds: usize) -> String
             let _ = writeln!(s, "  downtime @{} MiB, first round, step by step: {}", p.data_mib, parts.join(", "));
         }
     }
+    for p in points {
+        if let Some(r) = p.ours.first() {
+            let parts: Vec<String> = r.phases.iter().map(|(n, secs)| format!("{n} {secs:.3}")).collect();
+            let _ = writeln!(s, "  whole @{} MiB, first round, step by step: {}", p.data_mib, parts.join(", "));
+        }
+    }
     let _ = writeln!(
         s,
         "  libvirt: virsh save + cp of the disks + sync of the copies + virsh restore (the guest's downtime)"
@@ -431,7 +467,14 @@ mod tests {
     use super::*;
 
     fn round(downtime: f64, save: f64) -> Round {
-        Round { downtime, save, whole: 2.0, bytes: 2_000_000_000, window: vec![("stop".into(), 0.01)] }
+        Round {
+            downtime,
+            save,
+            whole: 2.0,
+            bytes: 2_000_000_000,
+            window: vec![("stop".into(), 0.01)],
+            phases: vec![("copy frozen images".into(), 1.0)],
+        }
     }
 
     #[test]
@@ -453,6 +496,7 @@ mod tests {
             "@ 4096 MiB: downtime / libvirt's 0.070 (goal <= 0.2: goal met)",
             "@ 4096 MiB: whole backup MB/s / dd fsync's 1.00x (goal >= 0.8x: goal met)",
             "downtime @4096 MiB, first round, step by step: stop 0.010",
+            "whole @4096 MiB, first round, step by step: copy frozen images 1.000",
         ] {
             assert!(flat.contains(want), "missing {want:?} in\n{text}");
         }
