@@ -69,3 +69,34 @@ async fn qemu_killed_under_the_guard_is_reported_and_cleaned() {
     drop(guest);
     assert!(!run_dir.exists());
 }
+
+/// A guest that panics at boot ends its QEMU (`panic=-1` and `-no-reboot`): the boot fails
+/// saying QEMU exited, with the kernel's panic in the serial tail, never with a bare error
+/// of the agent's socket (the reset QEMU's exit leaves on it).
+#[tokio::test]
+async fn a_guest_that_panics_at_boot_is_reported_as_qemu_exiting_with_its_serial_tail() {
+    use quiesce::qemu::{DiskFormat, Machine, MachineError};
+    let image = quiesce::image::recipe::ensure("linux", false, &mut |s| eprintln!("  {s}")).unwrap();
+    let verdict = quiesce::testguest::accel_for(&image, None).unwrap();
+    let mut boot = image.kernel_boot();
+    // No init in the initramfs, none on a root that does not exist: the kernel panics.
+    boot.append = "console=ttyS0 panic=-1 rdinit=/no-such-init init=/no-such-init root=/dev/no-such-disk".into();
+    let (cfg, _disks) = quiesce::testguest::machine_config(
+        common::options("guard-boot-panic"),
+        verdict.accel,
+        boot,
+        &image.root,
+        DiskFormat::Raw,
+    )
+    .unwrap();
+    let mut machine = Machine::launch(cfg).await.unwrap();
+    let err = machine.wait_agent(quiesce::sys::deadline::boot_to_agent()).await.unwrap_err();
+    let MachineError::Exited { serial, .. } = &err else { panic!("expected QEMU to have exited, got: {err}") };
+    assert!(serial.contains("Kernel panic"), "serial tail: {serial}");
+    drop(machine);
+    for e in std::fs::read_dir(common::artifacts()).unwrap().filter_map(Result::ok) {
+        if e.file_name().to_string_lossy().starts_with("guard-boot-panic-") {
+            std::fs::remove_dir_all(e.path()).unwrap();
+        }
+    }
+}

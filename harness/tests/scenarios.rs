@@ -43,6 +43,10 @@ fn run_scenario(path: &Path) -> Result<(), Failed> {
         eprintln!("scenario {} skipped: {why}", s.name);
         return Ok(());
     }
+    if let Some(error) = &report.error {
+        // Before the fixture's diff, which CI logs cut: the whole error, serial tail and all.
+        eprintln!("scenario {} stopped with an error:\n{error}", s.name);
+    }
     let fx = fixture::of(&report);
     let mut settings = insta::Settings::clone_current();
     settings.set_snapshot_path(snapshots_of(path));

@@ -322,6 +322,16 @@ impl Machine {
                 r = agent.wait_ready(timeout) => match r {
                     Ok(()) => return Ok(()),
                     Err(AgentError::NotResponding { .. }) => false,
+                    // The channel broke (a reset, an end of stream): most often QEMU itself
+                    // is ending, as when the guest panics at boot (panic=-1 and -no-reboot
+                    // make a panic end QEMU). Its exit, its output and the serial tail say
+                    // why; the bare socket error would not.
+                    Err(source @ (AgentError::Io(_) | AgentError::Disconnected { .. })) => {
+                        if process.wait_async(deadline::QEMU_QUIT).await.is_none() {
+                            return Err(MachineError::Agent { name: self.cfg.name.clone(), source });
+                        }
+                        true
+                    }
                     Err(source) => return Err(MachineError::Agent { name: self.cfg.name.clone(), source }),
                 },
                 // None is the timeout: QEMU is still running, the agent just never answered.

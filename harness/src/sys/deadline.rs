@@ -45,6 +45,12 @@ pub const QEMU_QUIT: Duration = Duration::from_secs(3);
 /// busy workload in a few seconds.
 pub const GUEST_EXEC: Duration = Duration::from_secs(30);
 
+/// Writing a scenario's data in the guest (`dd` of tens of MiB from `/dev/urandom` and
+/// `sync`, as a fault's filler does): a few seconds under TCG; the guest's CPU share shrinks
+/// with the host's load, so callers stretch it with [`under_load`] (30 s fired at a load of
+/// 13 on 2 cores with six scenarios at once, while `dd` was only slow).
+pub const GUEST_WRITE_DATA: Duration = Duration::from_secs(60);
+
 /// A guest agent command that the agent answers at once (`guest-ping`,
 /// `guest-fsfreeze-status`, `guest-get-fsinfo`, starting a `guest-exec`...).
 pub const AGENT_COMMAND: Duration = Duration::from_secs(30);

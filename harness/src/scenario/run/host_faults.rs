@@ -113,7 +113,8 @@ pub(super) async fn arm(s: &Scenario, vm: &Vm) -> Result<(), RunError> {
             "dd if=/dev/urandom of={data}/fill-src bs=1M count={FILL_MIB} 2>/dev/null && \
              dd if=/dev/zero of={data}/fill bs=1M count={FILL_MIB} 2>/dev/null && sync"
         );
-        exec::sh(agent, &prep, deadline::GUEST_EXEC).await.map_err(vm.fail("writing the filler's files"))?;
+        let wait = deadline::under_load(deadline::GUEST_WRITE_DATA);
+        exec::sh(agent, &prep, wait).await.map_err(vm.fail("writing the filler's files"))?;
         // Direct I/O with fsync: each write dd sees succeed is on the VM's disk, not in a cache.
         let fill = format!(
             "dd if={data}/fill-src of={data}/fill bs=1M conv=notrunc,fsync oflag=direct 2>/run/fill.err; echo $? > /run/fill.rc"
