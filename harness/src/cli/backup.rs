@@ -13,7 +13,7 @@ use quiesce::backup::conditions::{self, Outcome, Verdict};
 use quiesce::backup::job::{Choice, MethodChoice};
 use quiesce::backup::set::SetError;
 use quiesce::interrupt::Interrupt;
-use quiesce::qemu::{attach, AttachOptions, Machine};
+use quiesce::qemu::{attach, Machine};
 use quiesce::sys::deadline;
 use quiesce::timeline::{self, Timeline};
 
@@ -97,14 +97,7 @@ pub async fn run(args: BackupArgs) -> CliResult {
 async fn backup(args: &BackupArgs, interrupt: &Interrupt) -> CliResult {
     let mut machines: Vec<Machine> = Vec::new();
     let mut attached_as = Vec::new();
-    for (i, qmp) in args.qmp.iter().enumerate() {
-        let agent = args.agent.get(i).filter(|a| a.as_os_str() != "none").cloned();
-        let opts = AttachOptions {
-            name: None,
-            qmp: qmp.clone(),
-            agent,
-            artifacts_dir: quiesce::qemu::config::default_artifacts_dir(),
-        };
+    for opts in recover::attach_options(&args.qmp, &args.agent) {
         // Attaching only asks questions: an interruption here has nothing to undo.
         let m = tokio::select! {
             biased;

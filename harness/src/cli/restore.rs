@@ -240,12 +240,7 @@ async fn in_place(backup: &Backup, vm: &str, qmp: &std::path::Path, checks: &[Ch
         eprintln!("quiesce: --in-place runs --check blocks only ({c:?} needs a restore into a new QEMU)");
         return Ok(EXIT_USAGE);
     }
-    let opts = quiesce::qemu::AttachOptions {
-        name: None,
-        qmp: qmp.to_owned(),
-        agent: None,
-        artifacts_dir: quiesce::qemu::config::default_artifacts_dir(),
-    };
+    let opts = quiesce::qemu::AttachOptions::new(qmp.to_owned(), None);
     let m = quiesce::qemu::attach(&opts).await?;
     // Not raced against Ctrl-C: a rollback stopped half-way would leave the disks mixed.
     let done = rollback_attached::roll_back(backup, vm, &m, !checks.is_empty()).await?;

@@ -333,13 +333,8 @@ pub async fn restore(
     // From here the domain may exist: the guard destroys it on every path.
     let guard = DomainGuard { virsh, name: name.clone(), done: false };
     restored?;
-    let opts = AttachOptions {
-        name: Some(vm.to_owned()),
-        qmp: qmp.clone(),
-        // libvirt holds the agent's socket; the guest check goes through it.
-        agent: None,
-        artifacts_dir: crate::qemu::config::default_artifacts_dir(),
-    };
+    // libvirt holds the agent's socket; the guest check goes through it.
+    let opts = AttachOptions { name: Some(vm.to_owned()), ..AttachOptions::new(qmp.clone(), None) };
     let machine =
         crate::qemu::attach(&opts).await.map_err(|source| LibvirtRestoreError::Attach { vm: vm.into(), source })?;
     Ok(LibvirtRestored {
