@@ -229,7 +229,7 @@ async fn guest(m: &quiesce::qemu::Machine) -> Result<(bool, String), Box<dyn std
     agent.wait_ready(deadline::AGENT_AFTER_RESUME).await?;
     let frozen = agent.execute_raw("guest-fsfreeze-status", serde_json::Value::Null, deadline::AGENT_COMMAND).await?;
     let out =
-        quiesce::qemu::exec::run(agent, &["/bin/sh", "-c", "sync && cat /proc/mounts"], deadline::GUEST_EXEC).await?;
+        quiesce::qemu::exec::run(agent, &["/bin/sh", "-c", "sync && cat /proc/mounts"], deadline::guest_exec()).await?;
     let (ok, detail) = quiesce::verify::guest::judge_restored(&frozen, &out.stdout);
     Ok((ok, format!("agent answers; {detail}")))
 }

@@ -45,6 +45,13 @@ pub const QEMU_QUIT: Duration = Duration::from_secs(3);
 /// busy workload in a few seconds.
 pub const GUEST_EXEC: Duration = Duration::from_secs(30);
 
+/// [`GUEST_EXEC`] for a command starting now, stretched by [`under_load`]: the guest's
+/// share of a core shrinks as the host's load grows (30 s fired on starting the guest app
+/// at a load of 15 on 2 cores, eight scenarios at once, while the guest was only slow).
+pub fn guest_exec() -> Duration {
+    under_load(GUEST_EXEC)
+}
+
 /// Writing a scenario's data in the guest (`dd` of tens of MiB from `/dev/urandom` and
 /// `sync`, as a fault's filler does): a few seconds under TCG; the guest's CPU share shrinks
 /// with the host's load, so callers stretch it with [`under_load`] (30 s fired at a load of

@@ -140,7 +140,7 @@ impl DomainGuard {
         let started = self.virsh.agent_json(&self.name, &exec, agent_timeout).await?;
         let bad = |why: String| VirshError::Other { args: format!("qemu-agent-command {} guest-exec", self.name), why };
         let pid = started["pid"].as_i64().ok_or_else(|| bad(format!("no pid in {started}")))?;
-        let until = std::time::Instant::now() + crate::sys::deadline::GUEST_EXEC;
+        let until = std::time::Instant::now() + crate::sys::deadline::guest_exec();
         let status: qapi::qga::GuestExecStatus = loop {
             let q = serde_json::json!({"execute": "guest-exec-status", "arguments": {"pid": pid}});
             let reply = self.virsh.agent_json(&self.name, &q, agent_timeout).await?;
