@@ -174,7 +174,7 @@ async fn print_choices(machines: &[Machine], choices: &[(String, Choice)], snaps
         if verdicts.is_empty() {
             if let Some(m) = machines.iter().find(|m| m.name() == vm) {
                 let dir = attached::snapshot_dir_for(m, snapshot_dir);
-                verdicts = conditions::evaluate(m, &dir, deadline::CONDITION_AGENT_COMMAND).await;
+                verdicts = conditions::evaluate(m, &dir, deadline::condition_agent_command()).await;
             }
         }
         println!("VM {vm}: conditions for Child VM Snapshot:");

@@ -74,6 +74,13 @@ pub const AGENT_SILENCE: Duration = Duration::from_secs(1);
 /// agent is itself a finding (the agent cannot freeze), and must not hold the job up.
 pub const CONDITION_AGENT_COMMAND: Duration = Duration::from_secs(3);
 
+/// [`CONDITION_AGENT_COMMAND`] for questions asked now, stretched by [`under_load`]: an
+/// agent on a loaded host answers late without being hung (3 s fired at a load of 15 on 2
+/// cores, and the VM fell back to Saved State for an agent that was only slow).
+pub fn condition_agent_command() -> Duration {
+    under_load(CONDITION_AGENT_COMMAND)
+}
+
 /// A guest booting to an agent that answers (the test guest, or a VM restored from a disk-only
 /// backup): about 5 s under TCG; this leaves room for a loaded CI machine.
 pub const BOOT_TO_AGENT: Duration = Duration::from_secs(90);
