@@ -229,7 +229,7 @@ async fn guest(m: &quiesce::qemu::Machine) -> Result<(bool, String), Box<dyn std
     agent.wait_ready(deadline::AGENT_AFTER_RESUME).await?;
     let frozen = agent.execute_raw("guest-fsfreeze-status", serde_json::Value::Null, deadline::AGENT_COMMAND).await?;
     let out =
-        quiesce::qemu::exec::run(agent, &["/bin/sh", "-c", "sync && cat /proc/mounts"], deadline::GUEST_EXEC).await?;
+        quiesce::qemu::exec::run(agent, &["/bin/sh", "-c", "sync && cat /proc/mounts"], deadline::guest_exec()).await?;
     let (ok, detail) = quiesce::verify::guest::judge_restored(&frozen, &out.stdout);
     Ok((ok, format!("agent answers; {detail}")))
 }
@@ -240,12 +240,7 @@ async fn in_place(backup: &Backup, vm: &str, qmp: &std::path::Path, checks: &[Ch
         eprintln!("quiesce: --in-place runs --check blocks only ({c:?} needs a restore into a new QEMU)");
         return Ok(EXIT_USAGE);
     }
-    let opts = quiesce::qemu::AttachOptions {
-        name: None,
-        qmp: qmp.to_owned(),
-        agent: None,
-        artifacts_dir: quiesce::qemu::config::default_artifacts_dir(),
-    };
+    let opts = quiesce::qemu::AttachOptions::new(qmp.to_owned(), None);
     let m = quiesce::qemu::attach(&opts).await?;
     // Not raced against Ctrl-C: a rollback stopped half-way would leave the disks mixed.
     let done = rollback_attached::roll_back(backup, vm, &m, !checks.is_empty()).await?;
