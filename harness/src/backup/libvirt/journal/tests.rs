@@ -31,7 +31,8 @@ fn a_journal_quiesce_writes_is_read_back() {
 
 #[test]
 fn a_journal_that_quiesce_did_not_write_is_refused_clearly() {
-    let broken: Vec<(&str, Box<dyn Fn(&mut Record)>)> = vec![
+    type Change = Box<dyn Fn(&mut Record)>;
+    let broken: Vec<(&str, Change)> = vec![
         ("version", Box::new(|r| r.version = 2)),
         ("not a plain name", Box::new(|r| r.overlays[0].target = "../vda".into())),
         (
