@@ -27,7 +27,7 @@ use libvirt_common::*;
 
 /// `quiesce restore` of `backup` (with `extra` arguments) passes blocks, files and guest.
 fn restore_passes(backup: &Path, extra: &[&str]) {
-    let o = Tool::new(quiesce(), BACKUP)
+    let o = quiesce_tool()
         .arg("restore")
         .arg(backup)
         .args(["--check", "blocks", "--check", "files", "--check", "guest"])
@@ -229,7 +229,7 @@ async fn a_set_of_libvirt_domains_is_backed_up_all_or_nothing() {
 
     // Both, one backup.
     let dest = out.path().join("both");
-    let o = Tool::new(quiesce(), BACKUP).args(set_args("auto", &dest)).output().unwrap();
+    let o = quiesce_tool().args(set_args("auto", &dest)).output().unwrap();
     eprintln!("{}\n{}", o.stdout_text(), o.stderr);
     assert!(o.status.success(), "the set's backup failed");
     for step in ["PrepareForSnapshot: done", "Freeze: done", "Thaw: done", "PostSnapshot: done"] {
@@ -250,7 +250,7 @@ async fn a_set_of_libvirt_domains_is_backed_up_all_or_nothing() {
         None => eprintln!("SKIPPED the all-or-nothing half: chattr +i does not work here"),
         Some(guard) => {
             let dest = out.path().join("one-fails");
-            let o = Tool::new(quiesce(), BACKUP).args(set_args("child-snapshot", &dest)).output().unwrap();
+            let o = quiesce_tool().args(set_args("child-snapshot", &dest)).output().unwrap();
             drop(guard);
             eprintln!("{}\n{}", o.stdout_text(), o.stderr);
             assert_eq!(o.code(), Some(1), "the set's backup did not fail");

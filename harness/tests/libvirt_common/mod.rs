@@ -22,6 +22,13 @@ pub fn quiesce() -> &'static str {
     env!("CARGO_BIN_EXE_quiesce")
 }
 
+/// `quiesce` run by a test, within `BACKUP`: its recovery journals go to a folder of the
+/// tests' own, never to the user's ~/.local/state.
+pub fn quiesce_tool<'a>() -> Tool<'a> {
+    let state = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("libvirt-tests-state");
+    Tool::new(quiesce(), BACKUP).env("QUIESCE_STATE_DIR", state)
+}
+
 /// Why this machine cannot run the test, if it cannot.
 pub fn unavailable() -> Option<String> {
     for p in ["virsh", "libvirtd"] {
