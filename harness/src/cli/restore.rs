@@ -7,6 +7,7 @@
 use std::path::PathBuf;
 
 use quiesce::backup::manifest::{Entry, Method};
+use quiesce::backup::recovery::RecoveryError;
 use quiesce::backup::Backup;
 use quiesce::image::manifest::{self, Limits};
 use quiesce::qemu::DiskFormat;
@@ -247,8 +248,25 @@ async fn in_place(backup: &Backup, vm: &str, qmp: &std::path::Path, checks: &[Ch
         artifacts_dir: quiesce::qemu::config::default_artifacts_dir(),
     };
     let m = quiesce::qemu::attach(&opts).await?;
+    // First, what a killed quiesce left in this VM is undone, as a backup does. An in-place
+    // restore it cannot finish (its backup gone) is taken over: this one writes every disk,
+    // and puts back the run state from before that one paused the VM.
+    let (m, prior) = match super::backup::recover::leftovers(m, &opts).await {
+        Ok(m) => (m, None),
+        Err(e) => match e.downcast::<RecoveryError>().map(|e| *e) {
+            Ok(RecoveryError::InPlaceUnfinished { vm, restore, before, .. }) => {
+                eprintln!(
+                    "quiesce: VM {vm}: an in-place restore from {} a killed quiesce left cannot be finished; this restore takes it over (it writes every disk)",
+                    restore.backup.display()
+                );
+                (quiesce::qemu::attach(&opts).await?, Some(before))
+            }
+            Ok(other) => return Err(other.into()),
+            Err(e) => return Err(e),
+        },
+    };
     // Not raced against Ctrl-C: a rollback stopped half-way would leave the disks mixed.
-    let done = rollback_attached::roll_back(backup, vm, &m, !checks.is_empty()).await?;
+    let done = rollback_attached::roll_back(backup, vm, &m, qmp, !checks.is_empty(), prior.as_ref()).await?;
     for (name, path) in &done.disks {
         println!("disk {name} of the backup written onto {}", path.display());
     }
