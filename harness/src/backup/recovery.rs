@@ -37,7 +37,7 @@ use sha2::Digest;
 
 use super::attached::MigrationSettings;
 
-pub use replay::{replay, Found, RecoveryError, RollForward, RollForwardError, Step};
+pub use replay::{replay, Found, RecoveryError, RollForward, RollForwardError, RollingForward, Step};
 
 /// The format of a journal; another number is refused, clearly. Version 2 added
 /// `merge_paused` and `in_place`.

@@ -46,7 +46,8 @@ pub struct RestoreArgs {
     keep_running: bool,
     /// Roll a running VM quiesce did not start back to the backup, onto its own disks,
     /// through its QMP socket (--qmp): paused, disks written, reset. Refused unless its
-    /// disks match the backup's in number, format and size.
+    /// disks match the backup's in number, format and size. Journaled: one killed (or
+    /// failed) mid-write leaves the VM paused, and `quiesce recover --qmp` finishes it.
     #[arg(long, requires = "qmp")]
     in_place: bool,
     /// The QMP socket of the VM to roll back (with --in-place).

@@ -22,14 +22,12 @@
 //! idempotent), compared block for block, and only then the VM reset and resumed. A backup
 //! that is gone or no longer verifies leaves the VM paused, and the error says why.
 
-use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 
 use serde_json::{json, Value};
 
 use crate::backup::manifest::{Entry, Method};
-use crate::backup::recovery::{Before, Identity, InPlaceRecord, Journal, JournalError, RollForwardError};
+use crate::backup::recovery::{Before, Identity, InPlaceRecord, Journal, JournalError, RollingForward};
 use crate::backup::runstate;
 use crate::backup::{Backup, FolderError};
 use crate::image::qemu_img::QemuImgError;
@@ -85,6 +83,10 @@ pub enum RollbackError {
     /// paused, its journal kept.
     #[error("after writing, disk {disk} differs from the backup's image{}", .at.map_or(" in size".into(), |a| format!(" first at byte {a}")))]
     Differs { disk: String, at: Option<u64> },
+    /// A disk was not compared with the backup's image after writing (a bug in quiesce):
+    /// the VM is left paused.
+    #[error("disk {0} was not compared with the backup's image after writing")]
+    NotCompared(String),
     /// A disk's write had begun when this failed: the VM's disks may be half-written, so it
     /// is left paused and the restore kept in its recovery journal. `quiesce recover --qmp`
     /// (or the in-place restore again) finishes it.
@@ -195,11 +197,7 @@ pub async fn roll_back(
 /// the VM reset and resumed if it ran before (`before`). Any error leaves the VM paused. A
 /// VM that runs was never paused by the restore (it was killed before the pause), so no
 /// disk was written: it is left alone (`None`).
-pub fn roll_forward<'a>(
-    m: &'a Machine,
-    restore: &'a InPlaceRecord,
-    before: &'a Before,
-) -> Pin<Box<dyn Future<Output = Result<Option<Vec<String>>, RollForwardError>> + 'a>> {
+pub fn roll_forward<'a>(m: &'a Machine, restore: &'a InPlaceRecord, before: &'a Before) -> RollingForward<'a> {
     Box::pin(async move {
         let now = runstate::query(m).await?;
         if now.running {
@@ -219,8 +217,13 @@ pub fn roll_forward<'a>(
         let pairs = matching(&backup, &restore.vm, m).await?;
         let (mut written, mut blocks, mut begun) = (Vec::new(), Vec::new(), false);
         write_all(m, &pairs, true, &mut written, &mut blocks, &mut begun).await?;
-        if let Some((disk, _, at)) = blocks.iter().find(|(_, identical, _)| !identical) {
-            return Err(RollbackError::Differs { disk: disk.clone(), at: *at }.into());
+        // Resumed only on disks each read the same as the backup, block for block.
+        for (name, ..) in &pairs {
+            match blocks.iter().find(|(n, ..)| n == name) {
+                Some((_, true, _)) => {}
+                Some((_, false, at)) => return Err(RollbackError::Differs { disk: name.clone(), at: *at }.into()),
+                None => return Err(RollbackError::NotCompared(name.clone()).into()),
+            }
         }
         put_in_use(m, true, before.running, &written).await?;
         Ok(Some(written))

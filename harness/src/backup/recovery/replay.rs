@@ -56,11 +56,10 @@ pub type RollForwardError = Box<dyn std::error::Error + Send + Sync>;
 /// the disks written, or None for a VM found running (the restore was killed before its
 /// pause, so nothing was written). On an error the VM must be left paused. In-place restores belong to
 /// a higher layer ([`crate::verify`]), which hands this in.
-pub type RollForward = for<'a> fn(
-    &'a Machine,
-    &'a InPlaceRecord,
-    &'a Before,
-) -> Pin<Box<dyn Future<Output = Result<Option<Vec<String>>, RollForwardError>> + 'a>>;
+pub type RollForward = for<'a> fn(&'a Machine, &'a InPlaceRecord, &'a Before) -> RollingForward<'a>;
+
+/// A roll forward under way (see [`RollForward`]).
+pub type RollingForward<'a> = Pin<Box<dyn Future<Output = Result<Option<Vec<String>>, RollForwardError>> + 'a>>;
 
 /// One thing a replay found and did.
 #[derive(Debug, Clone, PartialEq, Eq)]
