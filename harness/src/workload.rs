@@ -17,7 +17,7 @@ use crate::sys::{deadline, shell_quote};
 /// Mounts the disk whose serial (the host's node name) is `serial` at `/mnt/<serial>`.
 /// Without udev in the guest, the disk is found through sysfs.
 pub async fn mount_disk(agent: &GuestAgent, serial: &str, fstype: &str) -> Result<String, ExecError> {
-    exec::sh(agent, &mount_script(serial, fstype), deadline::GUEST_EXEC).await?;
+    exec::sh(agent, &mount_script(serial, fstype), deadline::guest_exec()).await?;
     Ok(format!("/mnt/{serial}"))
 }
 
@@ -35,7 +35,7 @@ pub fn mount_script(serial: &str, fstype: &str) -> String {
 
 /// Reads a file in the guest (bounded by guest-exec's output limit).
 pub async fn read_file(agent: &GuestAgent, path: &str) -> Result<String, ExecError> {
-    exec::sh(agent, &format!("cat {}", shell_quote(path)), deadline::GUEST_EXEC).await
+    exec::sh(agent, &format!("cat {}", shell_quote(path)), deadline::guest_exec()).await
 }
 
 /// Stops qemu-ga in the guest with SIGSTOP: installed but not answering, like a hung
@@ -70,12 +70,12 @@ pub async fn stop_agent_after_next_freeze(agent: &GuestAgent, silence: Duration)
          kill -STOP $p; sleep {secs}; kill -CONT $p' </dev/null >/dev/null 2>&1 &",
         secs = silence.as_secs().max(1)
     );
-    exec::sh(agent, &script, deadline::GUEST_EXEC).await.map(drop)
+    exec::sh(agent, &script, deadline::guest_exec()).await.map(drop)
 }
 
 /// Starts the guest's transactional app (a VSS-writer analogue) on a mounted data folder.
 pub async fn start_app(agent: &GuestAgent, dir: &str) -> Result<(), ExecError> {
-    exec::sh(agent, &format!("quiesce-app start {dir}"), deadline::GUEST_EXEC).await.map(drop)
+    exec::sh(agent, &format!("quiesce-app start {dir}"), deadline::guest_exec()).await.map(drop)
 }
 
 /// The app's own consistency check on `dir` (it never writes there).
@@ -87,7 +87,7 @@ pub async fn check_app(agent: &GuestAgent, dir: &str) -> Result<AppCheck, ExecEr
 
 /// The app's writer on `dir`, as `quiesce-app status` tells it.
 pub async fn app_status(agent: &GuestAgent, dir: &str) -> Result<AppStatus, ExecError> {
-    let out = exec::sh(agent, &format!("quiesce-app status {dir}"), deadline::GUEST_EXEC).await?;
+    let out = exec::sh(agent, &format!("quiesce-app status {dir}"), deadline::guest_exec()).await?;
     Ok(AppStatus::parse(&out))
 }
 
@@ -185,14 +185,14 @@ pub async fn start_counter(agent: &GuestAgent) -> Result<(), ExecError> {
         agent,
         "echo 0 > /run/counter && setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i > /run/c.tmp; \
          mv /run/c.tmp /run/counter; usleep 20000; done' </dev/null >/dev/null 2>&1 &",
-        deadline::GUEST_EXEC,
+        deadline::guest_exec(),
     )
     .await
     .map(drop)
 }
 
 pub async fn read_counter(agent: &GuestAgent) -> Result<u64, ExecError> {
-    let out = exec::sh(agent, "cat /run/counter", deadline::GUEST_EXEC).await?;
+    let out = exec::sh(agent, "cat /run/counter", deadline::guest_exec()).await?;
     Ok(out.trim().parse().unwrap_or(0))
 }
 
@@ -206,7 +206,7 @@ pub async fn wait_counter_above(agent: &GuestAgent, value: u64, timeout: Duratio
 
 /// The guest's boot id: the same value proves a restore continued the same boot.
 pub async fn boot_id(agent: &GuestAgent) -> Result<String, ExecError> {
-    Ok(exec::sh(agent, "cat /proc/sys/kernel/random/boot_id", deadline::GUEST_EXEC).await?.trim().to_owned())
+    Ok(exec::sh(agent, "cat /proc/sys/kernel/random/boot_id", deadline::guest_exec()).await?.trim().to_owned())
 }
 
 /// Starts appending 1, 2, 3, ... (one per line) to `path`, syncing every 20 lines. Each
@@ -221,7 +221,7 @@ pub async fn start_journal(agent: &GuestAgent, path: &str) -> Result<(), ExecErr
          [ $((i % 20)) -eq 0 ] && sync; usleep 5000; done' </dev/null >/dev/null 2>&1 & \
          echo $! > /run/journal.pid"
     );
-    exec::sh(agent, &script, deadline::GUEST_EXEC).await.map(drop)
+    exec::sh(agent, &script, deadline::guest_exec()).await.map(drop)
 }
 
 /// Stops the journal writer, leaving its file complete up to its last line.
@@ -235,7 +235,7 @@ pub async fn stop_journal(agent: &GuestAgent) -> Result<(), ExecError> {
 pub async fn stop_background(agent: &GuestAgent, pidfile: &str) -> Result<(), ExecError> {
     let script =
         format!("p=$(cat {pidfile}) && kill -TERM -$p && while kill -0 -$p 2>/dev/null; do usleep 10000; done; sync");
-    exec::sh(agent, &script, deadline::GUEST_EXEC).await.map(drop)
+    exec::sh(agent, &script, deadline::guest_exec()).await.map(drop)
 }
 
 /// Checks a journal: every number from 1 to its last, once each, in order.
@@ -266,7 +266,7 @@ pub async fn check_journal(agent: &GuestAgent, path: &str) -> Result<JournalChec
     let script = format!(
         "sync && echo 3 > /proc/sys/vm/drop_caches && awk 'BEGIN{{b=\"\"}} {{ if (b == \"\" && $0 != NR) b = NR \" \" $0 }} END {{ print NR; print b }}' {path}"
     );
-    let out = exec::sh(agent, &script, deadline::GUEST_EXEC).await?;
+    let out = exec::sh(agent, &script, deadline::guest_exec()).await?;
     Ok(parse_journal_verdict(&out))
 }
 
@@ -307,7 +307,7 @@ pub async fn journal_at_freeze(agent: &GuestAgent, freeze_cs: u64, thaw_cs: u64)
         f = at(freeze_cs),
         t = at(thaw_cs)
     );
-    let out = exec::sh(agent, &script, deadline::GUEST_EXEC).await?;
+    let out = exec::sh(agent, &script, deadline::guest_exec()).await?;
     let mut lines = out.lines().map(str::trim);
     let mut num = || lines.next().and_then(|l| l.parse::<u64>().ok());
     Ok(JournalAtFreeze {

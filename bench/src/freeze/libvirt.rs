@@ -82,7 +82,7 @@ pub(super) async fn domain_up(
     lv.create(&spec).await?;
     lv.wait_agent(&name, &serial_log, deadline::BOOT_TO_AGENT).await?;
     for d in &data_disks {
-        lv.guest_sh(&name, &workload::mount_script(&d.serial, "ext4"), deadline::GUEST_EXEC).await?;
+        lv.guest_sh(&name, &workload::mount_script(&d.serial, "ext4"), deadline::guest_exec()).await?;
     }
     let chains = lv.disks(&name).await?;
     Ok(Domain { name, dir, chains })

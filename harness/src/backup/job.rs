@@ -51,7 +51,7 @@ pub async fn choose(
     }
     let verdicts = tl
         .step(Some(m.name()), "check the six conditions", async {
-            Ok::<_, BackupError>(conditions::evaluate(m, snapshot_dir, deadline::CONDITION_AGENT_COMMAND).await)
+            Ok::<_, BackupError>(conditions::evaluate(m, snapshot_dir, deadline::condition_agent_command()).await)
         })
         .await?;
     match (conditions::failures(&verdicts), choice) {

@@ -13,7 +13,7 @@ use quiesce::backup::conditions::{self, Outcome, Verdict};
 use quiesce::backup::job::{Choice, MethodChoice};
 use quiesce::backup::set::SetError;
 use quiesce::interrupt::Interrupt;
-use quiesce::qemu::{attach, AttachOptions, Machine};
+use quiesce::qemu::{attach, Machine};
 use quiesce::sys::deadline;
 use quiesce::timeline::{self, Timeline};
 
@@ -105,14 +105,7 @@ pub async fn run(args: BackupArgs) -> CliResult {
 async fn backup(args: &BackupArgs, interrupt: &Interrupt) -> CliResult {
     let mut machines: Vec<Machine> = Vec::new();
     let mut attached_as = Vec::new();
-    for (i, qmp) in args.qmp.iter().enumerate() {
-        let agent = args.agent.get(i).filter(|a| a.as_os_str() != "none").cloned();
-        let opts = AttachOptions {
-            name: None,
-            qmp: qmp.clone(),
-            agent,
-            artifacts_dir: quiesce::qemu::config::default_artifacts_dir(),
-        };
+    for opts in recover::attach_options(&args.qmp, &args.agent) {
         // Attaching only asks questions: an interruption here has nothing to undo.
         let m = tokio::select! {
             biased;
@@ -195,7 +188,7 @@ async fn print_choices(machines: &[Machine], choices: &[(String, Choice)], snaps
         if verdicts.is_empty() {
             if let Some(m) = machines.iter().find(|m| m.name() == vm) {
                 let dir = attached::snapshot_dir_for(m, snapshot_dir);
-                verdicts = conditions::evaluate(m, &dir, deadline::CONDITION_AGENT_COMMAND).await;
+                verdicts = conditions::evaluate(m, &dir, deadline::condition_agent_command()).await;
             }
         }
         println!("VM {vm}: conditions for Child VM Snapshot:");

@@ -231,7 +231,7 @@ async fn guest(m: &quiesce::qemu::Machine) -> Result<(bool, String), Box<dyn std
     agent.wait_ready(deadline::AGENT_AFTER_RESUME).await?;
     let frozen = agent.execute_raw("guest-fsfreeze-status", serde_json::Value::Null, deadline::AGENT_COMMAND).await?;
     let out =
-        quiesce::qemu::exec::run(agent, &["/bin/sh", "-c", "sync && cat /proc/mounts"], deadline::GUEST_EXEC).await?;
+        quiesce::qemu::exec::run(agent, &["/bin/sh", "-c", "sync && cat /proc/mounts"], deadline::guest_exec()).await?;
     let (ok, detail) = quiesce::verify::guest::judge_restored(&frozen, &out.stdout);
     Ok((ok, format!("agent answers; {detail}")))
 }
@@ -242,12 +242,7 @@ async fn in_place(backup: &Backup, vm: &str, qmp: &std::path::Path, checks: &[Ch
         eprintln!("quiesce: --in-place runs --check blocks only ({c:?} needs a restore into a new QEMU)");
         return Ok(EXIT_USAGE);
     }
-    let opts = quiesce::qemu::AttachOptions {
-        name: None,
-        qmp: qmp.to_owned(),
-        agent: None,
-        artifacts_dir: quiesce::qemu::config::default_artifacts_dir(),
-    };
+    let opts = quiesce::qemu::AttachOptions::new(qmp.to_owned(), None);
     let m = quiesce::qemu::attach(&opts).await?;
     // First, what a killed quiesce left in this VM is undone, as a backup does. An in-place
     // restore it cannot finish (its backup gone) is taken over: this one writes every disk,

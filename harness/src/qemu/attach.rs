@@ -65,6 +65,14 @@ pub struct AttachOptions {
     pub artifacts_dir: PathBuf,
 }
 
+impl AttachOptions {
+    /// The VM behind `qmp` (and `agent`, if it has one), named by its own `-name`, its
+    /// evidence kept in the default artifacts folder.
+    pub fn new(qmp: PathBuf, agent: Option<PathBuf>) -> Self {
+        AttachOptions { name: None, qmp, agent, artifacts_dir: super::config::default_artifacts_dir() }
+    }
+}
+
 /// Connects to the VM's sockets, checks the monitor speaks QMP, and learns the VM.
 pub async fn attach(opts: &AttachOptions) -> Result<Machine, AttachError> {
     let connect = |what, path: &Path| {

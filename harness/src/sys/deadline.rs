@@ -45,6 +45,13 @@ pub const QEMU_QUIT: Duration = Duration::from_secs(3);
 /// busy workload in a few seconds.
 pub const GUEST_EXEC: Duration = Duration::from_secs(30);
 
+/// [`GUEST_EXEC`] for a command starting now, stretched by [`under_load`]: the guest's
+/// share of a core shrinks as the host's load grows (30 s fired on starting the guest app
+/// at a load of 15 on 2 cores, eight scenarios at once, while the guest was only slow).
+pub fn guest_exec() -> Duration {
+    under_load(GUEST_EXEC)
+}
+
 /// Writing a scenario's data in the guest (`dd` of tens of MiB from `/dev/urandom` and
 /// `sync`, as a fault's filler does): a few seconds under TCG; the guest's CPU share shrinks
 /// with the host's load, so callers stretch it with [`under_load`] (30 s fired at a load of
@@ -66,6 +73,13 @@ pub const AGENT_SILENCE: Duration = Duration::from_secs(1);
 /// An agent command asked while checking a backup's conditions. Short on purpose: a hung
 /// agent is itself a finding (the agent cannot freeze), and must not hold the job up.
 pub const CONDITION_AGENT_COMMAND: Duration = Duration::from_secs(3);
+
+/// [`CONDITION_AGENT_COMMAND`] for questions asked now, stretched by [`under_load`]: an
+/// agent on a loaded host answers late without being hung (3 s fired at a load of 15 on 2
+/// cores, and the VM fell back to Saved State for an agent that was only slow).
+pub fn condition_agent_command() -> Duration {
+    under_load(CONDITION_AGENT_COMMAND)
+}
 
 /// A guest booting to an agent that answers (the test guest, or a VM restored from a disk-only
 /// backup): about 5 s under TCG; this leaves room for a loaded CI machine.

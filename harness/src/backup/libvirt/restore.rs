@@ -140,7 +140,7 @@ impl DomainGuard {
         let started = self.virsh.agent_json(&self.name, &exec, agent_timeout).await?;
         let bad = |why: String| VirshError::Other { args: format!("qemu-agent-command {} guest-exec", self.name), why };
         let pid = started["pid"].as_i64().ok_or_else(|| bad(format!("no pid in {started}")))?;
-        let until = std::time::Instant::now() + crate::sys::deadline::GUEST_EXEC;
+        let until = std::time::Instant::now() + crate::sys::deadline::guest_exec();
         let status: qapi::qga::GuestExecStatus = loop {
             let q = serde_json::json!({"execute": "guest-exec-status", "arguments": {"pid": pid}});
             let reply = self.virsh.agent_json(&self.name, &q, agent_timeout).await?;
@@ -333,13 +333,8 @@ pub async fn restore(
     // From here the domain may exist: the guard destroys it on every path.
     let guard = DomainGuard { virsh, name: name.clone(), done: false };
     restored?;
-    let opts = AttachOptions {
-        name: Some(vm.to_owned()),
-        qmp: qmp.clone(),
-        // libvirt holds the agent's socket; the guest check goes through it.
-        agent: None,
-        artifacts_dir: crate::qemu::config::default_artifacts_dir(),
-    };
+    // libvirt holds the agent's socket; the guest check goes through it.
+    let opts = AttachOptions { name: Some(vm.to_owned()), ..AttachOptions::new(qmp.clone(), None) };
     let machine =
         crate::qemu::attach(&opts).await.map_err(|source| LibvirtRestoreError::Attach { vm: vm.into(), source })?;
     Ok(LibvirtRestored {

@@ -27,15 +27,17 @@ pub struct RecoverArgs {
     agent: Vec<PathBuf>,
 }
 
+/// The VMs `--qmp SOCKET [--agent SOCKET|none]` name, as `backup` and `recover` take them:
+/// the i-th `--agent` goes with the i-th `--qmp`, and "none" (or no i-th `--agent`) is a VM
+/// without an agent.
+pub fn attach_options(qmp: &[PathBuf], agents: &[PathBuf]) -> Vec<AttachOptions> {
+    let agent = |i: usize| agents.get(i).filter(|a| a.as_os_str() != "none").cloned();
+    qmp.iter().enumerate().map(|(i, q)| AttachOptions::new(q.clone(), agent(i))).collect()
+}
+
 pub async fn run(args: RecoverArgs) -> CliResult {
-    for (i, qmp) in args.qmp.iter().enumerate() {
-        let agent = args.agent.get(i).filter(|a| a.as_os_str() != "none").cloned();
-        let opts = AttachOptions {
-            name: None,
-            qmp: qmp.clone(),
-            agent,
-            artifacts_dir: quiesce::qemu::config::default_artifacts_dir(),
-        };
+    for opts in attach_options(&args.qmp, &args.agent) {
+        let qmp = &opts.qmp;
         let m = attach(&opts).await?;
         let name = m.name().to_owned();
         let before = recovery::journal_path(qmp)?.exists();

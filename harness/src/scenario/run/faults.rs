@@ -97,7 +97,7 @@ pub(super) async fn arm_guest(s: &Scenario, vm: &Vm) -> Result<(), RunError> {
         // The hook stays in place, but the freeze hook runs only executable scripts: the
         // app is left out of the freeze, as a VSS writer that does not take part.
         let agent = vm.guest.machine.agent().map_err(vm.fail("the guest agent"))?;
-        crate::qemu::exec::sh(agent, &format!("chmod a-x {APP_HOOK}"), deadline::GUEST_EXEC)
+        crate::qemu::exec::sh(agent, &format!("chmod a-x {APP_HOOK}"), deadline::guest_exec())
             .await
             .map_err(vm.fail("making the app's freeze hook non-executable"))?;
     }
@@ -123,7 +123,7 @@ async fn install_hook(vm: &Vm, name: &str, body: &str) -> Result<(), RunError> {
     let agent = vm.guest.machine.agent().map_err(vm.fail("the guest agent"))?;
     let path = format!("/etc/qemu/fsfreeze-hook.d/{name}");
     let script = format!("printf '#!/bin/sh\\n{body}\\n' > {path} && chmod 755 {path}");
-    crate::qemu::exec::sh(agent, &script, deadline::GUEST_EXEC)
+    crate::qemu::exec::sh(agent, &script, deadline::guest_exec())
         .await
         .map_err(vm.fail("installing a fault's freeze hook"))?;
     Ok(())

@@ -125,7 +125,7 @@ pub(super) async fn arm(s: &Scenario, vm: &Vm) -> Result<(), RunError> {
     if s.has_fault(vm.name(), FaultKind::MergeDoesNotConverge) {
         // Its source is made now, so that the thaw starts the writing itself at once.
         let prep = "dd if=/dev/urandom of=/run/busy-src bs=1M count=4 2>/dev/null";
-        exec::sh(agent, prep, deadline::GUEST_EXEC).await.map_err(vm.fail("writing the busy writer's source"))?;
+        exec::sh(agent, prep, deadline::guest_exec()).await.map_err(vm.fail("writing the busy writer's source"))?;
         let busy = format!(
             "i=0; while :; do dd if=/run/busy-src of={data}/busy bs=1M count=4 seek=$((i % 8 * 4)) conv=notrunc \
              oflag=direct 2>/dev/null; i=$((i+1)); done"
@@ -145,7 +145,7 @@ async fn install_thaw_hook(vm: &Vm, name: &str, script: &str, pidfile: &str) -> 
          setsid sh -c '{script}' </dev/null >/dev/null 2>&1 &\necho $! > {pidfile}\nexit 0\n"
     );
     let install = format!("cat > {path} <<'QUIESCE_HOOK'\n{body}QUIESCE_HOOK\nchmod 755 {path}");
-    exec::sh(agent, &install, deadline::GUEST_EXEC).await.map_err(vm.fail("installing a thaw hook"))?;
+    exec::sh(agent, &install, deadline::guest_exec()).await.map_err(vm.fail("installing a thaw hook"))?;
     Ok(())
 }
 

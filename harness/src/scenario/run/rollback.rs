@@ -240,7 +240,7 @@ async fn mutate_linux(
         dir = shell_quote(dir),
     );
     let step = "changing the data in the guest";
-    exec::sh(agent, &script, deadline::GUEST_EXEC).await.map_err(c.fail(step)).map(drop)
+    exec::sh(agent, &script, deadline::guest_exec()).await.map_err(c.fail(step)).map(drop)
 }
 
 /// Mounts the VM's data disks after a fresh boot, as the scenario's VM had them (a Windows

@@ -93,7 +93,7 @@ pub(super) async fn prepare_vm(ctx: &mut RunCtx<'_>, spec: &VmSpec) -> Result<Vm
     let wants_token = ctx.s.file.restore.as_ref().is_some_and(|r| r.checks.get_ref().contains(&Check::RootFromBackup));
     let root_token = if wants_token {
         let token = format!("{}-{}", name, boot_id.as_deref().unwrap_or("?"));
-        crate::qemu::exec::sh(agent, &format!("echo {token} > {ROOT_TOKEN} && sync"), deadline::GUEST_EXEC)
+        crate::qemu::exec::sh(agent, &format!("echo {token} > {ROOT_TOKEN} && sync"), deadline::guest_exec())
             .await
             .map_err(on(name, "writing the root token"))?;
         Some(token)

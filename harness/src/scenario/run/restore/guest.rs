@@ -91,7 +91,7 @@ pub(super) async fn checks(
         crate::qemu::exec::sh(
             agent,
             &format!("s=$(stat -c %s {file}) && truncate -s $((s / 2)) {file} && sync", file = shell_quote(&file)),
-            deadline::GUEST_EXEC,
+            deadline::guest_exec(),
         )
         .await
         .map_err(on(rname, "truncating a restored file"))?;
@@ -184,7 +184,7 @@ async fn guest_check(
             None => {}
             Some(dir) if method == Method::SavedState => {
                 // Same boot: the writer runs on; stop it so the check sees a settled store.
-                crate::qemu::exec::sh(agent, &format!("quiesce-app stop {dir}"), deadline::GUEST_EXEC)
+                crate::qemu::exec::sh(agent, &format!("quiesce-app stop {dir}"), deadline::guest_exec())
                     .await
                     .map_err(on(rname, "stopping the app"))?;
                 let r = workload::check_app(agent, dir).await.map_err(on(rname, "checking the app"))?;
