@@ -526,4 +526,29 @@ async fn sigkill_mid_write_of_an_in_place_restore_is_rolled_forward_never_resume
     assert_ne!(quiesce::workload::boot_id(&a).await.unwrap(), boot_before, "the guest was not restarted");
     let gone = quiesce::qemu::exec::sh(&a, "test ! -e /root/after-backup", T).await;
     assert!(gone.is_ok(), "a file written after the backup survived the roll forward: {gone:?}");
+    drop(a);
+
+    // Killed mid-write again, and its backup altered: an in-place restore from another
+    // backup (a copy) takes the journal over, and the VM runs again as it did before the
+    // first restore paused it.
+    let b2 = out.path().join("b2");
+    Tool::new("cp", BACKUP).arg("-a").arg(&b).arg(&b2).run().unwrap();
+    kill_mid_write(&b, &vm.qmp(), state.path(), &format!("rec-inplace: write disk {disk} of the backup"));
+    assert_eq!(vm.qmp_ask("query-status", Value::Null).await["status"], json!("paused"));
+    flip(&image, at);
+    let o = Tool::new(quiesce(), BACKUP)
+        .arg("restore")
+        .arg(&b2)
+        .args(["--in-place", "--check", "blocks", "--qmp"])
+        .arg(vm.qmp())
+        .env("QUIESCE_STATE_DIR", state.path())
+        .output()
+        .unwrap();
+    let text = o.stdout_text();
+    eprintln!("{text}\n{}", o.stderr);
+    assert!(o.status.success(), "the in-place restore that takes over failed");
+    assert!(o.stderr.contains("cannot be finished; this restore takes it over"), "{}", o.stderr);
+    assert!(text.contains("check blocks  passed") && text.contains("was reset and runs again"), "{text}");
+    assert!(journals(state.path()).is_empty(), "journal left: {:?}", journals(state.path()));
+    assert_eq!(vm.qmp_ask("query-status", Value::Null).await["running"], json!(true));
 }
