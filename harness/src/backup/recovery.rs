@@ -445,6 +445,13 @@ fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), JournalError> {
     written.map_err(io(path))
 }
 
+/// [`write_durably`], public for the libvirt domains' journals
+/// ([`super::libvirt::journal`]), which keep their files the same way. A separate fn so
+/// that this module's own writer stays private.
+pub fn write_file_durably(path: &Path, bytes: &[u8]) -> Result<(), JournalError> {
+    write_durably(path, bytes)
+}
+
 /// The journal of one VM during one backup: written before each change to the VM (by the
 /// method's undo log, [`super::child_snapshot::Undo`]), removed when the VM is put back.
 #[derive(Debug)]

@@ -17,7 +17,7 @@ use quiesce::qemu::{attach, Machine};
 use quiesce::sys::deadline;
 use quiesce::timeline::{self, Timeline};
 
-mod libvirt;
+pub mod libvirt;
 pub mod recover;
 
 use super::{CliResult, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE};

@@ -108,6 +108,7 @@ pub async fn run(
         }
     }
     ok &= print_journals();
+    ok &= super::backup::libvirt::print_journals().await;
     Ok(if ok { 0 } else { super::EXIT_FAILED })
 }
 

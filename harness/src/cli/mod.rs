@@ -106,7 +106,7 @@ enum Command {
     /// Back up VMs quiesce did not start, by their QMP (and agent) sockets. Several --qmp
     /// are one set, all or nothing. The VMs are left as they were on every path.
     Backup(backup::BackupArgs),
-    /// Undo what a `quiesce backup --qmp` killed mid-backup left in a VM (its recovery
+    /// Undo what a `quiesce backup --qmp` or `--libvirt` killed mid-backup left in a VM (its recovery
     /// journal), and nothing else; `quiesce backup` does the same before it backs up.
     Recover(backup::recover::RecoverArgs),
     /// Restore a VM of a backup into a new QEMU (the backup is only read), run checks on

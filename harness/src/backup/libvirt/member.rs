@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::domain::{self, Domain, DomainDisk};
+use super::domain::{self, Domain};
 use super::virsh::{self, Virsh, VirshError};
 use super::LibvirtError;
 use crate::backup::conditions::{self, Condition, Finding, Verdict};
@@ -20,9 +20,9 @@ use crate::timeline::Timeline;
 
 /// `virsh snapshot-create-as --quiesce` (the agent's freeze, seconds under TCG with a busy
 /// guest), or with `--memspec` the save of the RAM: the overlays made and the thaw.
-const SNAPSHOT: Duration = Duration::from_secs(300);
+pub(crate) const SNAPSHOT: Duration = Duration::from_secs(300);
 /// `virsh blockcommit --wait` of one overlay: what the guest wrote during the copy.
-const COMMIT: Duration = Duration::from_secs(600);
+pub(crate) const COMMIT: Duration = Duration::from_secs(600);
 /// The saved state's name in the VM's folder.
 pub const STATE_FILE: &str = "state.libvirt";
 
@@ -375,7 +375,7 @@ pub async fn put_back(virsh: &Virsh, m: &Member) -> Result<(), LibvirtError> {
         let now = domain::sources(&virsh.run(&["dumpxml", domain], virsh::COMMAND).await?).map_err(xml_error)?;
         let on = now.iter().find(|(t, _)| *t == disk.target).map(|(_, p)| p.clone());
         if on.as_ref() == Some(overlay) {
-            commit(virsh, domain, disk).await?;
+            commit(virsh, domain, &disk.target).await?;
             let after = domain::sources(&virsh.run(&["dumpxml", domain], virsh::COMMAND).await?).map_err(xml_error)?;
             if !after.iter().any(|(t, p)| *t == disk.target && *p == disk.path) {
                 return Err(LibvirtError::NotPutBack {
@@ -407,9 +407,11 @@ pub async fn put_back(virsh: &Virsh, m: &Member) -> Result<(), LibvirtError> {
     Ok(())
 }
 
-async fn commit(virsh: &Virsh, domain: &str, disk: &DomainDisk) -> Result<(), VirshError> {
+/// Commits disk `target`'s overlay back into its image and pivots the disk onto it, within
+/// [`COMMIT`] (also the journal's replay, [`super::journal`]).
+pub(crate) async fn commit(virsh: &Virsh, domain: &str, target: &str) -> Result<(), VirshError> {
     let secs = COMMIT.as_secs().to_string();
-    let args = ["blockcommit", domain, &disk.target, "--active", "--shallow", "--pivot", "--wait", "--timeout", &secs];
+    let args = ["blockcommit", domain, target, "--active", "--shallow", "--pivot", "--wait", "--timeout", &secs];
     virsh.run(&args, COMMIT + virsh::OWN_TIMEOUT_MARGIN).await.map(drop)
 }
 

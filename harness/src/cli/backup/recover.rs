@@ -13,18 +13,25 @@ use quiesce::timeline::Timeline;
 
 use super::super::CliResult;
 
-/// `quiesce recover --qmp SOCKET [--agent SOCKET]`: only the first thing `quiesce backup`
+/// `quiesce recover --qmp SOCKET [--agent SOCKET]` (or `--libvirt DOMAIN [--connect URI]`,
+/// [`super::libvirt::recover`]): only the first thing `quiesce backup`
 /// does, for a person who wants a VM a killed quiesce left frozen or stopped put back now,
 /// without making a backup (which needs a target folder and the time of a copy).
 #[derive(clap::Args)]
 pub struct RecoverArgs {
     /// The QMP socket of the VM (its -qmp unix:PATH,server), as given to the killed backup.
-    #[arg(long = "qmp", value_name = "SOCKET", required = true)]
+    #[arg(long = "qmp", value_name = "SOCKET", required_unless_present = "libvirt", conflicts_with = "libvirt")]
     qmp: Vec<PathBuf>,
     /// Its guest agent's socket, needed to thaw a guest left frozen; one per --qmp ("none"
     /// for a VM without).
     #[arg(long = "agent", value_name = "SOCKET")]
     agent: Vec<PathBuf>,
+    /// A libvirt domain (its name or UUID), as given to the killed `backup --libvirt`.
+    #[arg(long = "libvirt", value_name = "DOMAIN")]
+    libvirt: Vec<String>,
+    /// libvirt's connection URI for --libvirt (virsh -c); virsh's default if not given.
+    #[arg(long, value_name = "URI", requires = "libvirt")]
+    connect: Option<String>,
 }
 
 /// The VMs `--qmp SOCKET [--agent SOCKET|none]` name, as `backup` and `recover` take them:
@@ -36,6 +43,9 @@ pub fn attach_options(qmp: &[PathBuf], agents: &[PathBuf]) -> Vec<AttachOptions>
 }
 
 pub async fn run(args: RecoverArgs) -> CliResult {
+    if !args.libvirt.is_empty() {
+        return super::libvirt::recover(&args.libvirt, args.connect).await;
+    }
     for opts in attach_options(&args.qmp, &args.agent) {
         let qmp = &opts.qmp;
         let m = attach(&opts).await?;
