@@ -99,6 +99,13 @@ fn trace(vm: Option<&str>, name: &str) {
     }
 }
 
+/// A point inside a step where a test may hold quiesce (see [`hold_if_asked`]), for code
+/// that runs no step of its own there; traced like a step's start.
+pub async fn hold_point(vm: Option<&str>, name: &str) {
+    trace(vm, name);
+    hold_if_asked(vm, name).await;
+}
+
 /// Test-only: with `QUIESCE_TEST_HOLD_AT="VM: STEP"`, that step never starts: quiesce
 /// writes `quiesce-held: VM: STEP` to stderr and waits there for good. The tests that kill
 /// quiesce with SIGKILL at a precise point of a backup (the guest frozen, the VM stopped)

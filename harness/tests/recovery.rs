@@ -1,6 +1,7 @@
 //! quiesce killed with SIGKILL in the middle of a backup of a VM it did not start, so no
 //! undo can run: the guest stays frozen, overlays stay on its disks, a saved VM stays
-//! stopped. The recovery journal quiesce wrote before each change lets `quiesce doctor`
+//! stopped, a VM paused to finish a merge stays paused; or killed in the middle of an
+//! in-place restore, leaving the VM paused on half-written disks. The recovery journal quiesce wrote before each change lets `quiesce doctor`
 //! show them, and the next `quiesce backup` on that VM undo them before anything else.
 //! A journal of another QEMU on the same socket path is stale: removed, nothing touched.
 //!
@@ -28,6 +29,17 @@ const BACKUP: Duration = Duration::from_secs(600);
 
 fn quiesce() -> &'static str {
     env!("CARGO_BIN_EXE_quiesce")
+}
+
+/// `quiesce recover --qmp QMP [--agent AGENT]`, its journals in `state`.
+fn recover(qmp: &Path, agent: Option<&Path>, state: &Path) -> quiesce::sys::Output {
+    let mut t = Tool::new(quiesce(), BACKUP).args(["recover", "--qmp"]).arg(qmp).env("QUIESCE_STATE_DIR", state);
+    if let Some(a) = agent {
+        t = t.arg("--agent").arg(a);
+    }
+    let o = t.output().unwrap();
+    eprintln!("recover:\n{}\n{}", o.stdout_text(), o.stderr);
+    o
 }
 
 /// Starts `quiesce backup --qmp VM [args] out` with its journals in `state`, held at step
@@ -306,4 +318,237 @@ async fn a_journal_of_another_qemu_on_the_same_socket_is_stale_and_touches_nothi
     assert!(reserve.exists(), "{} was touched", reserve.display());
     std::fs::remove_dir_all(reserve.parent().unwrap()).unwrap();
     drop(second);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_while_paused_to_finish_a_merge_is_merged_and_resumed_by_recover() {
+    let vm = HandStarted::start("rec-merge").await;
+    // A guest that writes faster than a merge limited to 64 KiB/s: 1 MiB rewritten and
+    // fsynced, over and over (it waits out the freeze, and the pause, by itself).
+    let a = vm.agent_conn().await;
+    let writer = "setsid sh -c 'while :; do dd if=/dev/urandom of=/root/busy bs=64k count=16 conv=fsync 2>/dev/null; \
+                  done' </dev/null >/dev/null 2>&1 &";
+    quiesce::qemu::exec::sh(&a, writer, T).await.unwrap();
+    drop(a);
+    let before = vm.state().await;
+    let state = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let agent = vm.agent().display().to_string();
+    let args: Vec<String> =
+        ["--agent", &agent, "--method", "child-snapshot", "--merge-speed", "65536", "--merge-converge", "3"]
+            .map(str::to_owned)
+            .to_vec();
+    // The merge did not converge: the VM is paused for it to finish, and quiesce dies there.
+    let hold = "rec-merge: finish the merge of virtio0 paused";
+    kill_when_held(&vm.qmp(), state.path(), &args, hold, &out.path().join("killed"));
+
+    // The leftovers are real: the VM paused, the overlay still on top, the pause journaled.
+    let status = vm.qmp_ask("query-status", Value::Null).await;
+    assert_eq!((status["running"].clone(), status["status"].clone()), (json!(false), json!("paused")));
+    let top = on_top(&vm).await;
+    assert!(top.iter().any(|n| n.ends_with("-snap")), "no overlay on top: {top:?}");
+    let journal = std::fs::read_to_string(&journals(state.path())[0]).unwrap();
+    assert!(journal.contains("\"merge_paused\": true"), "{journal}");
+    let d = doctor(state.path());
+    assert!(d.contains(": live, left by a killed quiesce") && d.contains("the VM paused to finish a merge"), "{d}");
+
+    // `quiesce recover` merges, then resumes the VM: it ran before the backup.
+    let r = recover(&vm.qmp(), Some(&vm.agent()), state.path());
+    assert!(r.status.success(), "quiesce recover failed");
+    let text = r.stdout_text();
+    assert!(text.contains("merged and removed"), "{text}");
+    assert!(text.contains("VM paused to finish a merge: merged, then resumed"), "{text}");
+    assert_eq!(vm.state().await, before, "the VM is not as it was");
+    assert!(overlays_in(vm.dir.path()).is_empty(), "overlays left: {:?}", overlays_in(vm.dir.path()));
+    assert!(journals(state.path()).is_empty(), "journal left: {:?}", journals(state.path()));
+    vm.assert_alive().await;
+}
+
+/// The pid of a `qemu-img` child of process `parent`, if it has one.
+fn qemu_img_child(parent: u32) -> Option<u32> {
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        let Some(close) = stat.rfind(')') else { continue };
+        let comm = stat.get(stat.find('(').unwrap_or(0) + 1..close).unwrap_or("");
+        let ppid = stat[close + 1..].split_whitespace().nth(1).and_then(|p| p.parse::<u32>().ok());
+        if comm == "qemu-img" && ppid == Some(parent) {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+/// What process `pid` has written so far (`wchar` of /proc/PID/io), if it still runs.
+fn written_by(pid: u32) -> Option<u64> {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    io.lines().find_map(|l| l.strip_prefix("wchar: ")).and_then(|v| v.trim().parse().ok())
+}
+
+/// Polls `what` every few milliseconds until it gives a value, for at most `within`: a
+/// wait for a condition another process makes, with a deadline.
+fn poll<T>(within: Duration, mut what: impl FnMut() -> Option<T>) -> Option<T> {
+    let start = Instant::now();
+    while start.elapsed() < within {
+        if let Some(v) = what() {
+            return Some(v);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    None
+}
+
+/// Starts `quiesce restore BACKUP --in-place --qmp VM` and kills it (SIGKILL, quiesce's
+/// process alone) once its qemu-img has written the first MiB of the backup's disk onto the
+/// VM's. Returns what it said. qemu-img must die with it (it must not go on writing
+/// behind a killed quiesce, racing the next run).
+fn kill_mid_write(backup: &Path, qmp: &Path, state: &Path, disk_step: &str) -> String {
+    let mut child = Spawn::new(quiesce())
+        .arg("restore")
+        .arg(backup)
+        .args(["--in-place", "--qmp"])
+        .arg(qmp)
+        .env("QUIESCE_STATE_DIR", state)
+        .env("QUIESCE_TRACE_STEPS", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = child.take_stderr().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let marker = format!("quiesce-step: {disk_step}");
+    let mut seen = String::new();
+    let start = Instant::now();
+    loop {
+        let Ok(line) = rx.recv_timeout(BACKUP.saturating_sub(start.elapsed())) else {
+            child.kill();
+            panic!("quiesce never began writing; it said:\n{seen}");
+        };
+        seen.push_str(&line);
+        seen.push('\n');
+        if line == marker {
+            break;
+        }
+    }
+    let quiesce_pid = child.pid();
+    let writer = poll(Duration::from_secs(60), || {
+        let pid = qemu_img_child(quiesce_pid)?;
+        (written_by(pid)? > 1 << 20).then_some(pid)
+    });
+    let Some(writer) = writer else {
+        child.kill();
+        panic!("no qemu-img of quiesce wrote a MiB; quiesce said:\n{seen}");
+    };
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(quiesce_pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let status = child.wait_timeout(deadline::KILLED_EXIT).expect("quiesce dies of SIGKILL");
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(9), "{seen}");
+    let gone = poll(deadline::KILLED_EXIT, || (!Path::new(&format!("/proc/{writer}")).exists()).then_some(()));
+    assert!(gone.is_some(), "qemu-img (pid {writer}) goes on writing behind a killed quiesce");
+    eprintln!("{seen}");
+    seen
+}
+
+/// Flips one byte of `file` at `at` (twice: back as it was).
+fn flip(file: &Path, at: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(file).unwrap();
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, at).unwrap();
+    f.write_all_at(&[b[0] ^ 0xff], at).unwrap();
+    f.sync_all().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_write_of_an_in_place_restore_is_rolled_forward_never_resumed_half_written() {
+    let vm = HandStarted::start("rec-inplace").await;
+    let state = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let b = out.path().join("b");
+    let agent = vm.agent().display().to_string();
+    let o = backup(&vm.qmp(), state.path(), &["--agent".into(), agent, "--method".into(), "child-snapshot".into()], &b);
+    assert!(o.status.success(), "the backup failed");
+    // After the backup the guest writes a file the restore must take away.
+    let a = vm.agent_conn().await;
+    let boot_before = quiesce::workload::boot_id(&a).await.unwrap();
+    quiesce::qemu::exec::sh(&a, "dd if=/dev/urandom of=/root/after-backup bs=1M count=32 conv=fsync 2>/dev/null", T)
+        .await
+        .unwrap();
+    drop(a);
+    let backup = quiesce::backup::Backup::open(&b).unwrap();
+    let d = &backup.vm("rec-inplace").unwrap().disks[0];
+    let image = backup.file_path("rec-inplace", &quiesce::backup::manifest::Entry::Disk(d.node_name.clone()), &d.file);
+    let (image, format, disk) = (image.unwrap(), d.format, d.node_name.clone());
+    kill_mid_write(&b, &vm.qmp(), state.path(), &format!("rec-inplace: write disk {disk} of the backup"));
+
+    // Left: the VM paused on a half-written disk, the restore journaled.
+    let status = vm.qmp_ask("query-status", Value::Null).await;
+    assert_eq!((status["running"].clone(), status["status"].clone()), (json!(false), json!("paused")));
+    let (root, img) = (vm.root(), image.clone());
+    let c =
+        tokio::task::spawn_blocking(move || quiesce::verify::blockcmp::compare(&root, DiskFormat::Qcow2, &img, format))
+            .await
+            .unwrap()
+            .unwrap();
+    assert!(!c.identical, "the disk was written whole before the kill: no half-written disk to test with");
+    let journal = std::fs::read_to_string(&journals(state.path())[0]).unwrap();
+    assert!(journal.contains("\"in_place\"") && journal.contains("rec-inplace"), "{journal}");
+    let doc = doctor(state.path());
+    assert!(doc.contains("an in-place restore of VM rec-inplace"), "{doc}");
+
+    // The backup no longer verifies: recover refuses to finish, says why, and leaves the VM
+    // paused with its journal.
+    let at = std::fs::metadata(&image).unwrap().len() / 2;
+    flip(&image, at);
+    let r = recover(&vm.qmp(), None, state.path());
+    assert!(!r.status.success(), "recover finished from a backup that does not verify");
+    assert!(r.stderr.contains("no longer verifies") && r.stderr.contains("the VM is left paused"), "{}", r.stderr);
+    assert_eq!(vm.qmp_ask("query-status", Value::Null).await["status"], json!("paused"));
+    assert_eq!(journals(state.path()).len(), 1);
+
+    // Whole again: recover writes the backup again, compares it, and only then resumes.
+    flip(&image, at);
+    let r = recover(&vm.qmp(), None, state.path());
+    assert!(r.status.success(), "quiesce recover failed");
+    let text = r.stdout_text();
+    assert!(text.contains("in-place restore finished") && text.contains("resumed"), "{text}");
+    assert!(text.contains("identical to it, block for block"), "{text}");
+    assert!(journals(state.path()).is_empty(), "journal left: {:?}", journals(state.path()));
+    assert_eq!(vm.qmp_ask("query-status", Value::Null).await["running"], json!(true));
+    let a = vm.agent_conn().await;
+    a.wait_ready(deadline::BOOT_TO_AGENT).await.expect("the rolled-forward guest boots");
+    assert_ne!(quiesce::workload::boot_id(&a).await.unwrap(), boot_before, "the guest was not restarted");
+    let gone = quiesce::qemu::exec::sh(&a, "test ! -e /root/after-backup", T).await;
+    assert!(gone.is_ok(), "a file written after the backup survived the roll forward: {gone:?}");
+    drop(a);
+
+    // Killed mid-write again, and its backup altered: an in-place restore from another
+    // backup (a copy) takes the journal over, and the VM runs again as it did before the
+    // first restore paused it.
+    let b2 = out.path().join("b2");
+    Tool::new("cp", BACKUP).arg("-a").arg(&b).arg(&b2).run().unwrap();
+    kill_mid_write(&b, &vm.qmp(), state.path(), &format!("rec-inplace: write disk {disk} of the backup"));
+    assert_eq!(vm.qmp_ask("query-status", Value::Null).await["status"], json!("paused"));
+    flip(&image, at);
+    let o = Tool::new(quiesce(), BACKUP)
+        .arg("restore")
+        .arg(&b2)
+        .args(["--in-place", "--check", "blocks", "--qmp"])
+        .arg(vm.qmp())
+        .env("QUIESCE_STATE_DIR", state.path())
+        .output()
+        .unwrap();
+    let text = o.stdout_text();
+    eprintln!("{text}\n{}", o.stderr);
+    assert!(o.status.success(), "the in-place restore that takes over failed");
+    assert!(o.stderr.contains("cannot be finished; this restore takes it over"), "{}", o.stderr);
+    assert!(text.contains("check blocks  passed") && text.contains("was reset and runs again"), "{text}");
+    assert!(journals(state.path()).is_empty(), "journal left: {:?}", journals(state.path()));
+    assert_eq!(vm.qmp_ask("query-status", Value::Null).await["running"], json!(true));
 }

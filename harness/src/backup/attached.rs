@@ -100,6 +100,10 @@ pub struct AttachedBackup {
     pub snapshot_dir: Option<PathBuf>,
     /// Each VM's recovery journal, in the order of the machines (none: not journaled).
     pub journals: Vec<Option<Arc<Journal>>>,
+    /// Child VM Snapshot's merge: its rate limit (none: unlimited) and how long it may take
+    /// to catch up before the VM is paused to finish it (none: the default).
+    pub merge_speed: Option<u64>,
+    pub merge_converge: Option<std::time::Duration>,
 }
 
 /// What the backup of a set of attached VMs did: the set's outcome, or its error, and for
@@ -145,7 +149,12 @@ pub async fn run(
         .map(|(i, m)| Member {
             machine: m,
             method: how.method,
-            snapshot: SnapshotSettings::new(&snapshot_dir_for(m, how.snapshot_dir.as_deref())),
+            snapshot: {
+                let mut s = SnapshotSettings::new(&snapshot_dir_for(m, how.snapshot_dir.as_deref()));
+                s.merge_speed = how.merge_speed;
+                s.merge_converge = how.merge_converge.unwrap_or(s.merge_converge);
+                s
+            },
             save: SaveSettings::default(),
             declared_iscsi: vec![],
             faults: Faults::default(),

@@ -99,6 +99,9 @@ pub struct Undo {
     /// Saved State: the VM is (about to be) stopped and saved, and not back yet. Only the
     /// recovery journal reads it; the job's undo compares run states.
     saving: bool,
+    /// The VM is (about to be) paused to finish a merge that did not converge. Only the
+    /// recovery journal reads it; the merge resumes the VM on every path itself.
+    merge_paused: bool,
     /// For a VM quiesce did not start: the journal each change is written to first, so that
     /// the next run can undo it if this one is killed ([`recovery`]).
     journal: Option<Arc<recovery::Journal>>,
@@ -136,6 +139,8 @@ impl Undo {
                 })
                 .collect(),
             reserve: self.reserve.clone(),
+            merge_paused: self.merge_paused,
+            in_place: None,
         }
     }
 
@@ -179,6 +184,13 @@ pub(super) fn journal(m: &Machine, undo: &Mutex<Undo>) -> Result<(), BackupError
 /// journal before it is), or is back in its prior state (`false`).
 pub(super) fn note_saving(m: &Machine, undo: &Mutex<Undo>, saving: bool) -> Result<(), BackupError> {
     lock(undo).saving = saving;
+    journal(m, undo)
+}
+
+/// The merge's hook: the VM is about to be paused to finish a merge (`true`, written to the
+/// journal before the `stop`), or is resumed (`false`).
+fn note_merge_paused(m: &Machine, undo: &Mutex<Undo>, paused: bool) -> Result<(), BackupError> {
+    lock(undo).merge_paused = paused;
     journal(m, undo)
 }
 
@@ -509,8 +521,9 @@ pub(super) async fn merge(
         finish: settings.merge_deadline,
     };
     let mut outcome = MergeOutcome::Converged;
+    let pausing = |paused| note_merge_paused(m, undo, paused);
     for o in overlays.iter().filter(|o| active.contains(&o.node)) {
-        outcome = outcome.then(merge::commit(m, &o.disk.node_name, &o.base_node, &o.node, limits).await?);
+        outcome = outcome.then(merge::commit(m, &o.disk.node_name, &o.base_node, &o.node, limits, &pausing).await?);
     }
     lock(undo).snapshotted = false;
     remove_overlays(m, undo).await?;

@@ -18,7 +18,9 @@
 //!   [`super::child_snapshot::SnapshotSettings::merge_converge`]. If it has not, the VM is
 //!   paused, the rate limit lifted, the merge finished, and the VM continued: a short,
 //!   measured pause ([`MergeOutcome::PausedToFinish`]) instead of an overlay that is never
-//!   merged. The pause is undone on every path.
+//!   merged. The pause is undone on every path; for a VM quiesce did not start it is
+//!   written to the recovery journal before the `stop`, so that a quiesce killed during it
+//!   leaves the next run enough to merge and resume ([`super::recovery`]).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -99,6 +101,10 @@ pub struct CommitLimits {
     pub finish: Duration,
 }
 
+/// Told, before the VM is paused to finish a merge (`true`) and once it is resumed
+/// (`false`): the recovery journal's hook. An error before the pause refuses the pause.
+pub type Pausing<'a> = dyn Fn(bool) -> Result<(), BackupError> + Send + Sync + 'a;
+
 /// Commits overlay node `overlay` into disk `base`, whose node in QEMU is `base_node` (the
 /// same name for a VM quiesce started; one QEMU made up for a VM it did not start).
 pub async fn commit(
@@ -107,6 +113,7 @@ pub async fn commit(
     base_node: &str,
     overlay: &str,
     limits: CommitLimits,
+    pausing: &Pausing<'_>,
 ) -> Result<MergeOutcome, BackupError> {
     let job = format!("commit-{base}");
     let _ = m.qmp().events().drain("BLOCK_JOB_READY");
@@ -133,7 +140,7 @@ pub async fn commit(
             Err(BackupError::Merge { vm: m.name().to_owned(), disk: base.to_owned(), error })
         }
         Err(crate::qemu::QmpError::Event(crate::qemu::WaitError::Timeout { .. })) => {
-            finish_paused(m, base, &job, limits.finish).await
+            finish_paused(m, base, &job, limits.finish, pausing).await
         }
         Err(e) => Err(step(m, "wait for the commit of", base, e)),
     }
@@ -160,15 +167,26 @@ async fn complete(m: &Machine, base: &str, job: &str, within: Duration) -> Resul
 
 /// The commit did not converge in time: pause the VM so the guest stops writing, lift the
 /// rate limit, finish, and continue the VM whatever happened.
-async fn finish_paused(m: &Machine, base: &str, job: &str, within: Duration) -> Result<MergeOutcome, BackupError> {
+async fn finish_paused(
+    m: &Machine,
+    base: &str,
+    job: &str,
+    within: Duration,
+    pausing: &Pausing<'_>,
+) -> Result<MergeOutcome, BackupError> {
     let running = super::runstate::query(m).await.map_err(|e| BackupError::step(m.name(), "query-status", e))?.running;
     let t = Instant::now();
     if running {
+        // Journaled first: a quiesce killed from here on leaves a paused VM to resume.
+        pausing(true)?;
+        let _ = m.qmp().events().drain("STOP");
         qmp(m, "stop", Value::Null).await?;
         m.qmp()
             .wait_event("STOP", |_| true, deadline::COMMAND_EVENT)
             .await
             .map_err(|e| step(m, "wait for STOP before merging", base, e))?;
+        // Test-only: the recovery tests kill quiesce here, the VM paused, the merge unfinished.
+        crate::timeline::hold_point(Some(m.name()), &format!("finish the merge of {base} paused")).await;
     }
     let finished = async {
         qmp(m, "block-job-set-speed", json!({"device": job, "speed": 0})).await?;
@@ -183,8 +201,11 @@ async fn finish_paused(m: &Machine, base: &str, job: &str, within: Duration) -> 
     // Continued on every path: a merge that failed even so must not leave the guest paused.
     let resumed = if running { resume(m).await } else { Ok(()) };
     let paused_ms = t.elapsed().as_secs_f64() * 1000.0;
+    // Resumed: the journal no longer names the pause (a VM still paused keeps it named).
+    let noted = if running && resumed.is_ok() { pausing(false) } else { Ok(()) };
     finished?;
     resumed?;
+    noted?;
     Ok(MergeOutcome::PausedToFinish { paused_ms })
 }
 

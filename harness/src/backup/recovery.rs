@@ -19,6 +19,12 @@
 //! A journal is read as untrusted input: bounded in size, checked field by field, and a
 //! file it names is removed only if it is one quiesce makes (an overlay or merge reserve,
 //! by its name) and, for an overlay, only if QEMU does not hold it for another node.
+//!
+//! Besides a backup's changes, a journal names two pauses a killed quiesce would leave:
+//! the VM paused to finish a merge that did not converge ([`Leftovers::merge_paused`]: the
+//! replay merges, then resumes it if it ran), and an in-place restore under way
+//! ([`Leftovers::in_place`]: its disks may be half-written, so the replay writes the backup
+//! into them again and only then lets the VM run; it never resumes half-written disks).
 
 mod replay;
 
@@ -31,10 +37,11 @@ use sha2::Digest;
 
 use super::attached::MigrationSettings;
 
-pub use replay::{replay, Found, RecoveryError, Step};
+pub use replay::{replay, Found, RecoveryError, RollForward, RollForwardError, RollingForward, Step};
 
-/// The format of a journal; another number is refused, clearly.
-pub const VERSION: u32 = 1;
+/// The format of a journal; another number is refused, clearly. Version 2 added
+/// `merge_paused` and `in_place`.
+pub const VERSION: u32 = 2;
 /// The environment variable that overrides the state folder (tests use it).
 pub const STATE_DIR_ENV: &str = "QUIESCE_STATE_DIR";
 /// A journal larger than this is not one quiesce wrote.
@@ -190,6 +197,17 @@ pub struct OverlayRecord {
     pub file: PathBuf,
 }
 
+/// An in-place restore (`quiesce restore --in-place`) under way: which backup's VM is being
+/// written onto the VM's disks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InPlaceRecord {
+    /// The backup folder (absolute).
+    pub backup: PathBuf,
+    /// The VM's name in the backup.
+    pub vm: String,
+}
+
 /// What quiesce has done, or is about to do, to the VM: what a replay must undo.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -201,11 +219,21 @@ pub struct Leftovers {
     pub overlays: Vec<OverlayRecord>,
     /// The merge reserve file.
     pub reserve: Option<PathBuf>,
+    /// The VM was (about to be) paused by quiesce to finish a merge that did not converge,
+    /// and is not resumed yet.
+    pub merge_paused: bool,
+    /// An in-place restore was (about to be) started: the VM paused, its disks written.
+    pub in_place: Option<InPlaceRecord>,
 }
 
 impl Leftovers {
     pub fn is_empty(&self) -> bool {
-        !self.frozen && !self.saving && self.overlays.is_empty() && self.reserve.is_none()
+        !self.frozen
+            && !self.saving
+            && self.overlays.is_empty()
+            && self.reserve.is_none()
+            && !self.merge_paused
+            && self.in_place.is_none()
     }
 }
 
@@ -223,6 +251,16 @@ impl std::fmt::Display for Leftovers {
         }
         if let Some(r) = &self.reserve {
             parts.push(format!("merge reserve {}", r.display()));
+        }
+        if self.merge_paused {
+            parts.push("the VM paused to finish a merge".to_owned());
+        }
+        if let Some(r) = &self.in_place {
+            parts.push(format!(
+                "an in-place restore of VM {} from backup {} (the VM paused, its disks maybe half-written)",
+                r.vm,
+                r.backup.display()
+            ));
         }
         if parts.is_empty() {
             return f.write_str("nothing changed yet");
@@ -303,8 +341,32 @@ impl Record {
         if let Some(r) = &self.left.reserve {
             file("the merge reserve", r, "-merge-reserve")?;
         }
+        if let Some(r) = &self.left.in_place {
+            text("the backup folder", &r.backup.to_string_lossy())?;
+            text("the backup's VM", &r.vm)?;
+            let plain = r.backup.is_absolute() && !r.backup.components().any(|c| c == std::path::Component::ParentDir);
+            if !plain {
+                return Err(format!("the backup folder {} is not an absolute path without ..", r.backup.display()));
+            }
+            if r.vm.is_empty() || r.vm.chars().any(char::is_control) {
+                return Err(format!("the backup's VM {:?} is not a VM name", r.vm));
+            }
+            // A restore's journal is a journal of its own: it names nothing of a backup's.
+            let alone = Leftovers { in_place: None, ..self.left.clone() };
+            if !alone.is_empty() {
+                return Err("an in-place restore together with a backup's changes".into());
+            }
+        }
         Ok(())
     }
+}
+
+/// Pure: the version a journal's text says it is, if it is a JSON object with one; read
+/// before the whole, so that a journal of another version gets that said, not a field
+/// missing or unknown.
+fn version_of(text: &str) -> Option<u64> {
+    let v: serde_json::Value = serde_json::from_str(text).ok()?;
+    v.get("version")?.as_u64()
 }
 
 /// Reads and checks the journal at `path`.
@@ -318,6 +380,14 @@ pub fn read(path: &Path) -> Result<Record, JournalError> {
     let mut text = String::new();
     std::io::Read::read_to_string(&mut std::io::Read::take(f, MAX_BYTES), &mut text)
         .map_err(|e| bad(format!("not text: {e}")))?;
+    match version_of(&text) {
+        Some(v) if v != u64::from(VERSION) => {
+            return Err(bad(format!(
+                "version {v}, written by another quiesce (this quiesce reads version {VERSION}): replay it with the quiesce that wrote it, or look at the VM and remove the journal by hand"
+            )))
+        }
+        _ => {}
+    }
     let rec: Record = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
     rec.check().map_err(bad)?;
     Ok(rec)
@@ -424,6 +494,28 @@ impl Journal {
     /// Removes the journal: the VM is as it was.
     pub fn clear(&self) -> Result<(), JournalError> {
         remove(&self.path)
+    }
+
+    /// The journal of an in-place restore of VM `vm_name` of `backup` onto the VM `vm`,
+    /// whose run state was `before`: written at once, durably, before the VM is paused.
+    pub fn in_place(vm: Identity, before: Before, backup: &Path, vm_name: &str) -> Result<Journal, JournalError> {
+        let path = journal_path(&vm.qmp)?;
+        let left = Leftovers {
+            in_place: Some(InPlaceRecord { backup: backup.to_owned(), vm: vm_name.to_owned() }),
+            ..Leftovers::default()
+        };
+        let record = Record {
+            version: VERSION,
+            vm,
+            agent: None,
+            before,
+            migration: None,
+            writer_pid: std::process::id(),
+            left: Leftovers::default(),
+        };
+        let j = Journal { path, record: Mutex::new(record) };
+        j.write(left)?;
+        Ok(j)
     }
 }
 

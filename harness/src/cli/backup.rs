@@ -69,6 +69,14 @@ pub struct BackupArgs {
     /// the folder of each VM's first disk.
     #[arg(long, value_name = "DIR")]
     snapshot_dir: Option<PathBuf>,
+    /// Child VM Snapshot: the merge's rate limit, in bytes per second, so that merging the
+    /// overlays back does not starve the guest's own I/O (none by default).
+    #[arg(long, value_name = "BYTES")]
+    merge_speed: Option<u64>,
+    /// Child VM Snapshot: how long, in seconds, the merge may take to catch up with the
+    /// guest's writes before the VM is paused for it to finish (see the README).
+    #[arg(long, value_name = "SECONDS")]
+    merge_converge: Option<u64>,
     /// The backup folder to write; it must not exist.
     out: PathBuf,
 }
@@ -130,7 +138,13 @@ async fn backup(args: &BackupArgs, interrupt: &Interrupt) -> CliResult {
     }
     let tl = Timeline::new();
     let journals = recover::journals(&machines, &attached_as).await?;
-    let how = AttachedBackup { method: args.method.into(), snapshot_dir: args.snapshot_dir.clone(), journals };
+    let how = AttachedBackup {
+        method: args.method.into(),
+        snapshot_dir: args.snapshot_dir.clone(),
+        journals,
+        merge_speed: args.merge_speed,
+        merge_converge: args.merge_converge.map(std::time::Duration::from_secs),
+    };
     let shown = Arc::new(AtomicUsize::new(0));
     let printer = tokio::spawn(print_steps(tl.clone(), shown.clone()));
     let outcome = attached::run(&machines, &how, &args.out, &tl, interrupt).await;

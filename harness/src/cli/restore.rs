@@ -7,6 +7,7 @@
 use std::path::PathBuf;
 
 use quiesce::backup::manifest::{Entry, Method};
+use quiesce::backup::recovery::RecoveryError;
 use quiesce::backup::Backup;
 use quiesce::image::manifest::{self, Limits};
 use quiesce::qemu::DiskFormat;
@@ -45,7 +46,8 @@ pub struct RestoreArgs {
     keep_running: bool,
     /// Roll a running VM quiesce did not start back to the backup, onto its own disks,
     /// through its QMP socket (--qmp): paused, disks written, reset. Refused unless its
-    /// disks match the backup's in number, format and size.
+    /// disks match the backup's in number, format and size. Journaled: one killed (or
+    /// failed) mid-write leaves the VM paused, and `quiesce recover --qmp` finishes it.
     #[arg(long, requires = "qmp")]
     in_place: bool,
     /// The QMP socket of the VM to roll back (with --in-place).
@@ -242,8 +244,25 @@ async fn in_place(backup: &Backup, vm: &str, qmp: &std::path::Path, checks: &[Ch
     }
     let opts = quiesce::qemu::AttachOptions::new(qmp.to_owned(), None);
     let m = quiesce::qemu::attach(&opts).await?;
+    // First, what a killed quiesce left in this VM is undone, as a backup does. An in-place
+    // restore it cannot finish (its backup gone) is taken over: this one writes every disk,
+    // and puts back the run state from before that one paused the VM.
+    let (m, prior) = match super::backup::recover::leftovers(m, &opts).await {
+        Ok(m) => (m, None),
+        Err(e) => match e.downcast::<RecoveryError>().map(|e| *e) {
+            Ok(RecoveryError::InPlaceUnfinished { vm, restore, before, .. }) => {
+                eprintln!(
+                    "quiesce: VM {vm}: an in-place restore from {} a killed quiesce left cannot be finished; this restore takes it over (it writes every disk)",
+                    restore.backup.display()
+                );
+                (quiesce::qemu::attach(&opts).await?, Some(before))
+            }
+            Ok(other) => return Err(other.into()),
+            Err(e) => return Err(e),
+        },
+    };
     // Not raced against Ctrl-C: a rollback stopped half-way would leave the disks mixed.
-    let done = rollback_attached::roll_back(backup, vm, &m, !checks.is_empty()).await?;
+    let done = rollback_attached::roll_back(backup, vm, &m, qmp, !checks.is_empty(), prior.as_ref()).await?;
     for (name, path) in &done.disks {
         println!("disk {name} of the backup written onto {}", path.display());
     }

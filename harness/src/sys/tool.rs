@@ -135,6 +135,13 @@ impl<'a> Tool<'a> {
         Tool { spawn: Spawn::new(program), timeout, stdout_cap: Some(DEFAULT_STDOUT_CAP), on_stderr_line: None }
     }
 
+    /// Killed when the thread that runs it exits ([`Spawn::die_with_parent`]): for a tool
+    /// that must not go on behind a killed quiesce. Run it from the thread that waits for it.
+    pub fn die_with_parent(mut self) -> Self {
+        self.spawn = self.spawn.die_with_parent();
+        self
+    }
+
     pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Self {
         self.spawn = self.spawn.arg(arg);
         self

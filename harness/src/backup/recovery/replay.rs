@@ -1,13 +1,18 @@
 //! Replaying a journal a killed quiesce left: the next `quiesce backup` on the VM undoes
 //! what the journal names and the VM still shows, with the job's own undo
-//! ([`child_snapshot::recover`], [`saved_state::return_to`]), before anything else.
+//! ([`child_snapshot::recover`], [`saved_state::return_to`]), before anything else. A VM
+//! paused to finish a merge is resumed once the merge is done. An in-place restore is not
+//! undone but finished ([`RollForward`]): its disks may be half-written, and only writing
+//! the backup into them again makes them whole.
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Mutex;
 
 use serde_json::{json, Value};
 
-use super::{journal_path, read, remove, Identity, JournalError, Leftovers, Liveness};
+use super::{journal_path, read, remove, Before, Identity, InPlaceRecord, JournalError, Leftovers, Liveness};
 use crate::backup::child_snapshot::{self, SnapshotSettings, Undo};
 use crate::backup::runstate::{self, RunState};
 use crate::backup::saved_state::{self, qmp};
@@ -33,7 +38,28 @@ pub enum RecoveryError {
     /// The journal is kept; run quiesce again, or look at the VM (the error says where).
     #[error("VM {vm}: undoing what a killed quiesce left ({left}) failed: {error}; the journal {journal} is kept")]
     Undo { vm: String, left: Leftovers, journal: PathBuf, error: Box<BackupError> },
+    /// A killed quiesce left an in-place restore half-done, and it could not be finished:
+    /// its backup is gone, refused or no longer verifies, or writing it failed. The VM's
+    /// disks may be half-written, so it is left paused (never resumed on them) and the
+    /// journal is kept. Restore it in place again, from this backup once it is whole or
+    /// from another (that restore takes the journal over), or remove the VM.
+    #[error("VM {vm}: a killed quiesce left an in-place restore of VM {} from {} half-done, and it cannot be finished: {why}\n  the VM is left paused: its disks may be half-written, so it must not run on them; restore it in place again (from this backup once it verifies, or from another), and the journal {journal} is kept until then", .restore.vm, .restore.backup.display())]
+    InPlaceUnfinished { vm: String, restore: InPlaceRecord, before: Before, journal: PathBuf, why: RollForwardError },
 }
+
+/// Why an in-place restore could not be finished (the verify layer's error, boxed).
+pub type RollForwardError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Finishes an in-place restore a killed quiesce left, as the restore itself would have:
+/// the backup's VM `restore` opened and verified, written into the VM's disks again (the
+/// write is idempotent), the VM put back in use and resumed if it ran (`before`); returns
+/// the disks written, or None for a VM found running (the restore was killed before its
+/// pause, so nothing was written). On an error the VM must be left paused. In-place restores belong to
+/// a higher layer ([`crate::verify`]), which hands this in.
+pub type RollForward = for<'a> fn(&'a Machine, &'a InPlaceRecord, &'a Before) -> RollingForward<'a>;
+
+/// A roll forward under way (see [`RollForward`]).
+pub type RollingForward<'a> = Pin<Box<dyn Future<Output = Result<Option<Vec<String>>, RollForwardError>> + 'a>>;
 
 /// One thing a replay found and did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,6 +83,14 @@ pub enum Step {
     BackFromSavedState { status: String },
     /// The migration settings a save changes were not as before: put back.
     MigrationSettingsPutBack,
+    /// The VM was still paused by quiesce to finish a merge: once merged, resumed.
+    ResumedAfterMerge,
+    /// An in-place restore was finished: the backup's `disks` written again, the VM reset,
+    /// and resumed if it was running before (`resumed`).
+    RolledForward { backup: PathBuf, disks: Vec<String>, resumed: bool },
+    /// The in-place restore was killed before it paused the VM: nothing was written, and
+    /// the VM, running, was left alone.
+    InPlaceNeverBegan { backup: PathBuf },
 }
 
 impl std::fmt::Display for Step {
@@ -73,6 +107,19 @@ impl std::fmt::Display for Step {
             Step::ReserveRemoved { file } => write!(f, "merge reserve {} removed", file.display()),
             Step::BackFromSavedState { status } => write!(f, "VM left {status} by a Saved State: put back"),
             Step::MigrationSettingsPutBack => f.write_str("migration settings changed by the save: put back"),
+            Step::ResumedAfterMerge => f.write_str("VM paused to finish a merge: merged, then resumed"),
+            Step::RolledForward { backup, disks, resumed } => write!(
+                f,
+                "in-place restore finished: disks {} written again from {} (identical to it, block for block), the VM reset and {}",
+                disks.join(", "),
+                backup.display(),
+                if *resumed { "resumed" } else { "left paused, as it was" }
+            ),
+            Step::InPlaceNeverBegan { backup } => write!(
+                f,
+                "in-place restore from {} killed before it paused the VM: nothing written, the VM left running",
+                backup.display()
+            ),
         }
     }
 }
@@ -123,9 +170,15 @@ impl std::fmt::Display for Found {
 }
 
 /// Finds the journal of the VM behind `qmp` (attached as `m`) and, if it is this very QEMU
-/// process, undoes what it names that the VM still shows; a journal of another QEMU is
-/// removed and nothing is touched. Runs before anything else is done to the VM.
-pub async fn replay(m: &Machine, qmp_socket: &Path, tl: &Timeline) -> Result<Found, RecoveryError> {
+/// process, undoes what it names that the VM still shows (an in-place restore is finished
+/// with `forward`); a journal of another QEMU is removed and nothing is touched. Runs
+/// before anything else is done to the VM.
+pub async fn replay(
+    m: &Machine,
+    qmp_socket: &Path,
+    tl: &Timeline,
+    forward: RollForward,
+) -> Result<Found, RecoveryError> {
     let path = journal_path(qmp_socket)?;
     if std::fs::symlink_metadata(&path).is_err() {
         return Ok(Found::Nothing);
@@ -145,6 +198,27 @@ pub async fn replay(m: &Machine, qmp_socket: &Path, tl: &Timeline) -> Result<Fou
         remove(&path)?;
         let liveness = rec.vm.liveness();
         return Ok(Found::Stale { journal: path, vm: rec.vm, liveness, left: rec.left });
+    }
+    if let Some(restore) = &rec.left.in_place {
+        let step = "finish the in-place restore a killed quiesce left";
+        return match tl.step(Some(m.name()), step, forward(m, restore, &rec.before)).await {
+            Ok(done) => {
+                remove(&path)?;
+                let backup = restore.backup.clone();
+                let step = match done {
+                    Some(disks) => Step::RolledForward { backup, disks, resumed: rec.before.running },
+                    None => Step::InPlaceNeverBegan { backup },
+                };
+                Ok(Found::Undone { journal: path, left: rec.left, steps: vec![step] })
+            }
+            Err(why) => Err(RecoveryError::InPlaceUnfinished {
+                vm: m.name().to_owned(),
+                restore: restore.clone(),
+                before: rec.before.clone(),
+                journal: path,
+                why,
+            }),
+        };
     }
     let failed = |error: BackupError| RecoveryError::Undo {
         vm: m.name().to_owned(),
@@ -240,7 +314,26 @@ async fn undo(m: &Machine, rec: &super::Record) -> Result<Vec<Step>, RecoveryErr
             steps.push(Step::MigrationSettingsPutBack);
         }
     }
+    // Last: the overlays are merged by now, so the guest runs on its own disks again. Only
+    // a VM that ran before, and is paused now (not stopped for another reason), is resumed.
+    if rec.left.merge_paused && rec.before.running {
+        let now = runstate::query(m).await.map_err(|e| fail(BackupError::step(m.name(), "query-status", e)))?;
+        if !now.running && now.state == qapi::qmp::RunState::paused {
+            resume(m).await.map_err(&fail)?;
+            steps.push(Step::ResumedAfterMerge);
+        }
+    }
     Ok(steps)
+}
+
+async fn resume(m: &Machine) -> Result<(), BackupError> {
+    let _ = m.qmp().events().drain("RESUME");
+    qmp(m, "cont", Value::Null).await?;
+    m.qmp()
+        .wait_event("RESUME", |_| true, deadline::COMMAND_EVENT)
+        .await
+        .map_err(|e| BackupError::step(m.name(), "wait for RESUME after the merge", m.qmp_err(e)))?;
+    Ok(())
 }
 
 /// Pure: whether block node `n` (of `query-named-block-nodes`) opens `file`. An overlay

@@ -27,8 +27,17 @@ fn record() -> Record {
                 file: "/run/vm/own-virtio0-overlay.qcow2".into(),
             }],
             reserve: Some("/run/vm/own-merge-reserve".into()),
+            merge_paused: true,
+            in_place: None,
         },
     }
+}
+
+/// The journal of an in-place restore: nothing of a backup's, no migration settings.
+fn in_place_record() -> Record {
+    let r = record();
+    let restore = InPlaceRecord { backup: "/backups/own-1".into(), vm: "own".into() };
+    Record { agent: None, migration: None, left: Leftovers { in_place: Some(restore), ..Leftovers::default() }, ..r }
 }
 
 #[test]
@@ -70,6 +79,31 @@ fn a_journal_is_written_whole_and_read_back() {
     let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().map(|e| e.file_name()).collect();
     assert_eq!(names, [std::ffi::OsString::from("j.json")]);
     assert!(r.left.to_string().contains("the guest frozen, overlay virtio0-snap"), "{}", r.left);
+    assert!(r.left.to_string().ends_with("the VM paused to finish a merge"), "{}", r.left);
+    let r = in_place_record();
+    write_durably(&path, &serde_json::to_vec(&r).unwrap()).unwrap();
+    assert_eq!(read(&path).unwrap(), r);
+    assert!(!r.left.is_empty());
+    assert!(r.left.to_string().contains("in-place restore of VM own from backup /backups/own-1"), "{}", r.left);
+}
+
+/// A journal of another version says so (not "missing field"), whatever its fields.
+#[test]
+fn a_journal_of_another_version_is_refused_by_its_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j.json");
+    // As version 1 wrote it: no merge_paused, no in_place.
+    let mut j = serde_json::to_value(record()).unwrap();
+    j["version"] = 1.into();
+    j["left"].as_object_mut().unwrap().remove("merge_paused");
+    j["left"].as_object_mut().unwrap().remove("in_place");
+    std::fs::write(&path, serde_json::to_vec(&j).unwrap()).unwrap();
+    match read(&path) {
+        Err(JournalError::Unreadable { why, .. }) => {
+            assert!(why.contains("version 1, written by another quiesce") && why.contains("reads version 2"), "{why}")
+        }
+        other => panic!("accepted: {other:?}"),
+    }
 }
 
 /// A journal is untrusted: each bound broken is refused with the reason, never acted on.
@@ -85,8 +119,23 @@ fn a_journal_out_of_bounds_is_refused_clearly() {
         }
     };
     let mut r = record();
-    r.version = 2;
-    assert!(refused(&r).contains("version 2"));
+    r.version = VERSION + 1;
+    assert!(refused(&r).contains(&format!("version {}", VERSION + 1)));
+    let mut r = in_place_record();
+    r.left.in_place.as_mut().unwrap().backup = "relative/backup".into();
+    assert!(refused(&r).contains("not an absolute path"));
+    let mut r = in_place_record();
+    r.left.in_place.as_mut().unwrap().backup = "/backups/../etc".into();
+    assert!(refused(&r).contains("not an absolute path"));
+    let mut r = in_place_record();
+    r.left.in_place.as_mut().unwrap().vm = "a\nb".into();
+    assert!(refused(&r).contains("not a VM name"));
+    let mut r = in_place_record();
+    r.left.in_place.as_mut().unwrap().vm = "x".repeat(MAX_TEXT + 1);
+    assert!(refused(&r).contains("longer than"));
+    let mut r = in_place_record();
+    r.left.frozen = true;
+    assert!(refused(&r).contains("an in-place restore together with"));
     let mut r = record();
     r.left.overlays[0].file = "/etc/passwd".into();
     assert!(refused(&r).contains("not a file quiesce makes"));

@@ -65,7 +65,7 @@ pub async fn run(args: RecoverArgs) -> CliResult {
 /// done to it.
 pub async fn leftovers(m: Machine, opts: &AttachOptions) -> Result<Machine, Box<dyn std::error::Error>> {
     let tl = Timeline::new();
-    let found = recovery::replay(&m, &opts.qmp, &tl).await?;
+    let found = recovery::replay(&m, &opts.qmp, &tl, quiesce::verify::rollback_attached::roll_forward).await?;
     let reattach = match &found {
         Found::Nothing => false,
         Found::Undone { steps, .. } => !steps.is_empty(),
