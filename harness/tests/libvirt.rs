@@ -11,6 +11,8 @@
 //! (libvirtd must be started as root here).
 
 mod libvirt_common;
+#[path = "common/watch.rs"]
+mod watch;
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
@@ -24,6 +26,7 @@ use quiesce_bench::libvirt::{find_program, DomainSpec, Libvirt};
 use serde_json::json;
 
 use libvirt_common::*;
+use watch::{Output, Watched};
 
 /// `quiesce restore` of `backup` (with `extra` arguments) passes blocks, files and guest.
 fn restore_passes(backup: &Path, extra: &[&str]) {
@@ -136,32 +139,11 @@ async fn a_libvirt_domain_is_backed_up_through_libvirt_and_left_as_it_was() {
 /// A Saved State restore kept running (`--keep-running`) runs on overlays of its own (not
 /// the original domain's images, which the saved XML names), and Ctrl-C destroys it.
 fn restored_on_its_own_overlays(lv: &Libvirt, backup: &Path, original: &(String, String)) {
-    let mut child = Spawn::new(quiesce())
-        .arg("restore")
-        .arg(backup)
-        .args(["--connect", lv.uri(), "--keep-running"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let stdout = child.take_stdout().unwrap();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let start = Instant::now();
-    let name = loop {
-        let left = BACKUP.saturating_sub(start.elapsed());
-        let line = rx.recv_timeout(left).expect("quiesce restore --keep-running says the domain runs");
-        eprintln!("{line}");
-        if let Some(rest) = line.strip_prefix("libvirt domain ") {
-            break rest.split_whitespace().next().unwrap().to_owned();
-        }
-    };
+    let spawn = Spawn::new(quiesce()).arg("restore").arg(backup).args(["--connect", lv.uri(), "--keep-running"]);
+    let mut w = Watched::start(spawn, Output::Stdout);
+    let line = w.until("that the restored domain runs", BACKUP, |l| l.starts_with("libvirt domain "));
+    let name = line["libvirt domain ".len()..].split_whitespace().next().unwrap().to_owned();
+    let mut child = w.child;
     let rt = tokio::runtime::Handle::current();
     let disks = tokio::task::block_in_place(|| rt.block_on(lv.virsh(&["domblklist", &name, "--details"], T))).unwrap();
     child.signal_group(nix::sys::signal::Signal::SIGINT);

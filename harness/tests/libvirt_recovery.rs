@@ -13,55 +13,25 @@
 //! Skipped, saying why, where libvirt is not installed or this is not root.
 
 mod libvirt_common;
+#[path = "common/watch.rs"]
+mod watch;
 
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use libvirt_common::{as_it_was, backup_args, look, quiesce, setup, start_domain, verify, BACKUP, T};
 use quiesce::sys::{Spawn, Tool};
 use quiesce_bench::libvirt::Libvirt;
+use watch::{Output, Watched};
 
 /// Starts `quiesce backup` with `args`, its journals in `state`, held at step `hold`
 /// ("VM: STEP"), and kills it with SIGKILL there. Returns what it said.
 fn kill_when_held(args: &[String], state: &Path, hold: &str) -> String {
-    let mut child = Spawn::new(quiesce())
-        .args(args)
-        .env("QUIESCE_STATE_DIR", state)
-        .env("QUIESCE_TEST_HOLD_AT", hold)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let stderr = child.take_stderr().unwrap();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let spawn = Spawn::new(quiesce()).args(args).env("QUIESCE_STATE_DIR", state).env("QUIESCE_TEST_HOLD_AT", hold);
+    let mut w = Watched::start(spawn, Output::Stderr);
     let marker = format!("quiesce-held: {hold}");
-    let mut seen = String::new();
-    let start = Instant::now();
-    loop {
-        let left = BACKUP.saturating_sub(start.elapsed());
-        let Ok(line) = rx.recv_timeout(left) else {
-            child.kill();
-            panic!("quiesce never reached {hold:?}; it said:\n{seen}");
-        };
-        seen.push_str(&line);
-        seen.push('\n');
-        if line == marker {
-            break;
-        }
-    }
-    let status = child.kill().expect("quiesce dies of SIGKILL");
-    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(9), "{seen}");
-    eprintln!("{seen}");
-    seen
+    w.until(&format!("{marker:?}"), BACKUP, |l| l == marker);
+    w.kill()
 }
 
 /// Runs quiesce with `args` to its end, its journals in `state`.

@@ -7,13 +7,12 @@
 mod common;
 mod hand_started;
 
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::json;
 
+use common::watch::{Output, Watched};
 use hand_started::{HandStarted, T};
 use quiesce::sys::{deadline, Spawn, Tool};
 use quiesce::workload;
@@ -166,45 +165,20 @@ async fn a_hand_started_qemu_is_backed_up_by_each_method_and_left_as_it_was() {
 /// Starts `quiesce backup`, sends it SIGINT once its stderr shows `after`, and returns
 /// its exit code and what it printed.
 fn interrupt_after(vm: &HandStarted, method: &str, after: &str, out: &Path) -> (Option<i32>, String) {
-    let mut child = Spawn::new(quiesce())
+    let spawn = Spawn::new(quiesce())
         .args(["backup", "--qmp"])
         .arg(vm.qmp())
         .arg("--agent")
         .arg(vm.agent())
         .args(["--method", method])
-        .arg(out)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let stderr = child.take_stderr().unwrap();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut seen = String::new();
-    let start = Instant::now();
-    loop {
-        let left = BACKUP.saturating_sub(start.elapsed());
-        let line = rx.recv_timeout(left).unwrap_or_else(|_| panic!("no {after:?} from quiesce; it said:\n{seen}"));
-        seen.push_str(&line);
-        seen.push('\n');
-        if line.contains(after) {
-            break;
-        }
-    }
-    child.signal_group(nix::sys::signal::Signal::SIGINT);
-    let status = child.wait_timeout(BACKUP).expect("quiesce ends after SIGINT");
-    while let Ok(line) = rx.recv_timeout(Duration::from_secs(5)) {
-        seen.push_str(&line);
-        seen.push('\n');
-    }
-    eprintln!("{seen}");
-    (status.code(), seen)
+        .arg(out);
+    let mut w = Watched::start(spawn, Output::Stderr);
+    w.until(&format!("{after:?}"), BACKUP, |l| l.contains(after));
+    w.child.signal_group(nix::sys::signal::Signal::SIGINT);
+    let status = w.child.wait_timeout(BACKUP).expect("quiesce ends after SIGINT");
+    w.drain(Duration::from_secs(5));
+    eprintln!("{}", w.seen);
+    (status.code(), w.seen)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,13 +12,12 @@
 mod common;
 mod hand_started;
 
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use common::watch::{Output, Watched};
 use hand_started::{HandStarted, T};
 use quiesce::image::qemu_img;
 use quiesce::qemu::DiskFormat;
@@ -45,7 +44,7 @@ fn recover(qmp: &Path, agent: Option<&Path>, state: &Path) -> quiesce::sys::Outp
 /// Starts `quiesce backup --qmp VM [args] out` with its journals in `state`, held at step
 /// `hold` ("VM: STEP"), and kills it with SIGKILL there. Returns what it said.
 fn kill_when_held(qmp: &Path, state: &Path, args: &[String], hold: &str, out: &Path) -> String {
-    let mut child = Spawn::new(quiesce())
+    let spawn = Spawn::new(quiesce())
         .args(["backup", "--qmp"])
         .arg(qmp)
         .args(args)
@@ -54,39 +53,11 @@ fn kill_when_held(qmp: &Path, state: &Path, args: &[String], hold: &str, out: &P
         // Its run folder (transcript; Saved State's overlays), which SIGKILL leaves, goes
         // in the test's folder, removed with it.
         .env("TMPDIR", state)
-        .env("QUIESCE_TEST_HOLD_AT", hold)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let stderr = child.take_stderr().unwrap();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+        .env("QUIESCE_TEST_HOLD_AT", hold);
+    let mut w = Watched::start(spawn, Output::Stderr);
     let marker = format!("quiesce-held: {hold}");
-    let mut seen = String::new();
-    let start = Instant::now();
-    loop {
-        let left = BACKUP.saturating_sub(start.elapsed());
-        let Ok(line) = rx.recv_timeout(left) else {
-            child.kill();
-            panic!("quiesce never reached {hold:?}; it said:\n{seen}");
-        };
-        seen.push_str(&line);
-        seen.push('\n');
-        if line == marker {
-            break;
-        }
-    }
-    let status = child.kill().expect("quiesce dies of SIGKILL");
-    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(9), "{seen}");
-    eprintln!("{seen}");
-    seen
+    w.until(&format!("{marker:?}"), BACKUP, |l| l == marker);
+    w.kill()
 }
 
 /// Runs `quiesce backup` to its end, its journals in `state`.
@@ -403,40 +374,17 @@ fn poll<T>(within: Duration, mut what: impl FnMut() -> Option<T>) -> Option<T> {
 /// VM's. Returns what it said. qemu-img must die with it (it must not go on writing
 /// behind a killed quiesce, racing the next run).
 fn kill_mid_write(backup: &Path, qmp: &Path, state: &Path, disk_step: &str) -> String {
-    let mut child = Spawn::new(quiesce())
+    let spawn = Spawn::new(quiesce())
         .arg("restore")
         .arg(backup)
         .args(["--in-place", "--qmp"])
         .arg(qmp)
         .env("QUIESCE_STATE_DIR", state)
-        .env("QUIESCE_TRACE_STEPS", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let stderr = child.take_stderr().unwrap();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+        .env("QUIESCE_TRACE_STEPS", "1");
+    let mut w = Watched::start(spawn, Output::Stderr);
     let marker = format!("quiesce-step: {disk_step}");
-    let mut seen = String::new();
-    let start = Instant::now();
-    loop {
-        let Ok(line) = rx.recv_timeout(BACKUP.saturating_sub(start.elapsed())) else {
-            child.kill();
-            panic!("quiesce never began writing; it said:\n{seen}");
-        };
-        seen.push_str(&line);
-        seen.push('\n');
-        if line == marker {
-            break;
-        }
-    }
+    w.until("that it began writing", BACKUP, |l| l == marker);
+    let Watched { mut child, seen, .. } = w;
     let quiesce_pid = child.pid();
     let writer = poll(Duration::from_secs(60), || {
         let pid = qemu_img_child(quiesce_pid)?;
