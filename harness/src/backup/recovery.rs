@@ -45,7 +45,7 @@ pub const VERSION: u32 = 2;
 /// The environment variable that overrides the state folder (tests use it).
 pub const STATE_DIR_ENV: &str = "QUIESCE_STATE_DIR";
 /// A journal larger than this is not one quiesce wrote.
-const MAX_BYTES: u64 = 64 << 10;
+pub const MAX_BYTES: u64 = 64 << 10;
 /// Bounds on a journal's contents.
 const MAX_OVERLAYS: usize = 64;
 const MAX_TEXT: usize = 4096;
@@ -369,8 +369,9 @@ fn version_of(text: &str) -> Option<u64> {
     v.get("version")?.as_u64()
 }
 
-/// Reads and checks the journal at `path`.
-pub fn read(path: &Path) -> Result<Record, JournalError> {
+/// The text of the journal file at `path`, read as untrusted: at most [`MAX_BYTES`], and
+/// text. Every kind of journal (a QMP VM's, a libvirt domain's) is read through this.
+pub fn read_bounded(path: &Path) -> Result<String, JournalError> {
     let bad = |why: String| JournalError::Unreadable { path: path.to_owned(), why };
     let f = std::fs::File::open(path).map_err(io(path))?;
     let len = f.metadata().map_err(io(path))?.len();
@@ -380,6 +381,13 @@ pub fn read(path: &Path) -> Result<Record, JournalError> {
     let mut text = String::new();
     std::io::Read::read_to_string(&mut std::io::Read::take(f, MAX_BYTES), &mut text)
         .map_err(|e| bad(format!("not text: {e}")))?;
+    Ok(text)
+}
+
+/// Reads and checks the journal at `path`.
+pub fn read(path: &Path) -> Result<Record, JournalError> {
+    let bad = |why: String| JournalError::Unreadable { path: path.to_owned(), why };
+    let text = read_bounded(path)?;
     match version_of(&text) {
         Some(v) if v != u64::from(VERSION) => {
             return Err(bad(format!(
@@ -394,11 +402,22 @@ pub fn read(path: &Path) -> Result<Record, JournalError> {
 }
 
 /// Each journal file found, and what reading it gave.
-pub type Listed = Vec<(PathBuf, Result<Record, JournalError>)>;
+pub type Listed = ListedOf<Record>;
+/// Each journal file of one kind found, and what reading it gave.
+pub type ListedOf<R> = Vec<(PathBuf, Result<R, JournalError>)>;
 
-/// The journal folder and every file in it, read and checked; read only.
+/// The journal folder and every journal in it, read and checked; read only.
 pub fn list() -> Result<(PathBuf, Listed), JournalError> {
-    let dir = journal_dir()?;
+    list_in(journal_dir()?, read)
+}
+
+/// Every journal (`*.json`) in `dir`, in name order, with what `read` made of it; read only.
+/// A folder that does not exist has none. Skipped: a temporary file of a write under way
+/// (`.NAME.tmp-PID`) and a journal moved aside as unreadable (`*.unreadable`).
+pub fn list_in<R>(
+    dir: PathBuf,
+    read: impl Fn(&Path) -> Result<R, JournalError>,
+) -> Result<(PathBuf, ListedOf<R>), JournalError> {
     let mut out = Vec::new();
     let entries = match std::fs::read_dir(&dir) {
         Ok(e) => e,
@@ -407,8 +426,9 @@ pub fn list() -> Result<(PathBuf, Listed), JournalError> {
     };
     for e in entries.flatten() {
         let p = e.path();
-        if p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')) {
-            continue; // a temporary file of a write under way
+        let hidden = p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'));
+        if hidden || p.extension().is_none_or(|x| x != "json") {
+            continue;
         }
         let r = read(&p);
         out.push((p, r));

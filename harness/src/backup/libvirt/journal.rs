@@ -45,8 +45,6 @@ pub use replay::{replay, status, Found, RecoveryError, Stale, Status, Step};
 
 /// The format of a journal; another number is refused, clearly.
 pub const VERSION: u32 = 1;
-/// A journal larger than this is not one quiesce wrote.
-const MAX_BYTES: u64 = 64 << 10;
 const MAX_OVERLAYS: usize = super::domain::MAX_DISKS;
 const MAX_TEXT: usize = 4096;
 
@@ -218,56 +216,22 @@ impl Record {
 /// Reads and checks the journal at `path`.
 pub fn read(path: &Path) -> Result<Record, JournalError> {
     let bad = |why: String| JournalError::Unreadable { path: path.to_owned(), why };
-    let io = |source| JournalError::Io { path: path.to_owned(), source };
-    let f = std::fs::File::open(path).map_err(io)?;
-    let len = f.metadata().map_err(io)?.len();
-    if len > MAX_BYTES {
-        return Err(bad(format!("{len} bytes (a journal is at most {MAX_BYTES})")));
-    }
-    let mut text = String::new();
-    std::io::Read::read_to_string(&mut std::io::Read::take(f, MAX_BYTES), &mut text)
-        .map_err(|e| bad(format!("not text: {e}")))?;
+    let text = recovery::read_bounded(path)?;
     let rec: Record = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
     rec.check().map_err(bad)?;
     Ok(rec)
 }
 
 /// Each journal file found, and what reading it gave.
-pub type Listed = Vec<(PathBuf, Result<Record, JournalError>)>;
+pub type Listed = recovery::ListedOf<Record>;
 
 /// The journal folder and every journal in it, read and checked; read only.
 pub fn list() -> Result<(PathBuf, Listed), JournalError> {
-    let dir = journal_dir()?;
-    let mut out = Vec::new();
-    let entries = match std::fs::read_dir(&dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((dir, out)),
-        Err(source) => return Err(JournalError::Io { path: dir, source }),
-    };
-    for e in entries.flatten() {
-        let p = e.path();
-        // A temporary file of a write under way, or one moved aside as unreadable.
-        if p.extension().is_none_or(|x| x != "json")
-            || p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'))
-        {
-            continue;
-        }
-        let r = read(&p);
-        out.push((p, r));
-    }
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok((dir, out))
+    recovery::list_in(journal_dir()?, read)
 }
 
 /// Removes the journal at `path`; one that is not there is fine.
-pub fn remove(path: &Path) -> Result<(), JournalError> {
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(JournalError::Io { path: path.to_owned(), source: e })
-        }
-        _ => Ok(()),
-    }
-}
+pub use recovery::remove;
 
 /// The journal of one domain during one backup.
 #[derive(Debug)]

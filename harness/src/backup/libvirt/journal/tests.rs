@@ -68,7 +68,7 @@ fn a_journal_that_quiesce_did_not_write_is_refused_clearly() {
     }
     std::fs::write(&path, b"{\"version\": 1, \"extra\": true}").unwrap();
     assert!(matches!(read(&path), Err(JournalError::Unreadable { .. })));
-    std::fs::write(&path, vec![b' '; MAX_BYTES as usize + 1]).unwrap();
+    std::fs::write(&path, vec![b' '; recovery::MAX_BYTES as usize + 1]).unwrap();
     assert!(read(&path).unwrap_err().to_string().contains("at most"));
 }
 
