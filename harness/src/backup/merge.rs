@@ -209,7 +209,8 @@ async fn finish_paused(
     Ok(MergeOutcome::PausedToFinish { paused_ms })
 }
 
-async fn resume(m: &Machine) -> Result<(), BackupError> {
+/// Continues a VM paused to finish a merge, and waits for QEMU to say it runs.
+pub(crate) async fn resume(m: &Machine) -> Result<(), BackupError> {
     let _ = m.qmp().events().drain("RESUME");
     qmp(m, "cont", Value::Null).await?;
     m.qmp()

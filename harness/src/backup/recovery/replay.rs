@@ -319,21 +319,11 @@ async fn undo(m: &Machine, rec: &super::Record) -> Result<Vec<Step>, RecoveryErr
     if rec.left.merge_paused && rec.before.running {
         let now = runstate::query(m).await.map_err(|e| fail(BackupError::step(m.name(), "query-status", e)))?;
         if !now.running && now.state == qapi::qmp::RunState::paused {
-            resume(m).await.map_err(&fail)?;
+            crate::backup::merge::resume(m).await.map_err(&fail)?;
             steps.push(Step::ResumedAfterMerge);
         }
     }
     Ok(steps)
-}
-
-async fn resume(m: &Machine) -> Result<(), BackupError> {
-    let _ = m.qmp().events().drain("RESUME");
-    qmp(m, "cont", Value::Null).await?;
-    m.qmp()
-        .wait_event("RESUME", |_| true, deadline::COMMAND_EVENT)
-        .await
-        .map_err(|e| BackupError::step(m.name(), "wait for RESUME after the merge", m.qmp_err(e)))?;
-    Ok(())
 }
 
 /// Pure: whether block node `n` (of `query-named-block-nodes`) opens `file`. An overlay
