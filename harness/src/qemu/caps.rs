@@ -128,7 +128,7 @@ pub async fn probe_qemu(qemu: &str) -> Result<Capabilities, CapsError> {
     let transcript = Transcript::create(&dir.path().join("transcript.log"))?;
     let t = deadline::QMP_COMMAND;
     let result = async {
-        let qmp = Qmp::connect(tokio::net::UnixStream::from_std(stream)?, transcript, deadline::QMP_CONNECT).await?;
+        let qmp = Qmp::connect(tokio::net::UnixStream::from_std(stream)?, transcript, deadline::qmp_connect()).await?;
         let version = qmp.execute_raw("query-version", Value::Null, t).await?;
         let schema = qmp.execute_raw("query-qmp-schema", Value::Null, t).await?;
         let migrate = qmp.execute_raw("query-migrate-capabilities", Value::Null, t).await?;

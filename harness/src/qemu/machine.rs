@@ -170,7 +170,7 @@ impl Machine {
             (None, Some(s)) => Some(GuestAgent::new(s, transcript.clone())),
             (None, None) => None,
         };
-        let qmp = match Qmp::connect(to_tokio(socks.qmp).map_err(setup)?, transcript, deadline::QMP_CONNECT).await {
+        let qmp = match Qmp::connect(to_tokio(socks.qmp).map_err(setup)?, transcript, deadline::qmp_connect()).await {
             Ok(q) => q,
             Err(e) => {
                 // Most often QEMU refused its arguments and exited; say what it printed.

@@ -28,6 +28,14 @@ pub const COMMAND_EVENT: Duration = QMP_COMMAND;
 /// it has parsed its arguments and opened its disks, under a second here.
 pub const QMP_CONNECT: Duration = Duration::from_secs(20);
 
+/// [`QMP_CONNECT`] for a QEMU starting now, stretched by [`under_load`]: starting QEMU
+/// (loading it, parsing its arguments, its first QMP reply) takes CPU time like any other
+/// program (20 s ran out on the capability probe's machine-less QEMU in a CI run at two
+/// scenarios at once).
+pub fn qmp_connect() -> Duration {
+    under_load(QMP_CONNECT)
+}
+
 /// Reading the QMP greeting of a QEMU that is already running (`quiesce backup --qmp`): it
 /// greets at once on accept, so a socket silent this long is not a free QMP monitor.
 pub const QMP_ATTACH_GREETING: Duration = Duration::from_secs(5);

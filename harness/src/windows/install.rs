@@ -142,7 +142,7 @@ async fn screendump(run_dir: &Path) {
     let Ok(()) = stream.set_nonblocking(true) else { return };
     let Ok(stream) = tokio::net::UnixStream::from_std(stream) else { return };
     let Ok(t) = Transcript::create(&run_dir.join("transcript.log")) else { return };
-    let Ok(qmp) = Qmp::connect(stream, t, sysdeadline::QMP_CONNECT).await else { return };
+    let Ok(qmp) = Qmp::connect(stream, t, sysdeadline::qmp_connect()).await else { return };
     let file = run_dir.join("screen.ppm");
     let _ = qmp.execute_raw("screendump", serde_json::json!({"filename": file}), sysdeadline::QMP_COMMAND).await;
 }
