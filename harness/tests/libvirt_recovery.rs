@@ -13,15 +13,17 @@
 //! Skipped, saying why, where libvirt is not installed or this is not root.
 
 mod libvirt_common;
+#[path = "common/state.rs"]
+mod state;
 #[path = "common/watch.rs"]
 mod watch;
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use libvirt_common::{as_it_was, backup_args, look, quiesce, setup, start_domain, verify, BACKUP, T};
 use quiesce::sys::{Spawn, Tool};
 use quiesce_bench::libvirt::Libvirt;
+use state::{doctor, journals_in};
 use watch::{Output, Watched};
 
 /// Starts `quiesce backup` with `args`, its journals in `state`, held at step `hold`
@@ -45,33 +47,8 @@ fn recover_args(lv: &Libvirt, name: &str) -> Vec<String> {
     ["recover", "--libvirt", name, "--connect", lv.uri()].map(str::to_owned).to_vec()
 }
 
-/// `quiesce doctor`'s lines about journals in `state` (it changes nothing there).
-fn doctor(state: &Path) -> String {
-    let reports = tempfile::tempdir().unwrap();
-    let o = Tool::new(quiesce(), Duration::from_secs(300))
-        .args(["doctor", "--no-build", "--report-dir"])
-        .arg(reports.path())
-        .env("QUIESCE_STATE_DIR", state)
-        .output()
-        .unwrap();
-    let text = o.stdout_text();
-    let mut lines = Vec::new();
-    let mut journal = false;
-    for l in text.lines() {
-        journal = l.starts_with("journal") || (journal && l.starts_with(' '));
-        if journal {
-            lines.push(l);
-        }
-    }
-    eprintln!("doctor:\n{}", lines.join("\n"));
-    lines.join("\n")
-}
-
 fn journals(state: &Path) -> Vec<PathBuf> {
-    match std::fs::read_dir(state.join("libvirt-journals")) {
-        Ok(d) => d.flatten().map(|e| e.path()).collect(),
-        Err(_) => vec![],
-    }
+    journals_in(state, "libvirt-journals")
 }
 
 /// What the guest reads of `file` from its disk (its page cache dropped first, so the read

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use common::state::{doctor, journals_in};
 use common::watch::{Output, Watched};
 use hand_started::{HandStarted, T};
 use quiesce::image::qemu_img;
@@ -75,33 +76,8 @@ fn backup(qmp: &Path, state: &Path, args: &[String], out: &Path) -> quiesce::sys
     o
 }
 
-/// `quiesce doctor`'s lines about journals in `state` (it changes nothing there).
-fn doctor(state: &Path) -> String {
-    let reports = tempfile::tempdir().unwrap();
-    let o = Tool::new(quiesce(), Duration::from_secs(120))
-        .args(["doctor", "--no-build", "--report-dir"])
-        .arg(reports.path())
-        .env("QUIESCE_STATE_DIR", state)
-        .output()
-        .unwrap();
-    let text = o.stdout_text();
-    let mut lines = Vec::new();
-    let mut journal = false;
-    for l in text.lines() {
-        journal = l.starts_with("journal") || (journal && l.starts_with(' '));
-        if journal {
-            lines.push(l);
-        }
-    }
-    eprintln!("doctor:\n{}", lines.join("\n"));
-    lines.join("\n")
-}
-
 fn journals(state: &Path) -> Vec<PathBuf> {
-    match std::fs::read_dir(state.join("journals")) {
-        Ok(d) => d.flatten().map(|e| e.path()).collect(),
-        Err(_) => vec![],
-    }
+    journals_in(state, "journals")
 }
 
 fn overlays_in(dir: &Path) -> Vec<PathBuf> {

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod rng;
+pub mod state;
 pub mod watch;
 
 use std::path::PathBuf;
