@@ -480,3 +480,44 @@ fn our_own_readers_agree_with_qemu_on_sizes_and_every_kind_of_cluster() {
         }
     }
 }
+
+#[test]
+fn a_three_deep_chain_over_a_smaller_raw_base_is_read_as_qemu_reads_it() {
+    // raw base (24 MiB) <- mid.qcow2 (grown to 32 MiB) <- top.qcow2: our own readers
+    // follow the chain; past the base's end the guest reads zeros.
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("base.raw");
+    raw_image(&raw, SIZE);
+    let (mid, top) = (dir.path().join("mid.qcow2"), dir.path().join("top.qcow2"));
+    let create = |backing: &str, fmt: &str, path: &Path, size: &str| {
+        let out = Tool::new("qemu-img", deadline::QEMU_IMG_METADATA)
+            .args(["create", "-q", "-f", "qcow2", "-F", fmt, "-b", backing])
+            .arg(path)
+            .arg(size)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", out.stderr);
+    };
+    create("base.raw", "raw", &mid, "32M");
+    qemu_io(&mid, DiskFormat::Qcow2, "write -P 0x22 3M 128k");
+    qemu_io(&mid, DiskFormat::Qcow2, "write -P 0x23 30M 64k");
+    create("mid.qcow2", "qcow2", &top, "32M");
+    qemu_io(&top, DiskFormat::Qcow2, "write -P 0x33 10M 64k");
+    qemu_io(&top, DiskFormat::Qcow2, "write -z 11M 64k");
+    let flat = dir.path().join("flat.raw");
+    qemu_img(&["convert", "-f", "qcow2", "-O", "raw"], &[&top, &flat]);
+    let c = compare(&top, DiskFormat::Qcow2, &flat, DiskFormat::Raw);
+    assert!(c.identical, "{c}");
+    assert_eq!(c, export_only(&top, DiskFormat::Qcow2, &flat, DiskFormat::Raw));
+    let truth = std::fs::read(&flat).unwrap();
+    // The raw base's data, mid's, top's, top's zeroed cluster, mid's past the base's end,
+    // and the zeros past the base's end.
+    for at in [1000, 3 * MIB + 5, 10 * MIB + 9, 11 * MIB + 1, 30 * MIB + 2, 28 * MIB + 3] {
+        let mut d = truth.clone();
+        d[at as usize] ^= 0x5a;
+        let bad = dir.path().join("bad.raw");
+        write_sparse(&bad, &d);
+        let c = compare(&top, DiskFormat::Qcow2, &bad, DiskFormat::Raw);
+        assert_eq!(c.first_difference, Some(at), "byte {at}: {c}");
+    }
+}

@@ -8,7 +8,7 @@
 use std::fs::File;
 use std::path::Path;
 
-use super::map::{self, Map};
+use super::map::{self, Extent, Map, Source};
 use super::tools;
 use super::work::Layer;
 use super::{alloc, qcow2, BlockCompareError, Image, Options, ReadPath};
@@ -20,14 +20,81 @@ use crate::sys::{Output, Running, Tool};
 /// doubt (an error, a layout it leaves to QEMU) is None: qemu-img then answers, and its
 /// words are what a user sees if the image is broken.
 pub(super) fn own<'p>(path: &'p Path, format: DiskFormat, export: &'static str) -> Option<Image<'p>> {
+    let (map, cluster_size, layers) = own_chain(path, format, 0)?;
+    Some(Image { path, format, name: name_of(path), export, map, cluster_size, layers })
+}
+
+/// Backing chains deeper than this are left to qemu-img.
+const MAX_OWN_DEPTH: usize = 16;
+
+/// An image's map, cluster size and files (0: the image, then its backing chain), read by
+/// our own readers; a qcow2's unallocated clusters come from its backing file, read the
+/// same way (a chain of qcow2, raw, VHD and VHDX files, the backing format named in each
+/// qcow2 header, as QEMU opens them). The backing file's name is taken relative to the
+/// image's folder unless absolute; a name QEMU would parse as a protocol or JSON (a ':'
+/// in it) is left to qemu-img.
+type Chain = (Map, Option<u64>, Vec<Option<Layer>>);
+fn own_chain(path: &Path, format: DiskFormat, depth: usize) -> Option<Chain> {
     let file = File::open(path).ok()?;
-    let (map, cluster_size): (Map, Option<u64>) = match format {
-        DiskFormat::Qcow2 => qcow2::qcow2(&file).ok()?.map(|q| (q.map, Some(q.cluster_size)))?,
-        DiskFormat::Raw => (qcow2::raw(&file).ok()??, None),
-        DiskFormat::Vhdx => alloc::vhdx_own(&file).ok()?.map(|(m, b)| (m, Some(b)))?,
-        DiskFormat::Vpc => alloc::vhd_own(&file).ok()?.map(|(m, b)| (m, Some(b)))?,
+    let (map, cluster_size, lower) = match format {
+        DiskFormat::Qcow2 => {
+            let q = qcow2::qcow2(&file).ok()??;
+            let lower = match &q.backing {
+                None => None,
+                Some(b) => {
+                    let name =
+                        std::str::from_utf8(&b.name).ok().filter(|n| !n.contains(':') && depth < MAX_OWN_DEPTH)?;
+                    let format = match &b.format[..] {
+                        b"qcow2" => DiskFormat::Qcow2,
+                        b"raw" => DiskFormat::Raw,
+                        b"vhdx" => DiskFormat::Vhdx,
+                        b"vpc" => DiskFormat::Vpc,
+                        _ => return None,
+                    };
+                    let base = path.parent().unwrap_or(Path::new("")).join(name);
+                    Some((own_chain(&base, format, depth + 1)?, q.from_backing))
+                }
+            };
+            (q.map, Some(q.cluster_size), lower)
+        }
+        DiskFormat::Raw => (qcow2::raw(&file).ok()??, None, None),
+        DiskFormat::Vhdx => alloc::vhdx_own(&file).ok()?.map(|(m, b)| (m, Some(b), None))?,
+        DiskFormat::Vpc => alloc::vhd_own(&file).ok()?.map(|(m, b)| (m, Some(b), None))?,
     };
-    Some(Image { path, format, name: name_of(path), export, map, cluster_size, layers: vec![Some(Layer::new(file))] })
+    let mut layers = vec![Some(Layer::new(file))];
+    let Some(((base_map, _, base_layers), from_backing)) = lower else {
+        return Some((map, cluster_size, layers));
+    };
+    layers.extend(base_layers);
+    Some((over(&map, &base_map, &from_backing), cluster_size, layers))
+}
+
+/// `top` with its `from_backing` ranges taken from `base` (whose layers are one deeper);
+/// past the end of a smaller base, zeros, as QEMU reads them.
+fn over(top: &Map, base: &Map, from_backing: &[(u64, u64)]) -> Map {
+    let mut out = Map { size: top.size, extents: Vec::new() };
+    let mut pos = 0;
+    for &(start, len) in from_backing.iter().chain([(top.size, 0)].iter()) {
+        for e in top.runs(pos, start - pos) {
+            map::push(&mut out.extents, e);
+        }
+        let end = start + len;
+        let shared = end.min(base.size);
+        if start < shared {
+            for mut e in base.runs(start, shared - start) {
+                if let Source::File { layer, offset } = e.source {
+                    e.source = Source::File { layer: layer + 1, offset };
+                }
+                map::push(&mut out.extents, e);
+            }
+        }
+        if shared.max(start) < end {
+            let from = shared.max(start);
+            map::push(&mut out.extents, Extent { start: from, len: end - from, source: Source::Zero });
+        }
+        pos = end;
+    }
+    out
 }
 
 /// The file name, for messages.

@@ -60,8 +60,27 @@ fn read(f: &(impl ReadAt + ?Sized), offset: u64, len: usize, what: &str) -> Resu
 #[derive(Debug, PartialEq, Eq)]
 pub struct Qcow2 {
     pub cluster_size: u64,
+    /// Its own clusters; those it leaves to its backing file are [`Source::Zero`] here and
+    /// listed in `from_backing`.
     pub map: Map,
+    pub backing: Option<Backing>,
+    /// Sorted, disjoint `(start, len)` ranges whose bytes come from the backing file (none
+    /// without one).
+    pub from_backing: Vec<(u64, u64)>,
 }
+
+/// The backing file a qcow2 header names, with the format its header extension names.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Backing {
+    pub name: Vec<u8>,
+    pub format: Vec<u8>,
+}
+
+/// Header extension types: the end of the list, and the backing file's format.
+const EXT_END: u32 = 0;
+const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
+/// QEMU refuses backing file names longer than this.
+const MAX_BACKING_NAME: u32 = 1023;
 
 /// The map of a qcow2 image, or None if QEMU must read it (see the module's text).
 pub fn qcow2(f: &(impl ReadAt + ?Sized)) -> Result<Option<Qcow2>, String> {
@@ -76,20 +95,28 @@ pub fn qcow2(f: &(impl ReadAt + ?Sized)) -> Result<Option<Qcow2>, String> {
     }
     let (backing, bits, size) = (be64(&h, 8), be32(&h, 20), be64(&h, 24));
     let (crypt, l1_entries, l1_at) = (be32(&h, 32), u64::from(be32(&h, 36)), be64(&h, 40));
-    if backing != 0 || crypt != 0 {
+    if crypt != 0 {
         return Ok(None);
     }
     if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&bits) {
         return Err(format!("qcow2: cluster_bits {bits}, not from {MIN_CLUSTER_BITS} to {MAX_CLUSTER_BITS}"));
     }
+    let cluster = 1u64 << bits;
+    let mut header_len = 72u64;
     if version == 3 {
         let v3 = read(f, 72, 32, "qcow2 version 3 header")?;
         let incompatible = be64(&v3, 0);
         if incompatible & !KNOWN_INCOMPATIBLE != 0 {
             return Ok(None); // Corrupt, external data file, subclusters, or unknown.
         }
+        header_len = u64::from(be32(&v3, 28));
     }
-    let cluster = 1u64 << bits;
+    let backing = if backing == 0 {
+        None
+    } else {
+        let Some(b) = backing_file(f, backing, be32(&h, 16), header_len, cluster)? else { return Ok(None) };
+        Some(b)
+    };
     let l2_entries = cluster / 8;
     // Each L1 entry covers an L2 table's worth of clusters.
     let per_l1 = l2_entries * cluster;
@@ -113,6 +140,7 @@ pub fn qcow2(f: &(impl ReadAt + ?Sized)) -> Result<Option<Qcow2>, String> {
     // L2 tables already read: one the L1 table names twice is not a layout QEMU writes, and
     // would let a small file describe a huge map; such ranges go to QEMU.
     let mut seen = std::collections::HashSet::new();
+    let mut from_backing: Vec<(u64, u64)> = Vec::new();
     for i in 0..needed as usize {
         let entry = be64(&l1, i * 8);
         let start = i as u64 * per_l1;
@@ -123,8 +151,9 @@ pub fn qcow2(f: &(impl ReadAt + ?Sized)) -> Result<Option<Qcow2>, String> {
             continue;
         }
         if l2_at == 0 {
-            // No L2 table: every cluster under it is unallocated, zeros with no backing file.
+            // No L2 table: every cluster under it is unallocated (the backing file's, or zeros).
             push(&mut m.extents, Extent { start, len: span, source: Source::Zero });
+            add_range(&mut from_backing, start, span);
             continue;
         }
         if l2_at.checked_add(cluster).is_none_or(|end| end > file_len)
@@ -137,33 +166,84 @@ pub fn qcow2(f: &(impl ReadAt + ?Sized)) -> Result<Option<Qcow2>, String> {
         for j in 0..span.div_ceil(cluster) as usize {
             let at = start + j as u64 * cluster;
             let len = cluster.min(size - at);
-            let source = cluster_source(be64(&l2, j * 8), version, cluster, len, file_len);
+            let source = match cluster_source(be64(&l2, j * 8), version, cluster, len, file_len) {
+                Some(source) => source,
+                None => {
+                    add_range(&mut from_backing, at, len);
+                    Source::Zero
+                }
+            };
             push(&mut m.extents, Extent { start: at, len, source });
         }
     }
-    Ok(Some(Qcow2 { cluster_size: cluster, map: m }))
+    if backing.is_none() {
+        from_backing.clear();
+    }
+    Ok(Some(Qcow2 { cluster_size: cluster, map: m, backing, from_backing }))
 }
 
-/// Where one guest cluster's bytes are, from its L2 entry.
-fn cluster_source(entry: u64, version: u32, cluster: u64, len: u64, file_len: u64) -> Source {
+/// Appends `[start, start + len)` to sorted ranges, merging it into the last if it follows.
+fn add_range(ranges: &mut Vec<(u64, u64)>, start: u64, len: u64) {
+    match ranges.last_mut() {
+        Some((s, l)) if *s + *l == start => *l += len,
+        _ => ranges.push((start, len)),
+    }
+}
+
+/// The backing file's name and the format its header extension names; None if QEMU would
+/// have to work either out (no format given: QEMU probes it) or the name is not plain.
+fn backing_file(
+    f: &(impl ReadAt + ?Sized),
+    at: u64,
+    len: u32,
+    header_len: u64,
+    cluster: u64,
+) -> Result<Option<Backing>, String> {
+    if len == 0 || len > MAX_BACKING_NAME {
+        return Err(format!("qcow2: a backing file name of {len} bytes"));
+    }
+    let name = read(f, at, len as usize, "qcow2 backing file name")?;
+    // Header extensions follow the header, within the first cluster.
+    let mut pos = header_len;
+    let mut format = None;
+    while pos + 8 <= cluster {
+        let e = read(f, pos, 8, "qcow2 header extension")?;
+        let (kind, n) = (be32(&e, 0), u64::from(be32(&e, 4)));
+        if kind == EXT_END {
+            break;
+        }
+        if pos + 8 + n > cluster {
+            return Err(format!("qcow2: header extension {kind:#x} of {n} bytes runs past the first cluster"));
+        }
+        if kind == EXT_BACKING_FORMAT {
+            format = Some(read(f, pos + 8, n as usize, "qcow2 backing format")?);
+        }
+        pos += 8 + n.div_ceil(8) * 8;
+    }
+    Ok(format.map(|format| Backing { name, format }))
+}
+
+/// Where one guest cluster's bytes are, from its L2 entry; None if it is unallocated (the
+/// backing file's, or zeros without one).
+fn cluster_source(entry: u64, version: u32, cluster: u64, len: u64, file_len: u64) -> Option<Source> {
     if entry & COMPRESSED != 0 {
-        return Source::Export;
+        return Some(Source::Export);
     }
     if entry & ZERO != 0 {
         // Version 3's zero flag; in version 2 the bit is reserved, and QEMU decides.
-        return if version == 3 { Source::Zero } else { Source::Export };
+        return Some(if version == 3 { Source::Zero } else { Source::Export });
     }
     let offset = entry & OFFSET_MASK;
     if entry & L2_RESERVED != 0 || offset % cluster != 0 {
-        return Source::Export;
+        return Some(Source::Export);
     }
     if offset == 0 {
-        return Source::Zero; // Unallocated, and no backing file.
+        return None;
     }
     if offset.checked_add(len).is_none_or(|end| end > file_len) {
-        return Source::Export;
+        return Some(Source::Export);
     }
-    Source::File { layer: 0, offset }
+    Some(Source::File { layer: 0, offset })
 }
 
 /// The map of a raw file: its data where the filesystem has data, zeros in its holes. None
@@ -279,12 +359,37 @@ mod tests {
         let mut far = image(CLUSTER, &[]);
         far[CLUSTER as usize..CLUSTER as usize + 8].copy_from_slice(&(64 * CLUSTER).to_be_bytes());
         assert_eq!(qcow2(&far[..]).unwrap().unwrap().map.extents, vec![ext(0, CLUSTER, Source::Export)]);
-        // A backing file, encryption, an external data file: QEMU reads the whole image.
-        for (at, value) in [(8, 4096u64), (32, 1 << 32), (72, 1 << 2), (72, 1 << 1), (72, 1 << 4)] {
+        // A backing file of a format QEMU would probe, encryption, an external data file,
+        // the corrupt flag, subclusters: QEMU reads the whole image.
+        let mut probe = image(CLUSTER, &[]);
+        probe[8..16].copy_from_slice(&4096u64.to_be_bytes());
+        probe[16..20].copy_from_slice(&4u32.to_be_bytes());
+        probe[4096..4100].copy_from_slice(b"base");
+        assert_eq!(qcow2(&probe[..]), Ok(None));
+        for (at, value) in [(32, 1u64 << 32), (72, 1 << 2), (72, 1 << 1), (72, 1 << 4)] {
             let mut i = image(CLUSTER, &[]);
             i[at..at + 8].copy_from_slice(&value.to_be_bytes());
             assert_eq!(qcow2(&i[..]), Ok(None), "field at {at} = {value:#x}");
         }
+    }
+
+    #[test]
+    fn a_backing_file_with_its_format_gets_the_unallocated_clusters() {
+        let mut img = image(4 * CLUSTER, &[(1, 3 * CLUSTER), (2, 1)]);
+        img.resize(4 * CLUSTER as usize, 0);
+        img[8..16].copy_from_slice(&4096u64.to_be_bytes());
+        img[16..20].copy_from_slice(&8u32.to_be_bytes());
+        img[4096..4104].copy_from_slice(b"base.img");
+        img[104..108].copy_from_slice(&EXT_BACKING_FORMAT.to_be_bytes());
+        img[108..112].copy_from_slice(&5u32.to_be_bytes());
+        img[112..117].copy_from_slice(b"qcow2");
+        let q = qcow2(&img[..]).unwrap().unwrap();
+        assert_eq!(q.backing, Some(Backing { name: b"base.img".to_vec(), format: b"qcow2".to_vec() }));
+        // Cluster 0 and 3 are unallocated; 2 has the zero flag, which hides the backing file.
+        assert_eq!(q.from_backing, vec![(0, CLUSTER), (3 * CLUSTER, CLUSTER)]);
+        // An extension that runs past the first cluster is an error.
+        img[108..112].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(qcow2(&img[..]).unwrap_err().contains("past the first cluster"));
     }
 
     #[test]
