@@ -193,7 +193,14 @@ async fn run(cmd: BenchCommand, accel: Option<AccelChoice>) -> Result<String, Bo
         }
         BenchCommand::Suite { work_dir, commands, boots, keep, readme } => {
             let opts = SuiteOptions { accel, work_dir, commands, boots: boots as usize, keep, readme };
-            suite::run(&opts, &mut |s| p.step(s)).await?
+            // The commands run in process groups of their own, out of reach of the
+            // terminal's Ctrl-C: dropping the run on a signal stops the one running, with
+            // everything it started, before this returns.
+            let mut step = |s: &str| p.step(s);
+            tokio::select! {
+                r = suite::run(&opts, &mut step) => r?,
+                _ = stop_signal() => return Err(suite::SuiteError::Interrupted.into()),
+            }
         }
         BenchCommand::BlockCompare { work_dir, rounds } => {
             let opts = BlockCompareBenchOptions { work_dir, rounds: rounds as usize };
@@ -206,6 +213,15 @@ async fn run(cmd: BenchCommand, accel: Option<AccelChoice>) -> Result<String, Bo
     };
     p.finish();
     Ok(text)
+}
+
+/// SIGINT or SIGTERM.
+async fn stop_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+    }
 }
 
 /// Runs a synchronous disk benchmark on a thread of its own (it starts helper processes that

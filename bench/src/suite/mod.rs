@@ -84,6 +84,10 @@ pub enum SuiteError {
     /// git could not tell the commit, or clone it.
     #[error(transparent)]
     Git(#[from] quiesce::sys::ToolError),
+    /// SIGINT or SIGTERM: the command running was stopped with everything it started; the
+    /// clones and logs are left in the work folder.
+    #[error("interrupted: the command running was stopped; the clones and logs are left in the work folder")]
+    Interrupted,
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SuiteError {

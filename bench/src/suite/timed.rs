@@ -121,7 +121,10 @@ pub async fn run(part: &str, place: &Place<'_>, log: &Path, timeout: Duration) -
         };
         // stdout joins stderr so that every line is seen, in order, as it comes.
         let script = format!("exec 1>&2\n{part_owned}");
+        // die_with_parent: a benchmark killed outright takes the command's shell with it;
+        // this thread is the one that waits for it, as that needs.
         let outcome = Tool::new("env", timeout)
+            .die_with_parent()
             .args(["-u", "CARGO_TARGET_DIR", "-u", "CARGO_BUILD_TARGET_DIR", "-u", "QUIESCE_BIN"])
             .args(["sh", "-c", &script])
             .env("QUIESCE_CACHE_DIR", &cache)
