@@ -37,7 +37,7 @@ const L1_RESERVED: u64 = 0x7f00_0000_0000_01fe;
 
 /// Incompatible feature bits we read as QEMU does: dirty (0; only refcounts may be stale)
 /// and the compression type (3; only compressed clusters use it, and those go to QEMU).
-const KNOWN_INCOMPATIBLE: u64 = 1 | 1 << 3;
+const KNOWN_INCOMPATIBLE: u64 = 1 | (1 << 3);
 
 fn be32(b: &[u8], at: usize) -> u32 {
     u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"))
@@ -302,7 +302,7 @@ mod tests {
         img[40..48].copy_from_slice(&CLUSTER.to_be_bytes());
         img[100..104].copy_from_slice(&104u32.to_be_bytes());
         let l1 = CLUSTER as usize;
-        img[l1..l1 + 8].copy_from_slice(&(2 * CLUSTER | 1 << 63).to_be_bytes());
+        img[l1..l1 + 8].copy_from_slice(&((2 * CLUSTER) | (1 << 63)).to_be_bytes());
         for &(k, e) in entries {
             let at = 2 * CLUSTER as usize + k * 8;
             img[at..at + 8].copy_from_slice(&e.to_be_bytes());
@@ -320,7 +320,8 @@ mod tests {
 
     #[test]
     fn clusters_map_to_their_offsets_zero_flags_and_qemu() {
-        let mut img = image(8 * CLUSTER, &[(1, 3 * CLUSTER), (2, 4 * CLUSTER), (4, 1), (5, COMPRESSED | 5 * CLUSTER)]);
+        let mut img =
+            image(8 * CLUSTER, &[(1, 3 * CLUSTER), (2, 4 * CLUSTER), (4, 1), (5, COMPRESSED | (5 * CLUSTER))]);
         img.resize(5 * CLUSTER as usize, 7);
         let q = qcow2(&img[..]).unwrap().unwrap();
         assert_eq!(q.cluster_size, CLUSTER);
@@ -338,7 +339,7 @@ mod tests {
 
     #[test]
     fn what_qemu_might_read_otherwise_goes_to_qemu() {
-        let mut img = image(4 * CLUSTER, &[(0, 9 * CLUSTER), (1, 3 * CLUSTER + 512), (2, 3 * CLUSTER | 2)]);
+        let mut img = image(4 * CLUSTER, &[(0, 9 * CLUSTER), (1, 3 * CLUSTER + 512), (2, (3 * CLUSTER) | 2)]);
         img.resize(4 * CLUSTER as usize, 0);
         let q = qcow2(&img[..]).unwrap().unwrap();
         // Past the end of the file, unaligned, a reserved bit: all through QEMU.
