@@ -409,3 +409,115 @@ fn vhd_and_vhdx_allocation_is_read_from_their_own_tables() {
         std::fs::remove_file(&b).unwrap();
     }
 }
+
+/// `qemu-img info`'s virtual size of an image.
+fn qemu_size(path: &Path, format: DiskFormat) -> u64 {
+    let out = Tool::new("qemu-img", deadline::QEMU_IMG_METADATA)
+        .args(["info", "--output=json", "-f", format.driver()])
+        .arg(path)
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["virtual-size"].as_u64().unwrap()
+}
+
+#[test]
+fn our_own_readers_agree_with_qemu_on_sizes_and_every_kind_of_cluster() {
+    // quiesce reads qcow2, raw, VHD and VHDX allocation itself, with no qemu-img run: each
+    // image here is compared with the raw truth (identical, then with a byte flipped in
+    // each kind of region) by its own reader and by QEMU's driver over NBD, which must agree.
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("disk.raw");
+    let mut disk = raw_image(&raw, SIZE);
+    let mut images: Vec<(PathBuf, DiskFormat)> = Vec::new();
+    for (name, opts) in [("v3.qcow2", "compat=1.1"), ("v2.qcow2", "compat=0.10"), ("small.qcow2", "cluster_size=4096")]
+    {
+        let p = dir.path().join(name);
+        qemu_img(&["convert", "-f", "raw", "-O", "qcow2", "-o", opts], &[&raw, &p]);
+        images.push((p, DiskFormat::Qcow2));
+    }
+    // Compressed clusters (QEMU's turn), zero clusters and a discard over data.
+    let cq = dir.path().join("compressed.qcow2");
+    qemu_img(&["convert", "-c", "-f", "raw", "-O", "qcow2"], &[&raw, &cq]);
+    images.push((cq, DiskFormat::Qcow2));
+    let zq = dir.path().join("zeroed.qcow2");
+    qemu_img(&["convert", "-f", "raw", "-O", "qcow2"], &[&raw, &zq]);
+    qemu_io(&zq, DiskFormat::Qcow2, "write -z 10M 1M");
+    qemu_io(&zq, DiskFormat::Qcow2, "discard 11M 1M");
+    disk[(10 * MIB) as usize..(12 * MIB) as usize].fill(0);
+    let truth = dir.path().join("truth.raw");
+    write_sparse(&truth, &disk);
+    // VHD as qemu-img makes it by default (its size is its CHS geometry's, not 24 MiB).
+    let chs = dir.path().join("chs.vpc");
+    qemu_img(&["convert", "-f", "raw", "-O", "vpc"], &[&raw, &chs]);
+    let chs_size = qemu_size(&chs, DiskFormat::Vpc);
+    assert_ne!(chs_size, SIZE, "a VHD sized by geometry, unlike the raw disk");
+    let c = compare(&chs, DiskFormat::Vpc, &raw, DiskFormat::Raw);
+    assert_eq!(c.size, (chs_size, SIZE), "our VHD reader's size is QEMU's: {c}");
+    assert_eq!(c, export_only(&chs, DiskFormat::Vpc, &raw, DiskFormat::Raw));
+    for f in [DiskFormat::Vpc, DiskFormat::Vhdx] {
+        images.push((convert(&raw, f, dir.path()), f));
+    }
+
+    for (img, f) in &images {
+        let base = if img.ends_with("zeroed.qcow2") { &truth } else { &raw };
+        let c = compare(img, *f, base, DiskFormat::Raw);
+        assert!(c.identical, "{img:?}: {c}");
+        assert_eq!(c.size.0, qemu_size(img, *f), "{img:?}");
+        assert_eq!(c, export_only(img, *f, base, DiskFormat::Raw), "{img:?}");
+        // A flipped byte in the first data region, mid-cluster in the large one, in the
+        // zeroed range, and in the last data.
+        let base_disk = std::fs::read(base).unwrap();
+        for at in [1000, 10 * MIB + 3 * 65536 + 17, 11 * MIB + 5, SIZE - 3] {
+            let mut d = base_disk.clone();
+            d[at as usize] ^= 0x81;
+            let bad = dir.path().join("bad.raw");
+            write_sparse(&bad, &d);
+            let c = compare(img, *f, &bad, DiskFormat::Raw);
+            assert_eq!(c.first_difference, Some(at), "{img:?}, byte {at}: {c}");
+            let c = compare(&bad, DiskFormat::Raw, img, *f);
+            assert_eq!(c.first_difference, Some(at), "{img:?}, byte {at}, swapped: {c}");
+        }
+    }
+}
+
+#[test]
+fn a_three_deep_chain_over_a_smaller_raw_base_is_read_as_qemu_reads_it() {
+    // raw base (24 MiB) <- mid.qcow2 (grown to 32 MiB) <- top.qcow2: our own readers
+    // follow the chain; past the base's end the guest reads zeros.
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("base.raw");
+    raw_image(&raw, SIZE);
+    let (mid, top) = (dir.path().join("mid.qcow2"), dir.path().join("top.qcow2"));
+    let create = |backing: &str, fmt: &str, path: &Path, size: &str| {
+        let out = Tool::new("qemu-img", deadline::QEMU_IMG_METADATA)
+            .args(["create", "-q", "-f", "qcow2", "-F", fmt, "-b", backing])
+            .arg(path)
+            .arg(size)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", out.stderr);
+    };
+    create("base.raw", "raw", &mid, "32M");
+    qemu_io(&mid, DiskFormat::Qcow2, "write -P 0x22 3M 128k");
+    qemu_io(&mid, DiskFormat::Qcow2, "write -P 0x23 30M 64k");
+    create("mid.qcow2", "qcow2", &top, "32M");
+    qemu_io(&top, DiskFormat::Qcow2, "write -P 0x33 10M 64k");
+    qemu_io(&top, DiskFormat::Qcow2, "write -z 11M 64k");
+    let flat = dir.path().join("flat.raw");
+    qemu_img(&["convert", "-f", "qcow2", "-O", "raw"], &[&top, &flat]);
+    let c = compare(&top, DiskFormat::Qcow2, &flat, DiskFormat::Raw);
+    assert!(c.identical, "{c}");
+    assert_eq!(c, export_only(&top, DiskFormat::Qcow2, &flat, DiskFormat::Raw));
+    let truth = std::fs::read(&flat).unwrap();
+    // The raw base's data, mid's, top's, top's zeroed cluster, mid's past the base's end,
+    // and the zeros past the base's end.
+    for at in [1000, 3 * MIB + 5, 10 * MIB + 9, 11 * MIB + 1, 30 * MIB + 2, 28 * MIB + 3] {
+        let mut d = truth.clone();
+        d[at as usize] ^= 0x5a;
+        let bad = dir.path().join("bad.raw");
+        write_sparse(&bad, &d);
+        let c = compare(&top, DiskFormat::Qcow2, &bad, DiskFormat::Raw);
+        assert_eq!(c.first_difference, Some(at), "byte {at}: {c}");
+    }
+}

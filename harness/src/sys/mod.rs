@@ -13,19 +13,24 @@
 //!   that names the command.
 //! - [`deadline`]: one named deadline per kind of wait.
 //! - [`shell_quote`]: command lines written for people to paste into a shell.
+//! - [`Mapped`]: a file mapped read-only, a SIGBUS from it (the file shrank) turned into
+//!   zeros and a flag instead of a crash (`verify::blockcmp` compares page cache pages
+//!   in place).
 //!
 //! This module holds the crate's only `unsafe` code (the crate denies it everywhere else,
 //! and each item here that needs it says why it is sound): opening a pidfd, signalling
-//! through one, registering one with the async runtime, and the hook that runs in a child
-//! between fork and exec.
+//! through one, registering one with the async runtime, the hook that runs in a child
+//! between fork and exec, and mapping a file with its SIGBUS handler.
 
 mod child;
 pub mod deadline;
+mod mapped;
 mod process;
 mod quote;
 mod tool;
 
 pub use child::{Child, Spawn};
+pub use mapped::Mapped;
 pub use process::Process;
 pub use quote::{shell_line, shell_quote};
 pub use tool::{blocking_tools, Output, Running, Tool, ToolError};

@@ -186,6 +186,16 @@ fn vhdx_header(f: &(impl ReadAt + ?Sized), at: u64) -> Result<Option<(u64, bool)
 /// QEMU's driver can say what it holds (a differencing disk, a log to replay, an unknown
 /// required part).
 pub fn vhdx(f: &(impl ReadAt + ?Sized), size: u64) -> Result<Option<Map>, String> {
+    Ok(vhdx_sized(f, Some(size))?.map(|(m, _)| m))
+}
+
+/// The map of a VHDX image, its size the one its metadata gives (which QEMU reports), and
+/// its block size.
+pub fn vhdx_own(f: &(impl ReadAt + ?Sized)) -> Result<Option<(Map, u64)>, String> {
+    vhdx_sized(f, None)
+}
+
+fn vhdx_sized(f: &(impl ReadAt + ?Sized), size: Option<u64>) -> Result<Option<(Map, u64)>, String> {
     let file_len = f.size().map_err(|e| format!("VHDX: the file's length: {e}"))?;
     if read(f, 0, 8, "VHDX file identifier")? != b"vhdxfile" {
         return Err("VHDX: no 'vhdxfile' signature at the start".into());
@@ -237,9 +247,10 @@ pub fn vhdx(f: &(impl ReadAt + ?Sized), size: u64) -> Result<Option<Map>, String
 
     let md = vhdx_metadata(f, meta_at, meta_len)?;
     let Some(md) = md else { return Ok(None) };
-    if md.size != size {
-        return Err(format!("VHDX: the metadata says {} bytes, QEMU says {size}", md.size));
-    }
+    let size = match size {
+        Some(s) if s != md.size => return Err(format!("VHDX: the metadata says {} bytes, QEMU says {s}", md.size)),
+        _ => md.size,
+    };
     // One sector bitmap entry follows every `chunk_ratio` payload entries.
     let chunk_ratio = (1u64 << 23) * md.sector / md.block;
     let n = block_count(size, md.block, "VHDX")?;
@@ -249,7 +260,7 @@ pub fn vhdx(f: &(impl ReadAt + ?Sized), size: u64) -> Result<Option<Map>, String
     }
     let table = read(f, bat_at, (entries_needed * 8) as usize, "VHDX BAT")?;
     let block = md.block;
-    Ok(Some(build(size, block, file_len, n, |i| {
+    let map = build(size, block, file_len, n, |i| {
         let idx = i + i / chunk_ratio as usize;
         let entry = le64(&table, idx * 8);
         match entry & 7 {
@@ -260,7 +271,8 @@ pub fn vhdx(f: &(impl ReadAt + ?Sized), size: u64) -> Result<Option<Map>, String
             // Partially present (differencing only) or an unknown state: QEMU decides.
             _ => Source::Export,
         }
-    })))
+    });
+    Ok(Some((map, block)))
 }
 
 struct VhdxMetadata {
@@ -329,6 +341,23 @@ const VHD_UNALLOCATED: u32 = 0xFFFF_FFFF;
 /// out from the geometry or the footer's size depending on who made the image), or None
 /// if it is not a dynamic disk (fixed and differencing disks go through QEMU's driver).
 pub fn vhd(f: &(impl ReadAt + ?Sized), size: u64) -> Result<Option<Map>, String> {
+    Ok(vhd_sized(f, Some(size))?.map(|(m, _)| m))
+}
+
+/// The map of a VHD image, its size worked out from the footer as QEMU's vpc driver does
+/// with its default options: Virtual PC and QEMU's own older images ("vpc ", "qemu", and
+/// any creator it does not know) are as large as their CHS geometry; images from Hyper-V
+/// ("win "), QEMU with force_size ("qem2"), Disk2vhd ("d2v "), XenServer ("tap\0") and
+/// XenConverter ("CTXS"), and any image whose geometry is the largest VHD can express, as
+/// large as the footer's current size.
+pub fn vhd_own(f: &(impl ReadAt + ?Sized)) -> Result<Option<(Map, u64)>, String> {
+    vhd_sized(f, None)
+}
+
+/// The largest CHS geometry (65535 cylinders, 16 heads, 255 sectors), in sectors.
+const VHD_MAX_GEOMETRY: u64 = 65535 * 16 * 255;
+
+fn vhd_sized(f: &(impl ReadAt + ?Sized), size: Option<u64>) -> Result<Option<(Map, u64)>, String> {
     let file_len = f.size().map_err(|e| format!("VHD: the file's length: {e}"))?;
     // QEMU reads the footer's copy at the start of the file; a fixed disk has none there.
     let footer = read(f, 0, 512, "VHD footer")?;
@@ -339,6 +368,19 @@ pub fn vhd(f: &(impl ReadAt + ?Sized), size: u64) -> Result<Option<Map>, String>
     if disk_type != 3 {
         return Ok(None); // 2: fixed, 4: differencing; anything else QEMU refuses itself.
     }
+    let size = match size {
+        Some(s) => s,
+        None => {
+            let chs =
+                u64::from(u16::from_be_bytes([footer[56], footer[57]])) * u64::from(footer[58]) * u64::from(footer[59]);
+            let by_size = matches!(&footer[28..32], b"win " | b"qem2" | b"d2v " | b"CTXS" | b"tap\0");
+            if by_size || chs == VHD_MAX_GEOMETRY {
+                be64(&footer, 48) / 512 * 512
+            } else {
+                chs * 512
+            }
+        }
+    };
     let dyn_at = be64(&footer, 16);
     let dh = read(f, dyn_at, 1024, "VHD dynamic disk header")?;
     if &dh[0..8] != b"cxsparse" {
@@ -356,13 +398,14 @@ pub fn vhd(f: &(impl ReadAt + ?Sized), size: u64) -> Result<Option<Map>, String>
     // Each block starts with its sector bitmap, padded to whole sectors; the data follows.
     // QEMU reads a dynamic disk's data whatever the bitmap says.
     let bitmap = (block / (8 * 512)).div_ceil(512) * 512;
-    Ok(Some(build(size, block, file_len, n, |i| match be32(&table, i * 4) {
+    let map = build(size, block, file_len, n, |i| match be32(&table, i * 4) {
         VHD_UNALLOCATED => Source::Zero,
         sector => match (u64::from(sector) * 512).checked_add(bitmap) {
             Some(offset) => Source::File { layer: 0, offset },
             None => Source::Export,
         },
-    })))
+    });
+    Ok(Some((map, block)))
 }
 
 #[cfg(test)]
