@@ -144,11 +144,17 @@ pub(super) async fn capture(
     let after = async {
         // The state file is hashed and made durable beside the copy, off the downtime: it
         // is still in the host's cache, and its writeback overlaps the copy's.
-        let (copies, state) = tokio::join!(
-            tl.step(vm, "copy frozen images", capture::copy_disks_checked(m.name(), disks.clone(), dir)),
-            tl.step(vm, "hash the state file", hash_state(m.name(), dir.join(STATE_FILE))),
-        );
-        let (copies, state) = (copies?, state?);
+        // Inside the copy's step, as a step of its own would change every scenario's
+        // timeline.
+        let (copies, state) = tl
+            .step(vm, "copy frozen images", async {
+                let (copies, state) = tokio::join!(
+                    capture::copy_disks_checked(m.name(), disks.clone(), dir),
+                    hash_state(m.name(), dir.join(STATE_FILE)),
+                );
+                Ok::<_, BackupError>((copies?, state?))
+            })
+            .await?;
         let capture_ms = t.elapsed().as_secs_f64() * 1000.0;
         if settings.verify_capture {
             tl.step(vm, "verify the copies", capture::prove_copies(m.name(), disks, dir, &copies)).await?;

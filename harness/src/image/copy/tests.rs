@@ -143,3 +143,28 @@ fn timed() {
     );
     std::fs::remove_file(&dst).unwrap();
 }
+
+/// A copy onto a full filesystem fails with "No space left on device" and leaves nothing:
+/// a 16 MiB tmpfs takes the copy of a 32 MiB image (mounting it needs root; skipped, and
+/// said so, without).
+#[test]
+fn a_copy_that_runs_out_of_space_fails_and_leaves_nothing() {
+    use crate::sys::{deadline, Tool};
+    let dir = tempfile::tempdir().unwrap();
+    let (src, target) = (dir.path().join("a.raw"), dir.path().join("small"));
+    std::fs::create_dir(&target).unwrap();
+    image(&src, 32 << 20, &[(0, 32 << 20)]);
+    let mounted =
+        Tool::new("mount", deadline::MOUNT).args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"]).arg(&target).run();
+    if let Err(e) = mounted {
+        eprintln!("skipped: cannot mount a tmpfs here: {e}");
+        return;
+    }
+    let dst = target.join("b.raw");
+    let e = copy_raw(&src, &dst, LONG, &AtomicBool::new(false));
+    let left = std::fs::read_dir(&target).unwrap().count();
+    Tool::new("umount", deadline::MOUNT).arg(&target).run().unwrap();
+    let e = e.unwrap_err();
+    assert!(matches!(&e, CopyError::Write { source, .. } if source.raw_os_error() == Some(libc::ENOSPC)), "{e:?}");
+    assert_eq!(left, 0, "the partial copy is removed");
+}
