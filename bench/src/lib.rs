@@ -19,6 +19,7 @@ pub mod manifest;
 pub mod saved_state;
 pub mod set_load;
 pub mod stats;
+pub mod suite;
 
 /// The deterministic generator the disk benchmarks fill their files with. One copy serves
 /// the harness's tests and these benchmarks; it lives with the tests, which are the other

@@ -15,6 +15,7 @@ use quiesce_bench::freeze::{self, FreezeOptions};
 use quiesce_bench::manifest::{self, ManifestBenchOptions};
 use quiesce_bench::saved_state::{self, BenchOptions};
 use quiesce_bench::set_load::{self, SetLoadOptions};
+use quiesce_bench::suite::{self, SuiteOptions};
 
 /// The `quiesce` binary's progress line, so both programs report progress alike.
 #[path = "../../harness/src/cli/progress.rs"]
@@ -111,6 +112,30 @@ enum BenchCommand {
         #[arg(long, default_value = "quiesce-bench")]
         work_dir: std::path::PathBuf,
     },
+    /// Issue 11's suite goals: the README's main command and test command, each timed in a
+    /// fresh clone of this checkout's commit with an empty image cache, and the warm run;
+    /// each by stage, each goal printed met or missed; then boots of the test guest split
+    /// at the kernel. Takes as long as the commands (about 40 min on 2 cores under TCG).
+    Suite {
+        /// Folder for the clones, their caches and the logs; the clones and caches are
+        /// removed at the end, the logs stay.
+        #[arg(long, default_value = "quiesce-bench")]
+        work_dir: std::path::PathBuf,
+        /// The README commands to time: `main` (and the warm run after it), `test`;
+        /// `--commands` alone times none (only the boots).
+        #[arg(long, value_delimiter = ',', num_args = 0.., default_values_t = [suite::Which::Main, suite::Which::Test])]
+        commands: Vec<suite::Which>,
+        /// Boots of the test guest to split (0: none).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(0..=20))]
+        boots: u64,
+        /// Keep the clones and their caches.
+        #[arg(long)]
+        keep: bool,
+        /// Read the two commands from this file's "## Two commands" section instead of
+        /// the checkout's README (the commands still run in clones of the checkout).
+        #[arg(long)]
+        readme: Option<std::path::PathBuf>,
+    },
 }
 
 /// Exit codes: 0 ok, 1 failed, 2 bad usage (clap).
@@ -166,6 +191,17 @@ async fn run(cmd: BenchCommand, accel: Option<AccelChoice>) -> Result<String, Bo
             let opts = SetLoadOptions { accel, counts, memory_mib: memory, work_dir };
             set_load::run(&opts, &mut |s| p.step(s)).await?
         }
+        BenchCommand::Suite { work_dir, commands, boots, keep, readme } => {
+            let opts = SuiteOptions { accel, work_dir, commands, boots: boots as usize, keep, readme };
+            // The commands run in process groups of their own, out of reach of the
+            // terminal's Ctrl-C: dropping the run on a signal stops the one running, with
+            // everything it started, before this returns.
+            let mut step = |s: &str| p.step(s);
+            tokio::select! {
+                r = suite::run(&opts, &mut step) => r?,
+                _ = stop_signal() => return Err(suite::SuiteError::Interrupted.into()),
+            }
+        }
         BenchCommand::BlockCompare { work_dir, rounds } => {
             let opts = BlockCompareBenchOptions { work_dir, rounds: rounds as usize };
             blocking(move |cancel, progress| blockcmp::run(&opts, cancel, progress)).await?
@@ -177,6 +213,15 @@ async fn run(cmd: BenchCommand, accel: Option<AccelChoice>) -> Result<String, Bo
     };
     p.finish();
     Ok(text)
+}
+
+/// SIGINT or SIGTERM.
+async fn stop_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+    }
 }
 
 /// Runs a synchronous disk benchmark on a thread of its own (it starts helper processes that

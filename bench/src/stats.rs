@@ -38,6 +38,14 @@ pub fn goal(met: bool) -> &'static str {
     }
 }
 
+/// The 1-minute load average now (0 when it cannot be read).
+pub fn loadavg() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|x| x.parse().ok()))
+        .unwrap_or(0.0)
+}
+
 /// "ext4 on /dev/vda at /": the filesystem holding `path`, from /proc/self/mounts.
 pub fn filesystem_of(path: &Path) -> String {
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();

@@ -43,6 +43,8 @@ use quiesce::qemu::accel::AccelChoice;
 use quiesce::scenario::{self, Report as RunReport, RunOptions};
 use quiesce::timeline::{Outcome, Step};
 
+use crate::stats::loadavg;
+
 pub use self::report::render;
 
 /// The VM counts of the series, from the issue.
@@ -276,14 +278,6 @@ fn fell_back(r: &RunReport) -> Vec<String> {
             Some(format!("{}: {name} failed ({why})", v.name))
         })
         .collect()
-}
-
-/// The 1-minute load average now (0 when it cannot be read).
-pub(crate) fn loadavg() -> f64 {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().and_then(|x| x.parse().ok()))
-        .unwrap_or(0.0)
 }
 
 /// Runs the series and returns the text to print. Ctrl-C stops it; the VMs of the run in
