@@ -114,6 +114,10 @@ pub(super) struct Point {
     /// dd conv=fsync of as many bytes as our backup, seconds.
     pub(super) dd: f64,
     pub(super) dd_bytes: u64,
+    /// `cp` of the data disk (its cache dropped first, as the backup finds it) and `sync`
+    /// of the copy, seconds: reading and writing the disk's data and nothing else, where dd
+    /// only writes. None if it could not be measured.
+    pub(super) cp: Option<f64>,
 }
 
 /// Writes a raw disk of `data_mib` MiB of pseudo-random data and 64 MiB of zeros after it,
@@ -341,14 +345,41 @@ pub(super) async fn run(
             }
             None => Err("skipped (--no-libvirt)".into()),
         };
+        progress("cp and sync of the data disk, uncached");
+        settle().await;
+        let cp = plain_copy(&data, &rd.join("cp.raw"), timeout).await;
         std::fs::remove_file(&data).map_err(|source| BenchError::Stat { path: data.clone(), source })?;
         let dd_mib = median(&ours.iter().map(|r| r.bytes as f64).collect::<Vec<_>>()) as u64 >> 20;
         progress(&format!("dd conv=fsync of {dd_mib} MiB"));
         settle().await;
         let dd = dd::write(&rd.join("dd.bin"), dd_mib.max(1), true, timeout).await?;
-        points.push(Point { data_mib, ours, before, libvirt, dd: dd.secs, dd_bytes: dd.bytes });
+        points.push(Point { data_mib, ours, before, libvirt, dd: dd.secs, dd_bytes: dd.bytes, cp });
     }
     Ok(points)
+}
+
+/// Seconds to `cp --sparse=always` `data` to `to` (the source's cache dropped first) and
+/// `sync` the copy, which is then removed; None if either failed.
+async fn plain_copy(data: &Path, to: &Path, timeout: Duration) -> Option<f64> {
+    let f = std::fs::File::open(data).ok()?;
+    f.sync_all().ok()?;
+    nix::fcntl::posix_fadvise(
+        std::os::fd::AsRawFd::as_raw_fd(&f),
+        0,
+        0,
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+    )
+    .ok()?;
+    let t = Instant::now();
+    let cp =
+        Tool::new("cp", timeout).args(["--sparse=always".as_ref(), data.as_os_str(), to.as_os_str()]).run_async().await;
+    let synced = match cp {
+        Ok(_) => Tool::new("sync", timeout).arg(to).run_async().await.ok(),
+        Err(_) => None,
+    };
+    let secs = t.elapsed().as_secs_f64();
+    let _ = std::fs::remove_file(to);
+    synced.map(|_| secs)
 }
 
 fn med(rs: &[Round], f: impl Fn(&Round) -> f64) -> f64 {
@@ -456,6 +487,15 @@ pub(super) fn render(points: &[Point], memory_mib: u32, rounds: usize) -> String
         );
     }
     for p in points {
+        let data = (p.data_mib << 20) as f64 / 1e6;
+        let cp = p.cp.map_or("not measured".to_owned(), |cp| format!("{cp:.3} s, {:.0} MB/s of data", data / cp));
+        let _ = writeln!(
+            s,
+            "  for reference, @{:>5} MiB: cp + sync of the data disk alone (source uncached, read and written): {cp}",
+            p.data_mib
+        );
+    }
+    for p in points {
         let r = med(&p.ours, |r| r.downtime) / med(&p.before, |r| r.downtime);
         let _ = writeln!(s, "  for reference, @{:>5} MiB: downtime / before issue 11's  {r:>6.3}", p.data_mib);
     }
@@ -486,6 +526,7 @@ mod tests {
             libvirt: lv,
             dd: 1.0,
             dd_bytes: 1_000_000_000,
+            cp: None,
         };
         let text = render(&[p(64, 0.6, Ok(vec![2.0])), p(4096, 0.7, Ok(vec![10.0]))], 1024, 1);
         let flat = text.split_whitespace().collect::<Vec<_>>().join(" ");

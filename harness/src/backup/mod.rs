@@ -40,6 +40,11 @@ pub enum BackupError {
     /// `qemu-img` could not read, copy or compare a disk image.
     #[error("VM {vm}, disk {disk}: {error}")]
     Image { vm: String, disk: String, error: QemuImgError },
+    /// quiesce's own copy of a raw disk could not read the image, write the copy (a full
+    /// target says "No space left on device"), or finish within its deadline; the partial
+    /// copy was removed.
+    #[error("VM {vm}, disk {disk}: {error}")]
+    Copy { vm: String, disk: String, error: crate::image::copy::CopyError },
     /// The copy read back differs from the image it was taken from: the backup of this disk
     /// cannot be trusted (the source changed under the copy, or the target is faulty).
     #[error("VM {vm}, disk {disk}: the captured copy differs from the VM's image at the save point")]

@@ -30,6 +30,9 @@ use crate::qemu::Machine;
 use crate::sys::deadline;
 use crate::timeline::Timeline;
 
+/// The state file's name in a VM's backup folder.
+const STATE_FILE: &str = "state.bin";
+
 #[derive(Debug, Clone)]
 pub struct SaveSettings {
     /// Bytes per second. QEMU's default throttles a save to a file about 10x here.
@@ -185,7 +188,7 @@ pub async fn prepare(
         }
         tl.step(vm, "drop the disks' host cache", frozen::drop_host_cache(m)).await?;
     }
-    let state_path = if faults.save_fails { PathBuf::from(UNWRITABLE_STATE) } else { dir.join("state.bin") };
+    let state_path = if faults.save_fails { PathBuf::from(UNWRITABLE_STATE) } else { dir.join(STATE_FILE) };
     // Journaled (for a VM quiesce did not start) before the VM is stopped.
     let saved = async {
         child_snapshot::note_saving(m, undo, true)?;
@@ -220,24 +223,26 @@ pub async fn post(
     p: Prepared,
     undo: &Mutex<Undo>,
 ) -> Result<Saved, BackupError> {
-    let (disks, capture_ms, downtime_ms, inactive_until_continued) =
+    let (disks, capture_ms, downtime_ms, inactive_until_continued, state_hash) =
         if caps.blockdev_set_active && !settings.copy_while_stopped {
             let c = frozen::capture(m, caps, settings, dir, tl, &p, undo).await?;
             // blockdev-set-active made them active: nothing is left inactive.
-            (c.disks, c.capture_ms, c.downtime_ms, Vec::new())
+            (c.disks, c.capture_ms, c.downtime_ms, Vec::new(), c.state)
         } else {
-            copy_while_stopped(m, caps, settings, dir, tl, &p).await?
+            let (d, ms, down, nodes) = copy_while_stopped(m, caps, settings, dir, tl, &p).await?;
+            (d, ms, down, nodes, None)
         };
     // Back in its prior state; best effort: a replay finds a running VM needs nothing.
     let _ = child_snapshot::note_saving(m, undo, false);
-    let state_path = dir.join("state.bin");
+    let state_path = dir.join(STATE_FILE);
     let bytes = std::fs::metadata(&state_path).map_err(|e| BackupError::io(m.name(), "stat the state file", e))?.len();
+    let (sha256, bytes) = state_hash.unwrap_or((String::new(), bytes));
     let mut saved = Saved {
         before: p.before,
         state: StateEntry {
-            file: "state.bin".into(),
+            file: STATE_FILE.into(),
             bytes,
-            sha256: String::new(),
+            sha256,
             mapped_ram: p.plan.mapped_ram,
             multifd_channels: p.plan.multifd_channels,
             inactive_until_continued,
@@ -351,7 +356,10 @@ async fn save_state(
 pub(super) async fn hash_files(vm: &str, dir: &Path, saved: &mut Saved) -> Result<(), BackupError> {
     let unhashed = |d: &&mut DiskEntry| d.sha256.is_empty();
     let mut files: Vec<String> = saved.disks.iter_mut().filter(unhashed).map(|d| d.file.clone()).collect();
-    files.push(saved.state.file.clone());
+    let state_unhashed = saved.state.sha256.is_empty();
+    if state_unhashed {
+        files.push(saved.state.file.clone());
+    }
     let dir = dir.to_owned();
     let hashes = tokio::task::spawn_blocking(move || {
         files.iter().map(|f| sha256_file(&dir.join(f))).collect::<Result<Vec<_>, _>>()
@@ -363,7 +371,9 @@ pub(super) async fn hash_files(vm: &str, dir: &Path, saved: &mut Saved) -> Resul
     for d in saved.disks.iter_mut().filter(unhashed) {
         (d.sha256, d.bytes) = it.next().expect("one hash per file");
     }
-    (saved.state.sha256, saved.state.bytes) = it.next().expect("one hash per file");
+    if state_unhashed {
+        (saved.state.sha256, saved.state.bytes) = it.next().expect("one hash per file");
+    }
     Ok(())
 }
 

@@ -1,6 +1,7 @@
 //! Disk images: the guest images quiesce boots, and (later) formats, chains and readers.
 
 pub mod cache;
+pub mod copy;
 pub mod fsck;
 pub mod fsread;
 pub mod inspect;

@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use serde_json::json;
 
-use super::{qmp, return_to, with_undo, Prepared, SaveSettings};
+use super::{qmp, return_to, with_undo, Prepared, SaveSettings, STATE_FILE};
 use crate::backup::capture;
 use crate::backup::child_snapshot::{self, SnapshotSettings, Undo};
 use crate::backup::manifest::DiskEntry;
@@ -30,12 +30,14 @@ use crate::qemu::{DiskConfig, Machine};
 use crate::sys::deadline;
 use crate::timeline::Timeline;
 
-/// What the capture produced: the copies (hashed), how long copying took, and the guest's
-/// downtime (None for a VM that was paused before).
+/// What the capture produced: the copies (hashed), how long copying took, the guest's
+/// downtime (None for a VM that was paused before), and the state file's sha256 and length
+/// where it was hashed beside the copy.
 pub(super) struct Captured {
     pub(super) disks: Vec<DiskEntry>,
     pub(super) capture_ms: f64,
     pub(super) downtime_ms: Option<f64>,
+    pub(super) state: Option<(String, u64)>,
 }
 
 /// The overlays' settings: in `settings.overlay_dir`, else the VM's run folder (which goes
@@ -140,20 +142,41 @@ pub(super) async fn capture(
     let t = Instant::now();
     let disks = captured_disks(m, settings);
     let after = async {
-        let copies =
-            tl.step(vm, "copy frozen images", capture::copy_disks_hashed(m.name(), disks.clone(), dir)).await?;
+        // The state file is hashed and made durable beside the copy, off the downtime: it
+        // is still in the host's cache, and its writeback overlaps the copy's.
+        // Inside the copy's step, as a step of its own would change every scenario's
+        // timeline.
+        let (copies, state) = tl
+            .step(vm, "copy frozen images", async {
+                let (copies, state) = tokio::join!(
+                    capture::copy_disks_checked(m.name(), disks.clone(), dir),
+                    hash_state(m.name(), dir.join(STATE_FILE)),
+                );
+                Ok::<_, BackupError>((copies?, state?))
+            })
+            .await?;
         let capture_ms = t.elapsed().as_secs_f64() * 1000.0;
         if settings.verify_capture {
             tl.step(vm, "verify the copies", capture::prove_copies(m.name(), disks, dir, &copies)).await?;
         }
         tl.step(vm, "merge overlays (active commit)", child_snapshot::merge(m, &snap, undo)).await?;
-        Ok(Captured { disks: copies, capture_ms, downtime_ms })
+        let disks = copies.into_iter().map(|c| c.entry).collect();
+        Ok(Captured { disks, capture_ms, downtime_ms, state: Some(state) })
     }
     .await;
     match after {
         Ok(c) => Ok(c),
         Err(e) => Err(merge_back(m, &snap, undo, tl, e).await),
     }
+}
+
+/// The sha256 and length of the state file, which is then made durable (fdatasync).
+async fn hash_state(vm: &str, path: std::path::PathBuf) -> Result<(String, u64), BackupError> {
+    let io = |e| BackupError::io(vm, "hash the state file", e);
+    tokio::task::spawn_blocking(move || crate::backup::folder::sha256_and_sync(std::fs::File::open(path)?))
+        .await
+        .map_err(|e| io(std::io::Error::other(e)))?
+        .map_err(io)
 }
 
 /// The undo after `e`: the overlays merged and removed (nothing to thaw: the guest was never
