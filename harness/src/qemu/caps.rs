@@ -81,9 +81,10 @@ pub enum CapsError {
     /// QEMU could not be started: it is not installed, or not at that path.
     #[error("could not start {program} to probe its capabilities: {source}")]
     Spawn { program: String, source: std::io::Error },
-    /// QEMU started but did not answer its monitor's questions as expected.
-    #[error("probing QEMU capabilities: {0}")]
-    Qmp(#[from] QmpError),
+    /// QEMU started but did not answer its monitor's questions as expected. Its QMP
+    /// transcript, its output and its command line are kept in `evidence`.
+    #[error("probing QEMU capabilities: {source} (the probe's transcript, output and command line: {evidence})")]
+    Qmp { source: QmpError, evidence: String },
     /// A temporary folder or socket for the probe could not be made.
     #[error("probing QEMU capabilities: {0}")]
     Io(#[from] std::io::Error),
@@ -98,8 +99,25 @@ pub async fn probe(qemu: &str) -> Result<Capabilities, CapsError> {
     Ok(probe_qemu(qemu).await?.limited_to(profile))
 }
 
+/// What each QEMU binary has, probed once per process: a binary does not change under a
+/// running quiesce, and `quiesce run` asked again for every scenario, starting a QEMU each
+/// time. A failed probe is not kept; the next caller probes again.
+static PROBED: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<String, Capabilities>>> =
+    std::sync::OnceLock::new();
+
 /// What the QEMU at `qemu` itself has, whatever profile is in force.
 pub async fn probe_qemu(qemu: &str) -> Result<Capabilities, CapsError> {
+    let probed = PROBED.get_or_init(Default::default);
+    if let Some(c) = probed.lock().unwrap_or_else(|e| e.into_inner()).get(qemu) {
+        return Ok(c.clone());
+    }
+    let caps = probe_once(qemu).await?;
+    probed.lock().unwrap_or_else(|e| e.into_inner()).insert(qemu.to_owned(), caps.clone());
+    Ok(caps)
+}
+
+/// Starts a machine-less QEMU and asks it.
+async fn probe_once(qemu: &str) -> Result<Capabilities, CapsError> {
     let dir = tempfile::Builder::new().prefix("quiesce-caps-").tempdir()?;
     let path = dir.path().join("qmp.sock");
     let listener = std::os::unix::net::UnixListener::bind(&path)?;
@@ -121,22 +139,30 @@ pub async fn probe_qemu(qemu: &str) -> Result<Capabilities, CapsError> {
     .iter()
     .map(|s| s.to_string())
     .collect();
+    let cmdline = crate::sys::shell_line(qemu, &args);
     let mut proc = QemuProcess::spawn(qemu, &args, &[listener.as_raw_fd()], &dir.path().join("qemu.out"))
         .map_err(|source| CapsError::Spawn { program: qemu.to_owned(), source })?;
     drop(listener);
     stream.set_nonblocking(true)?;
     let transcript = Transcript::create(&dir.path().join("transcript.log"))?;
     let t = deadline::QMP_COMMAND;
+    let stream = tokio::net::UnixStream::from_std(stream)?;
     let result = async {
-        let qmp = Qmp::connect(tokio::net::UnixStream::from_std(stream)?, transcript, deadline::qmp_connect()).await?;
+        let qmp = Qmp::connect(stream, transcript, deadline::qmp_connect()).await?;
         let version = qmp.execute_raw("query-version", Value::Null, t).await?;
         let schema = qmp.execute_raw("query-qmp-schema", Value::Null, t).await?;
         let migrate = qmp.execute_raw("query-migrate-capabilities", Value::Null, t).await?;
-        Ok::<_, CapsError>(from_replies(&version, &schema, &migrate))
+        Ok::<_, QmpError>(from_replies(&version, &schema, &migrate))
     }
     .await;
     proc.terminate(deadline::QEMU_QUIT);
-    result
+    result.map_err(|source| {
+        // The probe's folder is kept, with the command line beside the transcript and
+        // QEMU's output: a QEMU that does not answer is rare and must say why.
+        let _ = std::fs::write(dir.path().join("cmdline.sh"), format!("{cmdline}\n"));
+        let evidence = dir.keep().display().to_string();
+        CapsError::Qmp { source, evidence }
+    })
 }
 
 /// Pure: the capabilities from QEMU's replies (unit tested with recorded replies).
@@ -185,6 +211,22 @@ pub fn from_replies(version: &Value, schema: &Value, migrate: &Value) -> Capabil
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[tokio::test]
+    async fn a_probe_that_gets_no_answer_keeps_its_evidence_and_is_not_remembered() {
+        // `true` exits at once: the connection closes with no greeting, as a QEMU that dies
+        // at start-up would leave it.
+        for _ in 0..2 {
+            let e = probe_qemu("true").await.unwrap_err();
+            let CapsError::Qmp { evidence, .. } = &e else { panic!("{e:?}") };
+            let dir = std::path::Path::new(evidence);
+            let cmdline = std::fs::read_to_string(dir.join("cmdline.sh")).unwrap();
+            assert!(cmdline.starts_with("true -M none"), "{cmdline}");
+            assert!(dir.join("transcript.log").exists() && dir.join("qemu.out").exists(), "{e}");
+            assert!(e.to_string().contains(evidence.as_str()), "{e}");
+            std::fs::remove_dir_all(dir).unwrap();
+        }
+    }
 
     #[test]
     fn qemu_8_2_like_replies_have_no_mapped_ram() {

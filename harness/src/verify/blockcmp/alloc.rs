@@ -57,8 +57,8 @@ impl ReadAt for [u8] {
 }
 
 /// Reads `len` bytes at `offset`, naming `what` in the error. What lies past the end of
-/// the file is refused before any memory is set aside for it.
-fn read(f: &(impl ReadAt + ?Sized), offset: u64, len: usize, what: &str) -> Result<Vec<u8>, String> {
+/// the file is refused before any memory is set aside for it. (The qcow2 reader uses it too.)
+pub(super) fn read(f: &(impl ReadAt + ?Sized), offset: u64, len: usize, what: &str) -> Result<Vec<u8>, String> {
     let file_len = f.size().map_err(|e| format!("{what}: the file's length: {e}"))?;
     if offset.checked_add(len as u64).is_none_or(|end| end > file_len) {
         return Err(format!("{what}: {len} bytes at {offset} lie past the end of the file ({file_len} bytes)"));

@@ -19,7 +19,7 @@
 
 use std::fs::File;
 
-use super::alloc::ReadAt;
+use super::alloc::{read, ReadAt};
 use super::map::{push, Extent, Map, Source, MAX_EXTENTS};
 
 /// QEMU's limits: clusters of 512 bytes to 2 MiB, an L1 table of at most 32 MiB.
@@ -44,16 +44,6 @@ fn be32(b: &[u8], at: usize) -> u32 {
 }
 fn be64(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
-}
-
-fn read(f: &(impl ReadAt + ?Sized), offset: u64, len: usize, what: &str) -> Result<Vec<u8>, String> {
-    let file_len = f.size().map_err(|e| format!("{what}: the file's length: {e}"))?;
-    if offset.checked_add(len as u64).is_none_or(|end| end > file_len) {
-        return Err(format!("{what}: {len} bytes at {offset} lie past the end of the file ({file_len} bytes)"));
-    }
-    let mut buf = vec![0u8; len];
-    f.read_exact_at(&mut buf, offset).map_err(|e| format!("{what}: cannot read {len} bytes at {offset}: {e}"))?;
-    Ok(buf)
 }
 
 /// A qcow2 image as the comparison needs it.
