@@ -50,12 +50,13 @@ pub enum ReadmeError {
 /// The two commands of [`SECTION`]: the lines of its first ```` ```sh ```` block that are
 /// neither blank nor comments.
 pub fn commands(readme: &str) -> Result<Commands, ReadmeError> {
+    if !readme.lines().any(|l| l.trim() == SECTION) {
+        return Err(ReadmeError::NoSection);
+    }
     let section = readme.lines().skip_while(|l| l.trim() != SECTION).skip(1);
     let mut lines = Vec::new();
-    let mut seen_section = false;
     let mut in_block = false;
     for l in section {
-        seen_section = true;
         let t = l.trim();
         if !in_block {
             if t.starts_with("## ") {
@@ -70,9 +71,6 @@ pub fn commands(readme: &str) -> Result<Commands, ReadmeError> {
         if !t.is_empty() && !t.starts_with('#') {
             lines.push(t.to_owned());
         }
-    }
-    if !seen_section && !readme.lines().any(|l| l.trim() == SECTION) {
-        return Err(ReadmeError::NoSection);
     }
     if lines.len() != 2 {
         return Err(ReadmeError::Count(lines.len()));
