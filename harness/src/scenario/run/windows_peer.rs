@@ -64,6 +64,8 @@ pub(super) struct Peer {
     pub(super) programs: Vec<String>,
     /// The QEMU-GA service was stopped: nothing answers any more.
     pub(super) stopped: bool,
+    /// `sc.exe stop QEMU-GA` was started: the service stops once that reply is out.
+    stopping: bool,
     /// qemu-ga's VSS provider was unregistered (and the agent restarted).
     pub(super) vss_init_failed: bool,
     /// SQL Server's instance, if the "image" has one (app-hook.ps1 answers for it).
@@ -110,6 +112,7 @@ impl Peer {
             files: HashMap::new(),
             programs: Vec::new(),
             stopped: false,
+            stopping: false,
             vss_init_failed: false,
             sql: None,
             app_started: false,
@@ -246,6 +249,9 @@ impl Peer {
     }
 
     fn answer(&mut self, cmd: &str, args: &Value) -> Result<Value, String> {
+        if std::mem::take(&mut self.stopping) {
+            self.stopped = true;
+        }
         if self.frozen_at.is_some() && !ALLOWED_FROZEN.contains(&cmd) {
             return Err(format!("Command {cmd} has been disabled: the command is not allowed"));
         }
@@ -315,8 +321,10 @@ impl Peer {
                     let units: Vec<u16> = bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
                     self.powershell(&String::from_utf16_lossy(&units))
                 } else if path.ends_with("sc.exe") && argv == ["stop", "QEMU-GA"] {
-                    // The service stops before its answer gets out.
-                    self.stopped = true;
+                    // qemu-ga answers guest-exec with the pid once the process is created;
+                    // sc.exe then asks the service manager to stop the service, so the reply
+                    // gets out and the agent is silent from the next command on.
+                    self.stopping = true;
                     (0, String::new(), String::new())
                 } else if path.ends_with("chkdsk.exe") {
                     self.programs.push(format!("{path} {}", argv.join(" ")));
