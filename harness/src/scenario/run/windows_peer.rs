@@ -40,6 +40,13 @@ use crate::scenario::{self, Report, RunOptions, Scenario};
 /// Windows caps VSS's hold of writes at 10 s; after that the guest writes again by itself.
 const VSS_HOLD: Duration = Duration::from_secs(10);
 
+/// The RAM of every Windows VM run with the peer, in place of its file's 4 GiB (what a real
+/// Windows Server needs): the stand-in boots no OS, and no test here is about RAM, while a
+/// 4 GiB saved state costs each Saved State run two sha256 passes over 4 GiB (beside the
+/// copy, and the runner's check of the backup it reopens): 10-20 s of a test's 13-28 s,
+/// measured. The Linux member of a mixed set keeps its own.
+const STAND_IN_RAM_MIB: u32 = 256;
+
 /// The scripted Windows guest, shared by every machine of a run: a restored saved state
 /// continues the same boot, so it keeps the boot id and the counter.
 pub(super) struct Peer {
@@ -57,6 +64,8 @@ pub(super) struct Peer {
     pub(super) programs: Vec<String>,
     /// The QEMU-GA service was stopped: nothing answers any more.
     pub(super) stopped: bool,
+    /// `sc.exe stop QEMU-GA` was started: the service stops once that reply is out.
+    stopping: bool,
     /// qemu-ga's VSS provider was unregistered (and the agent restarted).
     pub(super) vss_init_failed: bool,
     /// SQL Server's instance, if the "image" has one (app-hook.ps1 answers for it).
@@ -103,6 +112,7 @@ impl Peer {
             files: HashMap::new(),
             programs: Vec::new(),
             stopped: false,
+            stopping: false,
             vss_init_failed: false,
             sql: None,
             app_started: false,
@@ -239,6 +249,9 @@ impl Peer {
     }
 
     fn answer(&mut self, cmd: &str, args: &Value) -> Result<Value, String> {
+        if std::mem::take(&mut self.stopping) {
+            self.stopped = true;
+        }
         if self.frozen_at.is_some() && !ALLOWED_FROZEN.contains(&cmd) {
             return Err(format!("Command {cmd} has been disabled: the command is not allowed"));
         }
@@ -308,8 +321,10 @@ impl Peer {
                     let units: Vec<u16> = bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
                     self.powershell(&String::from_utf16_lossy(&units))
                 } else if path.ends_with("sc.exe") && argv == ["stop", "QEMU-GA"] {
-                    // The service stops before its answer gets out.
-                    self.stopped = true;
+                    // qemu-ga answers guest-exec with the pid once the process is created;
+                    // sc.exe then asks the service manager to stop the service, so the reply
+                    // gets out and the agent is silent from the next command on.
+                    self.stopping = true;
                     (0, String::new(), String::new())
                 } else if path.ends_with("chkdsk.exe") {
                     self.programs.push(format!("{path} {}", argv.join(" ")));
@@ -358,7 +373,8 @@ pub(super) fn windows_scenario(file: &str) -> (PathBuf, String) {
     (path, text)
 }
 
-/// Runs `s` through the real runner with the scripted peer standing in for every agent, on
+/// Runs `s` through the real runner with the scripted peer standing in for every agent
+/// (its Windows VMs with [`STAND_IN_RAM_MIB`] of RAM), on
 /// a thread of its own with the stack the whole runner's future needs in a debug build
 /// (as `quiesce run` and `tests/scenarios.rs` run it on a main thread). QEMU lives as long
 /// as the thread that launched it, which is this one until the run is over.
@@ -373,7 +389,10 @@ pub(super) fn run_with_peer_but(
     peer: Arc<Mutex<Peer>>,
     real: &'static [&'static str],
 ) -> (Report, tempfile::TempDir) {
-    let s = s.clone();
+    let mut s = s.clone();
+    for vm in s.file.vms.iter_mut().map(|v| v.get_mut()).filter(|v| v.is_windows()) {
+        *vm.memory_mib.get_mut() = STAND_IN_RAM_MIB;
+    }
     std::thread::Builder::new()
         .stack_size(64 << 20)
         .spawn(move || {

@@ -107,8 +107,9 @@ fn win_rollback_cycles_restore_to_a_new_vm_and_in_place_by_both_methods() {
 
 #[test]
 fn win_child_snapshot_vhdx_restored_files_match_the_backup_point_after_power_off() {
-    // The scenario as it is: its restored guest "powers off" (QEMU quits in the peer's
-    // place) before the NTFS manifests are compared on the host.
+    // The scenario as it is (but for its RAM: see `STAND_IN_RAM_MIB`): its restored guest
+    // "powers off" (QEMU quits in the peer's place) before the NTFS manifests are compared
+    // on the host.
     let (path, text) = windows_scenario("win-child-snapshot-vhdx.toml");
     let s = scenario::parse(&path, &text).unwrap();
     let mut p = Peer::new();
