@@ -13,7 +13,7 @@
 #   whose chromium is a snap, only where no Chromium or Chrome is on PATH already: GitHub's
 #   runners have Chrome).
 # - syslinux (its mtools installer and MBR code) for the own-image test's bootable disk
-#   (harness/tests/own_image.rs), made without root or a mount; it skips, saying so, without.
+#   (harness/tests/e2e/own_image.rs), made without root or a mount; it skips, saying so, without.
 # - libvirt's daemon and virsh, for `quiesce backup --libvirt` and its test (harness/tests/
 #   libvirt.rs, which starts libvirtd itself when none runs) and the benchmarks' libvirt
 #   comparisons. Without recommends: they would pull in the distribution's other QEMUs.

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod bootdisk;
 pub mod rng;
 pub mod state;
 pub mod watch;

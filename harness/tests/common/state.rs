@@ -1,7 +1,5 @@
 //! What a test reads of quiesce's state folder ($QUIESCE_STATE_DIR): the recovery
 //! journals in it, and what `quiesce doctor` says of them.
-//!
-//! Shared by tests that include `common` and, by `#[path]`, by the libvirt tests.
 
 #![allow(dead_code)]
 

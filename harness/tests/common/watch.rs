@@ -2,8 +2,6 @@
 //! of its own, so the test can wait, under a deadline, for the line that says the program
 //! got where the test wants to act on it (a hold point, a step done, a domain running),
 //! then kill or interrupt it there. Everything it said is kept for the test's messages.
-//!
-//! Shared by tests that include `common` and, by `#[path]`, by the libvirt tests.
 
 #![allow(dead_code)]
 

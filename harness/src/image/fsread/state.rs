@@ -10,7 +10,7 @@
 //!   live one has the flag set.
 //! - **NTFS**: the dirty flag of `$Volume` (`$VOLUME_INFORMATION`). It means "chkdsk is
 //!   due", not "in use": ntfs-3g never sets it while a volume is mounted (measured; see
-//!   `tests/manifest.rs`), so it cannot tell a live copy from a quiesced one. The state of
+//!   `tests/host/manifest.rs`), so it cannot tell a live copy from a quiesced one. The state of
 //!   `$LogFile` (its restart area), which could, is not read: the `ntfs` crate does not
 //!   parse it. NTFS quiescence is therefore not checked.
 //!

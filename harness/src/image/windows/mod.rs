@@ -10,7 +10,7 @@
 //! [`WindowsImageError`] that leaves no cache entry.
 //!
 //! NEVER RUN AGAINST A REAL WINDOWS ISO: no Windows guest can run where this was written.
-//! It is tested with stub ISOs laid out as the real ones are (see `tests/windows_image.rs`).
+//! It is tested with stub ISOs laid out as the real ones are (see `tests/host/windows_image.rs`).
 
 pub mod cache;
 pub mod disk;

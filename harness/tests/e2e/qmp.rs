@@ -1,10 +1,10 @@
 //! QMP on a real guest: run state and the event queue.
 
-mod common;
-
 use std::time::Duration;
 
 use qapi::qmp::{cont, query_status, stop, RunState};
+
+use crate::common;
 
 #[tokio::test]
 async fn stop_and_cont_emit_events_the_waits_see() {

@@ -5,8 +5,6 @@
 //! journal replay, no acknowledgement from the app, a WAL left to replay. A proof that
 //! passed once by chance would be counted, and the test fails on any.
 
-mod common;
-
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -20,6 +18,8 @@ use quiesce::qemu::caps::{self, Capabilities};
 use quiesce::qemu::{DiskFormat, Machine};
 use quiesce::timeline::Timeline;
 use quiesce::workload;
+
+use crate::common;
 
 /// Backups taken without the freeze; each must fail every proof.
 const RUNS: usize = 10;

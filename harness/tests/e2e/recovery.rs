@@ -9,17 +9,14 @@
 //! `QUIESCE_TEST_HOLD_AT` (it says so on stderr, then waits), so the kill lands exactly
 //! there, with no sleep.
 
-mod common;
-mod hand_started;
-
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use common::state::{doctor, journals_in};
-use common::watch::{Output, Watched};
-use hand_started::{HandStarted, T};
+use crate::common::state::{doctor, journals_in};
+use crate::common::watch::{Output, Watched};
+use crate::hand_started::{HandStarted, T};
 use quiesce::image::qemu_img;
 use quiesce::qemu::DiskFormat;
 use quiesce::sys::{deadline, Process, Spawn, Tool};

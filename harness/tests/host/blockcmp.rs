@@ -2,8 +2,6 @@
 //! chains, holes against zeros, one flipped byte, different sizes, an image a running QEMU
 //! process holds. No guest boots; images are a few tens of MiB.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -12,7 +10,7 @@ use quiesce::qemu::DiskFormat;
 use quiesce::sys::{deadline, Tool};
 use quiesce::verify::blockcmp::{self, BlockCompareError, BlockComparison, Options, ReadPath};
 
-use common::rng::XorShift;
+use crate::common::rng::XorShift;
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 24 * MIB;

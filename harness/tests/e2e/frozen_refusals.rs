@@ -3,13 +3,13 @@
 //! recognised by `backup::vss::disabled_while_frozen`, the one function that reads it. The
 //! Windows side of it is replayed by the scripted peer in `backup/windows_peer_tests.rs`.
 
-mod common;
-
 use std::time::Duration;
 
 use quiesce::backup::vss;
 use quiesce::qemu::exec::{self, ExecError};
 use serde_json::Value;
+
+use crate::common;
 
 const T: Duration = Duration::from_secs(60);
 

@@ -1,9 +1,9 @@
 //! The machine guard cleans up on every path: a normal drop, a panic, a clean shutdown,
 //! and QEMU dying under it.
 
-mod common;
-
 use std::time::Duration;
+
+use crate::common;
 
 #[tokio::test]
 async fn drop_leaves_no_process_and_no_socket() {

@@ -7,24 +7,18 @@
 //! reported, removed, nothing touched; one that names a file quiesce does not make is
 //! refused.
 //!
-//! Real libvirtd (started as tests/libvirt.rs starts it), real guest, real qemu-ga.
+//! Real libvirtd (started as the `libvirt` tests start it), real guest, real qemu-ga.
 //! quiesce is held at a named step by the test-only `QUIESCE_TEST_HOLD_AT` (it says so on
 //! stderr, then waits), so the SIGKILL lands while the overlays are on, with no sleep.
 //! Skipped, saying why, where libvirt is not installed or this is not root.
 
-mod libvirt_common;
-#[path = "common/state.rs"]
-mod state;
-#[path = "common/watch.rs"]
-mod watch;
-
 use std::path::{Path, PathBuf};
 
-use libvirt_common::{as_it_was, backup_args, look, quiesce, setup, start_domain, verify, BACKUP, T};
+use crate::common::state::{doctor, journals_in};
+use crate::common::watch::{Output, Watched};
+use crate::libvirt_common::{as_it_was, backup_args, look, quiesce, setup, start_domain, verify, BACKUP, T};
 use quiesce::sys::{Spawn, Tool};
 use quiesce_bench::libvirt::Libvirt;
-use state::{doctor, journals_in};
-use watch::{Output, Watched};
 
 /// Starts `quiesce backup` with `args`, its journals in `state`, held at step `hold`
 /// ("VM: STEP"), and kills it with SIGKILL there. Returns what it said.

@@ -1,8 +1,6 @@
 //! Saved State on a real guest: the VM returns to its prior state, and the restore
 //! continues the same boot.
 
-mod common;
-
 use std::time::Duration;
 
 use quiesce::backup::saved_state::SaveSettings;
@@ -11,6 +9,8 @@ use quiesce::qemu::caps;
 use quiesce::timeline::Timeline;
 use quiesce::verify::{restore, RestoreOptions};
 use quiesce::workload;
+
+use crate::common;
 
 const T: Duration = Duration::from_secs(30);
 

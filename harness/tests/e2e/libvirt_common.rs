@@ -1,4 +1,4 @@
-//! What the libvirt tests share (tests/libvirt.rs, tests/libvirt_recovery.rs): libvirtd
+//! What the libvirt tests share (`libvirt`, `libvirt_recovery`): libvirtd
 //! started the way the benchmarks start it (quiesce-bench's `Libvirt`: the running one if
 //! there is one, else one of its own in a mount namespace), a transient domain defined
 //! from the cached Linux guest, and how a domain must be left.

@@ -1,7 +1,5 @@
 //! Child VM Snapshot on a real guest: freeze, one transaction, thaw, copy out, merge back.
 
-mod common;
-
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -14,6 +12,8 @@ use quiesce::qemu::{caps, DiskFormat};
 use quiesce::timeline::Timeline;
 use quiesce::verify::{restore, RestoreOptions};
 use quiesce::workload;
+
+use crate::common;
 
 #[tokio::test]
 async fn snapshot_keeps_writes_made_during_the_backup_and_restores_bootable() {

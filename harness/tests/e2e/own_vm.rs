@@ -4,16 +4,13 @@
 //! `quiesce backup` binary. Afterwards it must be as it was: running, its counter going,
 //! the guest thawed, no overlay node, the migration settings unchanged.
 
-mod common;
-mod hand_started;
-
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::json;
 
-use common::watch::{Output, Watched};
-use hand_started::{HandStarted, T};
+use crate::common::watch::{Output, Watched};
+use crate::hand_started::{HandStarted, T};
 use quiesce::sys::{deadline, Spawn, Tool};
 use quiesce::workload;
 

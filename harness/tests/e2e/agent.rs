@@ -1,10 +1,10 @@
 //! The guest agent on a real guest: what it reports, and freeze/thaw.
 
-mod common;
-
 use std::time::Duration;
 
 use qapi::qga::{guest_fsfreeze_freeze, guest_fsfreeze_status, guest_fsfreeze_thaw, guest_info, GuestFsfreezeStatus};
+
+use crate::common;
 
 #[tokio::test]
 async fn agent_lists_fsfreeze_as_enabled() {

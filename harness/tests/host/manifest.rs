@@ -3,8 +3,6 @@
 //! No guest boots here; nothing needs root except the one NTFS test that mounts with FUSE,
 //! which says so and is skipped where it cannot run.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -15,7 +13,7 @@ use quiesce::image::seed::{self, DiskSeed, Filesystem, Partitioning};
 use quiesce::qemu::DiskFormat;
 use quiesce::sys::{deadline, Process, Tool};
 
-use common::rng::XorShift;
+use crate::common::rng::XorShift;
 
 const MARKER: &str = "QUIESCE-MARKER-6b1f0c2e-only-in-one-file";
 

@@ -1,14 +1,14 @@
 //! The "nothing lost" proof reads the journal from the VM's disks, not from the guest's
 //! page cache: a line damaged on the disk behind a guest that still caches it is found.
 
-mod common;
-
 use std::time::Duration;
 
 use quiesce::image::seed::{self, DiskSeed};
 use quiesce::qemu::{exec, DiskFormat};
 use quiesce::verify::corrupt;
 use quiesce::workload;
+
+use crate::common;
 
 const JOURNAL: &str = "/mnt/data/journal";
 

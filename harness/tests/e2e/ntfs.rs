@@ -6,8 +6,6 @@
 //! (FIFREEZE fails with EOPNOTSUPP), qemu-ga skips it silently and still says "frozen",
 //! and writes keep reaching the disk meanwhile.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
 use quiesce::backup::conditions::{Condition, Outcome};
@@ -20,6 +18,8 @@ use quiesce::timeline::Timeline;
 use quiesce::workload;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+
+use crate::common;
 
 const T: Duration = Duration::from_secs(60);
 

@@ -14,14 +14,13 @@
 //! file is proved unchanged: the same hash before and after. The scenario files are written
 //! into a temp folder beside the image, so their relative paths resolve as a user's would.
 
-#[path = "common/bootdisk.rs"]
-mod bootdisk;
-
 use std::path::Path;
 
 use quiesce::image::{qemu_img, GuestImage};
 use quiesce::qemu::DiskFormat;
 use quiesce::scenario::{self, RunOptions};
+
+use crate::common::bootdisk;
 
 fn hash(path: &Path) -> blake3::Hash {
     blake3::hash(&std::fs::read(path).expect("reading the image"))
