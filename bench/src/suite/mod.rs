@@ -159,8 +159,11 @@ pub async fn run(opts: &SuiteOptions, progress: &mut dyn FnMut(&str)) -> Result<
     };
     let commit = git(&["rev-parse", "--short=12", "HEAD"])?;
     let dirty = !git(&["status", "--porcelain", "--untracked-files=no"])?.is_empty();
-    let work = opts.work_dir.join(format!("suite-{}", std::process::id()));
-    let logs = opts.work_dir.join(format!("suite-logs-{commit}-{}", std::process::id()));
+    // Absolute: the commands run in the clones, and QUIESCE_CACHE_DIR and the clones'
+    // paths are handed to them (the default `--work-dir` is relative).
+    let work_dir = std::path::absolute(&opts.work_dir).map_err(io(format!("resolving {}", opts.work_dir.display())))?;
+    let work = work_dir.join(format!("suite-{}", std::process::id()));
+    let logs = work_dir.join(format!("suite-logs-{commit}-{}", std::process::id()));
     std::fs::create_dir_all(&work).map_err(io(format!("making {}", work.display())))?;
     std::fs::create_dir_all(&logs).map_err(io(format!("making {}", logs.display())))?;
     let load_before = loadavg();

@@ -42,6 +42,11 @@ pub fn create_overlay_unsafe(base: &Path, base_format: DiskFormat, size: u64, pa
 }
 
 fn overlay(base: &Path, base_format: DiskFormat, size: Option<u64>, path: &Path) -> Result<(), QemuImgError> {
+    // qemu-img reads a relative backing name from the overlay's folder, not from ours: a
+    // base named relative to the working directory (a relative QUIESCE_CACHE_DIR, an image
+    // given as `images/root.img`) would be looked for beside the overlay and not found.
+    // (`absolute` fails only on an empty path, which qemu-img then refuses itself.)
+    let base = std::path::absolute(base).unwrap_or_else(|_| base.to_path_buf());
     let size = size.map(|s| s.to_string());
     let mut args: Vec<&OsStr> = vec!["create".as_ref(), "-q".as_ref()];
     if size.is_some() {
@@ -138,4 +143,41 @@ pub fn create(path: &Path, format: DiskFormat, size: u64) -> Result<(), QemuImgE
         ],
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+
+    /// `abs` named from the working directory, climbing to the root and down again: a
+    /// relative path, whatever folder the tests run in.
+    fn relative_to_cwd(abs: &Path) -> PathBuf {
+        let cwd = std::env::current_dir().unwrap();
+        let up: PathBuf = cwd.components().skip(1).map(|_| "..").collect();
+        up.join(abs.strip_prefix("/").unwrap())
+    }
+
+    #[test]
+    fn an_overlay_over_a_base_named_relative_to_the_working_directory_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.raw");
+        create(&base, DiskFormat::Raw, 1 << 20).unwrap();
+        let relative = relative_to_cwd(&base);
+        // The overlay deeper than the working directory: read from the overlay's folder,
+        // the relative name climbs no higher than the temporary folder and finds nothing
+        // (from a shallower folder it would climb to `/` and, stopped there, find the base).
+        let depth = std::env::current_dir().unwrap().components().count();
+        let vm: PathBuf = std::iter::once(dir.path().to_owned()).chain((0..=depth).map(|_| "vm".into())).collect();
+        std::fs::create_dir_all(&vm).unwrap();
+        let overlay_path = vm.join("disk.qcow2");
+        assert!(relative.is_relative() && relative.exists(), "{}", relative.display());
+        // Broken before: qemu-img looked for the base from the overlay's folder.
+        create_overlay(&relative, DiskFormat::Raw, &overlay_path).unwrap();
+        let chain = info(&overlay_path).unwrap();
+        let backing = chain["full-backing-filename"].as_str().or(chain["backing-filename"].as_str()).unwrap();
+        assert!(Path::new(backing).is_absolute(), "{chain}");
+        assert_eq!(std::fs::canonicalize(backing).unwrap(), std::fs::canonicalize(&base).unwrap(), "{chain}");
+    }
 }
