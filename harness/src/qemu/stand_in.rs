@@ -61,7 +61,8 @@ pub(crate) const ALLOWED_FROZEN: [&str; 6] =
 
 /// Serves the agent's side of a channel until the harness goes away: qemu-ga's framing
 /// (`guest-sync-delimited` answered after a 0xFF byte, ids echoed, errors as GenericError)
-/// around the test's `answer` to every other command. While `silent` says so, nothing is
+/// around the test's `answer` to every other command. While `silent` says so as a request
+/// arrives, nothing is
 /// sent back (a stopped agent), but requests are still read.
 pub(crate) async fn serve(
     stream: UnixStream,
@@ -77,6 +78,9 @@ pub(crate) async fn serve(
         let start = buf.iter().position(|&b| b != 0xFF).unwrap_or(buf.len());
         let Ok(req) = serde_json::from_slice::<Value>(&buf[start..]) else { continue };
         let cmd = req["execute"].as_str().unwrap_or("").to_owned();
+        // Silent or not as the request arrives: a command that stops the agent (a service
+        // stop run by guest-exec) still gets its own reply, and nothing after it does.
+        let mute = silent();
         let out = if cmd == "guest-sync-delimited" {
             let mut out = vec![0xFF];
             out.extend(format!("{{\"return\": {}}}\n", req["arguments"]["id"]).as_bytes());
@@ -93,7 +97,7 @@ pub(crate) async fn serve(
             }
             format!("{reply}\n").into_bytes()
         };
-        if silent() {
+        if mute {
             continue;
         }
         if chan.get_mut().write_all(&out).await.is_err() {

@@ -64,8 +64,6 @@ pub(super) struct Peer {
     pub(super) programs: Vec<String>,
     /// The QEMU-GA service was stopped: nothing answers any more.
     pub(super) stopped: bool,
-    /// `sc.exe stop QEMU-GA` was started: the service stops once that reply is out.
-    stopping: bool,
     /// qemu-ga's VSS provider was unregistered (and the agent restarted).
     pub(super) vss_init_failed: bool,
     /// SQL Server's instance, if the "image" has one (app-hook.ps1 answers for it).
@@ -112,7 +110,6 @@ impl Peer {
             files: HashMap::new(),
             programs: Vec::new(),
             stopped: false,
-            stopping: false,
             vss_init_failed: false,
             sql: None,
             app_started: false,
@@ -249,9 +246,6 @@ impl Peer {
     }
 
     fn answer(&mut self, cmd: &str, args: &Value) -> Result<Value, String> {
-        if std::mem::take(&mut self.stopping) {
-            self.stopped = true;
-        }
         if self.frozen_at.is_some() && !ALLOWED_FROZEN.contains(&cmd) {
             return Err(format!("Command {cmd} has been disabled: the command is not allowed"));
         }
@@ -323,8 +317,9 @@ impl Peer {
                 } else if path.ends_with("sc.exe") && argv == ["stop", "QEMU-GA"] {
                     // qemu-ga answers guest-exec with the pid once the process is created;
                     // sc.exe then asks the service manager to stop the service, so the reply
-                    // gets out and the agent is silent from the next command on.
-                    self.stopping = true;
+                    // gets out and the agent is silent from the next request on (the stand-in
+                    // decides silence as each request arrives), guest-sync included.
+                    self.stopped = true;
                     (0, String::new(), String::new())
                 } else if path.ends_with("chkdsk.exe") {
                     self.programs.push(format!("{path} {}", argv.join(" ")));
